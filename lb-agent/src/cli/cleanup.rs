@@ -1,0 +1,21 @@
+use crate::datapath::loader::{PinDir, cleanup};
+
+use super::PinArgs;
+
+#[derive(clap::Args)]
+pub struct CleanupArgs {
+    #[command(flatten)]
+    pins: PinArgs,
+}
+
+pub fn run(args: &CleanupArgs) -> anyhow::Result<()> {
+    let removed = cleanup(&PinDir::new(&args.pins.bpffs))?;
+    for path in &removed {
+        tracing::info!(path = %path.display(), "removed");
+    }
+    tracing::info!(
+        count = removed.len(),
+        "cleanup done: lb's programs are detached and its maps released"
+    );
+    Ok(())
+}

@@ -1,0 +1,400 @@
+//! Access to lb's maps through one trait (as cilium's `pkg/loadbalancer/maps/lbmaps.go` does): [`PinnedMaps`] talks
+//! to the kernel, [`FakeMaps`] is an in-memory stand-in for the reconciler's unit tests. The reconciler is the only
+//! writer.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use aya::maps::{Array, HashMap, HashOfMaps, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+use lb_common::{
+    AffinityKey, AffinityValue, BPF_F_INNER_MAP, BackendStats, BackendValue, LUT_LEN_INDEX,
+    ServiceKey, ServiceStats, ServiceValue, SockRevNatKey, SockRevNatValue, map_names,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("opening pinned map {path}: {source}")]
+    Open { path: String, source: MapError },
+    #[error("map {map} is missing from the loaded object")]
+    Missing { map: &'static str },
+    #[error("map {map} has an unexpected type or layout: {source}")]
+    Layout { map: &'static str, source: MapError },
+    #[error("{op} on {map}: {source}")]
+    Op {
+        map: &'static str,
+        op: &'static str,
+        source: MapError,
+    },
+    #[error("counting CPUs: {0}")]
+    Cpus(String),
+}
+
+fn op(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapsError {
+    move |source| MapsError::Op { map, op, source }
+}
+
+/// Which affinity entries a sync invalidated.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StaleAffinity {
+    /// Deleted services: every entry of theirs goes.
+    pub services: HashSet<u32>,
+    /// (service id, backend id) pairs whose backend left the service.
+    pub pairs: HashSet<(u32, u32)>,
+}
+
+impl StaleAffinity {
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.pairs.is_empty()
+    }
+
+    pub fn covers(&self, key: &AffinityKey, value: &AffinityValue) -> bool {
+        self.services.contains(&key.service_id)
+            || self.pairs.contains(&(key.service_id, value.backend_id))
+    }
+}
+
+/// What the reconciler needs from the datapath maps.
+pub trait Maps {
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapsError>;
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapsError>;
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapsError>;
+    fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapsError>;
+    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapsError>;
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapsError>;
+    /// Installs `slots` (backend ids) as service `service_id`'s lookup table, replacing any previous table in one
+    /// atomic update, so a reader sees the old table or the new one, never a mix.
+    fn put_table(&mut self, service_id: u32, slots: &[u32]) -> Result<(), MapsError>;
+    fn delete_table(&mut self, service_id: u32) -> Result<(), MapsError>;
+    /// Reads a service's lookup table (slots only); `None` when it has none.
+    fn table(&self, service_id: u32) -> Result<Option<Vec<u32>>, MapsError>;
+    /// Zeroes a service's counters when its id is (re)allocated, so a new service never inherits old numbers.
+    fn reset_service_stats(&mut self, service_id: u32) -> Result<(), MapsError>;
+    fn reset_backend_stats(&mut self, backend_id: u32) -> Result<(), MapsError>;
+    /// Removes affinity entries that may no longer be followed: those of deleted services, and those pointing at a
+    /// backend that left that service (backend ids are shared between services, so the datapath's "does the
+    /// backend still exist" check alone would keep a client on a backend its service no longer has).
+    fn purge_affinity(&mut self, stale: &StaleAffinity) -> Result<usize, MapsError>;
+}
+
+/// The pinned maps, opened from the loaded object (the agent) or from their pins (the CLI).
+pub struct PinnedMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, BackendValue>,
+    maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    sock_revnat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
+    svc_stats: PerCpuArray<MapData, ServiceStats>,
+    be_stats: PerCpuArray<MapData, BackendStats>,
+    nr_cpus: usize,
+}
+
+impl PinnedMaps {
+    /// Takes the maps out of a freshly loaded object (they are already pinned by the loader).
+    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self, MapsError> {
+        let mut take =
+            |name: &'static str| ebpf.take_map(name).ok_or(MapsError::Missing { map: name });
+        let maps = [
+            take(map_names::SERVICES)?,
+            take(map_names::BACKENDS)?,
+            take(map_names::MAGLEV)?,
+            take(map_names::AFFINITY)?,
+            take(map_names::SOCK_REVNAT)?,
+            take(map_names::SVC_STATS)?,
+            take(map_names::BE_STATS)?,
+        ];
+        Self::from_maps(maps)
+    }
+
+    /// Opens the maps pinned under `dir`, for the CLI (works whether or not the agent runs).
+    pub fn open(dir: &Path) -> Result<Self, MapsError> {
+        let open = |name: &'static str| -> Result<Map, MapsError> {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Map::from_map_data(data).map_err(|source| MapsError::Layout { map: name, source })
+        };
+        Self::from_maps([
+            open(map_names::SERVICES)?,
+            open(map_names::BACKENDS)?,
+            open(map_names::MAGLEV)?,
+            open(map_names::AFFINITY)?,
+            open(map_names::SOCK_REVNAT)?,
+            open(map_names::SVC_STATS)?,
+            open(map_names::BE_STATS)?,
+        ])
+    }
+
+    fn from_maps(maps: [Map; 7]) -> Result<Self, MapsError> {
+        let [
+            services,
+            backends,
+            maglev,
+            affinity,
+            sock_revnat,
+            svc_stats,
+            be_stats,
+        ] = maps;
+        let layout = |map: &'static str| move |source| MapsError::Layout { map, source };
+        Ok(Self {
+            services: HashMap::try_from(services).map_err(layout(map_names::SERVICES))?,
+            backends: HashMap::try_from(backends).map_err(layout(map_names::BACKENDS))?,
+            maglev: HashOfMaps::try_from(maglev).map_err(layout(map_names::MAGLEV))?,
+            affinity: HashMap::try_from(affinity).map_err(layout(map_names::AFFINITY))?,
+            sock_revnat: HashMap::try_from(sock_revnat).map_err(layout(map_names::SOCK_REVNAT))?,
+            svc_stats: PerCpuArray::try_from(svc_stats).map_err(layout(map_names::SVC_STATS))?,
+            be_stats: PerCpuArray::try_from(be_stats).map_err(layout(map_names::BE_STATS))?,
+            nr_cpus: aya::util::nr_cpus()
+                .map_err(|(what, e)| MapsError::Cpus(format!("{what}: {e}")))?,
+        })
+    }
+
+    /// Sums a service's per-CPU counters.
+    pub fn service_stats(&self, service_id: u32) -> Result<ServiceStats, MapsError> {
+        let per_cpu = self
+            .svc_stats
+            .get(&service_id, 0)
+            .map_err(op(map_names::SVC_STATS, "lookup"))?;
+        Ok(per_cpu.iter().fold(ServiceStats::default(), |mut acc, s| {
+            acc.sock_connects += s.sock_connects;
+            acc.sock_rejects += s.sock_rejects;
+            acc.packets += s.packets;
+            acc.bytes += s.bytes;
+            acc.drops += s.drops;
+            acc
+        }))
+    }
+
+    /// Sums a backend's per-CPU counters.
+    pub fn backend_stats(&self, backend_id: u32) -> Result<BackendStats, MapsError> {
+        let per_cpu = self
+            .be_stats
+            .get(&backend_id, 0)
+            .map_err(op(map_names::BE_STATS, "lookup"))?;
+        Ok(per_cpu.iter().fold(BackendStats::default(), |mut acc, s| {
+            acc.sock_connects += s.sock_connects;
+            acc.packets += s.packets;
+            acc.bytes += s.bytes;
+            acc
+        }))
+    }
+
+    /// Sockets the socket LB translated and still remembers (for reverse translation).
+    pub fn sock_revnat_entries(&self) -> Result<Vec<(SockRevNatKey, SockRevNatValue)>, MapsError> {
+        self.sock_revnat
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(op(map_names::SOCK_REVNAT, "iterate"))
+    }
+
+    pub fn affinity_entries(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapsError> {
+        self.affinity
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(op(map_names::AFFINITY, "iterate"))
+    }
+}
+
+impl Maps for PinnedMaps {
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapsError> {
+        self.services
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(op(map_names::SERVICES, "iterate"))
+    }
+
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapsError> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(op(map_names::SERVICES, "update"))
+    }
+
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapsError> {
+        ignore_missing(self.services.remove(key)).map_err(op(map_names::SERVICES, "delete"))
+    }
+
+    fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapsError> {
+        self.backends
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(op(map_names::BACKENDS, "iterate"))
+    }
+
+    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapsError> {
+        self.backends
+            .insert(id, value, 0)
+            .map_err(op(map_names::BACKENDS, "update"))
+    }
+
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
+        ignore_missing(self.backends.remove(&id)).map_err(op(map_names::BACKENDS, "delete"))
+    }
+
+    fn put_table(&mut self, service_id: u32, slots: &[u32]) -> Result<(), MapsError> {
+        let len = u32::try_from(slots.len()).unwrap_or(u32::MAX);
+        // Element 0 carries the length, so the datapath reads the length and the slots from the same map and can
+        // never pair a new length with an old table.
+        let mut inner = Array::<MapData, u32>::create(len.saturating_add(1), BPF_F_INNER_MAP)
+            .map_err(op(map_names::MAGLEV, "create inner table"))?;
+        inner
+            .set(LUT_LEN_INDEX, len, 0)
+            .map_err(op(map_names::MAGLEV, "fill inner table"))?;
+        for (i, id) in slots.iter().enumerate() {
+            // i < len <= u32::MAX - 1 was checked by the create above.
+            inner
+                .set(i as u32 + 1, id, 0)
+                .map_err(op(map_names::MAGLEV, "fill inner table"))?;
+        }
+        self.maglev
+            .insert(service_id, &inner, 0)
+            .map_err(op(map_names::MAGLEV, "update"))
+    }
+
+    fn delete_table(&mut self, service_id: u32) -> Result<(), MapsError> {
+        ignore_missing(self.maglev.remove(&service_id)).map_err(op(map_names::MAGLEV, "delete"))
+    }
+
+    fn table(&self, service_id: u32) -> Result<Option<Vec<u32>>, MapsError> {
+        let inner = match self.maglev.get(&service_id, 0) {
+            Ok(inner) => inner,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(op(map_names::MAGLEV, "lookup")(e)),
+        };
+        let len = inner
+            .get(&LUT_LEN_INDEX, 0)
+            .map_err(op(map_names::MAGLEV, "read inner table"))?;
+        let mut slots = Vec::with_capacity(len as usize);
+        for i in 1..=len {
+            slots.push(
+                inner
+                    .get(&i, 0)
+                    .map_err(op(map_names::MAGLEV, "read inner table"))?,
+            );
+        }
+        Ok(Some(slots))
+    }
+
+    fn reset_service_stats(&mut self, service_id: u32) -> Result<(), MapsError> {
+        let zero = PerCpuValues::try_from(vec![ServiceStats::default(); self.nr_cpus])
+            .map_err(|e| MapsError::Cpus(e.to_string()))?;
+        self.svc_stats
+            .set(service_id, zero, 0)
+            .map_err(op(map_names::SVC_STATS, "update"))
+    }
+
+    fn reset_backend_stats(&mut self, backend_id: u32) -> Result<(), MapsError> {
+        let zero = PerCpuValues::try_from(vec![BackendStats::default(); self.nr_cpus])
+            .map_err(|e| MapsError::Cpus(e.to_string()))?;
+        self.be_stats
+            .set(backend_id, zero, 0)
+            .map_err(op(map_names::BE_STATS, "update"))
+    }
+
+    fn purge_affinity(&mut self, stale: &StaleAffinity) -> Result<usize, MapsError> {
+        if stale.is_empty() {
+            return Ok(0);
+        }
+        let stale: Vec<AffinityKey> = self
+            .affinity_entries()?
+            .into_iter()
+            .filter(|(k, v)| stale.covers(k, v))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale {
+            ignore_missing(self.affinity.remove(k)).map_err(op(map_names::AFFINITY, "delete"))?;
+        }
+        Ok(stale.len())
+    }
+}
+
+/// Deleting what is already gone is success: the reconciler converges on "absent".
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+/// In-memory maps for unit tests, with optional capacities to exercise the "map full" paths.
+#[derive(Default, Debug)]
+pub struct FakeMaps {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, BackendValue>,
+    pub tables: BTreeMap<u32, Vec<u32>>,
+    pub affinity: Vec<(AffinityKey, AffinityValue)>,
+    pub stats_resets: Vec<(&'static str, u32)>,
+    /// Every write in order, for tests of update ordering.
+    pub log: Vec<String>,
+    pub max_services: Option<usize>,
+}
+
+impl Maps for FakeMaps {
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapsError> {
+        Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapsError> {
+        if let Some(max) = self.max_services
+            && !self.services.contains_key(key)
+            && self.services.len() >= max
+        {
+            return Err(MapsError::Op {
+                map: map_names::SERVICES,
+                op: "update",
+                source: MapError::OutOfBounds {
+                    index: max as u32,
+                    max_entries: max as u32,
+                },
+            });
+        }
+        self.log.push(format!("put_service {}", value.service_id));
+        self.services.insert(*key, *value);
+        Ok(())
+    }
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapsError> {
+        if let Some(v) = self.services.remove(key) {
+            self.log.push(format!("delete_service {}", v.service_id));
+        }
+        Ok(())
+    }
+    fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapsError> {
+        Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapsError> {
+        self.log.push(format!("put_backend {id}"));
+        self.backends.insert(id, *value);
+        Ok(())
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
+        self.log.push(format!("delete_backend {id}"));
+        self.backends.remove(&id);
+        Ok(())
+    }
+    fn put_table(&mut self, service_id: u32, slots: &[u32]) -> Result<(), MapsError> {
+        self.log.push(format!("put_table {service_id}"));
+        self.tables.insert(service_id, slots.to_vec());
+        Ok(())
+    }
+    fn delete_table(&mut self, service_id: u32) -> Result<(), MapsError> {
+        self.log.push(format!("delete_table {service_id}"));
+        self.tables.remove(&service_id);
+        Ok(())
+    }
+    fn table(&self, service_id: u32) -> Result<Option<Vec<u32>>, MapsError> {
+        Ok(self.tables.get(&service_id).cloned())
+    }
+    fn reset_service_stats(&mut self, service_id: u32) -> Result<(), MapsError> {
+        self.stats_resets.push((map_names::SVC_STATS, service_id));
+        Ok(())
+    }
+    fn reset_backend_stats(&mut self, backend_id: u32) -> Result<(), MapsError> {
+        self.stats_resets.push((map_names::BE_STATS, backend_id));
+        Ok(())
+    }
+    fn purge_affinity(&mut self, stale: &StaleAffinity) -> Result<usize, MapsError> {
+        let before = self.affinity.len();
+        self.affinity.retain(|(k, v)| !stale.covers(k, v));
+        Ok(before - self.affinity.len())
+    }
+}

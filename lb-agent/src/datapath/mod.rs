@@ -1,0 +1,8 @@
+//! Everything that touches the kernel: loading and pinning (`loader`, `pins`), map access behind a trait (`maps`),
+//! the reconciler that is the maps' only writer (`reconcile`), and read-only views for the CLI (`inspect`).
+
+pub mod inspect;
+pub mod loader;
+pub mod maps;
+pub mod pins;
+pub mod reconcile;

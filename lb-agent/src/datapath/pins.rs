@@ -1,0 +1,225 @@
+//! Pinned maps that no longer fit. aya 0.14 reuses an existing pin without comparing its type, key/value size or
+//! capacity, so before loading we compare every pin with what this build expects; a pin that differs is moved
+//! aside to `<name>:pending`, the loader creates a fresh map, the agent refills it, and only then is the old pin
+//! dropped (cilium's `pkg/bpf/bpffs_migrate.go` does the same). If loading fails the old pins are put back.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{MapInfo, MapType};
+use lb_common::{
+    AffinityKey, AffinityValue, BackendStats, BackendValue, ServiceKey, ServiceStats, ServiceValue,
+    SockRevNatKey, SockRevNatValue, map_names,
+};
+
+/// Configured map capacities (`max_entries`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    pub services: u32,
+    pub backends: u32,
+    pub affinity: u32,
+    pub sock_revnat: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Self {
+            services: lb_common::DEFAULT_MAX_SERVICES,
+            backends: lb_common::DEFAULT_MAX_BACKENDS,
+            affinity: lb_common::DEFAULT_MAX_AFFINITY,
+            sock_revnat: lb_common::DEFAULT_MAX_SOCK_REVNAT,
+        }
+    }
+}
+
+/// What a map must look like for this build.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MapSpec {
+    pub name: &'static str,
+    pub map_type: MapType,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+fn size<T>() -> u32 {
+    size_of::<T>() as u32
+}
+
+impl Capacities {
+    pub fn specs(&self) -> [MapSpec; 7] {
+        let spec = |name, map_type, key_size, value_size, max_entries| MapSpec {
+            name,
+            map_type,
+            key_size,
+            value_size,
+            max_entries,
+        };
+        [
+            spec(
+                map_names::SERVICES,
+                MapType::Hash,
+                size::<ServiceKey>(),
+                size::<ServiceValue>(),
+                self.services,
+            ),
+            spec(
+                map_names::BACKENDS,
+                MapType::Hash,
+                size::<u32>(),
+                size::<BackendValue>(),
+                self.backends,
+            ),
+            spec(
+                map_names::MAGLEV,
+                MapType::HashOfMaps,
+                size::<u32>(),
+                size::<u32>(),
+                self.services,
+            ),
+            spec(
+                map_names::AFFINITY,
+                MapType::LruHash,
+                size::<AffinityKey>(),
+                size::<AffinityValue>(),
+                self.affinity,
+            ),
+            spec(
+                map_names::SOCK_REVNAT,
+                MapType::LruHash,
+                size::<SockRevNatKey>(),
+                size::<SockRevNatValue>(),
+                self.sock_revnat,
+            ),
+            spec(
+                map_names::SVC_STATS,
+                MapType::PerCpuArray,
+                size::<u32>(),
+                size::<ServiceStats>(),
+                self.services,
+            ),
+            spec(
+                map_names::BE_STATS,
+                MapType::PerCpuArray,
+                size::<u32>(),
+                size::<BackendStats>(),
+                self.backends,
+            ),
+        ]
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error("reading pinned map {path}: {source}")]
+    Inspect {
+        path: PathBuf,
+        source: aya::maps::MapError,
+    },
+    #[error("moving {from} to {to}: {source}")]
+    Move {
+        from: PathBuf,
+        to: PathBuf,
+        source: io::Error,
+    },
+}
+
+/// Describes how an existing pin differs from the spec; `None` when it matches.
+fn mismatch(info: &MapInfo, spec: &MapSpec) -> Option<String> {
+    let actual_type = info.map_type().ok();
+    let mut diffs = Vec::new();
+    if actual_type != Some(spec.map_type) {
+        diffs.push(format!("type {actual_type:?} != {:?}", spec.map_type));
+    }
+    if info.key_size() != spec.key_size {
+        diffs.push(format!("key size {} != {}", info.key_size(), spec.key_size));
+    }
+    if info.value_size() != spec.value_size {
+        diffs.push(format!(
+            "value size {} != {}",
+            info.value_size(),
+            spec.value_size
+        ));
+    }
+    if info.max_entries() != spec.max_entries {
+        diffs.push(format!(
+            "max_entries {} != {}",
+            info.max_entries(),
+            spec.max_entries
+        ));
+    }
+    (!diffs.is_empty()).then(|| diffs.join(", "))
+}
+
+fn pending_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}:pending"))
+}
+
+/// Pins moved aside for this start; finish with [`Migration::commit`] or [`Migration::revert`].
+#[derive(Debug, Default)]
+#[must_use = "moved-aside pins must be committed or reverted"]
+pub struct Migration {
+    dir: PathBuf,
+    moved: Vec<&'static str>,
+}
+
+impl Migration {
+    pub fn moved(&self) -> &[&'static str] {
+        &self.moved
+    }
+
+    /// The new maps are loaded and filled: drop the old ones.
+    pub fn commit(self) {
+        for name in &self.moved {
+            let path = pending_path(&self.dir, name);
+            if let Err(e) = fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove a migrated map's old pin");
+            }
+        }
+    }
+
+    /// Loading failed: put the old pins back so the running datapath keeps its state.
+    pub fn revert(self) {
+        for name in &self.moved {
+            let (from, to) = (pending_path(&self.dir, name), self.dir.join(name));
+            let _ = fs::remove_file(&to);
+            if let Err(e) = fs::rename(&from, &to) {
+                tracing::error!(from = %from.display(), error = %e, "could not restore a map pin");
+            }
+        }
+    }
+}
+
+/// Moves aside every pin under `dir` that does not match `specs`. A `:pending` pin left by an interrupted start
+/// is the older state, and a stale one would block the move, so it is removed first.
+pub fn prepare(dir: &Path, specs: &[MapSpec]) -> Result<Migration, PinError> {
+    let mut migration = Migration {
+        dir: dir.to_path_buf(),
+        moved: Vec::new(),
+    };
+    for spec in specs {
+        let path = dir.join(spec.name);
+        let pending = pending_path(dir, spec.name);
+        if pending.exists() && path.exists() {
+            let _ = fs::remove_file(&pending);
+        }
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|source| PinError::Inspect {
+            path: path.clone(),
+            source,
+        })?;
+        if let Some(why) = mismatch(&info, spec) {
+            tracing::warn!(map = spec.name, %why, "pinned map does not match this build; migrating to a new map");
+            fs::rename(&path, &pending).map_err(|source| PinError::Move {
+                from: path.clone(),
+                to: pending.clone(),
+                source,
+            })?;
+            migration.moved.push(spec.name);
+        }
+    }
+    Ok(migration)
+}

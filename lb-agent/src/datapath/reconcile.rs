@@ -1,0 +1,820 @@
+//! Brings the maps to a [`DesiredState`], touching only what differs (cilium's
+//! `pkg/loadbalancer/reconciler/bpf_reconciler.go` is the model).
+//!
+//! **Invariant (no half-written service):** for every service the order is backends, then the lookup table (a
+//! whole new inner map swapped in atomically), then the service entry; deletions come last (service entry, then
+//! its table, then backends nobody uses). A packet or `connect()` at any moment sees either the old service or the
+//! new one, each with valid backend ids.
+//!
+//! **Invariant (stable ids):** service and backend ids are restored from the maps at start ([`Reconciler::restore`]),
+//! so a restarted agent rewrites nothing that is already right and established flows keep their backend.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use lb_common::{BackendValue, SVC_FLAG_DROP_NO_BACKEND, ServiceKey, ServiceValue};
+
+use super::maps::{Maps, MapsError, StaleAffinity};
+use crate::maglev;
+use crate::state::{Algorithm, DesiredState, Frontend, ServiceEntry};
+
+/// Sizes and limits the reconciler works within.
+#[derive(Clone, Debug)]
+pub struct ReconcileConfig {
+    /// Service ids are 1..max_services (the capacity of `LB_SERVICES` and `LB_SVC_STATS`).
+    pub max_services: u32,
+    /// Backend ids are 1..max_backends.
+    pub max_backends: u32,
+    pub maglev_min_size: u32,
+    pub maglev_max_size: u32,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        Self {
+            max_services: lb_common::DEFAULT_MAX_SERVICES,
+            max_backends: lb_common::DEFAULT_MAX_BACKENDS,
+            maglev_min_size: maglev::TABLE_SIZES[0],
+            maglev_max_size: 16381,
+        }
+    }
+}
+
+/// What one sync did, for logs and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub services_written: usize,
+    pub services_deleted: usize,
+    pub tables_written: usize,
+    pub backends_written: usize,
+    pub backends_deleted: usize,
+    pub affinity_purged: usize,
+    /// Frontends that could not be programmed (capacity, map errors), with the reason. The rest are programmed.
+    pub failed: Vec<(Frontend, String)>,
+}
+
+impl SyncReport {
+    pub fn changed(&self) -> bool {
+        self.services_written
+            + self.services_deleted
+            + self.backends_written
+            + self.backends_deleted
+            > 0
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("restoring state from the maps: {0}")]
+    Restore(#[source] MapsError),
+}
+
+/// Hands out ids in `1..limit`, lowest free after a moving cursor, so a just-freed id is not reused at once (a
+/// lingering affinity or conntrack entry then cannot point at a newcomer).
+#[derive(Debug)]
+struct IdAllocator {
+    used: BTreeSet<u32>,
+    next: u32,
+    limit: u32,
+}
+
+impl IdAllocator {
+    fn new(limit: u32) -> Self {
+        Self {
+            used: BTreeSet::new(),
+            next: 1,
+            limit,
+        }
+    }
+
+    fn mark(&mut self, id: u32) {
+        self.used.insert(id);
+    }
+
+    fn allocate(&mut self) -> Option<u32> {
+        if self.limit <= 1 || self.used.len() as u64 >= u64::from(self.limit - 1) {
+            return None;
+        }
+        let mut id = self.next;
+        loop {
+            if id == 0 || id >= self.limit {
+                id = 1;
+            }
+            if self.used.insert(id) {
+                self.next = id + 1;
+                return Some(id);
+            }
+            id += 1;
+        }
+    }
+
+    fn free(&mut self, id: u32) {
+        self.used.remove(&id);
+    }
+}
+
+/// What is programmed for one frontend, mirrored in memory so unchanged services cost nothing.
+#[derive(Clone, Debug)]
+struct Programmed {
+    value: ServiceValue,
+    /// Backend ids and algorithm the table was built from; `None` after a restart until rebuilt once.
+    inputs: Option<(Algorithm, Vec<u32>, u32)>,
+}
+
+pub struct Reconciler {
+    cfg: ReconcileConfig,
+    services: BTreeMap<ServiceKey, Programmed>,
+    backend_ids: BTreeMap<BackendValue, u32>,
+    service_ids: IdAllocator,
+    backend_id_alloc: IdAllocator,
+}
+
+impl Reconciler {
+    /// Adopts what the maps hold (after an agent restart, or empty on first start).
+    pub fn restore(maps: &impl Maps, cfg: ReconcileConfig) -> Result<Self, ReconcileError> {
+        let mut service_ids = IdAllocator::new(cfg.max_services);
+        let mut backend_id_alloc = IdAllocator::new(cfg.max_backends);
+        let mut services = BTreeMap::new();
+        for (key, value) in maps.services().map_err(ReconcileError::Restore)? {
+            service_ids.mark(value.service_id);
+            services.insert(
+                key,
+                Programmed {
+                    value,
+                    inputs: None,
+                },
+            );
+        }
+        let mut backend_ids = BTreeMap::new();
+        for (id, value) in maps.backends().map_err(ReconcileError::Restore)? {
+            backend_id_alloc.mark(id);
+            backend_ids.insert(value, id);
+        }
+        Ok(Self {
+            cfg,
+            services,
+            backend_ids,
+            service_ids,
+            backend_id_alloc,
+        })
+    }
+
+    pub fn programmed_services(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn programmed_backends(&self) -> usize {
+        self.backend_ids.len()
+    }
+
+    /// Makes the maps match `desired`. Errors on single frontends are collected in the report and do not stop the
+    /// others.
+    pub fn sync(&mut self, maps: &mut impl Maps, desired: &DesiredState) -> SyncReport {
+        let mut report = SyncReport::default();
+        let mut stale_affinity = StaleAffinity::default();
+        let mut wanted_keys = HashSet::with_capacity(desired.services.len());
+        let mut used_backends: HashSet<u32> = HashSet::new();
+
+        for (frontend, entry) in &desired.services {
+            let key = service_key(frontend);
+            wanted_keys.insert(key);
+            match self.sync_service(
+                maps,
+                frontend,
+                &key,
+                entry,
+                &mut report,
+                &mut stale_affinity,
+            ) {
+                Ok(ids) => used_backends.extend(ids),
+                Err(reason) => {
+                    // Keep whatever the frontend had before (its backends included): a failed update must not
+                    // take down a working service.
+                    if let Some(p) = self.services.get(&key) {
+                        used_backends.extend(self.backend_ids_of(p));
+                    }
+                    report.failed.push((*frontend, reason));
+                }
+            }
+        }
+
+        let stale: Vec<ServiceKey> = self
+            .services
+            .keys()
+            .filter(|k| !wanted_keys.contains(k))
+            .copied()
+            .collect();
+        for key in stale {
+            let Some(p) = self.services.get(&key) else {
+                continue;
+            };
+            let id = p.value.service_id;
+            let result = maps
+                .delete_service(&key)
+                .and_then(|()| maps.delete_table(id));
+            match result {
+                Ok(()) => {
+                    self.services.remove(&key);
+                    self.service_ids.free(id);
+                    stale_affinity.services.insert(id);
+                    report.services_deleted += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(service_id = id, error = %e, "could not delete a stale service; will retry");
+                    used_backends.extend(self.backend_ids_of_key(&key));
+                }
+            }
+        }
+
+        let stale_backends: Vec<(BackendValue, u32)> = self
+            .backend_ids
+            .iter()
+            .filter(|(_, id)| !used_backends.contains(id))
+            .map(|(v, id)| (*v, *id))
+            .collect();
+        for (value, id) in stale_backends {
+            match maps.delete_backend(id) {
+                Ok(()) => {
+                    self.backend_ids.remove(&value);
+                    self.backend_id_alloc.free(id);
+                    report.backends_deleted += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(backend_id = id, error = %e, "could not delete a stale backend; will retry")
+                }
+            }
+        }
+
+        match maps.purge_affinity(&stale_affinity) {
+            Ok(n) => report.affinity_purged = n,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not purge affinity entries of deleted services/backends")
+            }
+        }
+        report
+    }
+
+    /// Programs one frontend; returns the backend ids it uses.
+    fn sync_service(
+        &mut self,
+        maps: &mut impl Maps,
+        frontend: &Frontend,
+        key: &ServiceKey,
+        entry: &ServiceEntry,
+        report: &mut SyncReport,
+        stale_affinity: &mut StaleAffinity,
+    ) -> Result<Vec<u32>, String> {
+        let proto = frontend.proto.number();
+        let mut ids = Vec::with_capacity(entry.backends.len());
+        for b in &entry.backends {
+            let value = BackendValue::new(b.addr, b.port, proto);
+            let id = match self.backend_ids.get(&value) {
+                Some(id) => *id,
+                None => {
+                    let id = self.backend_id_alloc.allocate().ok_or_else(|| {
+                        format!(
+                            "backend capacity ({}) reached: cannot add {b}",
+                            self.cfg.max_backends - 1
+                        )
+                    })?;
+                    let written = maps
+                        .reset_backend_stats(id)
+                        .and_then(|()| maps.put_backend(id, &value));
+                    if let Err(e) = written {
+                        self.backend_id_alloc.free(id);
+                        return Err(e.to_string());
+                    }
+                    self.backend_ids.insert(value, id);
+                    report.backends_written += 1;
+                    id
+                }
+            };
+            ids.push(id);
+        }
+
+        let previous = self.services.get(key).cloned();
+        let inputs = (
+            entry.algorithm,
+            ids.clone(),
+            self.table_size(entry.algorithm, ids.len()),
+        );
+        let (slots, table_hash) = match &previous {
+            Some(p) if p.inputs.as_ref() == Some(&inputs) => (None, p.value.table_hash),
+            _ => {
+                let slots = self.build_slots(entry, &ids, inputs.2)?;
+                let hash = table_hash(entry.algorithm, &slots);
+                (Some(slots), hash)
+            }
+        };
+
+        let service_id = match &previous {
+            Some(p) => p.value.service_id,
+            None => {
+                let id = self.service_ids.allocate().ok_or_else(|| {
+                    format!("service capacity ({}) reached", self.cfg.max_services - 1)
+                })?;
+                if let Err(e) = maps.reset_service_stats(id) {
+                    self.service_ids.free(id);
+                    return Err(e.to_string());
+                }
+                id
+            }
+        };
+        let value = ServiceValue {
+            service_id,
+            backend_count: ids.len() as u32,
+            affinity_timeout: entry.affinity_timeout.unwrap_or(0),
+            algorithm: entry.algorithm.number(),
+            flags: if entry.drop_if_empty {
+                SVC_FLAG_DROP_NO_BACKEND
+            } else {
+                0
+            },
+            _pad: [0; 2],
+            table_hash,
+        };
+        if previous.as_ref().is_some_and(|p| p.value == value) {
+            if let Some(p) = self.services.get_mut(key) {
+                p.inputs = Some(inputs);
+            }
+            return Ok(ids);
+        }
+
+        let table_changed = previous
+            .as_ref()
+            .is_none_or(|p| p.value.table_hash != table_hash);
+        // Backends that leave a service must not keep its clients through affinity. Read before the table is
+        // replaced: after a restart the previous set is known only from the table itself.
+        let previous_ids: Option<Vec<u32>> = match &previous {
+            Some(p) if table_changed && p.value.affinity_timeout > 0 => Some(match &p.inputs {
+                Some((_, before, _)) => before.clone(),
+                None => maps.table(service_id).ok().flatten().unwrap_or_default(),
+            }),
+            _ => None,
+        };
+        let free_new_id = |this: &mut Self| {
+            if previous.is_none() {
+                this.service_ids.free(service_id);
+            }
+        };
+        if table_changed && !ids.is_empty() {
+            let slots = match slots {
+                Some(s) => s,
+                None => match self.build_slots(entry, &ids, inputs.2) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        free_new_id(self);
+                        return Err(e);
+                    }
+                },
+            };
+            if let Err(e) = maps.put_table(service_id, &slots) {
+                free_new_id(self);
+                return Err(e.to_string());
+            }
+            report.tables_written += 1;
+        }
+        if let Err(e) = maps.put_service(key, &value) {
+            free_new_id(self);
+            return Err(e.to_string());
+        }
+        if ids.is_empty() && previous.as_ref().is_some_and(|p| p.value.backend_count > 0) {
+            // The entry now says "no backend", so nothing reads the table any more.
+            if let Err(e) = maps.delete_table(service_id) {
+                tracing::debug!(service_id, error = %e, "could not delete an unused lookup table");
+            }
+        }
+        report.services_written += 1;
+        for gone in previous_ids
+            .into_iter()
+            .flatten()
+            .filter(|b| !ids.contains(b))
+        {
+            stale_affinity.pairs.insert((service_id, gone));
+        }
+        self.services.insert(
+            *key,
+            Programmed {
+                value,
+                inputs: Some(inputs),
+            },
+        );
+        Ok(ids)
+    }
+
+    fn table_size(&self, algorithm: Algorithm, backends: usize) -> u32 {
+        match algorithm {
+            Algorithm::Maglev => {
+                maglev::table_size_for(backends, self.cfg.maglev_min_size, self.cfg.maglev_max_size)
+            }
+            Algorithm::Random => backends as u32,
+        }
+    }
+
+    /// The lookup table: Maglev slots, or the plain backend list for random selection.
+    fn build_slots(
+        &self,
+        entry: &ServiceEntry,
+        ids: &[u32],
+        size: u32,
+    ) -> Result<Vec<u32>, String> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        match entry.algorithm {
+            Algorithm::Random => Ok(ids.to_vec()),
+            Algorithm::Maglev => {
+                let keys: Vec<String> = entry.backends.iter().map(|b| b.to_string()).collect();
+                let input: Vec<maglev::MaglevBackend<'_>> = keys
+                    .iter()
+                    .zip(&entry.backends)
+                    .map(|(k, b)| maglev::MaglevBackend {
+                        key: k.as_bytes(),
+                        weight: b.weight,
+                    })
+                    .collect();
+                let table = maglev::build_table(&input, size).map_err(|e| e.to_string())?;
+                Ok(table.into_iter().map(|i| ids[i as usize]).collect())
+            }
+        }
+    }
+
+    fn backend_ids_of(&self, p: &Programmed) -> Vec<u32> {
+        p.inputs
+            .as_ref()
+            .map(|(_, ids, _)| ids.clone())
+            .unwrap_or_else(|| {
+                // After a restart the inputs are unknown until the first successful write; keep every backend alive
+                // rather than delete one a live table may still name.
+                self.backend_ids.values().copied().collect()
+            })
+    }
+
+    fn backend_ids_of_key(&self, key: &ServiceKey) -> Vec<u32> {
+        self.services
+            .get(key)
+            .map(|p| self.backend_ids_of(p))
+            .unwrap_or_default()
+    }
+
+    /// Backend id → backend, for listings.
+    pub fn backends(&self) -> HashMap<u32, BackendValue> {
+        self.backend_ids.iter().map(|(v, id)| (*id, *v)).collect()
+    }
+}
+
+pub fn service_key(f: &Frontend) -> ServiceKey {
+    ServiceKey::new(f.addr, f.port, f.proto.number(), f.scope.number())
+}
+
+/// FNV-1a over the algorithm and slots: a fingerprint, not a security boundary.
+fn table_hash(algorithm: Algorithm, slots: &[u32]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    let mut eat = |b: u8| {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    };
+    eat(algorithm.number());
+    for s in slots {
+        s.to_le_bytes().into_iter().for_each(&mut eat);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::datapath::maps::FakeMaps;
+    use crate::state::{Backend, Protocol, Scope, ServicePortName, VipKind};
+
+    fn frontend(ip: &str, port: u16) -> Frontend {
+        Frontend {
+            addr: ip.parse().expect("ip"),
+            port,
+            proto: Protocol::Tcp,
+            scope: Scope::Internal,
+        }
+    }
+
+    fn entry(backends: &[&str], algorithm: Algorithm) -> ServiceEntry {
+        ServiceEntry {
+            service: ServicePortName {
+                namespace: "default".into(),
+                name: "web".into(),
+                port: String::new(),
+            },
+            kind: VipKind::ClusterIp,
+            algorithm,
+            affinity_timeout: None,
+            backends: backends
+                .iter()
+                .map(|b| Backend {
+                    addr: b.parse::<IpAddr>().expect("ip"),
+                    port: 8080,
+                    weight: 1,
+                })
+                .collect(),
+            drop_if_empty: false,
+        }
+    }
+
+    fn state(entries: Vec<(Frontend, ServiceEntry)>) -> DesiredState {
+        DesiredState {
+            services: entries.into_iter().collect(),
+        }
+    }
+
+    fn small_cfg() -> ReconcileConfig {
+        ReconcileConfig {
+            max_services: 16,
+            max_backends: 16,
+            maglev_min_size: 251,
+            maglev_max_size: 251,
+        }
+    }
+
+    #[test]
+    fn first_sync_writes_backends_then_table_then_service() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::restore(&maps, small_cfg()).expect("restore");
+        let desired = state(vec![(
+            frontend("10.96.0.1", 80),
+            entry(&["10.0.0.1", "10.0.0.2"], Algorithm::Maglev),
+        )]);
+        let report = r.sync(&mut maps, &desired);
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        assert_eq!(
+            maps.log,
+            vec![
+                "put_backend 1",
+                "put_backend 2",
+                "put_table 1",
+                "put_service 1"
+            ]
+        );
+        let table = &maps.tables[&1];
+        assert_eq!(table.len(), 251);
+        assert!(
+            table.contains(&1) && table.contains(&2),
+            "both backends own slots"
+        );
+        let v = maps.services.values().next().expect("service");
+        assert_eq!((v.backend_count, v.algorithm), (2, lb_common::ALG_MAGLEV));
+    }
+
+    #[test]
+    fn unchanged_state_writes_nothing() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::restore(&maps, small_cfg()).expect("restore");
+        let desired = state(vec![(
+            frontend("10.96.0.1", 80),
+            entry(&["10.0.0.1"], Algorithm::Maglev),
+        )]);
+        r.sync(&mut maps, &desired);
+        maps.log.clear();
+        let report = r.sync(&mut maps, &desired);
+        assert!(!report.changed());
+        assert!(maps.log.is_empty(), "{:?}", maps.log);
+    }
+
+    #[test]
+    fn restart_adopts_ids_and_rewrites_no_identical_table() {
+        let mut maps = FakeMaps::default();
+        let desired = state(vec![
+            (
+                frontend("10.96.0.1", 80),
+                entry(&["10.0.0.1", "10.0.0.2"], Algorithm::Maglev),
+            ),
+            (
+                frontend("10.96.0.2", 53),
+                entry(&["10.0.0.3"], Algorithm::Random),
+            ),
+        ]);
+        Reconciler::restore(&maps, small_cfg())
+            .expect("restore")
+            .sync(&mut maps, &desired);
+        let before = maps.services.clone();
+        maps.log.clear();
+        let mut restarted = Reconciler::restore(&maps, small_cfg()).expect("restore");
+        let report = restarted.sync(&mut maps, &desired);
+        assert!(!report.changed(), "{report:?}");
+        assert!(maps.log.is_empty(), "a restart rewrote {:?}", maps.log);
+        assert_eq!(maps.services, before);
+    }
+
+    #[test]
+    fn removed_service_is_deleted_after_writes_and_its_backends_freed() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::restore(&maps, small_cfg()).expect("restore");
+        r.sync(
+            &mut maps,
+            &state(vec![
+                (
+                    frontend("10.96.0.1", 80),
+                    entry(&["10.0.0.1"], Algorithm::Random),
+                ),
+                (
+                    frontend("10.96.0.2", 80),
+                    entry(&["10.0.0.2"], Algorithm::Random),
+                ),
+            ]),
+        );
+        maps.log.clear();
+        let report = r.sync(
+            &mut maps,
+            &state(vec![(
+                frontend("10.96.0.1", 80),
+                entry(&["10.0.0.1", "10.0.0.3"], Algorithm::Random),
+            )]),
+        );
+        assert_eq!((report.services_deleted, report.backends_deleted), (1, 1));
+        assert_eq!(
+            maps.log,
+            vec![
+                "put_backend 3",
+                "put_table 1",
+                "put_service 1",
+                "delete_service 2",
+                "delete_table 2",
+                "delete_backend 2"
+            ]
+        );
+        assert_eq!(maps.tables[&1], vec![1, 3]);
+    }
+
+    #[test]
+    fn backend_shared_by_two_services_survives_one_deletion() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::restore(&maps, small_cfg()).expect("restore");
+        r.sync(
+            &mut maps,
+            &state(vec![
+                (
+                    frontend("10.96.0.1", 80),
+                    entry(&["10.0.0.1"], Algorithm::Random),
+                ),
+                (
+                    frontend("10.96.0.2", 80),
+                    entry(&["10.0.0.1"], Algorithm::Random),
+                ),
+            ]),
+        );
+        assert_eq!(
+            maps.backends.len(),
+            1,
+            "one backend id for one (addr, port, proto)"
+        );
+        r.sync(
+            &mut maps,
+            &state(vec![(
+                frontend("10.96.0.1", 80),
+                entry(&["10.0.0.1"], Algorithm::Random),
+            )]),
+        );
+        assert_eq!(maps.backends.len(), 1);
+    }
+
+    #[test]
+    fn service_without_backends_has_no_table_and_count_zero() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::restore(&maps, small_cfg()).expect("restore");
+        let fe = frontend("10.96.0.1", 80);
+        r.sync(
+            &mut maps,
+            &state(vec![(fe, entry(&["10.0.0.1"], Algorithm::Maglev))]),
+        );
+        r.sync(&mut maps, &state(vec![(fe, entry(&[], Algorithm::Maglev))]));
+        let v = maps.services.values().next().expect("service");
+        assert_eq!(v.backend_count, 0);
+        assert!(
+            maps.tables.is_empty(),
+            "table of an empty service is removed"
+        );
+        assert!(maps.backends.is_empty());
+    }
+
+    #[test]
+    fn capacity_failure_names_the_frontend_and_keeps_the_rest() {
+        let mut maps = FakeMaps::default();
+        let cfg = ReconcileConfig {
+            max_services: 3,
+            ..small_cfg()
+        };
+        let mut r = Reconciler::restore(&maps, cfg).expect("restore");
+        let desired = state(
+            (1..=4)
+                .map(|i| {
+                    (
+                        frontend(&format!("10.96.0.{i}"), 80),
+                        entry(&["10.0.0.1"], Algorithm::Random),
+                    )
+                })
+                .collect(),
+        );
+        let report = r.sync(&mut maps, &desired);
+        assert_eq!(maps.services.len(), 2, "ids 1 and 2 fit under a limit of 3");
+        assert_eq!(report.failed.len(), 2);
+        assert!(
+            report.failed[0].1.contains("capacity"),
+            "{:?}",
+            report.failed
+        );
+    }
+
+    fn with_affinity(mut e: ServiceEntry) -> ServiceEntry {
+        e.affinity_timeout = Some(10);
+        e
+    }
+
+    fn affinity(
+        service_id: u32,
+        cookie: u64,
+        backend_id: u32,
+    ) -> (lb_common::AffinityKey, lb_common::AffinityValue) {
+        (
+            lb_common::AffinityKey {
+                netns_cookie: cookie,
+                client_addr: [0; 16],
+                service_id,
+                _pad: 0,
+            },
+            lb_common::AffinityValue {
+                backend_id,
+                _pad: 0,
+                last_used_ns: 1,
+            },
+        )
+    }
+
+    #[test]
+    fn backend_leaving_a_service_loses_its_affinity_there_but_not_elsewhere() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::restore(&maps, small_cfg()).expect("restore");
+        let (a, b) = (frontend("10.96.0.1", 80), frontend("10.96.0.2", 80));
+        r.sync(
+            &mut maps,
+            &state(vec![
+                (
+                    a,
+                    with_affinity(entry(&["10.0.0.1", "10.0.0.2"], Algorithm::Random)),
+                ),
+                (b, with_affinity(entry(&["10.0.0.2"], Algorithm::Random))),
+            ]),
+        );
+        // Backend 2 (10.0.0.2) serves both services; clients of both stick to it.
+        maps.affinity = vec![affinity(1, 1, 1), affinity(1, 2, 2), affinity(2, 3, 2)];
+        let report = r.sync(
+            &mut maps,
+            &state(vec![
+                (a, with_affinity(entry(&["10.0.0.1"], Algorithm::Random))),
+                (b, with_affinity(entry(&["10.0.0.2"], Algorithm::Random))),
+            ]),
+        );
+        assert_eq!(report.affinity_purged, 1);
+        assert_eq!(maps.affinity, vec![affinity(1, 1, 1), affinity(2, 3, 2)]);
+    }
+
+    #[test]
+    fn deleted_service_affinity_is_purged_after_restart_too() {
+        let mut maps = FakeMaps::default();
+        let (a, b) = (frontend("10.96.0.1", 80), frontend("10.96.0.2", 80));
+        Reconciler::restore(&maps, small_cfg())
+            .expect("restore")
+            .sync(
+                &mut maps,
+                &state(vec![
+                    (
+                        a,
+                        with_affinity(entry(&["10.0.0.1", "10.0.0.2"], Algorithm::Random)),
+                    ),
+                    (b, with_affinity(entry(&["10.0.0.3"], Algorithm::Random))),
+                ]),
+            );
+        maps.affinity = vec![affinity(1, 1, 1), affinity(1, 2, 2), affinity(2, 3, 3)];
+        let mut restarted = Reconciler::restore(&maps, small_cfg()).expect("restore");
+        restarted.sync(
+            &mut maps,
+            &state(vec![(
+                a,
+                with_affinity(entry(&["10.0.0.1"], Algorithm::Random)),
+            )]),
+        );
+        assert_eq!(
+            maps.affinity,
+            vec![affinity(1, 1, 1)],
+            "backend 2 left service 1; service 2 is gone"
+        );
+    }
+
+    #[test]
+    fn id_allocator_does_not_reuse_a_freed_id_at_once() {
+        let mut a = IdAllocator::new(5);
+        assert_eq!((a.allocate(), a.allocate()), (Some(1), Some(2)));
+        a.free(1);
+        assert_eq!(a.allocate(), Some(3));
+        assert_eq!(a.allocate(), Some(4));
+        assert_eq!(a.allocate(), Some(1), "wraps around to the freed id");
+        assert_eq!(a.allocate(), None);
+    }
+}

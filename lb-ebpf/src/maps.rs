@@ -1,0 +1,80 @@
+//! Every map lb's socket programs use, named as `lb_common::map_names` says (the `#[btf_map]` static's name is the
+//! map name). Keys and values are lb-common's types; their byte order is described there once.
+//!
+//! The agent's reconciler is the only writer of the configuration maps (`LB_SERVICES`, `LB_BACKENDS`, `LB_MAGLEV`);
+//! the programs write only session state (`LB_AFFINITY`, `LB_SOCK_REVNAT`) and counters.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    AffinityKey, AffinityValue, BPF_F_INNER_MAP, BPF_F_NO_PREALLOC, BackendStats, BackendValue,
+    DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REVNAT,
+    ServiceKey, ServiceStats, ServiceValue, SockRevNatKey, SockRevNatValue,
+};
+
+/// One service's lookup table, the `LB_MAGLEV` inner map: element `LUT_LEN_INDEX` (0) holds the table length L,
+/// elements 1..=L hold backend ids. Declared with one entry: `BPF_F_INNER_MAP` lets each real table have its own
+/// size, and it also stops the kernel from inlining lookups against the template's size, so a variable index is
+/// checked against the real table at run time.
+pub type LookupTable = Array<u32, 1, { BPF_F_INNER_MAP as usize }>;
+
+// `BPF_F_NO_PREALLOC` on the two configuration hashes: without it the kernel recycles a replaced or deleted element's
+// memory at once (preallocated freelist), so a value the program is reading could turn into another entry's bytes
+// halfway through the copy; with it, freed elements wait for an RCU grace period, which outlasts the program run.
+
+/// `ServiceKey` -> `ServiceValue`: one virtual service per (VIP, port, protocol, scope). Written by the agent; read by
+/// every forward hook.
+#[btf_map]
+pub static LB_SERVICES: HashMap<
+    ServiceKey,
+    ServiceValue,
+    { DEFAULT_MAX_SERVICES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// backend id (`u32`) -> `BackendValue`: address and port of one endpoint. Written by the agent (before any table
+/// names the id); read by the forward hooks after a table or affinity lookup.
+#[btf_map]
+pub static LB_BACKENDS: HashMap<
+    u32,
+    BackendValue,
+    { DEFAULT_MAX_BACKENDS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// service id (`u32`) -> `LookupTable`: the service's Maglev table (ALG_MAGLEV) or plain backend list (ALG_RANDOM).
+/// Written by the agent, which swaps a whole inner map at once; read by the forward hooks' backend selection.
+#[btf_map]
+pub static LB_MAGLEV: HashOfMaps<
+    u32,
+    LookupTable,
+    { DEFAULT_MAX_SERVICES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashOfMaps::new();
+
+/// `AffinityKey` {netns cookie, 0, service id} -> `AffinityValue` {backend id, last use}: ClientIP session affinity.
+/// Written and read by the forward hooks; entries expire by the service's timeout (checked on read) or LRU eviction.
+#[btf_map]
+pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue, { DEFAULT_MAX_AFFINITY as usize }> =
+    LruHashMap::new();
+
+/// `SockRevNatKey` {socket cookie, backend address, backend port} -> `SockRevNatValue` {VIP, service port, service
+/// id}. Written by the forward hooks; read by the reverse hooks (recvmsg, getpeername).
+#[btf_map]
+pub static LB_SOCK_REVNAT: LruHashMap<
+    SockRevNatKey,
+    SockRevNatValue,
+    { DEFAULT_MAX_SOCK_REVNAT as usize },
+> = LruHashMap::new();
+
+/// service id -> `ServiceStats`, per CPU. Written by the programs; read (summed over CPUs) by the agent.
+#[btf_map]
+pub static LB_SVC_STATS: PerCpuArray<ServiceStats, { DEFAULT_MAX_SERVICES as usize }> =
+    PerCpuArray::new();
+
+/// backend id -> `BackendStats`, per CPU. Written by the programs; read (summed over CPUs) by the agent.
+#[btf_map]
+pub static LB_BE_STATS: PerCpuArray<BackendStats, { DEFAULT_MAX_BACKENDS as usize }> =
+    PerCpuArray::new();

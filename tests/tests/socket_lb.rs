@@ -1,0 +1,559 @@
+//! Socket-level load balancing, end to end: the real agent programs the real maps from a manifest file, the
+//! programs run on the client's `connect()`/`sendmsg()`/`recvmsg()`/`getpeername()`, and backends in their own
+//! namespaces answer with their identity. Every packet stays inside namespaces these tests create.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use lb_tests::agent::backends_of;
+use lb_tests::{Agent, Probe, ProbeLine, Topology, agent_bin, probe, require_root};
+
+const VIP4: &str = "10.96.0.10";
+const VIP6: &str = "fd00:96::10";
+const TCP_PORT: u16 = 8080;
+const UDP_PORT: u16 = 5353;
+const RUN: Duration = Duration::from_secs(60);
+const SYNC: Duration = Duration::from_secs(20);
+
+/// A dual-stack Service `web` (TCP 80 -> 8080 "http", UDP 53 -> 5353 "dns") with the given backends (indexes into
+/// the star topology, all on this node).
+struct Web<'a> {
+    backends: &'a [usize],
+    annotations: &'a [(&'a str, &'a str)],
+    affinity_timeout: Option<u32>,
+}
+
+impl Web<'_> {
+    fn yaml(&self) -> String {
+        let annotations = if self.annotations.is_empty() {
+            String::new()
+        } else {
+            let mut s = String::from("  annotations:\n");
+            for (k, v) in self.annotations {
+                s.push_str(&format!("    {k}: \"{v}\"\n"));
+            }
+            s
+        };
+        let affinity = match self.affinity_timeout {
+            Some(t) => format!(
+                "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: {t}\n"
+            ),
+            None => String::new(),
+        };
+        let endpoints = |v6: bool| -> String {
+            if self.backends.is_empty() {
+                return "endpoints: []\n".into();
+            }
+            let mut s = String::from("endpoints:\n");
+            for i in self.backends {
+                let addr = if v6 {
+                    format!("\"fd00:244:{}::2\"", i + 1)
+                } else {
+                    format!("10.244.{}.2", i + 1)
+                };
+                s.push_str(&format!("  - addresses: [{addr}]\n    conditions: {{ready: true}}\n    nodeName: test-node\n"));
+            }
+            s
+        };
+        format!(
+            r#"apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: default
+{annotations}spec:
+  type: ClusterIP
+  clusterIP: {VIP4}
+  clusterIPs: [{VIP4}, "{VIP6}"]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+{affinity}  ports:
+    - {{name: http, protocol: TCP, port: 80, targetPort: {TCP_PORT}}}
+    - {{name: dns, protocol: UDP, port: 53, targetPort: {UDP_PORT}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-v4
+  namespace: default
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+  - {{name: http, protocol: TCP, port: {TCP_PORT}}}
+  - {{name: dns, protocol: UDP, port: {UDP_PORT}}}
+{v4}---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-v6
+  namespace: default
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv6
+ports:
+  - {{name: http, protocol: TCP, port: {TCP_PORT}}}
+  - {{name: dns, protocol: UDP, port: {UDP_PORT}}}
+{v6}"#,
+            v4 = endpoints(false),
+            v6 = endpoints(true),
+        )
+    }
+}
+
+fn web(backends: &[usize]) -> String {
+    Web {
+        backends,
+        annotations: &[],
+        affinity_timeout: None,
+    }
+    .yaml()
+}
+
+fn vip4(port: u16) -> SocketAddr {
+    SocketAddr::new(VIP4.parse().expect("vip"), port)
+}
+
+fn vip6(port: u16) -> SocketAddr {
+    SocketAddr::new(VIP6.parse().expect("vip"), port)
+}
+
+/// Builds the star topology with echo servers on every backend and starts the agent on `manifest`.
+fn setup(backends: usize, manifest: &str) -> (Topology, Agent, Probe) {
+    let probe = probe!();
+    let mut topo = Topology::star(backends).expect("topology");
+    topo.serve(&probe, &[TCP_PORT], &[UDP_PORT])
+        .expect("backend servers");
+    let agent = Agent::start(&agent_bin!(), &topo, manifest).expect("agent");
+    (topo, agent, probe)
+}
+
+fn run_client(topo: &Topology, cmd: lb_tests::Cmd) -> Vec<ProbeLine> {
+    topo.in_client(cmd)
+        .run(RUN)
+        .expect("client run")
+        .probe_lines()
+        .expect("client output")
+}
+
+fn counts(lines: &[ProbeLine]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for l in lines {
+        assert!(l.ok, "a request failed: {l:?}");
+        *m.entry(l.backend.clone().expect("backend id")).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Pearson's chi-square statistic against a uniform spread over `k` backends.
+fn chi_square(counts: &BTreeMap<String, usize>, k: usize) -> f64 {
+    let n: usize = counts.values().sum();
+    let expected = n as f64 / k as f64;
+    let seen: f64 = counts
+        .values()
+        .map(|&c| (c as f64 - expected).powi(2) / expected)
+        .sum();
+    // Backends never reached contribute too.
+    seen + (k - counts.len()) as f64 * expected
+}
+
+/// Chi-square critical value at p = 0.001 for 2 degrees of freedom (3 backends): a fair balancer fails this once
+/// in a thousand runs; a broken one (all to one backend: 600) fails always.
+const CHI2_2DOF_P001: f64 = 13.82;
+
+#[test]
+fn tcp_to_cluster_ip_spreads_over_all_backends_and_peer_is_the_vip() {
+    if !require_root("tcp_to_cluster_ip_spreads_over_all_backends_and_peer_is_the_vip") {
+        return;
+    }
+    let (topo, _agent, probe) = setup(3, &web(&[0, 1, 2]));
+    let lines = run_client(&topo, probe.tcp_cmd(vip4(80), 300));
+    assert_eq!(lines.len(), 300);
+    for l in &lines {
+        assert_eq!(
+            l.peer.as_deref(),
+            Some("10.96.0.10:80"),
+            "getpeername must show the VIP: {l:?}"
+        );
+    }
+    let c = counts(&lines);
+    assert_eq!(c.len(), 3, "all backends reached: {c:?}");
+    let chi2 = chi_square(&c, 3);
+    assert!(
+        chi2 < CHI2_2DOF_P001,
+        "spread is not uniform: {c:?}, chi2 = {chi2:.2}"
+    );
+}
+
+#[test]
+fn udp_replies_appear_to_come_from_the_vip() {
+    if !require_root("udp_replies_appear_to_come_from_the_vip") {
+        return;
+    }
+    let (topo, _agent, probe) = setup(2, &web(&[0, 1]));
+    for connected in [false, true] {
+        let lines = run_client(&topo, probe.udp_cmd(vip4(53), 3, 4, connected));
+        assert_eq!(lines.len(), 12);
+        for l in &lines {
+            assert!(l.ok, "connected={connected}: {l:?}");
+            assert_eq!(
+                l.from.as_deref(),
+                Some("10.96.0.10:53"),
+                "connected={connected}: reply source must be the VIP: {l:?}"
+            );
+            assert!(
+                l.backend
+                    .as_deref()
+                    .is_some_and(|b| b.starts_with("backend-")),
+                "{l:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn service_without_endpoints_refuses_at_once() {
+    if !require_root("service_without_endpoints_refuses_at_once") {
+        return;
+    }
+    let (topo, agent, probe) = setup(1, &web(&[]));
+    agent
+        .wait_for_maps(SYNC, |l| {
+            backends_of(l, "10.96.0.10:80", "TCP", "internal").is_some_and(|b| b.is_empty())
+        })
+        .expect("empty service programmed");
+    let tcp = run_client(&topo, probe.tcp_cmd(vip4(80), 3));
+    for l in &tcp {
+        assert!(!l.ok);
+        assert_eq!(
+            (l.error.as_deref(), l.stage.as_deref()),
+            (Some("ECONNREFUSED"), Some("connect")),
+            "{l:?}"
+        );
+    }
+    let tcp6 = run_client(&topo, probe.tcp_cmd(vip6(80), 1));
+    assert_eq!(
+        tcp6[0].error.as_deref(),
+        Some("ECONNREFUSED"),
+        "{:?}",
+        tcp6[0]
+    );
+    let udp = run_client(&topo, probe.udp_cmd(vip4(53), 2, 1, false));
+    for l in &udp {
+        assert_eq!(
+            (l.error.as_deref(), l.stage.as_deref()),
+            (Some("ECONNREFUSED"), Some("send")),
+            "{l:?}"
+        );
+    }
+    let list = agent.services().expect("maps");
+    let svc = list
+        .iter()
+        .find(|s| s.frontend == "10.96.0.10:80" && s.scope == "internal")
+        .expect("service");
+    assert!(svc.rejects >= 3, "rejects are counted: {}", svc.rejects);
+}
+
+#[test]
+fn maglev_keeps_a_socket_on_its_backend_and_moves_few_when_one_leaves() {
+    if !require_root("maglev_keeps_a_socket_on_its_backend_and_moves_few_when_one_leaves") {
+        return;
+    }
+    let (mut topo, agent, probe) = setup(4, &web(&[0, 1, 2, 3]));
+    let pause = std::env::temp_dir().join(format!("lb-tests-pause-{}", topo.token()));
+    let sockets = 80;
+    let client = topo
+        .spawn(topo.in_client(probe.udp_sticky_cmd(vip4(53), sockets, 3, &pause)))
+        .expect("client");
+    let rounds_done = |c: &lb_tests::Child| {
+        c.probe_lines()
+            .map(|l| l.iter().filter(|l| l.is_round_done()).count())
+    };
+    let wait_round = |c: &mut lb_tests::Child, n: usize| {
+        let deadline = std::time::Instant::now() + RUN;
+        while rounds_done(c).expect("client output") < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {n} did not finish: {}",
+                c.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_round(client, 1);
+    std::fs::write(&pause, b"").expect("release round 2");
+    wait_round(client, 2);
+    agent
+        .write_manifest(&web(&[0, 1, 2]))
+        .expect("edit manifest");
+    agent
+        .wait_for_maps(SYNC, |l| {
+            backends_of(l, "10.96.0.10:53", "UDP", "internal").is_some_and(|b| b.len() == 3)
+        })
+        .expect("backend-3 removed from the maps");
+    std::fs::write(&pause, b"").expect("release round 3");
+    wait_round(client, 3);
+
+    let lines = client.probe_lines().expect("client output");
+    let by_round = |r: usize| -> BTreeMap<usize, String> {
+        lines
+            .iter()
+            .filter(|l| l.round == Some(r) && !l.is_round_done())
+            .map(|l| {
+                assert!(l.ok, "round {r}: {l:?}");
+                (
+                    l.socket.expect("socket"),
+                    l.backend.clone().expect("backend"),
+                )
+            })
+            .collect()
+    };
+    let (r1, r2, r3) = (by_round(1), by_round(2), by_round(3));
+    assert_eq!(r1.len(), sockets);
+    assert_eq!(
+        r1, r2,
+        "the same socket must reach the same backend while nothing changes"
+    );
+    assert_eq!(
+        r1.values().collect::<BTreeSet<_>>().len(),
+        4,
+        "sockets spread over all backends: {r1:?}"
+    );
+    let (mut stayed, mut survivors) = (0, 0);
+    for (socket, before) in &r1 {
+        let after = &r3[socket];
+        assert_ne!(
+            after, "backend-3",
+            "socket {socket} still reaches the removed backend"
+        );
+        if before != "backend-3" {
+            survivors += 1;
+            stayed += usize::from(before == after);
+        }
+    }
+    // Maglev's guarantee is "few" moves, not none: allow 10% of the survivors' flows to move.
+    assert!(
+        stayed * 10 >= survivors * 9,
+        "only {stayed} of {survivors} flows on surviving backends stayed put"
+    );
+}
+
+#[test]
+fn client_ip_affinity_holds_then_expires() {
+    if !require_root("client_ip_affinity_holds_then_expires") {
+        return;
+    }
+    let manifest = Web {
+        backends: &[0, 1, 2],
+        annotations: &[],
+        affinity_timeout: Some(1),
+    }
+    .yaml();
+    let (topo, _agent, probe) = setup(3, &manifest);
+    let burst = counts(&run_client(&topo, probe.tcp_cmd(vip4(80), 30)));
+    assert_eq!(
+        burst.len(),
+        1,
+        "30 connections within the timeout must all reach one backend: {burst:?}"
+    );
+    // After each idle period longer than the timeout the choice is made afresh. With 3 backends, 8 fresh choices
+    // all equal to the first would happen by chance with probability (1/3)^8.
+    let mut seen = BTreeSet::new();
+    seen.extend(burst.into_keys());
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(1300));
+        seen.extend(counts(&run_client(&topo, probe.tcp_cmd(vip4(80), 1))).into_keys());
+    }
+    assert!(seen.len() > 1, "affinity never expired: always {seen:?}");
+}
+
+#[test]
+fn ipv6_cluster_ip_balances_and_translates_back() {
+    if !require_root("ipv6_cluster_ip_balances_and_translates_back") {
+        return;
+    }
+    let (topo, _agent, probe) = setup(3, &web(&[0, 1, 2]));
+    let lines = run_client(&topo, probe.tcp_cmd(vip6(80), 300));
+    for l in &lines {
+        assert_eq!(l.peer.as_deref(), Some("[fd00:96::10]:80"), "{l:?}");
+    }
+    let c = counts(&lines);
+    let chi2 = chi_square(&c, 3);
+    assert!(
+        chi2 < CHI2_2DOF_P001,
+        "IPv6 spread is not uniform: {c:?}, chi2 = {chi2:.2}"
+    );
+    for l in &run_client(&topo, probe.udp_cmd(vip6(53), 2, 2, false)) {
+        assert!(l.ok, "{l:?}");
+        assert_eq!(l.from.as_deref(), Some("[fd00:96::10]:53"), "{l:?}");
+    }
+}
+
+#[test]
+fn editing_the_manifest_reroutes_without_restarting_the_agent() {
+    if !require_root("editing_the_manifest_reroutes_without_restarting_the_agent") {
+        return;
+    }
+    let (topo, agent, probe) = setup(3, &web(&[0, 1]));
+    let pid = agent.pid();
+    let before = counts(&run_client(&topo, probe.tcp_cmd(vip4(80), 40)));
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        ["backend-0", "backend-1"]
+    );
+    agent.write_manifest(&web(&[2])).expect("edit");
+    agent
+        .wait_for_maps(SYNC, |l| {
+            backends_of(l, "10.96.0.10:80", "TCP", "internal")
+                .is_some_and(|b| b == ["10.244.3.2:8080"])
+        })
+        .expect("maps follow the edit");
+    let after = counts(&run_client(&topo, probe.tcp_cmd(vip4(80), 40)));
+    assert_eq!(after.keys().collect::<Vec<_>>(), ["backend-2"]);
+    assert_eq!(
+        agent.pid(),
+        pid,
+        "the same agent process applied the change"
+    );
+}
+
+#[test]
+fn random_algorithm_annotation_spreads_connections() {
+    if !require_root("random_algorithm_annotation_spreads_connections") {
+        return;
+    }
+    let manifest = Web {
+        backends: &[0, 1, 2],
+        annotations: &[("lb.io/algorithm", "random")],
+        affinity_timeout: None,
+    }
+    .yaml();
+    let (topo, agent, probe) = setup(3, &manifest);
+    let list = agent.services().expect("maps");
+    assert!(
+        list.iter()
+            .filter(|s| s.frontend == "10.96.0.10:80")
+            .all(|s| s.algorithm == "random"),
+        "{list:?}"
+    );
+    let c = counts(&run_client(&topo, probe.tcp_cmd(vip4(80), 300)));
+    let chi2 = chi_square(&c, 3);
+    assert!(
+        chi2 < CHI2_2DOF_P001,
+        "random spread is not uniform: {c:?}, chi2 = {chi2:.2}"
+    );
+}
+
+#[test]
+fn killed_agent_leaves_socket_lb_serving_and_a_restart_adopts_it() {
+    if !require_root("killed_agent_leaves_socket_lb_serving_and_a_restart_adopts_it") {
+        return;
+    }
+    let (topo, mut agent, probe) = setup(2, &web(&[0, 1]));
+    let ids_before: Vec<(String, u32)> = agent
+        .services()
+        .expect("maps")
+        .iter()
+        .map(|s| (format!("{} {}", s.frontend, s.scope), s.id))
+        .collect();
+    agent.kill();
+    let lines = run_client(&topo, probe.tcp_cmd(vip4(80), 20));
+    assert_eq!(
+        counts(&lines).values().sum::<usize>(),
+        20,
+        "socket LB keeps working with the agent dead"
+    );
+    agent.restart().expect("restart");
+    assert!(
+        agent.log().contains("adopted the pinned state"),
+        "{}",
+        agent.log()
+    );
+    let ids_after: Vec<(String, u32)> = agent
+        .services()
+        .expect("maps")
+        .iter()
+        .map(|s| (format!("{} {}", s.frontend, s.scope), s.id))
+        .collect();
+    assert_eq!(ids_before, ids_after, "a restart keeps every service id");
+    assert!(
+        agent.log().contains("written=0"),
+        "a restart rewrites nothing that is right:\n{}",
+        agent.log()
+    );
+    let c = counts(&run_client(&topo, probe.tcp_cmd(vip4(80), 20)));
+    assert_eq!(c.values().sum::<usize>(), 20);
+}
+
+#[test]
+fn malformed_service_is_skipped_and_the_others_keep_working() {
+    if !require_root("malformed_service_is_skipped_and_the_others_keep_working") {
+        return;
+    }
+    let broken = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: broken, namespace: default}
+spec:
+  clusterIP: 10.96.0.300
+  ports: [{port: 80, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: worse, namespace: default}
+spec:
+  clusterIP: 10.96.0.11
+  ports: [{port: "eighty"}]
+"#;
+    let manifest = format!("{}{broken}", web(&[0]));
+    let (topo, agent, probe) = setup(1, &manifest);
+    let c = counts(&run_client(&topo, probe.tcp_cmd(vip4(80), 5)));
+    assert_eq!(c.get("backend-0"), Some(&5));
+    let log = agent.log();
+    assert!(
+        log.contains("default/broken") && log.contains("clusterIP"),
+        "the bad ClusterIP is named:\n{log}"
+    );
+    assert!(
+        log.contains("worse"),
+        "the mistyped port's object is named:\n{log}"
+    );
+    let list = agent.services().expect("maps");
+    assert!(
+        list.iter().all(|s| !s.frontend.starts_with("10.96.0.11")),
+        "nothing programmed for the broken one"
+    );
+}
+
+#[test]
+fn guards_remove_agent_pins_and_cgroup_when_a_test_panics() {
+    if !require_root("guards_remove_agent_pins_and_cgroup_when_a_test_panics") {
+        return;
+    }
+    let mut seen = None;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let (topo, agent, _probe) = setup(1, &web(&[0]));
+        seen = Some((
+            topo.bpf_dir().path().to_path_buf(),
+            topo.cgroup().path().to_path_buf(),
+            topo.netns_names(),
+            agent.pid().expect("pid"),
+        ));
+        assert!(
+            topo.bpf_dir().path().join("links/lb_connect4").exists(),
+            "link pinned while running"
+        );
+        panic!("deliberate failure inside a test");
+    }));
+    assert!(result.is_err());
+    let (pins, cgroup, namespaces, pid) = seen.expect("setup ran");
+    assert!(!pins.exists(), "pin dir {} left behind", pins.display());
+    assert!(!cgroup.exists(), "cgroup {} left behind", cgroup.display());
+    for ns in namespaces {
+        assert!(!lb_tests::NetNs::exists(&ns), "netns {ns} left behind");
+    }
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "agent {pid} still running"
+    );
+}

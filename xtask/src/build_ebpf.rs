@@ -1,0 +1,59 @@
+//! `cargo xtask build-ebpf`: the nested cargo build of lb-ebpf with Debian's rustc (the only one here that can
+//! build `core` for bpfel), into its own target directory so the two compilers never share fingerprints.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+use crate::setup::EBPF_RUSTC;
+use crate::util::{exec, workspace_root};
+
+#[derive(clap::Args, Default)]
+pub struct Options {
+    /// Build with the release profile (what the tests and the demo use).
+    #[arg(long)]
+    pub release: bool,
+}
+
+/// Where the object lands; lb-agent's build script looks here to embed it.
+pub fn object_path(release: bool) -> PathBuf {
+    workspace_root()
+        .join("target/ebpf/bpfel-unknown-none")
+        .join(if release { "release" } else { "debug" })
+        .join("lb-ebpf")
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    if !std::path::Path::new(EBPF_RUSTC).exists() {
+        bail!("{EBPF_RUSTC} is missing: run `cargo xtask setup` first");
+    }
+    let root = workspace_root();
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root.join("lb-ebpf"))
+        .args([
+            "build",
+            "-Z",
+            "build-std=core",
+            "--target",
+            "bpfel-unknown-none",
+        ])
+        .arg("--target-dir")
+        .arg(root.join("target/ebpf"))
+        .env("RUSTC", EBPF_RUSTC)
+        .env("RUSTC_BOOTSTRAP", "1")
+        // An inherited (even empty) encoded flags variable overrides .cargo/config.toml and drops `--btf`.
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("RUSTFLAGS")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER");
+    if opts.release {
+        cmd.arg("--release");
+    }
+    exec(&mut cmd)?;
+    let obj = object_path(opts.release);
+    let meta =
+        std::fs::metadata(&obj).with_context(|| format!("expected object at {}", obj.display()))?;
+    eprintln!("build-ebpf: {} ({} bytes)", obj.display(), meta.len());
+    Ok(())
+}

@@ -1,0 +1,44 @@
+//! `cargo xtask`: the project's own build steps, which need more than cargo alone (the eBPF toolchain, root, a
+//! topology of namespaces). One module per verb, as aya's xtask does.
+
+mod build_ebpf;
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "lb's build, setup, demo and test tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what building and running lb needs (Debian packages, bpf-linker, bpffs), skipping what is present.
+    Setup,
+    /// Build the eBPF object (lb-ebpf) that lb-agent embeds.
+    BuildEbpf(build_ebpf::Options),
+    /// Run every test: formatting, lints, unit tests, and the root-only integration tests in namespaces.
+    Test(test::Options),
+    /// Build a demo topology on this host (namespaces only), run the agent on it and show it balancing.
+    Demo,
+    /// Benchmarks against kube-proxy's datapaths (not written yet).
+    Bench,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::run(),
+        Command::BuildEbpf(opts) => build_ebpf::run(&opts),
+        Command::Test(opts) => test::run(&opts),
+        Command::Demo => demo::run(),
+        Command::Bench => anyhow::bail!(
+            "cargo xtask bench is not written yet (issue: benchmarks side by side with kube-proxy); no numbers are printed \
+             that were not measured"
+        ),
+    }
+}
