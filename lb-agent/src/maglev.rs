@@ -3,9 +3,9 @@
 //! Follows Eisenbud et al., "Maglev: A Fast and Reliable Software Network Load Balancer" (NSDI 2016), §3.4 and its
 //! Pseudocode 1, extended with backend weights the way Katran and Cilium do it (see [`build_table`]).
 //!
-//! The table must be a pure function of the backend set: every node builds its own copy, and a flow that ECMP or a
-//! restart moves to another node (or to a restarted agent) only keeps its backend if that node computed the very same
-//! table. Hence the hand-written hash below instead of std's randomly keyed `RandomState`, and the internal sort by key.
+//! The table must be a pure function of the backend set: every node builds its own copy, and a flow that ECMP moves
+//! to another node, or that outlives an agent restart or upgrade, keeps its backend only if both tables agree. Hence
+//! the hand-written hash below instead of std's randomly keyed `RandomState`, and the internal sort by key.
 
 use std::cmp::Ordering;
 
@@ -17,9 +17,10 @@ pub const TABLE_SIZES: &[u32] = &[251, 509, 1021, 2039, 4093, 8191, 16381, 32749
 /// Smallest size in TABLE_SIZES that is >= max(min_size, 100 * backends), capped at max_size (use the largest listed
 /// size <= max_size). 0 backends -> smallest allowed size.
 ///
-/// The factor 100 is the paper's recommendation (§3.4, §5.3: M ≫ N, M > 100·N) which keeps the load imbalance
-/// under ~1% and bounds the disruption when a backend leaves. If `max_size` is below every listed size the smallest
-/// listed size is returned anyway, because a table must exist; `max_size` wins over `min_size` when they conflict.
+/// The factor 100 follows the paper (§3.4: M > 100·N keeps the difference in hash space between backends within
+/// 1%). A larger M also moves fewer extra flows when a backend leaves (§5.3; see the disruption test for numbers).
+/// If `max_size` is below every listed size the smallest listed size is returned anyway, because a table must exist;
+/// `max_size` wins over `min_size` when they conflict.
 ///
 /// Callers should keep a service's size stable where they can: a table of another size is a different permutation
 /// space, so changing M remaps nearly every flow, unlike adding or removing a backend.
@@ -89,12 +90,13 @@ pub enum MaglevError {
 /// Pseudocode 1 gives every backend one turn per round, and a turn claims the backend's next preferred slot that is
 /// still empty. Weighted Maglev as in Katran's `MaglevHashV2` instead gives each backend a credit: every round it adds
 /// its weight, and when the credit reaches `max_w` (the largest weight in the set) the backend spends `max_w` to take
-/// a turn. A backend of weight w thus takes w / max_w turns per round (the max-weight backends take one every round),
-/// so at the end it owns about `M * w / sum(w)` slots; the exact integer accumulation leaves at most one slot of error
-/// per backend. Credits start at `max_w - w`, so every backend takes a turn in the first round: like Cilium, any
-/// backend with weight > 0 owns at least one slot, however skewed the weights. With equal weights this is exactly
-/// Pseudocode 1. Scaling all weights by a constant gives the same table; changing the largest weight reschedules
-/// every backend's turns, and so moves more flows than changing another backend's weight.
+/// a turn. A backend of weight w thus takes w / max_w turns per round (the max-weight backends take one every round).
+/// Unlike Katran, whose credits start at 0, credits here start at `max_w - w`, so every backend takes a turn in the
+/// first round: like Cilium's weighted Maglev, any backend with weight > 0 owns at least one slot, however skewed the
+/// weights. Backend i therefore owns `1 + (M - N) * w_i / sum(w)` slots up to rounding: one slot, plus its share
+/// `w_i / sum(w)` of the rest. With equal weights this is exactly Pseudocode 1. Scaling all weights by a constant
+/// gives the same table; changing the largest weight reschedules every backend's turns, and so moves more flows than
+/// changing another backend's weight.
 ///
 /// # Cost
 ///
@@ -167,7 +169,7 @@ const EMPTY: u32 = u32::MAX;
 /// A backend's walk along its permutation (the paper's `next[i]`, kept as the slot it points at).
 struct Cursor {
     index: u32,
-    /// u32 so that credit + weight cannot overflow (both stay below 2 × u16::MAX).
+    /// u32, like `credit`: the credit stays below `max_w` before a round adds up to `max_w`, which can exceed u16.
     weight: u32,
     credit: u32,
     skip: u32,
@@ -350,11 +352,11 @@ mod tests {
 
     #[test]
     fn zero_weight_backends_get_no_slot() {
-        let keys = keys(10);
+        let names = keys(10);
         let weights = [1, 0, 1, 1, 0, 1, 1, 1, 1, 0];
-        let table = build(&with_weights(&keys, &weights), 1021);
-        let counts = counts(&table, 10);
-        for (i, (&count, &weight)) in counts.iter().zip(&weights).enumerate() {
+        let table = build(&with_weights(&names, &weights), 1021);
+        let owned = counts(&table, 10);
+        for (i, (&count, &weight)) in owned.iter().zip(&weights).enumerate() {
             assert_eq!(
                 count > 0,
                 weight > 0,
@@ -368,12 +370,12 @@ mod tests {
         for n in [3, 10, 100] {
             let m = table_size_for(n, MIN, MAX);
             assert!(m as usize >= 100 * n);
-            let keys = keys(n);
-            let table = build(&equal(&keys), m);
-            let counts = counts(&table, n);
+            let names = keys(n);
+            let table = build(&equal(&names), m);
+            let owned = counts(&table, n);
             let mean = f64::from(m) / n as f64;
-            let max = *counts.iter().max().unwrap() as f64;
-            let min = *counts.iter().min().unwrap() as f64;
+            let max = *owned.iter().max().unwrap() as f64;
+            let min = *owned.iter().min().unwrap() as f64;
             println!(
                 "n={n} m={m}: max/mean={:.4} min/mean={:.4}",
                 max / mean,
@@ -438,9 +440,9 @@ mod tests {
 
     #[test]
     fn deterministic_and_independent_of_input_order() {
-        let keys = keys(40);
+        let names = keys(40);
         let weights: Vec<u16> = (0..40).map(|i| [1, 2, 3, 0, 5][i % 5]).collect();
-        let backends = with_weights(&keys, &weights);
+        let backends = with_weights(&names, &weights);
         let m = table_size_for(40, MIN, MAX);
         let table = build(&backends, m);
         assert_eq!(table, build(&backends, m));
@@ -461,7 +463,7 @@ mod tests {
         }
 
         // The key, not the position, decides: another set must give another table.
-        let other_keys: Vec<String> = keys.iter().map(|k| k.replace(":8080", ":8081")).collect();
+        let other_keys: Vec<String> = names.iter().map(|k| k.replace(":8080", ":8081")).collect();
         let other = with_weights(&other_keys, &weights);
         assert_ne!(build(&other, m), table);
     }
@@ -469,22 +471,22 @@ mod tests {
     #[test]
     fn weight_two_gets_twice_the_slots() {
         for (n, m) in [(10, table_size_for(10, MIN, MAX)), (100, MAX)] {
-            let keys = keys(n);
+            let names = keys(n);
             let mut weights = vec![1; n];
             weights[3] = 2;
-            let table = build(&with_weights(&keys, &weights), m);
-            let counts = counts(&table, n);
-            let ones: Vec<f64> = counts
+            let table = build(&with_weights(&names, &weights), m);
+            let owned = counts(&table, n);
+            let ones: Vec<f64> = owned
                 .iter()
                 .enumerate()
                 .filter(|&(i, _)| i != 3)
                 .map(|(_, &c)| c as f64)
                 .collect();
             let mean_one = ones.iter().sum::<f64>() / ones.len() as f64;
-            let ratio = counts[3] as f64 / mean_one;
+            let ratio = owned[3] as f64 / mean_one;
             println!(
                 "n={n} m={m}: weight-2 backend {} slots, weight-1 mean {mean_one:.2}, ratio {ratio:.4}",
-                counts[3]
+                owned[3]
             );
             assert!((ratio - 2.0).abs() <= 0.04, "n={n} m={m}: ratio {ratio}");
         }
@@ -492,12 +494,12 @@ mod tests {
 
     #[test]
     fn shares_follow_weights() {
-        let keys = keys(5);
+        let names = keys(5);
         let weights = [1, 2, 3, 4, 5];
-        let table = build(&with_weights(&keys, &weights), MAX);
-        let counts = counts(&table, 5);
+        let table = build(&with_weights(&names, &weights), MAX);
+        let owned = counts(&table, 5);
         let total: u32 = weights.iter().map(|&w| u32::from(w)).sum();
-        for (i, (&count, &w)) in counts.iter().zip(&weights).enumerate() {
+        for (i, (&count, &w)) in owned.iter().zip(&weights).enumerate() {
             let expected = f64::from(MAX) * f64::from(w) / f64::from(total);
             let error = (count as f64 - expected).abs() / expected;
             println!(
@@ -511,20 +513,20 @@ mod tests {
 
         // Only ratios matter: scaling every weight gives the same table.
         let scaled = [3, 6, 9, 12, 15];
-        assert_eq!(build(&with_weights(&keys, &scaled), MAX), table);
+        assert_eq!(build(&with_weights(&names, &scaled), MAX), table);
     }
 
     #[test]
     fn builds_the_largest_table_with_many_backends() {
-        let keys = keys(1000);
-        let backends = equal(&keys);
+        let names = keys(1000);
+        let backends = equal(&names);
         let start = std::time::Instant::now();
         let table = build(&backends, MAX);
         println!("m={MAX} n=1000: built in {:?}", start.elapsed());
-        let counts = counts(&table, 1000);
+        let owned = counts(&table, 1000);
         // Unweighted Maglev is exactly balanced by construction: every backend ends with floor or ceil of M/N.
         let (lo, hi) = (MAX as usize / 1000, MAX as usize / 1000 + 1);
-        assert!(counts.iter().all(|&c| c == lo || c == hi));
+        assert!(owned.iter().all(|&c| c == lo || c == hi));
     }
 
     #[test]
@@ -583,8 +585,8 @@ mod tests {
 
     #[test]
     fn errors_for_bad_input() {
-        let keys = keys(300);
-        let backends = equal(&keys);
+        let names = keys(300);
+        let backends = equal(&names);
         for m in [0, 1, 4, 9, 255, 65535, 65536] {
             assert_eq!(
                 build_table(&backends[..3], m),
@@ -592,7 +594,7 @@ mod tests {
             );
         }
         assert_eq!(build_table(&[], 251), Err(MaglevError::NoBackends));
-        let zero = with_weights(&keys[..3], &[0, 0, 0]);
+        let zero = with_weights(&names[..3], &[0, 0, 0]);
         assert_eq!(build_table(&zero, 251), Err(MaglevError::NoBackends));
         assert_eq!(
             build_table(&backends[..3], 2),
@@ -637,9 +639,9 @@ mod tests {
 
     #[test]
     fn permutations_cover_the_table() {
-        let keys = keys(20);
+        let names = keys(20);
         for m in [2, 3, 251, 65521] {
-            for key in &keys {
+            for key in &names {
                 let backend = MaglevBackend {
                     key: key.as_bytes(),
                     weight: 1,
@@ -688,8 +690,8 @@ mod tests {
         assert_eq!(hash64(b"[fd00::1]:443", SEED_OFFSET), PINNED[2]);
 
         // Seeds must give unrelated hashes, or offset and skip would correlate.
-        let keys = keys(1000);
-        let agree = keys
+        let names = keys(1000);
+        let agree = names
             .iter()
             .filter(|k| {
                 hash64(k.as_bytes(), SEED_OFFSET) % 251 == hash64(k.as_bytes(), SEED_SKIP) % 251

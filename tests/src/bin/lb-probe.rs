@@ -93,6 +93,9 @@ struct TcpArgs {
     /// Connect, send and receive timeout.
     #[arg(long, default_value_t = 2000)]
     timeout_ms: u64,
+    /// Send an HTTP/1.0 GET and report the response body (the backend's identity).
+    #[arg(long)]
+    http: bool,
 }
 
 #[derive(Args)]
@@ -533,7 +536,7 @@ fn tcp(args: TcpArgs) {
             i: Some(i),
             ..Line::default()
         };
-        match tcp_once(args.to, Duration::from_millis(args.hold_ms), timeout) {
+        match tcp_once(args.to, Duration::from_millis(args.hold_ms), timeout, args.http) {
             Ok((backend, peer, local)) => Line {
                 ok: Some(true),
                 backend: Some(backend),
@@ -552,6 +555,7 @@ fn tcp_once(
     to: SocketAddr,
     hold: Duration,
     timeout: Duration,
+    http: bool,
 ) -> Result<(String, SocketAddr, SocketAddr), Failure> {
     let mut stream = TcpStream::connect_timeout(&to, timeout).map_err(at("connect"))?;
     let peer = stream.peer_addr().map_err(at("getpeername"))?;
@@ -565,13 +569,25 @@ fn tcp_once(
     stream
         .set_write_timeout(Some(timeout))
         .map_err(at("socket"))?;
-    stream.write_all(b"lb-probe\n").map_err(at("send"))?;
+    let request: &[u8] = if http {
+        b"GET / HTTP/1.0\r\nHost: lb-demo\r\n\r\n"
+    } else {
+        b"lb-probe\n"
+    };
+    stream.write_all(request).map_err(at("send"))?;
     let mut reply = Vec::new();
     (&mut stream)
-        .take(1024)
+        .take(4096)
         .read_to_end(&mut reply)
         .map_err(at("recv"))?;
-    let backend = String::from_utf8_lossy(&reply).trim().to_owned();
+    let reply = String::from_utf8_lossy(&reply);
+    // An HTTP response carries the identity as its body, after the blank line.
+    let body = if http {
+        reply.split_once("\r\n\r\n").map_or("", |(_, body)| body)
+    } else {
+        &reply
+    };
+    let backend = body.trim().to_owned();
     if backend.is_empty() {
         return Err(Failure::new(
             "recv",
