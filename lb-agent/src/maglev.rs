@@ -24,6 +24,22 @@ pub const TABLE_SIZES: &[u32] = &[251, 509, 1021, 2039, 4093, 8191, 16381, 32749
 ///
 /// Callers should keep a service's size stable where they can: a table of another size is a different permutation
 /// space, so changing M remaps nearly every flow, unlike adding or removing a backend.
+/// The table size lb gives a service with `backends` backends: [`table_size_for`] applied to the backend count
+/// rounded up to a power of 4 (1-4, 5-16, 17-64, 65-256, ...).
+///
+/// Changing M remaps nearly every flow, so M must not follow every scale step (3 -> 2 pods would otherwise move
+/// two thirds of the surviving flows). It must also stay a pure function of the backend set, never of history,
+/// so that every node with the same Service state builds the same table and a flow moved by ECMP keeps its
+/// backend. Steps at powers of 4 do both: scaling by a pod crosses a step only at 4/5, 16/17, 64/65, ..., and
+/// the table still holds at least 100 slots per backend.
+pub fn stable_table_size(backends: usize, min_size: u32, max_size: u32) -> u32 {
+    let mut bucket = 4usize;
+    while bucket < backends {
+        bucket = bucket.saturating_mul(4);
+    }
+    table_size_for(bucket, min_size, max_size)
+}
+
 pub fn table_size_for(backends: usize, min_size: u32, max_size: u32) -> u32 {
     let wanted = u64::try_from(backends)
         .unwrap_or(u64::MAX)
@@ -527,6 +543,27 @@ mod tests {
         // Unweighted Maglev is exactly balanced by construction: every backend ends with floor or ceil of M/N.
         let (lo, hi) = (MAX as usize / 1000, MAX as usize / 1000 + 1);
         assert!(owned.iter().all(|&c| c == lo || c == hi));
+    }
+
+    #[test]
+    fn stable_size_changes_only_at_powers_of_four() {
+        let sizes: Vec<u32> = (1..=300).map(|n| stable_table_size(n, MIN, MAX)).collect();
+        for n in 1..300usize {
+            let (here, next) = (sizes[n - 1], sizes[n]);
+            if [4, 16, 64, 256].contains(&n) {
+                assert!(
+                    next > here,
+                    "{n} -> {}: a step is expected at a power of 4",
+                    n + 1
+                );
+            } else {
+                assert_eq!(here, next, "{n} -> {}: no step expected", n + 1);
+            }
+            assert!(
+                u64::from(here) >= 100 * n as u64,
+                "{n} backends get only {here} slots"
+            );
+        }
     }
 
     #[test]

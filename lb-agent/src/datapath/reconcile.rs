@@ -403,9 +403,11 @@ impl Reconciler {
 
     fn table_size(&self, algorithm: Algorithm, backends: usize) -> u32 {
         match algorithm {
-            Algorithm::Maglev => {
-                maglev::table_size_for(backends, self.cfg.maglev_min_size, self.cfg.maglev_max_size)
-            }
+            Algorithm::Maglev => maglev::stable_table_size(
+                backends,
+                self.cfg.maglev_min_size,
+                self.cfg.maglev_max_size,
+            ),
             Algorithm::Random => backends as u32,
         }
     }

@@ -45,32 +45,62 @@ fn main() -> Result<()> {
     let manifest = std::fs::read_to_string(&args.manifest)
         .with_context(|| format!("reading {}", args.manifest.display()))?;
 
-    step("Building the topology: client namespace (in a cgroup) + 3 backend namespaces, veth pairs only");
+    step(
+        "Building the topology: client namespace (in a cgroup) + 3 backend namespaces, veth pairs only",
+    );
     let mut topo = Topology::star(3)?;
     topo.serve(&probe, &[8080], &[5353])?;
     for b in topo.backends() {
         println!("  {:<10} {:<12} netns {}", b.id(), b.ipv4(), b.ns().name());
     }
-    println!("  client     netns {}  cgroup {}", topo.client().name(), topo.cgroup().path().display());
+    println!(
+        "  client     netns {}  cgroup {}",
+        topo.client().name(),
+        topo.cgroup().path().display()
+    );
 
     step("Starting lb-agent on the manifest");
     let agent = Agent::start(&args.agent, &topo, &manifest)?;
     agent.wait_for_maps(Duration::from_secs(20), |l| {
         backends_of(l, VIP_HTTP, "TCP", "internal").is_some_and(|b| b.len() == 3)
     })?;
-    println!("  lb-agent pid {} pins {}", agent.pid().unwrap_or(0), topo.bpf_dir().path().display());
+    println!(
+        "  lb-agent pid {} pins {}",
+        agent.pid().unwrap_or(0),
+        topo.bpf_dir().path().display()
+    );
 
-    step(&format!("Sending {} HTTP requests from the client to http://{VIP_HTTP}/", args.requests));
-    let lines = client(&topo, &probe, &["tcp", "--http", "--to", VIP_HTTP, "--count", &args.requests.to_string()])?;
+    step(&format!(
+        "Sending {} HTTP requests from the client to http://{VIP_HTTP}/",
+        args.requests
+    ));
+    let lines = client(
+        &topo,
+        &probe,
+        &[
+            "tcp",
+            "--http",
+            "--to",
+            VIP_HTTP,
+            "--count",
+            &args.requests.to_string(),
+        ],
+    )?;
     let mut per_backend: BTreeMap<String, usize> = BTreeMap::new();
     for l in &lines {
-        let backend = l.backend.clone().with_context(|| format!("a request failed: {l:?}"))?;
+        let backend = l
+            .backend
+            .clone()
+            .with_context(|| format!("a request failed: {l:?}"))?;
         *per_backend.entry(backend).or_default() += 1;
     }
     for (backend, n) in &per_backend {
         println!("  {backend:<10} {n:>4}  {}", "#".repeat(n / 4));
     }
-    let peer = lines.first().and_then(|l| l.peer.clone()).unwrap_or_default();
+    let peer = lines
+        .first()
+        .and_then(|l| l.peer.clone())
+        .unwrap_or_default();
     println!("  the client's getpeername() says {peer}: the application only ever sees the VIP");
 
     step("lb-agent services (read from the pinned maps)");
@@ -80,7 +110,9 @@ fn main() -> Result<()> {
         .run(Duration::from_secs(10))?;
     print!("{}", out.stdout);
 
-    step("Maglev: 60 UDP flows (one socket each), then backend-2 (10.244.3.2) removed from the manifest");
+    step(
+        "Maglev: 60 UDP flows (one socket each), then backend-2 (10.244.3.2) removed from the manifest",
+    );
     let table_before = udp_table(&topo)?;
     let pause = std::env::temp_dir().join(format!("lb-demo-pause-{}", topo.token()));
     let sticky = probe.udp_sticky_cmd(VIP_UDP.parse::<SocketAddr>()?, 60, 2, &pause);
@@ -126,13 +158,21 @@ fn main() -> Result<()> {
     }
 
     step("Tearing down");
-    let (pins, cgroup, namespaces) =
-        (topo.bpf_dir().path().to_path_buf(), topo.cgroup().path().to_path_buf(), topo.netns_names());
+    let (pins, cgroup, namespaces) = (
+        topo.bpf_dir().path().to_path_buf(),
+        topo.cgroup().path().to_path_buf(),
+        topo.netns_names(),
+    );
     drop(agent);
     drop(topo);
-    let left: Vec<String> = namespaces.into_iter().filter(|n| lb_tests::NetNs::exists(n)).collect();
+    let left: Vec<String> = namespaces
+        .into_iter()
+        .filter(|n| lb_tests::NetNs::exists(n))
+        .collect();
     if pins.exists() || cgroup.exists() || !left.is_empty() {
-        bail!("teardown left something behind: pins {pins:?}, cgroup {cgroup:?}, namespaces {left:?}");
+        bail!(
+            "teardown left something behind: pins {pins:?}, cgroup {cgroup:?}, namespaces {left:?}"
+        );
     }
     println!("  namespaces, cgroup, program links and pins removed");
     Ok(())
@@ -143,12 +183,20 @@ fn step(title: &str) {
 }
 
 fn client(topo: &Topology, probe: &Probe, args: &[&str]) -> Result<Vec<ProbeLine>> {
-    topo.in_client(probe.cmd().args(args)).run(Duration::from_secs(60))?.probe_lines()
+    topo.in_client(probe.cmd().args(args))
+        .run(Duration::from_secs(60))?
+        .probe_lines()
 }
 
 fn wait_rounds(child: &mut lb_tests::Child, n: usize) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while child.probe_lines()?.iter().filter(|l| l.is_round_done()).count() < n {
+    while child
+        .probe_lines()?
+        .iter()
+        .filter(|l| l.is_round_done())
+        .count()
+        < n
+    {
         if Instant::now() > deadline {
             bail!("UDP flows did not finish round {n}: {}", child.stderr());
         }
@@ -171,10 +219,14 @@ fn udp_table(topo: &Topology) -> Result<Option<Vec<String>>> {
         lb_common::PROTO_UDP,
         lb_common::SCOPE_INTERNAL,
     );
-    let Some((_, svc)) = maps.services()?.into_iter().find(|(k, _)| *k == key) else { return Ok(None) };
-    Ok(maps
-        .table(svc.service_id)?
-        .map(|t| t.into_iter().map(|id| backends.get(&id).cloned().unwrap_or_default()).collect()))
+    let Some((_, svc)) = maps.services()?.into_iter().find(|(k, _)| *k == key) else {
+        return Ok(None);
+    };
+    Ok(maps.table(svc.service_id)?.map(|t| {
+        t.into_iter()
+            .map(|id| backends.get(&id).cloned().unwrap_or_default())
+            .collect()
+    }))
 }
 
 /// The manifest without the endpoint at `addr` (the demo's "scale down" edit).

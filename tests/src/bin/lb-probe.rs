@@ -536,7 +536,12 @@ fn tcp(args: TcpArgs) {
             i: Some(i),
             ..Line::default()
         };
-        match tcp_once(args.to, Duration::from_millis(args.hold_ms), timeout, args.http) {
+        match tcp_once(
+            args.to,
+            Duration::from_millis(args.hold_ms),
+            timeout,
+            args.http,
+        ) {
             Ok((backend, peer, local)) => Line {
                 ok: Some(true),
                 backend: Some(backend),
