@@ -63,7 +63,8 @@ fn install_packages() -> anyhow::Result<()> {
     exec(Command::new("apt-get").args(["update", "-q"]))?;
     exec(
         Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
+            // Exactly the verified recipe (../shared/TOOLCHAIN.md), recommended packages included.
+        .args(["install", "-y", "-q"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
