@@ -6,5 +6,7 @@ pub mod datapath;
 pub mod maglev;
 pub mod manifest;
 pub mod model;
+pub mod ops;
 pub mod source;
 pub mod state;
+pub mod trace;

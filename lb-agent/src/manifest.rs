@@ -375,6 +375,24 @@ impl Collector {
     }
 }
 
+/// Converts one generic object received from elsewhere (the kube-rs source reads the API server's objects as
+/// `DynamicObject`s, so one malformed object cannot fail a whole list) to its typed form, with the same
+/// diagnostics as a manifest: `place` says where it came from.
+pub fn typed_object<T: DeserializeOwned>(
+    value: &Value,
+    kind: &str,
+    place: &str,
+) -> Result<T, Diagnostic> {
+    let mut collector = Collector::default();
+    match collector.convert::<T>(value, kind, place) {
+        Some(obj) => Ok(obj),
+        None => Err(collector
+            .diagnostics
+            .pop()
+            .unwrap_or_else(|| Diagnostic::new(place, None, "unreadable object"))),
+    }
+}
+
 fn default_namespace(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
     if meta.namespace.as_deref().is_none_or(str::is_empty) {
         meta.namespace = Some(DEFAULT_NAMESPACE.to_owned());

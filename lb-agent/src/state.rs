@@ -168,6 +168,8 @@ pub struct Backend {
     pub port: u16,
     /// Relative Maglev weight; 1 for every Kubernetes endpoint today.
     pub weight: u16,
+    /// The endpoint's `nodeName` is this node (rule 6: a remote backend reached from outside needs SNAT).
+    pub local: bool,
 }
 
 impl fmt::Display for Backend {
@@ -210,10 +212,37 @@ pub struct ServiceEntry {
     pub backends: Vec<Backend>,
     /// Endpoints exist but none may serve this scope (Local policy without a local endpoint): drop, not reject.
     pub drop_if_empty: bool,
+    /// Allowed source prefixes (rule 9), only on External LoadBalancer frontends of Services with
+    /// `loadBalancerSourceRanges`; empty = every source.
+    pub source_ranges: Vec<(IpAddr, u8)>,
 }
 
 /// The whole desired state of one node's datapath.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DesiredState {
     pub services: BTreeMap<Frontend, ServiceEntry>,
+    /// This node's own networks, for the per-packet datapath.
+    pub node: NodeNets,
+    /// Every address an EndpointSlice lists, whatever its conditions. A backend that leaves a service while still
+    /// listed is terminating and keeps its TCP connections; one no longer listed is gone, and the sockets the
+    /// socket LB connected to it are ended (`datapath::sock_destroy`).
+    pub endpoint_addresses: std::collections::BTreeSet<IpAddr>,
+}
+
+/// What the per-packet datapath must know about this node: which sources are its own pods or itself (they take the
+/// Internal frontends, kube-proxy's local-traffic detector, rule 5) and which address replaces a client's when a
+/// remote backend needs SNAT (rule 6).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct NodeNets {
+    /// The node's addresses (primary first per family; the first of each family is the SNAT address).
+    pub addresses: Vec<IpAddr>,
+    /// `spec.podCIDRs` of this node's Node object.
+    pub pod_cidrs: Vec<(IpAddr, u8)>,
+}
+
+impl NodeNets {
+    /// The SNAT address of a family: the node's first address of that family.
+    pub fn snat_address(&self, v4: bool) -> Option<IpAddr> {
+        self.addresses.iter().copied().find(|a| a.is_ipv4() == v4)
+    }
 }

@@ -33,12 +33,26 @@ pub const ALG_RANDOM: u8 = 1;
 /// drop rather than reject (SEMANTICS.md rule 8).
 pub const SVC_FLAG_DROP_NO_BACKEND: u8 = 1;
 
+/// Service flag: the frontend has `loadBalancerSourceRanges`; sources outside `LB_SRC_RANGES` for its id drop
+/// (SEMANTICS.md rule 9). Set only on `SCOPE_EXTERNAL` LoadBalancer frontends.
+pub const SVC_FLAG_SOURCE_RANGES: u8 = 2;
+
+/// Backend flag: the endpoint runs on this node (its `nodeName` is this node's name). A remote backend reached from
+/// outside the node needs SNAT (SEMANTICS.md rule 6).
+pub const BACKEND_FLAG_LOCAL: u8 = 1;
+
 /// Map capacities compiled into the object. The agent overrides them from its configuration at load time
 /// (`EbpfLoader::set_max_entries`), so these only need to be sane defaults.
 pub const DEFAULT_MAX_SERVICES: u32 = 65536;
 pub const DEFAULT_MAX_BACKENDS: u32 = 65536;
 pub const DEFAULT_MAX_AFFINITY: u32 = 65536;
 pub const DEFAULT_MAX_SOCK_REVNAT: u32 = 262144;
+/// Conntrack entries (two per flow: forward and reply).
+pub const DEFAULT_MAX_CONNTRACK: u32 = 262144;
+/// Local networks (pod CIDRs and node addresses) and source ranges.
+pub const DEFAULT_MAX_LOCAL_NETS: u32 = 1024;
+pub const DEFAULT_MAX_SRC_RANGES: u32 = 16384;
+pub const DEFAULT_MAX_VIPS: u32 = 65536;
 
 /// `BPF_F_INNER_MAP`: lets inner arrays of one map-of-maps differ in `max_entries`, so each service's lookup table
 /// is exactly as large as it needs to be. Inner maps must carry the same flag as the template.
@@ -58,8 +72,19 @@ pub mod map_names {
     pub const SOCK_REVNAT: &str = "LB_SOCK_REVNAT";
     pub const SVC_STATS: &str = "LB_SVC_STATS";
     pub const BE_STATS: &str = "LB_BE_STATS";
+    pub const CONNTRACK: &str = "LB_CONNTRACK";
+    pub const CONFIG: &str = "LB_CONFIG";
+    pub const LOCAL_NETS: &str = "LB_LOCAL_NETS";
+    pub const SRC_RANGES: &str = "LB_SRC_RANGES";
+    pub const VIPS: &str = "LB_VIPS";
+    pub const DROP_STATS: &str = "LB_DROP_STATS";
+    pub const TRACE: &str = "LB_TRACE";
+    /// Kubernetes names of the service ids, for operators; created by the agent, not by the object.
+    pub const SVC_NAMES: &str = "LB_SVC_NAMES";
+    /// Maps the agent creates and pins itself (no program uses them), so the loader does not know them.
+    pub const AGENT_CREATED: [&str; 1] = [SVC_NAMES];
     /// Every map the agent pins, in the order it creates them.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 14] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -67,6 +92,13 @@ pub mod map_names {
         SOCK_REVNAT,
         SVC_STATS,
         BE_STATS,
+        CONNTRACK,
+        CONFIG,
+        LOCAL_NETS,
+        SRC_RANGES,
+        VIPS,
+        DROP_STATS,
+        TRACE,
     ];
 }
 
@@ -80,6 +112,10 @@ pub mod prog_names {
     pub const RECVMSG6: &str = "lb_recvmsg6";
     pub const GETPEERNAME4: &str = "lb_getpeername4";
     pub const GETPEERNAME6: &str = "lb_getpeername6";
+    /// tc programs on the node's external interfaces (ingress: service DNAT and reply reverse-SNAT; egress: reverse
+    /// DNAT of replies from local backends).
+    pub const TC_INGRESS: &str = "lb_tc_ingress";
+    pub const TC_EGRESS: &str = "lb_tc_egress";
     pub const SOCK_ALL: [&str; 8] = [
         CONNECT4,
         CONNECT6,
@@ -196,7 +232,7 @@ pub struct BackendValue {
     /// Target port, host byte order.
     pub port: u16,
     pub proto: u8,
-    /// Reserved for backend state (terminating, maintenance); 0 today.
+    /// `BACKEND_FLAG_*` bits (`BACKEND_FLAG_LOCAL`: the endpoint is on this node).
     pub flags: u8,
 }
 
@@ -287,6 +323,228 @@ pub struct BackendStats {
     pub bytes: u64,
 }
 
+/// Room for `namespace/name:port` (63 + 1 + 63 + 1 + 15 bytes, Kubernetes' own limits) and a NUL.
+pub const SERVICE_NAME_LEN: usize = 144;
+
+/// `ServiceNameValue::kind`: which kind of VIP the frontend is.
+pub const VIP_KIND_CLUSTER_IP: u8 = 0;
+pub const VIP_KIND_EXTERNAL_IP: u8 = 1;
+pub const VIP_KIND_LOAD_BALANCER: u8 = 2;
+pub const VIP_KIND_NODE_PORT: u8 = 3;
+
+/// `LB_SVC_NAMES` value (hash, key: service id `u32`): the Kubernetes service port behind a service id, so the CLI
+/// and the metrics can name services without the agent. Written by the agent after every sync (deleted with the
+/// service); no program reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceNameValue {
+    /// `namespace/name:port` (`:port` only for a named port), UTF-8, NUL-padded.
+    pub name: [u8; SERVICE_NAME_LEN],
+    /// `VIP_KIND_*`.
+    pub kind: u8,
+    pub _pad: [u8; 7],
+}
+
+impl ServiceNameValue {
+    /// Stores `name`, cut at a character boundary if it is longer than the field (a valid Kubernetes name never is).
+    pub fn new(name: &str, kind: u8) -> Self {
+        let mut end = name.len().min(SERVICE_NAME_LEN - 1);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0u8; SERVICE_NAME_LEN];
+        bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
+        Self {
+            name: bytes,
+            kind,
+            _pad: [0; 7],
+        }
+    }
+
+    /// The stored name; empty if the bytes are not UTF-8.
+    pub fn name(&self) -> &str {
+        let len = self
+            .name
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(SERVICE_NAME_LEN);
+        core::str::from_utf8(&self.name[..len]).unwrap_or("")
+    }
+}
+
+/// `LB_CONNTRACK` direction: the tuple as the client sent it (looked up at tc ingress).
+pub const CT_DIR_FWD: u8 = 0;
+/// `LB_CONNTRACK` direction: the tuple of a reply as the backend sends it to the client (tc egress: source back to
+/// the VIP).
+pub const CT_DIR_REPLY: u8 = 1;
+/// `LB_CONNTRACK` direction: a forward packet after DNAT, leaving towards a remote backend (tc egress: source to the
+/// node's SNAT address and port).
+pub const CT_DIR_SNAT: u8 = 2;
+/// `LB_CONNTRACK` direction: a reply to the SNAT address and port (tc ingress: destination back to the client).
+pub const CT_DIR_SNAT_REPLY: u8 = 3;
+
+/// `CtValue.flags`: the flow was SNATed to the node address (its reply comes back to the node).
+pub const CT_FLAG_SNAT: u8 = 1;
+/// `CtValue.flags`: a TCP FIN or RST was seen; the entry lives `CT_LIFETIME_CLOSING_S` from then on.
+pub const CT_FLAG_CLOSING: u8 = 2;
+
+/// Conntrack lifetimes in seconds, checked by the programs on lookup (an expired entry is a miss) and by the
+/// agent's garbage collector: established TCP, TCP after FIN/RST, a TCP flow that has only seen a SYN, other protocols.
+pub const CT_LIFETIME_TCP_S: u32 = 21600;
+pub const CT_LIFETIME_CLOSING_S: u32 = 10;
+pub const CT_LIFETIME_SYN_S: u32 = 60;
+pub const CT_LIFETIME_OTHER_S: u32 = 60;
+
+/// `LB_CONNTRACK` key: one direction of a flow, as the packet carries it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    /// Source and destination address, network byte order (IPv4-mapped for IPv4).
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Ports, host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// `CT_DIR_FWD` or `CT_DIR_REPLY`.
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+
+/// `LB_CONNTRACK` value: how to rewrite a packet of this direction, and the entry's life.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtValue {
+    /// `bpf_ktime_get_ns()` of the last packet; the entry is expired once older than `lifetime_s`.
+    pub last_seen_ns: u64,
+    /// The rewritten source and destination (forward: SNAT address or the client itself, and the backend; reply:
+    /// the VIP, and the client). Network byte order.
+    pub new_saddr: [u8; 16],
+    pub new_daddr: [u8; 16],
+    /// Rewritten ports, host byte order.
+    pub new_sport: u16,
+    pub new_dport: u16,
+    /// The backend the flow is pinned to; checked against `LB_BACKENDS` on every forward hit (rule 12).
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub lifetime_s: u32,
+    /// `CT_FLAG_*`.
+    pub flags: u8,
+    pub _pad: [u8; 7],
+}
+
+/// `LB_CONFIG` value (array of one): node-wide settings of the per-packet datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ConfigValue {
+    /// SNAT addresses per family (rule 6), network byte order; all zero = none (then remote backends drop).
+    pub snat_v4: [u8; 16],
+    pub snat_v6: [u8; 16],
+    /// `CONFIG_FLAG_*`.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// `ConfigValue.flags`: record every verdict in `LB_TRACE` (only `lb-agent trace` sets it, on its private maps).
+pub const CONFIG_FLAG_TRACE: u32 = 1;
+
+/// `LB_LOCAL_NETS` (LPM trie, key data: a 16-byte address; the prefix length counts its bits, 96 + n for an IPv4
+/// /n) value kinds: a pod CIDR of this node, or one of its own addresses.
+pub const LOCAL_NET_POD: u8 = 1;
+pub const LOCAL_NET_NODE: u8 = 2;
+
+/// `LB_SRC_RANGES` key data (LPM trie): (service id, source prefix). The prefix length = 32 (the id, matched whole)
+/// + the address bits (96 + n for IPv4 /n). Value: `u8` 1.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SrcRangeData {
+    /// Service id, big-endian bytes, so the trie matches it as the leading 32 bits.
+    pub service_id: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+/// `LB_VIPS` value flag: the address is a ClusterIP (rule 8: an undefined port or protocol on it rejects).
+pub const VIP_FLAG_CLUSTER_IP: u8 = 1;
+
+/// Verdicts of the per-packet programs, as `LB_TRACE` records them.
+pub const VERDICT_PASS: u32 = 0;
+pub const VERDICT_FORWARD: u32 = 1;
+pub const VERDICT_DROP: u32 = 2;
+pub const VERDICT_REJECT: u32 = 3;
+
+/// Reasons, the index of `LB_DROP_STATS` and `TraceValue.reason`.
+pub mod reason {
+    /// Not a service packet (or forwarded: no reason needed).
+    pub const NONE: u32 = 0;
+    /// A new flow picked a backend.
+    pub const NEW_FLOW: u32 = 1;
+    /// An established flow followed its conntrack entry.
+    pub const CONNTRACK: u32 = 2;
+    /// A reply was translated back.
+    pub const REPLY: u32 = 3;
+    /// Rule 8: the service has no endpoints at all.
+    pub const NO_ENDPOINTS: u32 = 4;
+    /// Rule 5: endpoints exist but none is local under a Local policy.
+    pub const NO_LOCAL_ENDPOINT: u32 = 5;
+    /// Rule 9: the source is outside `loadBalancerSourceRanges`.
+    pub const SOURCE_RANGE: u32 = 6;
+    /// Rule 12: the flow's backend was deleted.
+    pub const BACKEND_GONE: u32 = 7;
+    /// Rule 8: a ClusterIP reached on a port or protocol its Service does not define.
+    pub const UNKNOWN_PORT: u32 = 8;
+    /// The packet is too short or inconsistent to be handled.
+    pub const MALFORMED: u32 = 9;
+    /// A later IPv4/IPv6 fragment: it carries no ports, so it passes untouched.
+    pub const FRAGMENT: u32 = 10;
+    /// A remote backend needs SNAT but no SNAT address of the family is configured, or no SNAT port was free.
+    pub const NO_SNAT: u32 = 11;
+    /// Conntrack could not be written (map full).
+    pub const CT_FULL: u32 = 12;
+    /// The lookup table or backend vanished under a concurrent update.
+    pub const NO_BACKEND: u32 = 13;
+    /// Building the reject reply failed.
+    pub const REJECT_FAILED: u32 = 14;
+    /// Number of reasons (size of `LB_DROP_STATS`).
+    pub const COUNT: u32 = 16;
+
+    /// The name `lb-agent trace` prints.
+    pub const fn name(reason: u32) -> &'static str {
+        match reason {
+            NEW_FLOW => "new-flow",
+            CONNTRACK => "conntrack",
+            REPLY => "reply",
+            NO_ENDPOINTS => "no-endpoints",
+            NO_LOCAL_ENDPOINT => "no-local-endpoint",
+            SOURCE_RANGE => "source-range",
+            BACKEND_GONE => "backend-gone",
+            UNKNOWN_PORT => "unknown-port",
+            MALFORMED => "malformed",
+            FRAGMENT => "fragment",
+            NO_SNAT => "no-snat",
+            CT_FULL => "conntrack-full",
+            NO_BACKEND => "no-backend",
+            REJECT_FAILED => "reject-failed",
+            _ => "not-a-service",
+        }
+    }
+}
+
+/// `LB_TRACE` value (array of one, written only with `CONFIG_FLAG_TRACE`): the last verdict of the tc programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TraceValue {
+    /// `VERDICT_*`.
+    pub verdict: u32,
+    /// `reason::*`.
+    pub reason: u32,
+    pub service_id: u32,
+    pub backend_id: u32,
+    /// 1 when the source was rewritten (SNAT).
+    pub snat: u32,
+    /// Incremented on every record, so a reader can tell a fresh record from a stale one.
+    pub seq: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -301,6 +559,12 @@ mod pod {
     unsafe impl aya::Pod for SockRevNatValue {}
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for BackendStats {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for ConfigValue {}
+    unsafe impl aya::Pod for SrcRangeData {}
+    unsafe impl aya::Pod for TraceValue {}
+    unsafe impl aya::Pod for ServiceNameValue {}
 }
 
 #[cfg(test)]
@@ -320,6 +584,12 @@ mod tests {
         assert_eq!(size_of::<SockRevNatValue>(), 24);
         assert_eq!(size_of::<ServiceStats>(), 40);
         assert_eq!(size_of::<BackendStats>(), 24);
+        assert_eq!(size_of::<CtKey>(), 40);
+        assert_eq!(size_of::<CtValue>(), 64);
+        assert_eq!(size_of::<ConfigValue>(), 40);
+        assert_eq!(size_of::<SrcRangeData>(), 20);
+        assert_eq!(size_of::<TraceValue>(), 24);
+        assert_eq!(size_of::<ServiceNameValue>(), 152);
     }
 
     #[test]
@@ -330,6 +600,22 @@ mod tests {
         assert_eq!(addr_from_bytes(addr_bytes(v4)), v4);
         assert_eq!(addr_from_bytes(addr_bytes(v6)), v6);
         assert_eq!(ServiceKey::new(v4, 80, PROTO_TCP, SCOPE_INTERNAL).ip(), v4);
+    }
+
+    #[test]
+    fn service_names_round_trip_and_truncate_on_char_boundaries() {
+        assert_eq!(
+            ServiceNameValue::new("ns/web:http", 0).name(),
+            "ns/web:http"
+        );
+        // Two-byte characters straddle the cut: 143 bytes available, so the last one must be dropped whole.
+        let mut bytes = [0u8; 2 * SERVICE_NAME_LEN];
+        for pair in bytes.chunks_mut(2) {
+            pair.copy_from_slice("é".as_bytes());
+        }
+        let long = core::str::from_utf8(&bytes).expect("utf-8");
+        let v = ServiceNameValue::new(long, 0);
+        assert!(v.name().len() < SERVICE_NAME_LEN && v.name().chars().all(|c| c == 'é'));
     }
 
     #[test]

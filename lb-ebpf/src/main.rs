@@ -1,4 +1,5 @@
-//! lb's kernel side: the socket load balancer, eight cgroup sock_addr programs. The forward hooks (connect,
+//! lb's kernel side: the socket load balancer (eight cgroup sock_addr programs) and the per-packet datapath (tc
+//! ingress/egress on the node's external interfaces, `tc`, `packet`, `reject`). The socket forward hooks (connect,
 //! sendmsg) turn a Service VIP into a backend before the socket ever sends a packet; the reverse hooks (recvmsg,
 //! getpeername) show the application the VIP again. Maps in `maps`, the two cores in `sock`, backend choice in
 //! `select`, counters in `stats`; this file only attaches.
@@ -11,11 +12,42 @@
 #[cfg(any(target_arch = "bpf", clippy))]
 mod maps;
 #[cfg(any(target_arch = "bpf", clippy))]
+mod packet;
+#[cfg(any(target_arch = "bpf", clippy))]
+mod reject;
+#[cfg(any(target_arch = "bpf", clippy))]
 mod select;
 #[cfg(any(target_arch = "bpf", clippy))]
 mod sock;
 #[cfg(any(target_arch = "bpf", clippy))]
 mod stats;
+#[cfg(any(target_arch = "bpf", clippy))]
+mod tc;
+
+/// The per-packet programs on the node's external interfaces (tcx or clsact); the cores are in `tc`.
+#[cfg(any(target_arch = "bpf", clippy))]
+mod tc_programs {
+    use aya_ebpf::{macros::classifier, programs::TcContext};
+
+    #[classifier]
+    pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
+        crate::tc::ingress(&ctx)
+    }
+
+    #[classifier]
+    pub fn lb_tc_egress(ctx: TcContext) -> i32 {
+        crate::tc::egress(&ctx)
+    }
+
+    /// Does nothing and passes the packet on: never attached, it is the floor `cargo xtask bench` runs through
+    /// BPF_PROG_TEST_RUN beside `lb_tc_ingress`, so the per-packet numbers can be read as "cost above an empty
+    /// program" (the test-run machinery itself costs tens of nanoseconds per packet).
+    #[classifier]
+    pub fn lb_noop(_ctx: TcContext) -> i32 {
+        // TC_ACT_UNSPEC: continue with the next program, as an absent one would.
+        -1
+    }
+}
 
 /// The attach points, named as `lb_common::prog_names` says; libbpf section names `cgroup/<hook>`.
 #[cfg(any(target_arch = "bpf", clippy))]

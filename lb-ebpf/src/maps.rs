@@ -5,13 +5,15 @@
 //! the programs write only session state (`LB_AFFINITY`, `LB_SOCK_REVNAT`) and counters.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     AffinityKey, AffinityValue, BPF_F_INNER_MAP, BPF_F_NO_PREALLOC, BackendStats, BackendValue,
-    DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REVNAT,
-    ServiceKey, ServiceStats, ServiceValue, SockRevNatKey, SockRevNatValue,
+    ConfigValue, CtKey, CtValue, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK,
+    DEFAULT_MAX_LOCAL_NETS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REVNAT, DEFAULT_MAX_SRC_RANGES,
+    DEFAULT_MAX_VIPS, ServiceKey, ServiceStats, ServiceValue, SockRevNatKey, SockRevNatValue,
+    SrcRangeData, TraceValue, reason,
 };
 
 /// One service's lookup table, the `LB_MAGLEV` inner map: element `LUT_LEN_INDEX` (0) holds the table length L,
@@ -77,4 +79,49 @@ pub static LB_SVC_STATS: PerCpuArray<ServiceStats, { DEFAULT_MAX_SERVICES as usi
 /// backend id -> `BackendStats`, per CPU. Written by the programs; read (summed over CPUs) by the agent.
 #[btf_map]
 pub static LB_BE_STATS: PerCpuArray<BackendStats, { DEFAULT_MAX_BACKENDS as usize }> =
+    PerCpuArray::new();
+
+/// `CtKey` {one direction's 5-tuple, direction} -> `CtValue` {rewrite, backend, service, last seen, lifetime}: the
+/// tc datapath's connection tracking, two entries per flow (forward and reply). Written by the tc programs; read by
+/// them; the agent deletes entries of deleted services and expired ones (LRU eviction bounds the rest).
+#[btf_map]
+pub static LB_CONNTRACK: LruHashMap<CtKey, CtValue, { DEFAULT_MAX_CONNTRACK as usize }> =
+    LruHashMap::new();
+
+/// 0 -> `ConfigValue` {SNAT address per family, flags}. Written by the agent at every sync; read by the tc programs.
+#[btf_map]
+pub static LB_CONFIG: Array<ConfigValue, 1> = Array::new();
+
+/// LPM (16-byte address) -> `LOCAL_NET_POD` / `LOCAL_NET_NODE`: this node's pod CIDRs and addresses, whose packets
+/// take the Internal frontends (kube-proxy's local-traffic detector). Written by the agent; read by tc ingress.
+#[btf_map]
+pub static LB_LOCAL_NETS: LpmTrie<[u8; 16], u8, { DEFAULT_MAX_LOCAL_NETS as usize }> =
+    LpmTrie::new();
+
+/// LPM `SrcRangeData` {service id, source prefix} -> 1: the allowed sources of services flagged
+/// `SVC_FLAG_SOURCE_RANGES`. Written by the agent; read by tc ingress (rule 9).
+#[btf_map]
+pub static LB_SRC_RANGES: LpmTrie<SrcRangeData, u8, { DEFAULT_MAX_SRC_RANGES as usize }> =
+    LpmTrie::new();
+
+/// VIP (16-byte address) -> `VIP_FLAG_*`: every ClusterIP, so a packet to one on an undefined port rejects
+/// (rule 8). Written by the agent; read by tc ingress.
+#[btf_map]
+pub static LB_VIPS: HashMap<[u8; 16], u8, { DEFAULT_MAX_VIPS as usize }> = HashMap::new();
+
+/// `reason::*` -> packets, per CPU: why the tc programs dropped, rejected or passed a packet, and how they
+/// forwarded it. Written by the programs; read by the CLI and `lb-agent trace`.
+#[btf_map]
+pub static LB_DROP_STATS: PerCpuArray<u64, { reason::COUNT as usize }> = PerCpuArray::new();
+
+/// 0 -> `TraceValue`: the last verdict, recorded only when `LB_CONFIG` has `CONFIG_FLAG_TRACE` (the private
+/// maps of `lb-agent trace`). Written by the tc programs; read by `lb-agent trace`.
+#[btf_map]
+pub static LB_TRACE: Array<TraceValue, 1> = Array::new();
+
+/// slot (`tc::SCRATCH_INGRESS` / `SCRATCH_EGRESS`) -> `tc::Scratch`, per CPU: one tc program run's working state,
+/// kept off the 512-byte stack. Written and read by the tc programs within one run; never pinned, never read by the
+/// agent.
+#[btf_map]
+pub static LB_SCRATCH: PerCpuArray<crate::tc::Scratch, { crate::tc::SCRATCH_SLOTS }> =
     PerCpuArray::new();

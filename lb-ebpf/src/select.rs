@@ -103,9 +103,23 @@ fn select_from_table(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<Backen
     lookup_backend(backend_id)
 }
 
+/// One pick from the service's lookup table with a caller-given key (the tc path: a hash of the flow, or a random
+/// number for `ALG_RANDOM`).
+#[inline(always)]
+pub fn pick_from_table(svc: &ServiceValue, key: u32) -> Option<Backend> {
+    // SAFETY: as in `select_from_table`.
+    let table = unsafe { LB_MAGLEV.get(&svc.service_id) }?;
+    let len = *table.get(LUT_LEN_INDEX)?;
+    if len == 0 {
+        return None;
+    }
+    let backend_id = *table.get(1 + key % len)?;
+    lookup_backend(backend_id)
+}
+
 /// Copies a backend out of `LB_BACKENDS`.
 #[inline(always)]
-fn lookup_backend(id: u32) -> Option<Backend> {
+pub fn lookup_backend(id: u32) -> Option<Backend> {
     // SAFETY: the pointer comes from a successful lookup and is read at once, by value; LB_BACKENDS is created with
     // BPF_F_NO_PREALLOC, so its memory is not reused before the program run ends.
     let value = LB_BACKENDS.get_ptr(id).map(|p| unsafe { p.read() })?;
@@ -116,7 +130,7 @@ fn lookup_backend(id: u32) -> Option<Backend> {
 /// consecutive sockets differ in a few low bits; this spreads every input bit over the whole result before the
 /// modulo by the table size.
 #[inline(always)]
-fn mix64(mut h: u64) -> u32 {
+pub fn mix64(mut h: u64) -> u32 {
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^= h >> 33;

@@ -1,5 +1,6 @@
-//! The real agent under test: `lb-agent run` on a manifest file, attached to a topology's cgroup and pinning into
-//! its bpffs directory, observed through the same map readers the CLI uses.
+//! The real agent under test: `lb-agent run` on a manifest file or against the in-process API server
+//! (`--kubeconfig`), attached to a topology's cgroup and pinning into its bpffs directory, observed through the same
+//! map readers the CLI uses.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -8,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use lb_agent::datapath::inspect::{self, ServiceListing};
 use lb_agent::datapath::maps::PinnedMaps;
 
+use crate::apiserver::ApiServer;
 use crate::process::{Child, Cmd};
 use crate::topology::Topology;
 
@@ -26,9 +28,13 @@ pub struct Agent {
     bin: PathBuf,
     dir: PathBuf,
     manifest: PathBuf,
+    /// Set in kubeconfig mode: the agent watches the API server this file names instead of the manifest.
+    kubeconfig: Option<PathBuf>,
     pins: PathBuf,
     cgroup: PathBuf,
     node_name: String,
+    /// Appended to `lb-agent run`'s arguments (see [`Agent::start_with_args`]).
+    extra_args: Vec<String>,
 }
 
 impl Agent {
@@ -40,31 +46,138 @@ impl Agent {
             child: None,
             bin: bin.to_path_buf(),
             manifest: dir.join("services.yaml"),
+            kubeconfig: None,
             dir,
             pins: topo.bpf_dir().path().to_path_buf(),
             cgroup: topo.cgroup().path().to_path_buf(),
             node_name: "test-node".into(),
+            extra_args: Vec::new(),
         };
         agent.write_manifest(manifest)?;
         agent.spawn()?;
         Ok(agent)
     }
 
+    /// Starts `lb-agent run --kubeconfig` against `server` for node `test-node` and waits for its initial sync.
+    pub fn start_kube(bin: &Path, topo: &Topology, server: &ApiServer) -> Result<Agent> {
+        let mut agent = Agent::launch_kube(bin, topo, server)?;
+        agent.wait_for_log("initial sync done", Duration::from_secs(30))?;
+        Ok(agent)
+    }
+
+    /// [`Agent::start_kube`] without waiting for the initial sync, for tests of what happens before it.
+    pub fn launch_kube(bin: &Path, topo: &Topology, server: &ApiServer) -> Result<Agent> {
+        let dir = std::env::temp_dir().join(format!("lb-tests-agent-{}", topo.token()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let kubeconfig = dir.join("kubeconfig");
+        server.write_kubeconfig(&kubeconfig)?;
+        let mut agent = Agent {
+            child: None,
+            bin: bin.to_path_buf(),
+            manifest: dir.join("services.yaml"),
+            kubeconfig: Some(kubeconfig),
+            dir,
+            pins: topo.bpf_dir().path().to_path_buf(),
+            cgroup: topo.cgroup().path().to_path_buf(),
+            node_name: "test-node".into(),
+            extra_args: Vec::new(),
+        };
+        agent.launch()?;
+        Ok(agent)
+    }
+
     fn spawn(&mut self) -> Result<()> {
-        let child = Cmd::new(&self.bin)
-            .arg("run")
-            .arg("--manifests")
-            .arg(&self.manifest)
+        self.launch()?;
+        self.wait_for_log("initial sync done", Duration::from_secs(30))
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        let source = match &self.kubeconfig {
+            Some(k) => Cmd::new(&self.bin).arg("run").arg("--kubeconfig").arg(k),
+            None => Cmd::new(&self.bin)
+                .arg("run")
+                .arg("--manifests")
+                .arg(&self.manifest),
+        };
+        let child = source
             .args(["--node-name", &self.node_name])
             .arg("--cgroup")
             .arg(&self.cgroup)
             .arg("--bpffs")
             .arg(&self.pins)
+            // The agent runs in the root namespace here: never attach the per-packet programs to the host's
+            // interfaces (the `--devices` default); the per-packet tests run their agent inside a node namespace.
+            .args(["--devices", "none"])
+            // Agents of tests running side by side must not compete for kube-proxy's well-known ports: the OS
+            // picks free ones (logged, see `health_addr`), and healthCheckNodePorts stay on loopback.
+            .args(["--health-addr", "127.0.0.1:0"])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(["--health-check-node-port-addresses", "127.0.0.1"])
+            .args(&self.extra_args)
             .env("LB_LOG", "info")
             .label("lb-agent")
             .spawn()?;
         self.child = Some(child);
-        self.wait_for_log("initial sync done", Duration::from_secs(30))
+        Ok(())
+    }
+
+    /// Like [`Agent::start`], with more `lb-agent run` arguments (say `--config <file>`).
+    pub fn start_with_args(
+        bin: &Path,
+        topo: &Topology,
+        manifest: &str,
+        extra_args: &[&str],
+    ) -> Result<Agent> {
+        let dir = std::env::temp_dir().join(format!("lb-tests-agent-{}", topo.token()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut agent = Agent {
+            child: None,
+            bin: bin.to_path_buf(),
+            manifest: dir.join("services.yaml"),
+            kubeconfig: None,
+            dir,
+            pins: topo.bpf_dir().path().to_path_buf(),
+            cgroup: topo.cgroup().path().to_path_buf(),
+            node_name: "test-node".into(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+        };
+        agent.write_manifest(manifest)?;
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    /// The directory the agent keeps its manifest (and anything a test puts next to it).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The pin directory (`--bpffs`).
+    pub fn pins(&self) -> &Path {
+        &self.pins
+    }
+
+    /// Where the `/healthz` server listens (from the agent's log line, since tests bind port 0).
+    pub fn health_addr(&self) -> Result<std::net::SocketAddr> {
+        self.listening_addr("health server listening")
+    }
+
+    /// Where `/metrics` listens.
+    pub fn metrics_addr(&self) -> Result<std::net::SocketAddr> {
+        self.listening_addr("metrics server listening")
+    }
+
+    fn listening_addr(&self, message: &str) -> Result<std::net::SocketAddr> {
+        let log = self.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains(message))
+            .with_context(|| format!("no {message:?} line in the agent log:\n{log}"))?;
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .with_context(|| format!("no addr= in {line:?}"))?;
+        addr.parse()
+            .with_context(|| format!("bad address {addr:?} in {line:?}"))
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -115,7 +228,7 @@ impl Agent {
         }
     }
 
-    /// Starts a new agent process on the same manifest, pins and cgroup.
+    /// Starts a new agent process on the same source, pins and cgroup.
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
         self.spawn()

@@ -22,6 +22,8 @@
 //! ```
 
 pub mod agent;
+pub mod apiserver;
+pub mod bench;
 pub mod bpffs;
 pub mod cgroup;
 pub mod netns;
@@ -36,6 +38,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use anyhow::{Context, Result, bail};
 
 pub use agent::Agent;
+pub use apiserver::ApiServer;
 pub use bpffs::BpfDir;
 pub use cgroup::Cgroup;
 pub use netns::{NetNs, Veth, VethEnd};

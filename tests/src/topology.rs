@@ -249,3 +249,234 @@ impl Drop for Topology {
         self.children.clear();
     }
 }
+
+/// Two nodes and an outside client, for the per-packet datapath (tc programs on node A's external interfaces):
+///
+/// ```text
+///  client ── uplink ── node A ── link ── node B ── pod-b (10.244.2.2, fd00:244:2::2)
+///  192.0.2.1           192.0.2.10        198.51.100.2
+///  2001:db8:1::1       2001:db8:1::10    2001:db8:2::2
+///                      198.51.100.1
+///                      2001:db8:2::1
+///                        │
+///                      pod-a (10.244.1.2, fd00:244:1::2)
+/// ```
+///
+/// Node A and B forward (sysctls set inside their namespaces only). The client reaches node A's address on its
+/// link, and [`node_pair::EXTERNAL_NET`] (where tests put externalIPs and LoadBalancer IPs) through node A, as an
+/// upstream router would send it; nothing else. The pods route everything through their node; node B routes the
+/// client's network through node A, so SNATed replies (to 192.0.2.10) come back to A. Nothing is connected to the
+/// root namespace.
+///
+/// Drop removes, in order: the processes ([`NodePair::spawn`]), the veth pairs, the namespaces, the cgroup, the pin
+/// directory.
+#[derive(Debug)]
+pub struct NodePair {
+    // Field order is drop order; see the type's documentation.
+    children: Vec<Child>,
+    links: Vec<Veth>,
+    pub client: NetNs,
+    pub node_a: NetNs,
+    pub node_b: NetNs,
+    pub pod_a: NetNs,
+    pub pod_b: NetNs,
+    cgroup: Cgroup,
+    bpf: BpfDir,
+    token: String,
+}
+
+/// Addresses of a [`NodePair`].
+pub mod node_pair {
+    pub const CLIENT_V4: &str = "192.0.2.1";
+    pub const CLIENT_V6: &str = "2001:db8:1::1";
+    /// Node A's uplink address: its InternalIP, where NodePorts listen, and its SNAT address.
+    pub const NODE_A_V4: &str = "192.0.2.10";
+    pub const NODE_A_V6: &str = "2001:db8:1::10";
+    pub const POD_A_V4: &str = "10.244.1.2";
+    pub const POD_A_V6: &str = "fd00:244:1::2";
+    pub const POD_B_V4: &str = "10.244.2.2";
+    pub const POD_B_V6: &str = "fd00:244:2::2";
+    /// Routed from the client to node A: externalIPs and LoadBalancer IPs of the tests (TEST-NET-3).
+    pub const EXTERNAL_NET: &str = "203.0.113.0/24";
+}
+
+impl NodePair {
+    pub fn new() -> Result<NodePair> {
+        let token = unique_token();
+        let bpf = BpfDir::new(&format!("lbn-{token}"))?;
+        let cgroup = Cgroup::new(&format!("lbn-{token}"))?;
+        let ns = |role: &str| NetNs::new(&format!("lbn-{token}-{role}"));
+        let (client, node_a, node_b, pod_a, pod_b) =
+            (ns("client")?, ns("a")?, ns("b")?, ns("pa")?, ns("pb")?);
+        let mut pair = NodePair {
+            children: Vec::new(),
+            links: Vec::new(),
+            client,
+            node_a,
+            node_b,
+            pod_a,
+            pod_b,
+            cgroup,
+            bpf,
+            token,
+        };
+        pair.wire().context("wiring the node pair")?;
+        Ok(pair)
+    }
+
+    /// One veth pair with addresses on both ends, `{a_name}-{token}` in `a_ns` (interface index `a_index`, see
+    /// [`Veth::with_index`]) and `{b_name}-{token}` in `b_ns`; pushed onto `links` before it is configured, so a
+    /// failure part way still deletes it.
+    fn link(
+        &self,
+        links: &mut Vec<Veth>,
+        ends: (&NetNs, &str, u32, &NetNs, &str),
+        addrs: ([&str; 2], [&str; 2]),
+    ) -> Result<()> {
+        let (a_ns, a_name, a_index, b_ns, b_name) = ends;
+        let t = &self.token;
+        links.push(Veth::with_index(
+            a_ns,
+            &format!("{a_name}-{t}"),
+            a_index,
+            b_ns,
+            &format!("{b_name}-{t}"),
+        )?);
+        let veth = links.last().context("just pushed")?;
+        for a in addrs.0 {
+            veth.a().add_addr(a)?;
+        }
+        for b in addrs.1 {
+            veth.b().add_addr(b)?;
+        }
+        veth.up()
+    }
+
+    fn wire(&mut self) -> Result<()> {
+        let mut links = Vec::new();
+        let result = self.wire_into(&mut links);
+        self.links = links;
+        result
+    }
+
+    fn wire_into(&self, links: &mut Vec<Veth>) -> Result<()> {
+        let (client, node_a, node_b) = (&self.client, &self.node_a, &self.node_b);
+        let (pod_a, pod_b) = (&self.pod_a, &self.pod_b);
+        self.link(
+            links,
+            (client, "cl", 100, node_a, "up"),
+            (
+                ["192.0.2.1/24", "2001:db8:1::1/64"],
+                ["192.0.2.10/24", "2001:db8:1::10/64"],
+            ),
+        )?;
+        self.link(
+            links,
+            (node_a, "ab", 101, node_b, "ba"),
+            (
+                ["198.51.100.1/24", "2001:db8:2::1/64"],
+                ["198.51.100.2/24", "2001:db8:2::2/64"],
+            ),
+        )?;
+        self.link(
+            links,
+            (node_a, "ap", 102, pod_a, "pa"),
+            (
+                ["10.244.1.1/24", "fd00:244:1::1/64"],
+                ["10.244.1.2/24", "fd00:244:1::2/64"],
+            ),
+        )?;
+        self.link(
+            links,
+            (node_b, "bp", 103, pod_b, "pb"),
+            (
+                ["10.244.2.1/24", "fd00:244:2::1/64"],
+                ["10.244.2.2/24", "fd00:244:2::2/64"],
+            ),
+        )?;
+        for node in [node_a, node_b] {
+            node.sysctl("net.ipv4.ip_forward", "1")?;
+            node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        }
+        client.ip(&[
+            "route",
+            "add",
+            node_pair::EXTERNAL_NET,
+            "via",
+            node_pair::NODE_A_V4,
+        ])?;
+        pod_a.ip(&["route", "add", "default", "via", "10.244.1.1"])?;
+        pod_a.ip(&["-6", "route", "add", "default", "via", "fd00:244:1::1"])?;
+        pod_b.ip(&["route", "add", "default", "via", "10.244.2.1"])?;
+        pod_b.ip(&["-6", "route", "add", "default", "via", "fd00:244:2::1"])?;
+        node_a.ip(&["route", "add", "10.244.2.0/24", "via", "198.51.100.2"])?;
+        node_a.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:244:2::/64",
+            "via",
+            "2001:db8:2::2",
+        ])?;
+        node_b.ip(&["route", "add", "192.0.2.0/24", "via", "198.51.100.1"])?;
+        node_b.ip(&[
+            "-6",
+            "route",
+            "add",
+            "2001:db8:1::/64",
+            "via",
+            "2001:db8:2::1",
+        ])?;
+        Ok(())
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Node A's external interfaces: the uplink to the client and the link to node B.
+    pub fn node_a_devices(&self) -> Vec<String> {
+        vec![format!("up-{}", self.token), format!("ab-{}", self.token)]
+    }
+
+    /// A cgroup for the agent's socket programs (nothing runs in it).
+    pub fn cgroup(&self) -> &Cgroup {
+        &self.cgroup
+    }
+
+    pub fn bpf_dir(&self) -> &BpfDir {
+        &self.bpf
+    }
+
+    /// Starts `cmd` and keeps it until the pair drops (before the namespaces go).
+    pub fn spawn(&mut self, cmd: Cmd) -> Result<&mut Child> {
+        let child = cmd.spawn()?;
+        self.children.push(child);
+        let last = self.children.len() - 1;
+        Ok(&mut self.children[last])
+    }
+
+    /// Starts an `lb-probe serve` command (already placed in its namespace with [`Cmd::netns`]) and waits until it
+    /// has bound its ports; returns its index for [`NodePair::child`].
+    pub fn serve(&mut self, serve_cmd: Cmd) -> Result<usize> {
+        let child = self.spawn(serve_cmd)?;
+        Probe::wait_ready(child, SERVE_READY)?;
+        Ok(self.children.len() - 1)
+    }
+
+    /// A process started with [`NodePair::spawn`] or [`NodePair::serve`].
+    pub fn child(&mut self, index: usize) -> &mut Child {
+        &mut self.children[index]
+    }
+
+    /// The process with this pid, if this pair started it.
+    pub fn child_by_pid(&mut self, pid: u32) -> Option<&mut Child> {
+        self.children.iter_mut().find(|c| c.pid() == pid)
+    }
+}
+
+impl Drop for NodePair {
+    fn drop(&mut self) {
+        self.children.clear();
+    }
+}

@@ -557,3 +557,245 @@ fn guards_remove_agent_pins_and_cgroup_when_a_test_panics() {
         "agent {pid} still running"
     );
 }
+
+#[test]
+fn connected_udp_sockets_to_a_removed_backend_are_ended_and_others_kept() {
+    if !require_root("connected_udp_sockets_to_a_removed_backend_are_ended_and_others_kept") {
+        return;
+    }
+    let (mut topo, mut agent, probe) = setup(3, &web(&[0, 1, 2]));
+    let pause = std::env::temp_dir().join(format!("lb-tests-pause-{}", topo.token()));
+    let sockets = 30;
+    // The removed backend's server keeps running: without lb ending the sockets, they would go on reaching it
+    // (the stale-socket bug), so an error on them is lb's doing.
+    let cmd = probe
+        .udp_sticky_cmd(vip4(53), sockets, 2, &pause)
+        .arg("--connected");
+    let client = topo.spawn(topo.in_client(cmd)).expect("client");
+    let rounds_done = |c: &lb_tests::Child| {
+        c.probe_lines()
+            .map(|l| l.iter().filter(|l| l.is_round_done()).count())
+    };
+    let wait_round = |c: &mut lb_tests::Child, n: usize| {
+        let deadline = std::time::Instant::now() + RUN;
+        while rounds_done(c).expect("client output") < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {n} did not finish: {}",
+                c.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_round(client, 1);
+    agent.write_manifest(&web(&[0, 1])).expect("edit manifest");
+    agent
+        .wait_for_log("ended sockets connected to departed backends", SYNC)
+        .expect("the agent ends the stale sockets");
+    std::fs::write(&pause, b"").expect("release round 2");
+    wait_round(client, 2);
+    let lines = client.probe_lines().expect("client output");
+    let round = |r: usize| -> BTreeMap<usize, &ProbeLine> {
+        lines
+            .iter()
+            .filter(|l| l.round == Some(r) && !l.is_round_done())
+            .map(|l| (l.socket.expect("socket"), l))
+            .collect()
+    };
+    let (r1, r2) = (round(1), round(2));
+    let mut ended = 0;
+    for (socket, first) in &r1 {
+        assert!(first.ok, "round 1: {first:?}");
+        let second = r2[socket];
+        if first.backend.as_deref() == Some("backend-2") {
+            assert!(
+                !second.ok,
+                "socket {socket} still reaches the removed backend: {second:?}"
+            );
+            ended += 1;
+        } else {
+            assert!(
+                second.ok,
+                "socket {socket} on a surviving backend was disturbed: {second:?}"
+            );
+            assert_eq!(second.backend, first.backend, "socket {socket} moved");
+        }
+    }
+    assert!(
+        ended > 0,
+        "no socket was on the removed backend; the test proved nothing: {r1:?}"
+    );
+}
+
+/// `web` with backend `terminating` listed as terminating-but-serving (graceful shutdown) instead of ready.
+fn web_terminating(listed: &[usize], terminating: usize) -> String {
+    web(listed)
+        .replace(
+            &format!("[10.244.{}.2]\n    conditions: {{ready: true}}", terminating + 1),
+            &format!(
+                "[10.244.{}.2]\n    conditions: {{ready: false, serving: true, terminating: true}}",
+                terminating + 1
+            ),
+        )
+        .replace(
+            &format!("[\"fd00:244:{}::2\"]\n    conditions: {{ready: true}}", terminating + 1),
+            &format!(
+                "[\"fd00:244:{}::2\"]\n    conditions: {{ready: false, serving: true, terminating: true}}",
+                terminating + 1
+            ),
+        )
+}
+
+/// Opens `n` TCP connections at once (one lb-probe each), each held `hold` before its request.
+fn held_connections(
+    topo: &Topology,
+    probe: &Probe,
+    n: usize,
+    hold: Duration,
+) -> Vec<lb_tests::Child> {
+    (0..n)
+        .map(|_| {
+            let cmd = probe
+                .tcp_cmd(vip4(80), 1)
+                .args(["--hold-ms", &hold.as_millis().to_string()]);
+            topo.in_client(cmd).spawn().expect("held connection")
+        })
+        .collect()
+}
+
+fn results(children: &mut [lb_tests::Child]) -> Vec<ProbeLine> {
+    children
+        .iter_mut()
+        .map(|c| {
+            c.wait_timeout(RUN)
+                .expect("wait")
+                .expect("connection finished");
+            c.probe_lines().expect("output").pop().expect("one line")
+        })
+        .collect()
+}
+
+#[test]
+fn tcp_connections_survive_a_terminating_backend_but_end_with_a_deleted_one() {
+    if !require_root("tcp_connections_survive_a_terminating_backend_but_end_with_a_deleted_one") {
+        return;
+    }
+    let (topo, agent, probe) = setup(3, &web(&[0, 1, 2]));
+    let hold = Duration::from_millis(4000);
+    // 24 connections over 3 backends: each backend gets one with probability 1 - (2/3)^24.
+    let mut graceful = held_connections(&topo, &probe, 24, hold);
+    std::thread::sleep(Duration::from_millis(1000));
+    agent
+        .write_manifest(&web_terminating(&[0, 1, 2], 2))
+        .expect("backend-2 terminating");
+    agent
+        .wait_for_maps(SYNC, |l| {
+            backends_of(l, "10.96.0.10:80", "TCP", "internal").is_some_and(|b| b.len() == 2)
+        })
+        .expect("terminating backend leaves the set");
+    let lines = results(&mut graceful);
+    for l in &lines {
+        assert!(
+            l.ok,
+            "a connection was cut although its backend is only terminating: {l:?}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.backend.as_deref() == Some("backend-2")),
+        "no connection was on the terminating backend; the test proved nothing"
+    );
+
+    let mut doomed = held_connections(&topo, &probe, 24, hold);
+    std::thread::sleep(Duration::from_millis(1000));
+    agent
+        .write_manifest(&web_terminating(&[0, 2], 2))
+        .expect("backend-1 deleted");
+    agent
+        .wait_for_maps(SYNC, |l| {
+            backends_of(l, "10.96.0.10:80", "TCP", "internal").is_some_and(|b| b.len() == 1)
+        })
+        .expect("deleted backend leaves the set");
+    let lines = results(&mut doomed);
+    let cut: Vec<&ProbeLine> = lines.iter().filter(|l| !l.ok).collect();
+    for l in &lines {
+        assert_ne!(
+            l.backend.as_deref(),
+            Some("backend-1"),
+            "a connection to the deleted backend survived: {l:?}"
+        );
+        if l.ok {
+            assert_eq!(l.backend.as_deref(), Some("backend-0"), "{l:?}");
+        }
+    }
+    assert!(
+        !cut.is_empty(),
+        "no connection was on the deleted backend; the test proved nothing"
+    );
+    for l in cut {
+        assert!(
+            matches!(
+                l.errno,
+                Some(libc::ECONNABORTED | libc::ECONNRESET | libc::EPIPE)
+            ),
+            "a cut connection fails with an abort/reset, not a timeout: {l:?}"
+        );
+    }
+}
+
+#[test]
+fn established_connections_survive_kill_9_and_restart_of_the_agent() {
+    if !require_root("established_connections_survive_kill_9_and_restart_of_the_agent") {
+        return;
+    }
+    let (topo, mut agent, probe) = setup(2, &web(&[0, 1]));
+    let mut held = held_connections(&topo, &probe, 6, Duration::from_millis(3000));
+    std::thread::sleep(Duration::from_millis(800));
+    agent.kill();
+    agent.restart().expect("restart");
+    for l in results(&mut held) {
+        assert!(
+            l.ok,
+            "an established connection broke across the agent's kill -9 and restart: {l:?}"
+        );
+        assert_eq!(l.peer.as_deref(), Some("10.96.0.10:80"), "{l:?}");
+    }
+}
+
+#[test]
+fn changing_algorithm_and_affinity_affects_new_flows_only() {
+    if !require_root("changing_algorithm_and_affinity_affects_new_flows_only") {
+        return;
+    }
+    let (topo, agent, probe) = setup(3, &web(&[0, 1, 2]));
+    let mut held = held_connections(&topo, &probe, 9, Duration::from_millis(3000));
+    std::thread::sleep(Duration::from_millis(800));
+    let changed = Web {
+        backends: &[0, 1, 2],
+        annotations: &[("lb.io/algorithm", "random")],
+        affinity_timeout: Some(60),
+    }
+    .yaml();
+    agent.write_manifest(&changed).expect("edit");
+    agent
+        .wait_for_maps(SYNC, |l| {
+            l.iter()
+                .filter(|s| s.frontend == "10.96.0.10:80")
+                .all(|s| s.algorithm == "random" && s.affinity_timeout_seconds == Some(60))
+        })
+        .expect("new algorithm and affinity programmed");
+    for l in results(&mut held) {
+        assert!(
+            l.ok,
+            "an established connection was disturbed by the Service change: {l:?}"
+        );
+    }
+    // New flows follow the new settings: with affinity on, every new connection from the client sticks to one backend.
+    let after = counts(&run_client(&topo, probe.tcp_cmd(vip4(80), 20)));
+    assert_eq!(
+        after.len(),
+        1,
+        "new connections follow the new affinity: {after:?}"
+    );
+}

@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's own build steps, which need more than cargo alone (the eBPF toolchain, root, a
 //! topology of namespaces). One module per verb, as aya's xtask does.
 
+mod bench;
 mod build_ebpf;
 mod demo;
 mod setup;
@@ -26,8 +27,8 @@ enum Command {
     Test(test::Options),
     /// Build a demo topology on this host (namespaces only), run the agent on it and show it balancing.
     Demo,
-    /// Benchmarks against kube-proxy's datapaths (not written yet).
-    Bench,
+    /// Benchmarks side by side with kube-proxy's iptables and nftables datapaths; writes BENCHMARKS.md.
+    Bench(bench::Options),
 }
 
 fn main() -> std::process::ExitCode {
@@ -48,9 +49,6 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::BuildEbpf(opts) => build_ebpf::run(&opts),
         Command::Test(opts) => test::run(&opts),
         Command::Demo => demo::run(),
-        Command::Bench => anyhow::bail!(
-            "cargo xtask bench is not written yet (issue: benchmarks side by side with kube-proxy); no numbers are printed \
-             that were not measured"
-        ),
+        Command::Bench(opts) => bench::run(&opts),
     }
 }

@@ -64,7 +64,7 @@ fn install_packages() -> anyhow::Result<()> {
     exec(
         Command::new("apt-get")
             // Exactly the verified recipe (../shared/TOOLCHAIN.md), recommended packages included.
-        .args(["install", "-y", "-q"])
+            .args(["install", "-y", "-q"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )

@@ -1,8 +1,14 @@
 //! The subcommands. Each parses its flags and calls into the library; nothing here is datapath logic.
 
+pub mod backends;
 pub mod cleanup;
+pub mod conntrack;
+pub mod explain;
+pub mod maglev;
 pub mod run;
 pub mod services;
+pub mod stats;
+pub mod trace;
 
 use std::path::PathBuf;
 
@@ -28,18 +34,43 @@ pub struct PinArgs {
     pub bpffs: PathBuf,
 }
 
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Opens the pinned maps for a read-only subcommand, saying where it looked when that fails.
+pub fn open_maps(pins: &PinArgs) -> anyhow::Result<crate::datapath::maps::PinnedMaps> {
+    crate::datapath::maps::PinnedMaps::open(&pins.bpffs).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}: is the agent's pin directory {} (see --bpffs)?",
+            pins.bpffs.display()
+        )
+    })
+}
+
+pub fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|e| {
+        eprintln!("lb-agent: bad --log-level {level:?} ({e}); using info");
+        tracing_subscriber::EnvFilter::new("info")
+    });
     // Colours only on a terminal: journald, kubectl logs and files should get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
+    // The filter is reloadable so a config file change of `log-level` applies without a restart.
+    macro_rules! install {
+        ($builder:expr) => {{
+            let builder = $builder;
+            let handle = builder.reload_handle();
+            crate::ops::config::set_log_reload(Box::new(move |level: &str| {
+                let filter =
+                    tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+                handle.reload(filter).map_err(|e| e.to_string())
+            }));
+            builder.init()
+        }};
+    }
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => install!(builder.with_filter_reloading()),
+        LogFormat::Json => install!(builder.json().with_filter_reloading()),
     }
 }
 
@@ -53,6 +84,15 @@ struct Cli {
     /// Log format: `text` or `json`.
     #[arg(long, global = true, default_value = "text", env = "LB_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Log filter: a level (`error`, `warn`, `info`, `debug`, `trace`) or tracing directives
+    /// (`info,lb_agent::datapath=debug`). Changes live when set in the config file.
+    #[arg(long, global = true, default_value = "info", env = "LB_LOG")]
+    log_level: String,
+    /// YAML config file of `lb-agent run` settings, keyed by long flag name (`algorithm: random`). Precedence:
+    /// flag > environment > file > default. Reloaded on change and on SIGHUP: algorithm, maglev-min-size,
+    /// maglev-max-size and log-level apply at once, other changes are logged as needing a restart.
+    #[arg(long, global = true, env = "LB_CONFIG")]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -65,16 +105,41 @@ enum Command {
     Services(services::ServicesArgs),
     /// Remove every program link and map lb pinned (like kube-proxy --cleanup).
     Cleanup(cleanup::CleanupArgs),
+    /// Where would this packet go? Runs the real tc program on a crafted packet (BPF_PROG_TEST_RUN) with maps
+    /// programmed privately from the manifests, and prints the verdict as JSON.
+    Trace(Box<trace::TraceArgs>),
+    /// List the programmed backends, the services using each, and their counters.
+    Backends(backends::BackendsArgs),
+    /// Show one service's lookup table: size, slots per backend, share.
+    Maglev(maglev::MaglevArgs),
+    /// List connection-tracking entries of the per-packet datapath.
+    Conntrack(conntrack::ConntrackArgs),
+    /// Per-service datapath counters, by Kubernetes name.
+    Stats(stats::StatsArgs),
+    /// Why each endpoint of a Service is or is not used, per VIP and traffic class, next to what the maps hold.
+    Explain(explain::ExplainArgs),
 }
 
 /// The `lb-agent` command line, as a function so test binaries can embed exactly this agent.
 pub fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let cli = match parse_with_config() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("lb-agent: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    init_logging(cli.log_format, &cli.log_level);
     let result = match cli.command {
         Command::Run(args) => run::run(*args),
         Command::Services(args) => services::run(&args),
         Command::Cleanup(args) => cleanup::run(&args),
+        Command::Trace(args) => trace::run(&args),
+        Command::Backends(args) => backends::run(&args),
+        Command::Maglev(args) => maglev::run(&args),
+        Command::Conntrack(args) => conntrack::run(&args),
+        Command::Stats(args) => stats::run(&args),
+        Command::Explain(args) => explain::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -82,5 +147,31 @@ pub fn main() -> std::process::ExitCode {
             eprintln!("lb-agent: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The whole command line definition (for checking config files against it).
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    Cli::command()
+}
+
+/// Parses the command line with the config file's values as defaults (flag > env > file > default; see
+/// `ops::config`). clap's own errors (and `--help`) exit here, as `Cli::parse` would.
+fn parse_with_config() -> anyhow::Result<Cli> {
+    use clap::{CommandFactory, FromArgMatches};
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let path =
+        crate::ops::config::config_path(&argv, std::env::var_os(crate::ops::config::CONFIG_ENV));
+    let file = path.map(|p| crate::ops::config::load(&p)).transpose()?;
+    let mut cmd = Cli::command();
+    if let Some(file) = &file {
+        cmd = crate::ops::config::apply_file_defaults(cmd, file)?;
+    }
+    let matches = cmd.clone().get_matches_from(argv);
+    crate::ops::config::record_startup(&cmd, &matches, file);
+    match Cli::from_arg_matches(&matches) {
+        Ok(cli) => Ok(cli),
+        Err(e) => e.exit(),
     }
 }

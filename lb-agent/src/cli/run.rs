@@ -1,4 +1,5 @@
-//! `lb-agent run`: load and attach the datapath, program it from the manifests, and follow their changes.
+//! `lb-agent run`: load and attach the datapath, program it from the manifests or the API server, and follow their
+//! changes. Both sources end in the same `Syncer::apply` (pure translation, then the reconciler): one path to the maps.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -19,9 +20,13 @@ use super::PinArgs;
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     /// Kubernetes YAML to serve (a file, or a directory of *.yaml / *.yml / *.json): Services, EndpointSlices and
-    /// Nodes. Re-read whenever it changes.
+    /// Nodes. Re-read whenever it changes. The default source outside a cluster.
     #[arg(long, env = "LB_MANIFESTS")]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
+    /// Watch the API server named by this kubeconfig (its current context) instead of manifest files. Inside a pod
+    /// (`KUBERNETES_SERVICE_HOST` set) the service account is used when neither this nor --manifests is given.
+    #[arg(long, env = "LB_KUBECONFIG", conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
     /// This node's name: picks its Node object and decides which endpoints are local.
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -30,6 +35,8 @@ pub struct RunArgs {
     cgroup: Option<PathBuf>,
     #[command(flatten)]
     pins: PinArgs,
+    #[command(flatten)]
+    ops: crate::ops::OpsArgs,
     /// eBPF object to load instead of the one embedded at build time.
     #[arg(long, env = "LB_BPF_OBJECT")]
     bpf_object: Option<PathBuf>,
@@ -65,6 +72,17 @@ pub struct RunArgs {
     /// Capacity of the socket reverse-translation map (LRU; one entry per load-balanced socket).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SOCK_REVNAT)]
     max_sock_revnat: u32,
+    /// Capacity of the tc datapath's conntrack map (LRU; two entries per flow, four with SNAT).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_CONNTRACK)]
+    max_conntrack: u32,
+    /// External interfaces for the per-packet programs (NodePort, LoadBalancer, externalIPs, ClusterIP from the
+    /// wire) [default: the interfaces carrying the node addresses (--node-address, else the host's)]. `none`
+    /// attaches nothing.
+    #[arg(long, env = "LB_DEVICES", value_delimiter = ',')]
+    devices: Vec<String>,
+    /// Seconds between conntrack garbage collections (expired entries, entries of deleted services).
+    #[arg(long, default_value_t = 30)]
+    conntrack_gc_interval: u64,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -75,35 +93,111 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     rt.block_on(run_async(args))
 }
 
+/// Where the objects come from, chosen by flags.
+enum SourceChoice {
+    Manifests(PathBuf),
+    Kube(crate::source::kube::Connection),
+}
+
+impl SourceChoice {
+    /// `--manifests` or `--kubeconfig` as given; with neither, the in-cluster config inside a pod (as kube-proxy
+    /// defaults to it), else an error: the standalone agent needs to be told what to serve.
+    fn from_args(args: &RunArgs) -> anyhow::Result<Self> {
+        use crate::source::kube::{self, Connection};
+        match (&args.manifests, &args.kubeconfig) {
+            (Some(m), None) => Ok(SourceChoice::Manifests(m.clone())),
+            (None, Some(k)) => Ok(SourceChoice::Kube(Connection::Kubeconfig(k.clone()))),
+            (Some(_), Some(_)) => {
+                anyhow::bail!("give either --manifests or --kubeconfig, not both")
+            }
+            (None, None) if kube::in_cluster() => Ok(SourceChoice::Kube(Connection::InCluster)),
+            (None, None) => anyhow::bail!(
+                "nothing to serve: give --manifests <file|dir> or --kubeconfig <file> (inside a pod the service account is used)"
+            ),
+        }
+    }
+}
+
 /// Everything one sync needs besides the maps.
 struct Syncer {
-    manifests: PathBuf,
     node_name: String,
     model: ModelConfig,
     reconciler: Reconciler,
+    /// Health, metrics, names map, config reload.
+    ops: crate::ops::Ops,
 }
 
 impl Syncer {
     /// Reads the manifests and programs the maps. An unreadable source changes nothing: the datapath keeps serving
     /// what it had rather than flushing everything on a transient error.
-    fn sync(&mut self, maps: &mut PinnedMaps) -> bool {
+    fn sync(&mut self, maps: &mut PinnedMaps, manifests: &std::path::Path) -> bool {
         let started = Instant::now();
-        let (objects, diagnostics) = match manifest::load_path(&self.manifests) {
+        let (objects, diagnostics) = match manifest::load_path(manifests) {
             Ok(loaded) => loaded,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the manifests; keeping the datapath as it is");
                 return false;
             }
         };
-        for d in &diagnostics {
+        self.apply(maps, &objects, &diagnostics, started);
+        true
+    }
+
+    /// Re-reads the config file and applies its live settings; true when the maps need a resync.
+    fn reload_config(&mut self) -> bool {
+        let live = self.ops.reload_config();
+        crate::ops::apply_live(&live, &mut self.model, &mut self.reconciler)
+    }
+
+    /// Watches the config file, if any (a receiver that never fires otherwise).
+    #[allow(clippy::type_complexity)]
+    fn config_watch(
+        &self,
+    ) -> anyhow::Result<(
+        Option<notify::RecommendedWatcher>,
+        tokio::sync::mpsc::UnboundedReceiver<()>,
+    )> {
+        match self.ops.config_path() {
+            // The whole directory: a ConfigMap update swaps a `..data` symlink and never touches the file's own
+            // name. A reload that finds nothing changed does nothing.
+            Some(path) => {
+                let dir = match path.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                    _ => PathBuf::from("."),
+                };
+                let (w, rx) = crate::source::file::watch(&dir)?;
+                Ok((Some(w), rx))
+            }
+            None => {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                // Kept alive so recv() pends forever instead of returning None.
+                std::mem::forget(tx);
+                Ok((None, rx))
+            }
+        }
+    }
+
+    /// Translates `objects` and programs the maps: the one path from any source to the datapath.
+    fn apply(
+        &mut self,
+        maps: &mut PinnedMaps,
+        objects: &manifest::ClusterObjects,
+        diagnostics: &[manifest::Diagnostic],
+        started: Instant,
+    ) {
+        self.ops.sync_started();
+        for d in diagnostics {
             tracing::warn!(event = "Warning", reason = "InvalidObject", object = %d.object, field = d.field.as_deref().unwrap_or(""), "skipped: {}", d.message);
         }
         let node = model::node_context(&self.node_name, &objects.nodes, &self.model);
-        let translation = model::translate(&objects, &node, &self.model);
+        let translation = model::translate(objects, &node, &self.model);
         for d in &translation.diagnostics {
             tracing::warn!(event = "Warning", reason = "InvalidObject", object = %d.object, field = d.field.as_deref().unwrap_or(""), "skipped: {}", d.message);
         }
         let report = self.reconciler.sync(maps, &translation.state);
+        self.ops
+            .sync_finished(&translation, &report, &self.reconciler, started);
+        self.ops.note_source_diagnostics(diagnostics);
         for (frontend, reason) in &report.failed {
             tracing::error!(%frontend, %reason, "frontend not programmed; the others are");
         }
@@ -118,8 +212,44 @@ impl Syncer {
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "synced"
         );
-        true
+        end_stale_sockets(maps, &report, &translation.state);
     }
+}
+
+/// Ends the sockets the socket LB connected to backends that just departed (connected UDP always; TCP when the
+/// backend is deleted rather than terminating), so their applications reconnect instead of talking into the void.
+fn end_stale_sockets(
+    maps: &PinnedMaps,
+    report: &crate::datapath::reconcile::SyncReport,
+    desired: &crate::state::DesiredState,
+) {
+    use crate::datapath::sock_destroy;
+    let targets = sock_destroy::targets(&report.departed, &desired.endpoint_addresses);
+    if targets.is_empty() {
+        return;
+    }
+    let revnat = match maps.sock_revnat_entries() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read socket records; stale sockets stay open");
+            return;
+        }
+    };
+    let cookies = sock_destroy::cookies(&revnat, &targets);
+    if cookies.is_empty() {
+        return;
+    }
+    let result = sock_destroy::destroy(&cookies);
+    for e in &result.errors {
+        tracing::debug!(error = %e, "a namespace could not be searched for stale sockets");
+    }
+    tracing::info!(
+        backends = targets.len(),
+        candidates = cookies.len(),
+        destroyed = result.destroyed,
+        namespaces = result.namespaces,
+        "ended sockets connected to departed backends"
+    );
 }
 
 async fn run_async(args: RunArgs) -> anyhow::Result<()> {
@@ -132,13 +262,27 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     } else {
         args.node_addresses.clone()
     };
+    let source = SourceChoice::from_args(&args)?;
+    // The watchers start before the datapath loads, so the lists are under way meanwhile; a bad kubeconfig fails
+    // here, before anything is attached.
+    let mut kube_source = match &source {
+        SourceChoice::Kube(connection) => {
+            let client = crate::source::kube::client(connection).await?;
+            tracing::info!(source = %crate::source::kube::describe(connection), node = %node_name, "watching the API server");
+            Some(crate::source::kube::KubeSource::start(client, &node_name))
+        }
+        SourceChoice::Manifests(_) => None,
+    };
     let object = loader::object_bytes(args.bpf_object.as_deref())?;
     let pins = PinDir::new(&args.pins.bpffs);
+    // Before loading, so /healthz answers (and /readyz says "not yet") while the datapath loads.
+    let ops = crate::ops::Ops::start(&args.ops, &pins.dir, args.max_services)?;
     let caps = Capacities {
         services: args.max_services,
         backends: args.max_backends,
         affinity: args.max_affinity,
         sock_revnat: args.max_sock_revnat,
+        conntrack: args.max_conntrack,
     };
     let mut datapath = loader::load(&object, &pins, &caps)?;
     let cgroup = match &args.cgroup {
@@ -147,6 +291,16 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     };
     loader::attach_sock_programs(&mut datapath.ebpf, &cgroup, &pins)?;
     tracing::info!(cgroup = %cgroup.display(), pins = %pins.dir.display(), "socket load balancing attached");
+    let devices: Vec<String> = if args.devices.is_empty() {
+        crate::datapath::tc_attach::devices_with_addresses(&fallback_node_addresses)
+    } else {
+        args.devices
+            .iter()
+            .filter(|d| *d != "none")
+            .cloned()
+            .collect()
+    };
+    crate::datapath::tc_attach::attach_tc_programs(&mut datapath.ebpf, &devices, &pins)?;
 
     let reconciler = Reconciler::restore(
         &datapath.maps,
@@ -163,7 +317,6 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         "adopted the pinned state"
     );
     let mut syncer = Syncer {
-        manifests: args.manifests.clone(),
         node_name,
         model: ModelConfig {
             default_algorithm: args.algorithm,
@@ -171,37 +324,75 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             fallback_node_addresses,
         },
         reconciler,
+        ops,
     };
+    let (_config_watcher, mut config_changes) = syncer.config_watch()?;
     let loader::Datapath {
         ebpf: _ebpf,
         mut maps,
         migration,
     } = datapath;
-    if syncer.sync(&mut maps) {
-        if !migration.moved().is_empty() {
-            tracing::info!(maps = ?migration.moved(), "migrated maps refilled; dropping their old pins");
-        }
-        migration.commit();
-    } else {
-        migration.revert();
-        anyhow::bail!("the first sync failed; old pins restored");
-    }
-    tracing::info!("initial sync done");
-
-    let (_watcher, mut changes) = crate::source::file::watch(&args.manifests)?;
     let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    // The file source syncs once before the loop (a first sync that cannot read the manifests restores the old
+    // pins); the kube source's first sync is its first snapshot, in the loop, once every kind has been listed.
+    let mut migration = Some(migration);
+    let (_file_watcher, mut changes, _no_file_changes) = match &source {
+        SourceChoice::Manifests(path) => {
+            let synced = syncer.sync(&mut maps, path);
+            finish_migration(&mut migration, synced)?;
+            tracing::info!("initial sync done");
+            syncer.ops.set_ready();
+            let (watcher, rx) = crate::source::file::watch(path)?;
+            (Some(watcher), rx, None)
+        }
+        SourceChoice::Kube(_) => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            (None, rx, Some(tx))
+        }
+    };
+    let mut gc = tokio::time::interval(Duration::from_secs(args.conntrack_gc_interval.max(1)));
     loop {
         tokio::select! {
+            _ = gc.tick() => {
+                let live = syncer.reconciler.service_ids();
+                let now = crate::datapath::packet_maps::monotonic_ns();
+                match maps.packet.conntrack_gc(&live, now) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(removed = n, "conntrack garbage collected"),
+                    Err(e) => tracing::warn!(error = %e, "conntrack garbage collection failed"),
+                }
+            }
+            snapshot = next_snapshot(kube_source.as_mut()) => {
+                let Some(snapshot) = snapshot else {
+                    anyhow::bail!("the Kubernetes watchers stopped");
+                };
+                syncer.ops.change_seen();
+                syncer.apply(&mut maps, &snapshot.objects, &snapshot.diagnostics, Instant::now());
+                finish_migration(&mut migration, true)?;
+                if snapshot.initial {
+                    // The readiness moment: every kind listed and programmed once (tests wait for this line).
+                    tracing::info!("initial sync done");
+                    syncer.ops.set_ready();
+                }
+            }
             Some(()) = changes.recv() => {
+                syncer.ops.change_seen();
                 // Writers often touch a file several times in a row; wait for the burst to end (bounded) and sync once.
                 debounce(&mut changes, Duration::from_millis(100), Duration::from_secs(1)).await;
-                syncer.sync(&mut maps);
+                resync(&mut syncer, &mut maps, &source, kube_source.as_ref());
             }
             _ = hangup.recv() => {
-                tracing::info!("SIGHUP: resyncing");
-                syncer.sync(&mut maps);
+                tracing::info!("SIGHUP: reloading the config file and resyncing");
+                syncer.reload_config();
+                resync(&mut syncer, &mut maps, &source, kube_source.as_ref());
+            }
+            Some(()) = config_changes.recv() => {
+                debounce(&mut config_changes, Duration::from_millis(100), Duration::from_secs(1)).await;
+                if syncer.reload_config() {
+                    resync(&mut syncer, &mut maps, &source, kube_source.as_ref());
+                }
             }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
@@ -210,6 +401,62 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     // The pinned links and maps stay: the datapath keeps serving while the agent restarts or upgrades.
     tracing::info!("exiting; the datapath stays in place (lb-agent cleanup removes it)");
     Ok(())
+}
+
+/// The kube source's next snapshot; never resolves for the file source.
+async fn next_snapshot(
+    kube: Option<&mut crate::source::kube::KubeSource>,
+) -> Option<crate::source::kube::Snapshot> {
+    match kube {
+        Some(kube) => kube.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Programs the maps from the source's current objects: the manifests re-read, or the kube source's memory (nothing
+/// before its initial lists: no write may come before both Services and EndpointSlices are known).
+fn resync(
+    syncer: &mut Syncer,
+    maps: &mut PinnedMaps,
+    source: &SourceChoice,
+    kube: Option<&crate::source::kube::KubeSource>,
+) {
+    match (source, kube) {
+        (SourceChoice::Manifests(path), _) => {
+            syncer.sync(maps, path);
+        }
+        (SourceChoice::Kube(_), Some(kube)) => {
+            if let Some(snapshot) = kube.current() {
+                syncer.apply(
+                    maps,
+                    &snapshot.objects,
+                    &snapshot.diagnostics,
+                    Instant::now(),
+                );
+            }
+        }
+        (SourceChoice::Kube(_), None) => {}
+    }
+}
+
+/// After the first sync: drops the old pins of migrated maps, or puts them back when that sync could not run.
+fn finish_migration(
+    migration: &mut Option<crate::datapath::pins::Migration>,
+    synced: bool,
+) -> anyhow::Result<()> {
+    let Some(migration) = migration.take() else {
+        return Ok(());
+    };
+    if synced {
+        if !migration.moved().is_empty() {
+            tracing::info!(maps = ?migration.moved(), "migrated maps refilled; dropping their old pins");
+        }
+        migration.commit();
+        Ok(())
+    } else {
+        migration.revert();
+        anyhow::bail!("the first sync failed; old pins restored")
+    }
 }
 
 /// Waits until `quiet` passes with no new event, but never longer than `max` in all.

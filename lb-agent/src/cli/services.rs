@@ -19,7 +19,7 @@ pub fn run(args: &ServicesArgs) -> anyhow::Result<()> {
             args.pins.bpffs.display()
         )
     })?;
-    let list = inspect::services(&maps)?;
+    let list = inspect::with_names(inspect::services(&maps)?, &args.pins.bpffs);
     match args.output {
         OutputFormat::Table => print!("{}", inspect::render_services(&list)),
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&list)?),

@@ -22,6 +22,8 @@ pub struct BackendListing {
 #[derive(Debug, Serialize)]
 pub struct ServiceListing {
     pub id: u32,
+    /// `namespace/name:port` from `LB_SVC_NAMES` (see [`with_names`]); empty when unknown.
+    pub service: String,
     pub frontend: String,
     pub protocol: String,
     pub scope: String,
@@ -35,7 +37,7 @@ pub struct ServiceListing {
     pub rejects: u64,
 }
 
-fn show_addr(bytes: [u8; 16], port: u16) -> String {
+pub fn show_addr(bytes: [u8; 16], port: u16) -> String {
     match addr_from_bytes(bytes) {
         std::net::IpAddr::V4(a) => format!("{a}:{port}"),
         std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
@@ -74,6 +76,7 @@ pub fn services(maps: &PinnedMaps) -> Result<Vec<ServiceListing>, MapsError> {
         let stats = maps.service_stats(value.service_id).unwrap_or_default();
         out.push(ServiceListing {
             id: value.service_id,
+            service: String::new(),
             frontend: show_addr(key.addr, key.port),
             protocol: Protocol::from_number(key.proto)
                 .map_or_else(|| key.proto.to_string(), |p| p.to_string()),
@@ -100,13 +103,24 @@ pub fn services(maps: &PinnedMaps) -> Result<Vec<ServiceListing>, MapsError> {
     Ok(out)
 }
 
+/// Fills in the Kubernetes names from the names map pinned in `dir` (absent with an agent that predates it).
+pub fn with_names(mut list: Vec<ServiceListing>, dir: &std::path::Path) -> Vec<ServiceListing> {
+    let names = super::listings::service_names(dir);
+    for s in &mut list {
+        if let Some(n) = names.get(&s.id) {
+            s.service = n.name().to_owned();
+        }
+    }
+    list
+}
+
 /// The human table `lb-agent services` prints.
 pub fn render_services(list: &[ServiceListing]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<5} {:<40} {:<5} {:<9} {:<7} {:<9} {:>7} {:>7}  BACKENDS (table share, connections)",
-        "ID", "FRONTEND", "PROTO", "SCOPE", "ALG", "AFFINITY", "CONNS", "REJECTS"
+        "{:<5} {:<32} {:<40} {:<5} {:<9} {:<7} {:<9} {:>7} {:>7}  BACKENDS (table share, connections)",
+        "ID", "SERVICE", "FRONTEND", "PROTO", "SCOPE", "ALG", "AFFINITY", "CONNS", "REJECTS"
     );
     for svc in list {
         let affinity = svc
@@ -123,8 +137,13 @@ pub fn render_services(list: &[ServiceListing]) -> String {
         };
         let _ = writeln!(
             s,
-            "{:<5} {:<40} {:<5} {:<9} {:<7} {:<9} {:>7} {:>7}  {}",
+            "{:<5} {:<32} {:<40} {:<5} {:<9} {:<7} {:<9} {:>7} {:>7}  {}",
             svc.id,
+            if svc.service.is_empty() {
+                "-"
+            } else {
+                svc.service.as_str()
+            },
             svc.frontend,
             svc.protocol,
             svc.scope,

@@ -185,7 +185,7 @@ pub fn cleanup(pins: &PinDir) -> anyhow::Result<Vec<PathBuf>> {
         }
         fs::remove_dir(&link_dir).with_context(|| format!("removing {}", link_dir.display()))?;
     }
-    for name in map_names::ALL {
+    for name in map_names::ALL.iter().chain(&map_names::AGENT_CREATED) {
         for path in [pins.map(name), pins.dir.join(format!("{name}:pending"))] {
             if path.exists() {
                 fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;

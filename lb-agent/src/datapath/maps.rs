@@ -74,6 +74,27 @@ pub trait Maps {
     /// backend that left that service (backend ids are shared between services, so the datapath's "does the
     /// backend still exist" check alone would keep a client on a backend its service no longer has).
     fn purge_affinity(&mut self, stale: &StaleAffinity) -> Result<usize, MapsError>;
+
+    // The per-packet datapath's node-level maps (`packet_maps`). The defaults keep nothing, for maps without a
+    // per-packet datapath (the in-memory fake).
+
+    /// The `LB_CONFIG` record.
+    fn config(&self) -> Result<lb_common::ConfigValue, MapsError> {
+        Ok(lb_common::ConfigValue::default())
+    }
+    fn put_config(&mut self, _value: &lb_common::ConfigValue) -> Result<(), MapsError> {
+        Ok(())
+    }
+    /// Every entry of `LB_LOCAL_NETS`, `LB_SRC_RANGES` and `LB_VIPS`.
+    fn node_entries(&self) -> Result<Vec<super::packet_maps::NodeEntry>, MapsError> {
+        Ok(Vec::new())
+    }
+    fn put_node_entry(&mut self, _e: &super::packet_maps::NodeEntry) -> Result<(), MapsError> {
+        Ok(())
+    }
+    fn delete_node_entry(&mut self, _e: &super::packet_maps::NodeEntry) -> Result<(), MapsError> {
+        Ok(())
+    }
 }
 
 /// The pinned maps, opened from the loaded object (the agent) or from their pins (the CLI).
@@ -86,6 +107,8 @@ pub struct PinnedMaps {
     svc_stats: PerCpuArray<MapData, ServiceStats>,
     be_stats: PerCpuArray<MapData, BackendStats>,
     nr_cpus: usize,
+    /// The per-packet datapath's maps.
+    pub packet: super::packet_maps::PacketMaps,
 }
 
 impl PinnedMaps {
@@ -102,7 +125,8 @@ impl PinnedMaps {
             take(map_names::SVC_STATS)?,
             take(map_names::BE_STATS)?,
         ];
-        Self::from_maps(maps)
+        let packet = super::packet_maps::PacketMaps::from_ebpf(ebpf)?;
+        Self::from_maps(maps, packet)
     }
 
     /// Opens the maps pinned under `dir`, for the CLI (works whether or not the agent runs).
@@ -115,18 +139,24 @@ impl PinnedMaps {
             })?;
             Map::from_map_data(data).map_err(|source| MapsError::Layout { map: name, source })
         };
-        Self::from_maps([
-            open(map_names::SERVICES)?,
-            open(map_names::BACKENDS)?,
-            open(map_names::MAGLEV)?,
-            open(map_names::AFFINITY)?,
-            open(map_names::SOCK_REVNAT)?,
-            open(map_names::SVC_STATS)?,
-            open(map_names::BE_STATS)?,
-        ])
+        Self::from_maps(
+            [
+                open(map_names::SERVICES)?,
+                open(map_names::BACKENDS)?,
+                open(map_names::MAGLEV)?,
+                open(map_names::AFFINITY)?,
+                open(map_names::SOCK_REVNAT)?,
+                open(map_names::SVC_STATS)?,
+                open(map_names::BE_STATS)?,
+            ],
+            super::packet_maps::PacketMaps::open(dir)?,
+        )
     }
 
-    fn from_maps(maps: [Map; 7]) -> Result<Self, MapsError> {
+    fn from_maps(
+        maps: [Map; 7],
+        packet: super::packet_maps::PacketMaps,
+    ) -> Result<Self, MapsError> {
         let [
             services,
             backends,
@@ -147,6 +177,7 @@ impl PinnedMaps {
             be_stats: PerCpuArray::try_from(be_stats).map_err(layout(map_names::BE_STATS))?,
             nr_cpus: aya::util::nr_cpus()
                 .map_err(|(what, e)| MapsError::Cpus(format!("{what}: {e}")))?,
+            packet,
         })
     }
 
@@ -305,6 +336,22 @@ impl Maps for PinnedMaps {
             ignore_missing(self.affinity.remove(k)).map_err(op(map_names::AFFINITY, "delete"))?;
         }
         Ok(stale.len())
+    }
+
+    fn config(&self) -> Result<lb_common::ConfigValue, MapsError> {
+        self.packet.config()
+    }
+    fn put_config(&mut self, value: &lb_common::ConfigValue) -> Result<(), MapsError> {
+        self.packet.put_config(value)
+    }
+    fn node_entries(&self) -> Result<Vec<super::packet_maps::NodeEntry>, MapsError> {
+        self.packet.node_entries()
+    }
+    fn put_node_entry(&mut self, e: &super::packet_maps::NodeEntry) -> Result<(), MapsError> {
+        self.packet.put_node_entry(e)
+    }
+    fn delete_node_entry(&mut self, e: &super::packet_maps::NodeEntry) -> Result<(), MapsError> {
+        self.packet.delete_node_entry(e)
     }
 }
 

@@ -2,7 +2,12 @@
 //! the reconciler that is the maps' only writer (`reconcile`), and read-only views for the CLI (`inspect`).
 
 pub mod inspect;
+pub mod listings;
 pub mod loader;
 pub mod maps;
+pub mod names;
+pub mod packet_maps;
 pub mod pins;
 pub mod reconcile;
+pub mod sock_destroy;
+pub mod tc_attach;

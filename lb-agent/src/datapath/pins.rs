@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{MapInfo, MapType};
 use lb_common::{
-    AffinityKey, AffinityValue, BackendStats, BackendValue, ServiceKey, ServiceStats, ServiceValue,
-    SockRevNatKey, SockRevNatValue, map_names,
+    AffinityKey, AffinityValue, BackendStats, BackendValue, ConfigValue, CtKey, CtValue,
+    ServiceKey, ServiceStats, ServiceValue, SockRevNatKey, SockRevNatValue, SrcRangeData,
+    TraceValue, map_names,
 };
 
 /// Configured map capacities (`max_entries`).
@@ -20,6 +21,8 @@ pub struct Capacities {
     pub backends: u32,
     pub affinity: u32,
     pub sock_revnat: u32,
+    /// `LB_CONNTRACK` (LRU; up to four entries per flow of the tc datapath).
+    pub conntrack: u32,
 }
 
 impl Default for Capacities {
@@ -29,6 +32,7 @@ impl Default for Capacities {
             backends: lb_common::DEFAULT_MAX_BACKENDS,
             affinity: lb_common::DEFAULT_MAX_AFFINITY,
             sock_revnat: lb_common::DEFAULT_MAX_SOCK_REVNAT,
+            conntrack: lb_common::DEFAULT_MAX_CONNTRACK,
         }
     }
 }
@@ -48,7 +52,7 @@ fn size<T>() -> u32 {
 }
 
 impl Capacities {
-    pub fn specs(&self) -> [MapSpec; 7] {
+    pub fn specs(&self) -> [MapSpec; 14] {
         let spec = |name, map_type, key_size, value_size, max_entries| MapSpec {
             name,
             map_type,
@@ -105,6 +109,56 @@ impl Capacities {
                 size::<u32>(),
                 size::<BackendStats>(),
                 self.backends,
+            ),
+            spec(
+                map_names::CONNTRACK,
+                MapType::LruHash,
+                size::<CtKey>(),
+                size::<CtValue>(),
+                self.conntrack,
+            ),
+            spec(
+                map_names::CONFIG,
+                MapType::Array,
+                size::<u32>(),
+                size::<ConfigValue>(),
+                1,
+            ),
+            // LPM keys are {u32 prefix length, data}.
+            spec(
+                map_names::LOCAL_NETS,
+                MapType::LpmTrie,
+                size::<u32>() + 16,
+                size::<u8>(),
+                lb_common::DEFAULT_MAX_LOCAL_NETS,
+            ),
+            spec(
+                map_names::SRC_RANGES,
+                MapType::LpmTrie,
+                size::<u32>() + size::<SrcRangeData>(),
+                size::<u8>(),
+                lb_common::DEFAULT_MAX_SRC_RANGES,
+            ),
+            spec(
+                map_names::VIPS,
+                MapType::Hash,
+                16,
+                size::<u8>(),
+                lb_common::DEFAULT_MAX_VIPS,
+            ),
+            spec(
+                map_names::DROP_STATS,
+                MapType::PerCpuArray,
+                size::<u32>(),
+                size::<u64>(),
+                lb_common::reason::COUNT,
+            ),
+            spec(
+                map_names::TRACE,
+                MapType::Array,
+                size::<u32>(),
+                size::<TraceValue>(),
+                1,
             ),
         ]
     }

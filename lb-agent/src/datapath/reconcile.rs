@@ -11,9 +11,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use lb_common::{BackendValue, SVC_FLAG_DROP_NO_BACKEND, ServiceKey, ServiceValue};
+use lb_common::{
+    BACKEND_FLAG_LOCAL, BackendValue, ConfigValue, LOCAL_NET_NODE, LOCAL_NET_POD,
+    SVC_FLAG_DROP_NO_BACKEND, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue,
+    VIP_FLAG_CLUSTER_IP, addr_bytes,
+};
 
 use super::maps::{Maps, MapsError, StaleAffinity};
+use super::packet_maps::{NodeEntry, lpm_prefix};
 use crate::maglev;
 use crate::state::{Algorithm, DesiredState, Frontend, ServiceEntry};
 
@@ -50,6 +55,9 @@ pub struct SyncReport {
     pub affinity_purged: usize,
     /// Frontends that could not be programmed (capacity, map errors), with the reason. The rest are programmed.
     pub failed: Vec<(Frontend, String)>,
+    /// (service id, backend) pairs that ended this sync: the backend left the service, or the service went. Sockets
+    /// the socket LB pointed there are candidates for destruction (`sock_destroy`).
+    pub departed: Vec<(u32, BackendValue)>,
 }
 
 impl SyncReport {
@@ -126,6 +134,11 @@ pub struct Reconciler {
     backend_ids: BTreeMap<BackendValue, u32>,
     service_ids: IdAllocator,
     backend_id_alloc: IdAllocator,
+    /// What `LB_LOCAL_NETS`, `LB_SRC_RANGES` and `LB_VIPS` hold.
+    node_entries: BTreeSet<NodeEntry>,
+    /// What `LB_CONFIG` holds; `config_flags` are or-ed into it (`lb-agent trace` sets `CONFIG_FLAG_TRACE`).
+    config: ConfigValue,
+    config_flags: u32,
 }
 
 impl Reconciler {
@@ -149,13 +162,34 @@ impl Reconciler {
             backend_id_alloc.mark(id);
             backend_ids.insert(value, id);
         }
+        // The per-packet maps are small and rewritten whole when they differ; unreadable means "unknown", so the
+        // first sync writes everything.
+        let node_entries = maps
+            .node_entries()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let config = maps.config().unwrap_or_default();
         Ok(Self {
             cfg,
             services,
             backend_ids,
             service_ids,
             backend_id_alloc,
+            node_entries,
+            config,
+            config_flags: 0,
         })
+    }
+
+    /// Flags or-ed into `LB_CONFIG` at every sync (`lb_common::CONFIG_FLAG_*`).
+    pub fn set_config_flags(&mut self, flags: u32) {
+        self.config_flags = flags;
+    }
+
+    /// The ids of every programmed service (for conntrack garbage collection).
+    pub fn service_ids(&self) -> HashSet<u32> {
+        self.services.values().map(|p| p.value.service_id).collect()
     }
 
     pub fn programmed_services(&self) -> usize {
@@ -164,6 +198,22 @@ impl Reconciler {
 
     pub fn programmed_backends(&self) -> usize {
         self.backend_ids.len()
+    }
+
+    /// The service id a frontend is programmed under (`None` when it is not), for the names map and metrics.
+    pub fn service_id(&self, key: &ServiceKey) -> Option<u32> {
+        self.services.get(key).map(|p| p.value.service_id)
+    }
+
+    /// Changes the Maglev table size bounds (live configuration reload); tables are rebuilt at the next sync where
+    /// their size changes.
+    pub fn set_maglev_sizes(&mut self, min: Option<u32>, max: Option<u32>) {
+        if let Some(min) = min {
+            self.cfg.maglev_min_size = min;
+        }
+        if let Some(max) = max {
+            self.cfg.maglev_max_size = max;
+        }
     }
 
     /// Makes the maps match `desired`. Errors on single frontends are collected in the report and do not stop the
@@ -208,6 +258,7 @@ impl Reconciler {
                 continue;
             };
             let id = p.value.service_id;
+            let backends_of_deleted = self.backend_ids_of(p);
             let result = maps
                 .delete_service(&key)
                 .and_then(|()| maps.delete_table(id));
@@ -216,6 +267,9 @@ impl Reconciler {
                     self.services.remove(&key);
                     self.service_ids.free(id);
                     stale_affinity.services.insert(id);
+                    stale_affinity
+                        .pairs
+                        .extend(backends_of_deleted.into_iter().map(|b| (id, b)));
                     report.services_deleted += 1;
                 }
                 Err(e) => {
@@ -225,6 +279,14 @@ impl Reconciler {
             }
         }
 
+        // Resolved before stale backends are forgotten below.
+        let values: HashMap<u32, BackendValue> = self.backends();
+        report.departed = stale_affinity
+            .pairs
+            .iter()
+            .filter_map(|(svc, b)| values.get(b).map(|v| (*svc, *v)))
+            .collect();
+        report.departed.sort();
         let stale_backends: Vec<(BackendValue, u32)> = self
             .backend_ids
             .iter()
@@ -244,6 +306,7 @@ impl Reconciler {
             }
         }
 
+        self.sync_node(maps, desired);
         match maps.purge_affinity(&stale_affinity) {
             Ok(n) => report.affinity_purged = n,
             Err(e) => {
@@ -251,6 +314,88 @@ impl Reconciler {
             }
         }
         report
+    }
+
+    /// Programs the per-packet datapath's node-level maps: SNAT addresses, this node's networks, the ClusterIP set and
+    /// the source ranges of programmed services. Adds come before deletes, so a changed entry is never missing.
+    /// A new service's ranges are written after its entry: for that instant its LoadBalancer IP drops everything,
+    /// the safe side of rule 9.
+    fn sync_node(&mut self, maps: &mut impl Maps, desired: &DesiredState) {
+        let node = &desired.node;
+        let config = ConfigValue {
+            snat_v4: node.snat_address(true).map(addr_bytes).unwrap_or([0; 16]),
+            snat_v6: node.snat_address(false).map(addr_bytes).unwrap_or([0; 16]),
+            flags: self.config_flags,
+            _pad: 0,
+        };
+        if config != self.config {
+            match maps.put_config(&config) {
+                Ok(()) => self.config = config,
+                Err(e) => tracing::warn!(error = %e, "could not write the datapath configuration"),
+            }
+        }
+        let mut want = BTreeSet::new();
+        for &a in &node.addresses {
+            let (prefix, addr) = lpm_prefix(a, 128);
+            want.insert(NodeEntry::LocalNet {
+                prefix,
+                addr,
+                kind: LOCAL_NET_NODE,
+            });
+        }
+        for &(net, len) in &node.pod_cidrs {
+            let (prefix, addr) = lpm_prefix(net, len);
+            want.insert(NodeEntry::LocalNet {
+                prefix,
+                addr,
+                kind: LOCAL_NET_POD,
+            });
+        }
+        for (frontend, entry) in &desired.services {
+            if entry.kind == crate::state::VipKind::ClusterIp {
+                want.insert(NodeEntry::Vip {
+                    addr: addr_bytes(frontend.addr),
+                    flags: VIP_FLAG_CLUSTER_IP,
+                });
+            }
+            if entry.source_ranges.is_empty() {
+                continue;
+            }
+            let Some(p) = self.services.get(&service_key(frontend)) else {
+                continue;
+            };
+            for &(net, len) in &entry.source_ranges {
+                let (prefix, addr) = lpm_prefix(net, len);
+                want.insert(NodeEntry::SrcRange {
+                    service_id: p.value.service_id,
+                    prefix,
+                    addr,
+                });
+            }
+        }
+        for e in want.difference(&self.node_entries.clone()) {
+            match maps.put_node_entry(e) {
+                Ok(()) => {
+                    self.node_entries.insert(*e);
+                }
+                Err(err) => {
+                    tracing::warn!(entry = ?e, error = %err, "could not write a node entry")
+                }
+            }
+        }
+        let stale: Vec<NodeEntry> = self
+            .node_entries
+            .iter()
+            .filter(|e| !want.contains(e))
+            .copied()
+            .collect();
+        for e in stale {
+            // A changed value under the same key was just written: deleting the old one would delete the new.
+            let rewritten = want.iter().any(|w| w.same_key(&e));
+            if rewritten || maps.delete_node_entry(&e).is_ok() {
+                self.node_entries.remove(&e);
+            }
+        }
     }
 
     /// Programs one frontend; returns the backend ids it uses.
@@ -266,7 +411,10 @@ impl Reconciler {
         let proto = frontend.proto.number();
         let mut ids = Vec::with_capacity(entry.backends.len());
         for b in &entry.backends {
-            let value = BackendValue::new(b.addr, b.port, proto);
+            let value = BackendValue {
+                flags: if b.local { BACKEND_FLAG_LOCAL } else { 0 },
+                ..BackendValue::new(b.addr, b.port, proto)
+            };
             let id = match self.backend_ids.get(&value) {
                 Some(id) => *id,
                 None => {
@@ -328,6 +476,10 @@ impl Reconciler {
                 SVC_FLAG_DROP_NO_BACKEND
             } else {
                 0
+            } | if entry.source_ranges.is_empty() {
+                0
+            } else {
+                SVC_FLAG_SOURCE_RANGES
             },
             _pad: [0; 2],
             table_hash,
@@ -342,10 +494,10 @@ impl Reconciler {
         let table_changed = previous
             .as_ref()
             .is_none_or(|p| p.value.table_hash != table_hash);
-        // Backends that leave a service must not keep its clients through affinity. Read before the table is
-        // replaced: after a restart the previous set is known only from the table itself.
+        // Backends that leave a service must not keep its clients through affinity, nor through sockets connected
+        // to them. Read before the table is replaced: after a restart the previous set is known only from the table.
         let previous_ids: Option<Vec<u32>> = match &previous {
-            Some(p) if table_changed && p.value.affinity_timeout > 0 => Some(match &p.inputs {
+            Some(p) if table_changed => Some(match &p.inputs {
                 Some((_, before, _)) => before.clone(),
                 None => maps.table(service_id).ok().flatten().unwrap_or_default(),
             }),
@@ -515,15 +667,18 @@ mod tests {
                     addr: b.parse::<IpAddr>().expect("ip"),
                     port: 8080,
                     weight: 1,
+                    local: true,
                 })
                 .collect(),
             drop_if_empty: false,
+            source_ranges: vec![],
         }
     }
 
     fn state(entries: Vec<(Frontend, ServiceEntry)>) -> DesiredState {
         DesiredState {
             services: entries.into_iter().collect(),
+            ..DesiredState::default()
         }
     }
 

@@ -305,6 +305,16 @@ fn slice_info(
     ))
 }
 
+/// Every address listed by any slice, whatever its conditions or Service (see `DesiredState::endpoint_addresses`).
+pub(crate) fn listed_addresses(slices: &[EndpointSlice]) -> BTreeSet<IpAddr> {
+    slices
+        .iter()
+        .flat_map(|s| s.endpoints.iter().flatten())
+        .flat_map(|e| e.addresses.iter())
+        .filter_map(|a| parse_ip_sloppy(a))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::test_support::*;

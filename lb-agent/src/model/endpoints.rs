@@ -32,6 +32,7 @@ impl Endpoint {
             addr: self.addr,
             port: self.port,
             weight: 1,
+            local: self.is_local,
         }
     }
 
@@ -172,6 +173,82 @@ fn available_for_topology(ep: &Endpoint, mode: TopologyMode, node_name: &str, zo
         TopologyMode::PreferSameNode => ep.node_hints.contains(node_name),
         TopologyMode::PreferSameZone => ep.zone_hints.contains(zone),
     }
+}
+
+/// Why an endpoint is, or is not, in one endpoint set of [`categorize_endpoints`] (for `lb-agent explain`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Eligibility {
+    /// Ready (and, for the Cluster set, inside this node's topology).
+    Ready,
+    /// Serving and terminating, used because the set has no ready endpoint (graceful termination).
+    TerminatingFallback,
+    /// Serving and terminating, left out because the set has ready endpoints.
+    Terminating,
+    /// Neither ready nor serving-and-terminating.
+    NotReady,
+    /// Local set: the endpoint runs on another node.
+    OtherNode,
+    /// Cluster set: topology hints send this node's traffic to endpoints hinted for its zone; this one is not.
+    OtherZone,
+    /// Cluster set: node hints send this node's traffic to endpoints hinted for it; this one is not.
+    OtherNodeHint,
+}
+
+impl Eligibility {
+    pub fn is_used(self) -> bool {
+        matches!(self, Eligibility::Ready | Eligibility::TerminatingFallback)
+    }
+}
+
+/// The reasons behind [`categorize_endpoints`], one per endpoint (in `endpoints` order) for each set the port
+/// uses (`None` for a set it never uses). It walks the same steps with the same helpers; the unit tests check
+/// that exactly the endpoints marked used are the ones `categorize_endpoints` returns.
+pub(crate) fn explain_endpoints(
+    endpoints: &[Endpoint],
+    uses: Uses,
+    node_name: &str,
+    zone: &str,
+) -> (Option<Vec<Eligibility>>, Option<Vec<Eligibility>>) {
+    let cluster = uses.cluster.then(|| {
+        let mode = topology_mode_from_hints(endpoints, node_name, zone);
+        let any_ready = endpoints
+            .iter()
+            .any(|ep| ep.ready && available_for_topology(ep, mode, node_name, zone));
+        endpoints
+            .iter()
+            .map(|ep| match (any_ready, ep.ready) {
+                (true, true) if available_for_topology(ep, mode, node_name, zone) => {
+                    Eligibility::Ready
+                }
+                (true, true) if mode == TopologyMode::PreferSameNode => Eligibility::OtherNodeHint,
+                (true, true) => Eligibility::OtherZone,
+                (true, false) if ep.is_serving_terminating() => Eligibility::Terminating,
+                (false, _) if ep.is_serving_terminating() => Eligibility::TerminatingFallback,
+                _ => Eligibility::NotReady,
+            })
+            .collect()
+    });
+    let local = uses.local.then(|| {
+        let has_local_ready = endpoints.iter().any(|ep| ep.is_local && ep.ready);
+        endpoints
+            .iter()
+            .map(|ep| {
+                if !ep.is_local {
+                    Eligibility::OtherNode
+                } else if ep.ready {
+                    Eligibility::Ready
+                } else if ep.is_serving_terminating() && has_local_ready {
+                    Eligibility::Terminating
+                } else if ep.is_serving_terminating() {
+                    Eligibility::TerminatingFallback
+                } else {
+                    Eligibility::NotReady
+                }
+            })
+            .collect()
+    });
+    (cluster, local)
 }
 
 /// The backends of the endpoints passing `keep`, sorted and without duplicates.
@@ -444,6 +521,62 @@ endpoints:
             backends(entry(&t, "10.96.0.10", 80, Scope::Internal)),
             ["10.0.1.1:8080"]
         );
+    }
+
+    /// `explain_endpoints` must mark as used exactly what `categorize_endpoints` returns, for every combination of
+    /// conditions, locality and hints over pairs of endpoints (and triples of a smaller pool).
+    #[test]
+    fn explanations_agree_with_categorize_endpoints() {
+        use super::{Endpoint, Uses, categorize_endpoints, explain_endpoints};
+        use std::collections::BTreeSet;
+        let mut pool = Vec::new();
+        for bits in 0..16u8 {
+            for hint in [None, Some("zone-a"), Some("zone-b")] {
+                for node_hint in [None, Some("worker-1")] {
+                    pool.push(Endpoint {
+                        addr: ip(&format!("10.0.{bits}.{}", pool.len() % 250 + 1)),
+                        port: 8080,
+                        is_local: bits & 1 != 0,
+                        ready: bits & 2 != 0,
+                        serving: bits & 4 != 0,
+                        terminating: bits & 8 != 0,
+                        zone_hints: hint.into_iter().map(String::from).collect(),
+                        node_hints: node_hint.into_iter().map(String::from).collect(),
+                    });
+                }
+            }
+        }
+        let uses_all = [
+            Uses::new(false, false, false),
+            Uses::new(true, false, false),
+            Uses::new(false, true, true),
+        ];
+        let mut checked = 0;
+        for (i, a) in pool.iter().enumerate() {
+            for b in &pool[i..] {
+                let eps = vec![a.clone(), b.clone()];
+                for uses in uses_all {
+                    let sets = categorize_endpoints(&eps, uses, "worker-1", "zone-a");
+                    let (cluster, local) = explain_endpoints(&eps, uses, "worker-1", "zone-a");
+                    let used = |why: &Option<Vec<super::Eligibility>>| -> BTreeSet<String> {
+                        why.iter()
+                            .flatten()
+                            .zip(&eps)
+                            .filter(|(e, _)| e.is_used())
+                            .map(|(_, ep)| format!("{}:{}", ep.addr, ep.port))
+                            .collect()
+                    };
+                    let set = |v: &Vec<crate::state::Backend>| -> BTreeSet<String> {
+                        v.iter().map(ToString::to_string).collect()
+                    };
+                    assert_eq!(used(&cluster), set(&sets.cluster), "cluster {eps:?}");
+                    assert_eq!(used(&local), set(&sets.local), "local {eps:?}");
+                    assert_eq!(cluster.is_some(), uses.cluster);
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 10_000, "{checked}");
     }
 
     #[test]

@@ -37,6 +37,7 @@ impl StateBuilder {
         (
             DesiredState {
                 services: self.services,
+                ..DesiredState::default()
             },
             self.diagnostics,
         )
@@ -69,6 +70,7 @@ impl StateBuilder {
                 // ranges. So LoadBalancer IPs of a Service with source ranges (of this family, as kube-proxy
                 // filters them) get no Internal frontend: local clients' packets then reach the per-packet path.
                 internal_load_balancer: !info.has_source_ranges(family),
+                source_ranges: lb_source_ranges(info, family, node),
             };
             for port in &info.ports {
                 self.add_port(info, port, family, &vips, slices, node);
@@ -125,6 +127,7 @@ impl StateBuilder {
             affinity_timeout: info.affinity_timeout,
             backends: usable(&sets, set),
             drop_if_empty: sets.has_any && set.is_empty(),
+            source_ranges: Vec::new(),
         };
 
         let mut add = |addr: IpAddr, vip_port: u16, scope: Scope, entry: ServiceEntry| {
@@ -163,7 +166,10 @@ impl StateBuilder {
                 ip,
                 port.port,
                 Scope::External,
-                entry(VipKind::LoadBalancer, external_policy_set),
+                ServiceEntry {
+                    source_ranges: vips.source_ranges.clone(),
+                    ..entry(VipKind::LoadBalancer, external_policy_set)
+                },
             );
             if vips.internal_load_balancer {
                 add(
@@ -218,6 +224,55 @@ struct FamilyVips {
     load_balancer_ips: Vec<IpAddr>,
     node_addresses: Vec<IpAddr>,
     internal_load_balancer: bool,
+    /// The allowed sources of the LoadBalancer IPs (empty = all), see [`lb_source_ranges`].
+    source_ranges: Vec<(IpAddr, u8)>,
+}
+
+/// A Service's `loadBalancerSourceRanges` of one family, as the datapath checks them (rule 9). kube-proxy's
+/// nftables proxier also accepts the LoadBalancer IPs themselves as sources when some range holds a node IP
+/// (`allowFromNode`: traffic a node sends to an LB IP may come back to it with the LB IP as source), so those are
+/// added as host prefixes.
+fn lb_source_ranges(info: &ServiceInfo, family: Family, node: &NodeContext) -> Vec<(IpAddr, u8)> {
+    let mut ranges: Vec<(IpAddr, u8)> = info
+        .source_ranges
+        .iter()
+        .copied()
+        .filter(|(ip, _)| Family::of(ip) == family)
+        .collect();
+    let holds_node_ip = node.addresses.iter().any(|a| {
+        ranges
+            .iter()
+            .any(|&(net, len)| prefix_contains(net, len, *a))
+    });
+    if holds_node_ip {
+        for &ip in &info.load_balancer_ips {
+            if Family::of(&ip) == family {
+                ranges.push((ip, if ip.is_ipv4() { 32 } else { 128 }));
+            }
+        }
+    }
+    ranges.sort();
+    ranges.dedup();
+    ranges
+}
+
+/// Whether `addr` lies inside `net/len` (both of one family; different families never match).
+pub(crate) fn prefix_contains(net: IpAddr, len: u8, addr: IpAddr) -> bool {
+    let (net, addr, bits) = match (net, addr) {
+        (IpAddr::V4(n), IpAddr::V4(a)) => (
+            u128::from(u32::from(n)) << 96,
+            u128::from(u32::from(a)) << 96,
+            32,
+        ),
+        (IpAddr::V6(n), IpAddr::V6(a)) => (u128::from(n), u128::from(a), 128),
+        _ => return false,
+    };
+    let len = u32::from(len).min(bits);
+    if len == 0 {
+        return true;
+    }
+    let mask = u128::MAX << (128 - len);
+    net & mask == addr & mask
 }
 
 /// A set is only used when the Service port has usable endpoints at all; otherwise the frontend rejects.
@@ -282,6 +337,7 @@ endpoints:
             addr: ip(addr),
             port: 8080,
             weight: 1,
+            local: addr == "10.0.1.1",
         };
         let entry = ServiceEntry {
             service: ServicePortName {
@@ -294,6 +350,7 @@ endpoints:
             affinity_timeout: None,
             backends: vec![backend("10.0.1.1"), backend("10.0.2.1")],
             drop_if_empty: false,
+            source_ranges: vec![],
         };
         let want: BTreeMap<_, _> = [
             (
@@ -349,7 +406,9 @@ endpoints:
             ),
             &worker(),
         );
-        assert_eq!(t, crate::model::Translation::default());
+        // The node's own networks are always there (for the per-packet datapath); no service is.
+        assert!(t.state.services.is_empty(), "{:?}", t.state.services);
+        assert_eq!(t.diagnostics, vec![]);
     }
 
     #[test]

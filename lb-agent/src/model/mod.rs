@@ -20,7 +20,9 @@
 
 mod endpoint_slices;
 mod endpoints;
+mod explain;
 mod frontends;
+mod health;
 mod ip;
 mod node;
 mod service_ports;
@@ -30,6 +32,11 @@ mod test_support;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+pub use endpoints::Eligibility;
+pub use explain::{
+    EndpointExplanation, FrontendExplanation, PortExplanation, ServiceExplanation, explain,
+};
+pub use health::ServiceHealth;
 pub use node::node_context;
 
 use crate::manifest::{ClusterObjects, Diagnostic};
@@ -64,6 +71,8 @@ pub struct ModelConfig {
 pub struct Translation {
     pub state: DesiredState,
     pub diagnostics: Vec<Diagnostic>,
+    /// The health check servers this node runs (`healthCheckNodePort` of Local LoadBalancer Services).
+    pub health: Vec<ServiceHealth>,
 }
 
 /// Computes this node's desired datapath state from the cluster objects. Pure: same input, same output.
@@ -102,12 +111,20 @@ pub fn translate(objects: &ClusterObjects, node: &NodeContext, cfg: &ModelConfig
     }
 
     let mut state = frontends::StateBuilder::default();
+    let mut health = Vec::new();
     for svc in services.values() {
         if let Some(info) = service_ports::service_info(svc, cfg, &mut diagnostics) {
             state.add_service(&info, &slices, node);
+            health.extend(health::service_health(svc, &info, &slices));
         }
     }
-    let (state, conflicts) = state.finish();
+    let (mut state, conflicts) = state.finish();
+    state.node = node::node_nets(&objects.nodes, node);
+    state.endpoint_addresses = endpoint_slices::listed_addresses(&objects.endpoint_slices);
     diagnostics.extend(conflicts);
-    Translation { state, diagnostics }
+    Translation {
+        state,
+        diagnostics,
+        health,
+    }
 }

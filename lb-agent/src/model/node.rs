@@ -46,6 +46,28 @@ pub fn node_context(node_name: &str, nodes: &[Node], cfg: &ModelConfig) -> NodeC
     }
 }
 
+/// This node's networks for the per-packet datapath: its NodePort addresses (`node.addresses`, the first per family
+/// is the SNAT address) and the Node object's `spec.podCIDRs` (local pods, kube-proxy's `--detect-local-mode=NodeCIDR`).
+pub fn node_nets(nodes: &[Node], node: &NodeContext) -> crate::state::NodeNets {
+    let pod_cidrs = nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(node.name.as_str()))
+        .and_then(|n| n.spec.as_ref())
+        .and_then(|s| {
+            s.pod_cidrs
+                .clone()
+                .or_else(|| s.pod_cidr.clone().map(|c| vec![c]))
+        })
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|c| super::ip::parse_cidr_sloppy(c))
+        .collect();
+    crate::state::NodeNets {
+        addresses: node.addresses.clone(),
+        pod_cidrs,
+    }
+}
+
 /// kube-proxy's primary node IPs (`utilnode.GetNodeHostIPs`): the first InternalIP, else the first ExternalIP, and
 /// then the first address of the other family, InternalIPs before ExternalIPs. SEMANTICS.md says "InternalIP per
 /// family"; upstream also falls back to ExternalIP, and upstream wins.

@@ -133,6 +133,9 @@ struct UdpStickyArgs {
     /// Give up (exit 2) if the pause file does not appear within this time.
     #[arg(long, default_value_t = 120_000)]
     pause_timeout_ms: u64,
+    /// connect() each socket once, as DNS resolvers do: the socket LB then translates only at connect time.
+    #[arg(long)]
+    connected: bool,
 }
 
 /// One output line. Absent fields are left out, so each subcommand prints only what it documents.
@@ -694,7 +697,7 @@ fn print_udp_result(line: Line<'_>, result: Result<(String, SocketAddr, SocketAd
 fn udp_sticky(args: UdpStickyArgs) -> Result<()> {
     let timeout = Duration::from_millis(args.timeout_ms.max(1));
     let sockets: Vec<_> = (0..args.sockets)
-        .map(|_| udp_socket(args.to, false, timeout))
+        .map(|_| udp_socket(args.to, args.connected, timeout))
         .collect();
     for round in 1..=args.rounds {
         for (k, socket) in sockets.iter().enumerate() {
@@ -703,10 +706,9 @@ fn udp_sticky(args: UdpStickyArgs) -> Result<()> {
                 socket: Some(k),
                 ..Line::default()
             };
-            let result = socket
-                .as_ref()
-                .map_err(Failure::clone)
-                .and_then(|s| udp_exchange(s, args.to, false, &format!("lb-probe {round} {k}")));
+            let result = socket.as_ref().map_err(Failure::clone).and_then(|s| {
+                udp_exchange(s, args.to, args.connected, &format!("lb-probe {round} {k}"))
+            });
             print_udp_result(line, result);
         }
         Line {

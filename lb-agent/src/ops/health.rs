@@ -1,0 +1,288 @@
+//! `/healthz`, `/readyz` and the per-Service `healthCheckNodePort` servers.
+//!
+//! - `/healthz` (liveness): 200 unless a sync has been running for longer than [`STUCK_SYNC`], which means the
+//!   agent's loop is wedged; kubelet then restarts it (the datapath keeps serving meanwhile, everything is pinned).
+//! - `/readyz`: 503 until the first full sync programmed the maps, then 200 (kube-proxy's readiness has the same
+//!   meaning: this node's Services are programmed).
+//! - One server per `healthCheckNodePort` (LoadBalancer Services with `externalTrafficPolicy: Local`), answering
+//!   as kube-proxy's `hcHandler` does (pkg/proxy/healthcheck/service_health.go): 200 with the number of local
+//!   ready endpoints, 503 when there are none (or the agent is unhealthy), so the cloud load balancer sends traffic
+//!   only to nodes that can serve it locally.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::http::{self, Handler, Response};
+use crate::model::ServiceHealth;
+
+/// A sync running this long means the loop is stuck.
+pub const STUCK_SYNC: Duration = Duration::from_secs(120);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What the run loop tells the health endpoints.
+#[derive(Debug, Default)]
+pub struct HealthState {
+    ready: AtomicBool,
+    /// Wall-clock ms when the running sync started; 0 when none runs.
+    sync_started_ms: AtomicU64,
+    /// Wall-clock ms when the last sync finished.
+    last_sync_ms: AtomicU64,
+    /// Per-Service health: (namespace, name) -> local endpoint count.
+    services: Mutex<BTreeMap<(String, String), usize>>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct HealthBody {
+    healthy: bool,
+    ready: bool,
+    /// Unix time of the last finished sync, in milliseconds; 0 before the first.
+    last_sync_ms: u64,
+    current_time_ms: u64,
+}
+
+impl HealthState {
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn sync_started(&self) {
+        self.sync_started_ms
+            .store(now_ms().max(1), Ordering::Relaxed);
+    }
+
+    pub fn sync_finished(&self) {
+        self.sync_started_ms.store(0, Ordering::Relaxed);
+        self.last_sync_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Healthy unless a sync is stuck.
+    pub fn is_healthy(&self) -> bool {
+        let started = self.sync_started_ms.load(Ordering::Relaxed);
+        started == 0 || now_ms().saturating_sub(started) < STUCK_SYNC.as_millis() as u64
+    }
+
+    fn body(&self) -> String {
+        let body = HealthBody {
+            healthy: self.is_healthy(),
+            ready: self.is_ready(),
+            last_sync_ms: self.last_sync_ms.load(Ordering::Relaxed),
+            current_time_ms: now_ms(),
+        };
+        serde_json::to_string(&body).unwrap_or_default() + "\n"
+    }
+
+    /// The `/healthz` and `/readyz` handler.
+    pub fn handle(&self, path: &str) -> Response {
+        let ok = match path {
+            "/healthz" | "/livez" => self.is_healthy(),
+            "/readyz" => self.is_ready() && self.is_healthy(),
+            _ => return Response::text(404, "not found\n"),
+        };
+        Response {
+            status: if ok { 200 } else { 503 },
+            content_type: "application/json",
+            headers: vec![("X-Content-Type-Options", "nosniff".into())],
+            body: self.body(),
+        }
+    }
+
+    /// A `healthCheckNodePort` answer for Service `namespace/name`, exactly kube-proxy's fields.
+    pub fn service_response(&self, namespace: &str, name: &str) -> Response {
+        let count = self
+            .services
+            .lock()
+            .map(|s| {
+                s.get(&(namespace.to_owned(), name.to_owned()))
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0);
+        let healthy = self.is_healthy();
+        let body = serde_json::json!({
+            "service": {"namespace": namespace, "name": name},
+            "localEndpoints": count,
+            "serviceProxyHealthy": healthy,
+        });
+        Response {
+            status: if count > 0 && healthy { 200 } else { 503 },
+            content_type: "application/json",
+            headers: vec![
+                ("X-Content-Type-Options", "nosniff".into()),
+                // Lets weighted load balancers spread by local endpoint count (kube-proxy sets it too).
+                ("X-Load-Balancing-Endpoint-Weight", count.to_string()),
+            ],
+            body: body.to_string() + "\n",
+        }
+    }
+}
+
+/// The running `healthCheckNodePort` servers, by port.
+pub struct ServiceHealthServers {
+    state: Arc<HealthState>,
+    addresses: Vec<IpAddr>,
+    runtime: tokio::runtime::Handle,
+    running: BTreeMap<u16, Running>,
+}
+
+struct Running {
+    service: (String, String),
+    stop: watch::Sender<bool>,
+}
+
+impl ServiceHealthServers {
+    pub fn new(
+        state: Arc<HealthState>,
+        addresses: Vec<IpAddr>,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        Self {
+            state,
+            addresses,
+            runtime,
+            running: BTreeMap::new(),
+        }
+    }
+
+    /// kube-proxy's `SyncServices` + `SyncEndpoints`: counts are updated, servers of Services gone (or moved to
+    /// another port) are closed, new ones opened. A port that cannot be bound is logged and retried at the next
+    /// sync, and the other Services keep their servers.
+    pub fn sync(&mut self, health: &[ServiceHealth]) {
+        let counts: BTreeMap<(String, String), usize> = health
+            .iter()
+            .map(|h| ((h.namespace.clone(), h.name.clone()), h.local_endpoints))
+            .collect();
+        if let Ok(mut s) = self.state.services.lock() {
+            *s = counts;
+        }
+        let wanted: BTreeMap<u16, (String, String)> = health
+            .iter()
+            .map(|h| {
+                (
+                    h.health_check_node_port,
+                    (h.namespace.clone(), h.name.clone()),
+                )
+            })
+            .collect();
+        let stale: Vec<u16> = self
+            .running
+            .iter()
+            .filter(|(port, r)| wanted.get(port) != Some(&r.service))
+            .map(|(port, _)| *port)
+            .collect();
+        for port in stale {
+            if let Some(r) = self.running.remove(&port) {
+                tracing::info!(port, service = %format!("{}/{}", r.service.0, r.service.1), "closing health check server");
+                let _ = r.stop.send(true);
+            }
+        }
+        for (port, service) in wanted {
+            if self.running.contains_key(&port) {
+                continue;
+            }
+            match self.open(port, &service) {
+                Ok(stop) => {
+                    tracing::info!(port, service = %format!("{}/{}", service.0, service.1), "health check server listening");
+                    self.running.insert(port, Running { service, stop });
+                }
+                Err(e) => tracing::error!(
+                    event = "Warning",
+                    reason = "FailedToStartServiceHealthcheck",
+                    port,
+                    service = %format!("{}/{}", service.0, service.1),
+                    error = %e,
+                    "cannot open the health check port; retrying at the next sync"
+                ),
+            }
+        }
+    }
+
+    /// Binds every address first, so a port is either served on all of them or on none.
+    fn open(&self, port: u16, service: &(String, String)) -> std::io::Result<watch::Sender<bool>> {
+        let mut listeners = Vec::new();
+        for addr in &self.addresses {
+            let std_listener = std::net::TcpListener::bind(SocketAddr::new(*addr, port))?;
+            std_listener.set_nonblocking(true)?;
+            listeners.push(std_listener);
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        let state = self.state.clone();
+        let (namespace, name) = service.clone();
+        let handler: Handler = Arc::new(move |_path| state.service_response(&namespace, &name));
+        for l in listeners {
+            let handler = handler.clone();
+            let stop_rx = stop_rx.clone();
+            let _guard = self.runtime.enter();
+            let listener = TcpListener::from_std(l)?;
+            self.runtime.spawn(http::serve(listener, handler, stop_rx));
+        }
+        Ok(stop)
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.running.keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readyz_waits_for_the_first_sync() {
+        let s = HealthState::default();
+        assert_eq!(s.handle("/healthz").status, 200);
+        assert_eq!(s.handle("/readyz").status, 503);
+        s.sync_started();
+        s.sync_finished();
+        s.set_ready();
+        assert_eq!(s.handle("/readyz").status, 200);
+        assert_eq!(s.handle("/nope").status, 404);
+    }
+
+    #[test]
+    fn a_stuck_sync_is_unhealthy() {
+        let s = HealthState::default();
+        s.sync_started_ms.store(
+            now_ms() - STUCK_SYNC.as_millis() as u64 - 1000,
+            Ordering::Relaxed,
+        );
+        assert_eq!(s.handle("/healthz").status, 503);
+    }
+
+    #[test]
+    fn service_health_answers_like_kube_proxy() {
+        let s = HealthState::default();
+        s.services
+            .lock()
+            .expect("lock")
+            .insert(("ns".into(), "web".into()), 2);
+        let r = s.service_response("ns", "web");
+        assert_eq!(r.status, 200);
+        let body: serde_json::Value = serde_json::from_str(&r.body).expect("json");
+        assert_eq!(
+            body,
+            serde_json::json!({"service": {"namespace": "ns", "name": "web"}, "localEndpoints": 2, "serviceProxyHealthy": true})
+        );
+        let r = s.service_response("ns", "other");
+        assert_eq!(r.status, 503);
+        assert!(r.body.contains("\"localEndpoints\":0"), "{}", r.body);
+    }
+}

@@ -1,0 +1,345 @@
+//! The cluster source: kube-rs watchers on Services, EndpointSlices and this node's Node object, feeding the same
+//! pure translation as the file source (`model::translate` on a [`ClusterObjects`](crate::manifest::ClusterObjects)
+//! snapshot) and, through the run loop, the same `Reconciler`.
+//!
+//! Objects are watched as `DynamicObject`s and converted one by one with the manifest reader's converter, so one
+//! malformed object becomes a diagnostic naming it and its field instead of failing the whole list (a typed list
+//! would fail to deserialize as a unit and the watcher would retry it forever).
+//!
+//! **Resilience:** kube-runtime's watcher resumes a dropped watch from the last resourceVersion it saw, and after
+//! `410 Gone` relists (`Init`, `InitApply`..., `InitDone`). The [`tracker`] buffers a relist and diffs it against
+//! what it had at `InitDone`, so a relist never flushes anything: unchanged objects cost nothing and vanished ones
+//! are deleted like any other change. Nothing is handed out before Services, EndpointSlices and the Node have each
+//! been listed once.
+//!
+//! **Batching:** bursts of events (a rollout touches many slices) are applied together: after the first event the
+//! source waits for [`QUIET`] without events, but never longer than [`MAX_BATCH`], so a lone endpoint change is
+//! programmed within tens of milliseconds.
+
+pub mod tracker;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::manifest::{self, Diagnostic};
+use tracker::{Change, ObjectKey, Parsed, Update};
+pub use tracker::{Kind, Snapshot, Tracker};
+
+/// How long the source waits without new events before handing out a batch.
+pub const QUIET: Duration = Duration::from_millis(30);
+/// The longest a batch may be held back while events keep coming.
+pub const MAX_BATCH: Duration = Duration::from_millis(200);
+
+/// The label every EndpointSlice managed for a Service carries; kube-proxy watches only slices that have it
+/// (`labelSelector=kubernetes.io/service-name`, see `pkg/proxy/config`'s informer factory).
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Where the API server and credentials come from.
+#[derive(Clone, Debug)]
+pub enum Connection {
+    /// A kubeconfig file (its current context).
+    Kubeconfig(PathBuf),
+    /// The pod's service account (`KUBERNETES_SERVICE_HOST`/`_PORT` and the mounted token), as kube-proxy in a
+    /// DaemonSet.
+    InCluster,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("reading kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("in-cluster configuration: {0}")]
+    InCluster(#[source] kube::config::InClusterError),
+    #[error("creating the Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+}
+
+/// Builds a client for `connection`. Makes no request: an unreachable API server shows up as watcher retries.
+pub async fn client(connection: &Connection) -> Result<kube::Client, KubeError> {
+    let config = match connection {
+        Connection::Kubeconfig(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|source| {
+                KubeError::Kubeconfig {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .map_err(|source| KubeError::Kubeconfig {
+                    path: path.clone(),
+                    source,
+                })?
+        }
+        Connection::InCluster => kube::Config::incluster().map_err(KubeError::InCluster)?,
+    };
+    kube::Client::try_from(config).map_err(KubeError::Client)
+}
+
+/// The running watchers and the tracker they feed.
+pub struct KubeSource {
+    events: mpsc::UnboundedReceiver<Update>,
+    tracker: Tracker,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl KubeSource {
+    /// Starts the three watchers on the current tokio runtime.
+    pub fn start(client: kube::Client, node_name: &str) -> KubeSource {
+        let (tx, events) = mpsc::unbounded_channel();
+        let services = watcher::Config::default();
+        let slices = watcher::Config::default().labels(SERVICE_NAME_LABEL);
+        // Only this node's Node object: its addresses and zone are all the model reads (kube-proxy's
+        // `NodeManager` watches the same single object with a `metadata.name` field selector).
+        let node = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+        let tasks = vec![
+            tokio::spawn(watch::<Service>(
+                client.clone(),
+                services,
+                Kind::Service,
+                tx.clone(),
+                Update::Service,
+            )),
+            tokio::spawn(watch::<EndpointSlice>(
+                client.clone(),
+                slices,
+                Kind::EndpointSlice,
+                tx.clone(),
+                Update::EndpointSlice,
+            )),
+            tokio::spawn(watch::<Node>(client, node, Kind::Node, tx, Update::Node)),
+        ];
+        KubeSource::from_events(events, tasks)
+    }
+
+    /// The source over any stream of updates (the watchers' channel, or a test's).
+    fn from_events(events: mpsc::UnboundedReceiver<Update>, tasks: Vec<JoinHandle<()>>) -> Self {
+        KubeSource {
+            events,
+            tracker: Tracker::default(),
+            tasks,
+        }
+    }
+
+    /// Waits for the next snapshot worth syncing: the first once every kind has been listed ([`Snapshot::initial`];
+    /// the run loop logs "initial sync done" after programming it), then one per batch of events that changed
+    /// something. `None` when every watcher has stopped (they do not, short of a panic).
+    pub async fn next(&mut self) -> Option<Snapshot> {
+        loop {
+            let first = self.events.recv().await?;
+            self.apply(first);
+            let deadline = tokio::time::Instant::now() + MAX_BATCH;
+            loop {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                match tokio::time::timeout(QUIET.min(deadline - now), self.events.recv()).await {
+                    Ok(Some(update)) => self.apply(update),
+                    Ok(None) => return None,
+                    Err(_quiet) => break,
+                }
+            }
+            if let Some(snapshot) = self.tracker.take() {
+                return Some(snapshot);
+            }
+        }
+    }
+
+    /// Everything known now, for a resync outside the event flow (SIGHUP, a config reload); `None` before the
+    /// initial lists.
+    pub fn current(&self) -> Option<Snapshot> {
+        self.tracker.current()
+    }
+
+    fn apply(&mut self, update: Update) {
+        let was_ready = self.tracker.ready();
+        let (kind, applied) = self.tracker.apply(update);
+        if applied.list_done {
+            tracing::info!(%kind, changed = applied.changed, vanished = applied.vanished, "listed");
+            if !was_ready && !self.tracker.ready() {
+                tracing::info!(waiting_for = ?self.tracker.unlisted(), "not programming anything before every kind is listed");
+            }
+        }
+    }
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Runs one watcher forever, converting its objects and sending them on. Errors are logged; kube-runtime's
+/// default backoff spaces the retries, and a `410 Gone` makes the watcher relist by itself.
+async fn watch<K>(
+    client: kube::Client,
+    config: watcher::Config,
+    kind: Kind,
+    tx: mpsc::UnboundedSender<Update>,
+    wrap: fn(Change<K>) -> Update,
+) where
+    K: kube::Resource<DynamicType = ()> + DeserializeOwned,
+{
+    let resource = ApiResource::erase::<K>(&());
+    let api: Api<DynamicObject> = Api::all_with(client, &resource);
+    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+    while let Some(event) = stream.next().await {
+        let change = match event {
+            Ok(watcher::Event::Init) => Change::Init,
+            Ok(watcher::Event::InitApply(obj)) => {
+                let (key, parsed) = convert::<K>(obj, kind);
+                Change::InitApply(key, parsed)
+            }
+            Ok(watcher::Event::InitDone) => Change::InitDone,
+            Ok(watcher::Event::Apply(obj)) => {
+                let (key, parsed) = convert::<K>(obj, kind);
+                Change::Apply(key, parsed)
+            }
+            Ok(watcher::Event::Delete(obj)) => Change::Delete(object_key(&obj)),
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                tracing::info!(%kind, message = %status.message, "watch expired (410 Gone); relisting, the datapath stays as it is");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(%kind, error = %e, "watch failed; retrying with backoff, the datapath stays as it is");
+                continue;
+            }
+        };
+        if tx.send(wrap(change)).is_err() {
+            return;
+        }
+    }
+}
+
+fn object_key(obj: &DynamicObject) -> ObjectKey {
+    ObjectKey {
+        namespace: obj.metadata.namespace.clone().unwrap_or_default(),
+        name: obj.metadata.name.clone().unwrap_or_default(),
+    }
+}
+
+/// A `DynamicObject` to its typed form, or a diagnostic naming the object and the field that failed.
+fn convert<K: kube::Resource<DynamicType = ()> + DeserializeOwned>(
+    obj: DynamicObject,
+    kind: Kind,
+) -> (ObjectKey, Parsed<K>) {
+    let key = object_key(&obj);
+    let kind_name = kind.to_string();
+    let value = match serde_json::to_value(&obj) {
+        Ok(mut value) => {
+            // List items carry no apiVersion/kind; the typed conversion does not need them, but keep them whole.
+            if let Some(map) = value.as_object_mut() {
+                map.entry("apiVersion")
+                    .or_insert_with(|| K::api_version(&()).into_owned().into());
+                map.entry("kind")
+                    .or_insert_with(|| kind_name.clone().into());
+            }
+            value
+        }
+        Err(e) => {
+            return (
+                key.clone(),
+                Err(Diagnostic::new(
+                    format!("{kind} {key}"),
+                    None,
+                    format!("unreadable object: {e}"),
+                )),
+            );
+        }
+    };
+    let place = "the API server";
+    (key, manifest::typed_object::<K>(&value, &kind_name, place))
+}
+
+/// Reads `KUBERNETES_SERVICE_HOST` the way kube-rs's in-cluster config does: set and non-empty means "inside a pod".
+pub fn in_cluster() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty())
+}
+
+/// A human-readable name of the connection, for the log.
+pub fn describe(connection: &Connection) -> String {
+    match connection {
+        Connection::Kubeconfig(p) => format!("kubeconfig {}", p.display()),
+        Connection::InCluster => "in-cluster service account".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn slice(name: &str) -> (ObjectKey, Parsed<EndpointSlice>) {
+        let key = ObjectKey {
+            namespace: "default".into(),
+            name: name.into(),
+        };
+        let obj = EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("default".into()),
+                ..Default::default()
+            },
+            address_type: "IPv4".into(),
+            ..Default::default()
+        };
+        (key, Ok(obj))
+    }
+
+    fn send_list(tx: &mpsc::UnboundedSender<Update>) {
+        for update in [
+            Update::Service(Change::Init),
+            Update::Service(Change::InitDone),
+            Update::Node(Change::Init),
+            Update::Node(Change::InitDone),
+            Update::EndpointSlice(Change::Init),
+            Update::EndpointSlice(Change::InitDone),
+        ] {
+            tx.send(update).expect("send");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_events_is_one_snapshot_and_nothing_comes_before_the_lists() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut source = KubeSource::from_events(rx, Vec::new());
+        tx.send(Update::Service(Change::Init)).expect("send");
+        tx.send(Update::Service(Change::InitDone)).expect("send");
+        let early = tokio::time::timeout(Duration::from_millis(300), source.next()).await;
+        assert!(early.is_err(), "a snapshot before every kind was listed");
+
+        send_list(&tx);
+        let initial = source.next().await.expect("initial snapshot");
+        assert!(initial.initial);
+
+        for i in 0..50 {
+            let (key, obj) = slice(&format!("s{i}"));
+            tx.send(Update::EndpointSlice(Change::Apply(key, obj)))
+                .expect("send");
+        }
+        let burst = source.next().await.expect("burst snapshot");
+        assert_eq!(
+            (burst.changes, burst.objects.endpoint_slices.len()),
+            (50, 50)
+        );
+        let quiet = tokio::time::timeout(Duration::from_millis(300), source.next()).await;
+        assert!(quiet.is_err(), "the burst was handed out once");
+    }
+}

@@ -1,0 +1,554 @@
+//! The kube source's memory of the cluster: one store per watched kind, fed by watcher events, and the pending
+//! changes since the last sync. Pure (no I/O, no clock), so the relist and readiness rules are unit-tested here.
+//!
+//! Shaped after kube-proxy's `pkg/proxy/servicechangetracker.go` and `endpointschangetracker.go`: a change is kept
+//! as `{previous, current}` per object, a later change of the same object keeps the first `previous`, and a change
+//! that ends where it started (an update undone, a relist that returns what we had) is dropped, so it costs no sync.
+//!
+//! **Relist (kube-runtime 5):** after a `410 Gone` or a fresh start the watcher sends `Init`, one `InitApply` per
+//! listed object, then `InitDone`, and never a `Delete` for objects that vanished meanwhile. The store buffers the
+//! `InitApply`s and only at `InitDone` replaces its contents, recording as changes exactly the objects that differ
+//! (added, modified, or absent from the new list = deleted). Until then the previous contents stay current, so a
+//! sync in the middle of a relist never sees a half-listed (or empty) cluster.
+//!
+//! **Readiness:** [`Tracker::take`] returns nothing until every kind has completed one list, so the agent writes no
+//! map before it knows both the Services and their EndpointSlices (no moment where a Service exists but its
+//! backends look empty), and this node's Node object (possibly absent).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::manifest::{ClusterObjects, Diagnostic};
+
+/// The kinds the source watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+        })
+    }
+}
+
+/// An object's identity within its kind: namespace (empty for Nodes) and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            f.write_str(&self.name)
+        } else {
+            write!(f, "{}/{}", self.namespace, self.name)
+        }
+    }
+}
+
+/// An object as the source keeps it: its typed form, or why it could not be read (reported on every sync, as a
+/// malformed manifest is, and otherwise skipped).
+pub type Parsed<T> = Result<T, Diagnostic>;
+
+/// One watcher event for one kind, objects already converted: kube-runtime's `watcher::Event` with keys.
+#[derive(Clone, Debug)]
+pub enum Change<T> {
+    Init,
+    InitApply(ObjectKey, Parsed<T>),
+    InitDone,
+    Apply(ObjectKey, Parsed<T>),
+    Delete(ObjectKey),
+}
+
+/// A typed event for any of the watched kinds.
+// Each update is moved once through a channel into the store, where the object lives unboxed anyway; boxing the
+// larger variants would only add an allocation per event.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug)]
+pub enum Update {
+    Service(Change<Service>),
+    EndpointSlice(Change<EndpointSlice>),
+    Node(Change<Node>),
+}
+
+/// What a store's event did to its contents, for the caller's log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Objects whose content changed (added, modified or deleted). Zero for a no-op.
+    pub changed: usize,
+    /// True when this event completed a (re)list.
+    pub list_done: bool,
+    /// Objects the completed relist found gone (no `Delete` event is sent for them).
+    pub vanished: usize,
+}
+
+/// One kind's objects (kube-runtime's reflector store, but with the relist buffered and diffed).
+#[derive(Debug)]
+struct Store<T> {
+    current: BTreeMap<ObjectKey, Parsed<T>>,
+    /// Objects of a relist in progress (between `Init` and `InitDone`).
+    relist: Option<BTreeMap<ObjectKey, Parsed<T>>>,
+    /// A list has completed at least once.
+    listed: bool,
+}
+
+impl<T> Default for Store<T> {
+    fn default() -> Self {
+        Store {
+            current: BTreeMap::new(),
+            relist: None,
+            listed: false,
+        }
+    }
+}
+
+/// `{previous, current}` of one object since the last sync; `None` = absent.
+#[derive(Clone, Debug, PartialEq)]
+struct Pending<T> {
+    previous: Option<Parsed<T>>,
+    current: Option<Parsed<T>>,
+}
+
+impl<T: Clone + PartialEq> Store<T> {
+    fn apply(
+        &mut self,
+        change: Change<T>,
+        pending: &mut BTreeMap<ObjectKey, Pending<T>>,
+    ) -> Applied {
+        let mut applied = Applied::default();
+        match change {
+            Change::Init => {
+                // A relist restarts from nothing: objects of an interrupted earlier relist are not trusted.
+                self.relist = Some(BTreeMap::new());
+            }
+            Change::InitApply(key, obj) => {
+                self.relist
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(key, obj);
+            }
+            Change::InitDone => {
+                let listed = self.relist.take().unwrap_or_default();
+                // Upserts first, then deletions: the order the objects are recorded in mirrors the order the
+                // reconciler writes (it also writes new state before it deletes).
+                for (key, obj) in &listed {
+                    if self.current.get(key) != Some(obj) {
+                        applied.changed += record(
+                            pending,
+                            key,
+                            self.current.get(key).cloned(),
+                            Some(obj.clone()),
+                        );
+                    }
+                }
+                for (key, old) in &self.current {
+                    if !listed.contains_key(key) {
+                        applied.vanished += 1;
+                        applied.changed += record(pending, key, Some(old.clone()), None);
+                    }
+                }
+                self.current = listed;
+                self.listed = true;
+                applied.list_done = true;
+            }
+            Change::Apply(key, obj) => {
+                let previous = self.current.insert(key.clone(), obj.clone());
+                if previous.as_ref() != Some(&obj) {
+                    applied.changed += record(pending, &key, previous, Some(obj));
+                }
+            }
+            Change::Delete(key) => {
+                if let Some(previous) = self.current.remove(&key) {
+                    applied.changed += record(pending, &key, Some(previous), None);
+                }
+            }
+        }
+        applied
+    }
+
+    /// The readable objects in key order, and a diagnostic for each unreadable one.
+    fn objects(&self, diagnostics: &mut Vec<Diagnostic>) -> Vec<T> {
+        let mut out = Vec::with_capacity(self.current.len());
+        for obj in self.current.values() {
+            match obj {
+                Ok(o) => out.push(o.clone()),
+                Err(d) => diagnostics.push(d.clone()),
+            }
+        }
+        out
+    }
+}
+
+/// Merges one object's change into the pending set (kube-proxy's `ServiceChangeTracker.Update`): the first
+/// `previous` is kept, and a change back to it is dropped. Returns 1 when the object's content changed.
+fn record<T: Clone + PartialEq>(
+    pending: &mut BTreeMap<ObjectKey, Pending<T>>,
+    key: &ObjectKey,
+    previous: Option<Parsed<T>>,
+    current: Option<Parsed<T>>,
+) -> usize {
+    if previous == current {
+        return 0;
+    }
+    let entry = pending.entry(key.clone()).or_insert(Pending {
+        previous,
+        current: None,
+    });
+    entry.current = current;
+    if entry.previous == entry.current {
+        pending.remove(key);
+    }
+    1
+}
+
+/// The objects to sync, taken from the tracker.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub objects: ClusterObjects,
+    /// Objects that could not be read, one diagnostic each.
+    pub diagnostics: Vec<Diagnostic>,
+    /// The first snapshot: every kind has been listed once and nothing was synced before.
+    pub initial: bool,
+    /// How many objects changed since the previous snapshot (after dropping no-op changes).
+    pub changes: usize,
+}
+
+/// The three stores and the changes not yet synced.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+    pending_services: BTreeMap<ObjectKey, Pending<Service>>,
+    pending_slices: BTreeMap<ObjectKey, Pending<EndpointSlice>>,
+    pending_nodes: BTreeMap<ObjectKey, Pending<Node>>,
+    synced_once: bool,
+}
+
+impl Tracker {
+    pub fn apply(&mut self, update: Update) -> (Kind, Applied) {
+        match update {
+            Update::Service(c) => (
+                Kind::Service,
+                self.services.apply(c, &mut self.pending_services),
+            ),
+            Update::EndpointSlice(c) => (
+                Kind::EndpointSlice,
+                self.slices.apply(c, &mut self.pending_slices),
+            ),
+            Update::Node(c) => (Kind::Node, self.nodes.apply(c, &mut self.pending_nodes)),
+        }
+    }
+
+    /// Every kind has completed a list at least once.
+    pub fn ready(&self) -> bool {
+        self.services.listed && self.slices.listed && self.nodes.listed
+    }
+
+    /// Kinds still waiting for their first list, for the log.
+    pub fn unlisted(&self) -> Vec<Kind> {
+        [
+            (Kind::Service, self.services.listed),
+            (Kind::EndpointSlice, self.slices.listed),
+            (Kind::Node, self.nodes.listed),
+        ]
+        .into_iter()
+        .filter(|(_, listed)| !listed)
+        .map(|(k, _)| k)
+        .collect()
+    }
+
+    fn pending(&self) -> usize {
+        self.pending_services.len() + self.pending_slices.len() + self.pending_nodes.len()
+    }
+
+    /// The whole current state when it is worth a sync: never before [`Tracker::ready`], then once for the
+    /// initial sync and afterwards only when some object really changed. Clears the pending changes.
+    pub fn take(&mut self) -> Option<Snapshot> {
+        if !self.ready() {
+            return None;
+        }
+        let changes = self.pending();
+        if self.synced_once && changes == 0 {
+            return None;
+        }
+        let mut snapshot = self.current()?;
+        snapshot.initial = !self.synced_once;
+        snapshot.changes = changes;
+        self.synced_once = true;
+        self.pending_services.clear();
+        self.pending_slices.clear();
+        self.pending_nodes.clear();
+        Some(snapshot)
+    }
+
+    /// The whole current state whatever changed (for a forced resync), `None` before [`Tracker::ready`]. Leaves
+    /// the pending changes alone.
+    pub fn current(&self) -> Option<Snapshot> {
+        if !self.ready() {
+            return None;
+        }
+        let mut diagnostics = Vec::new();
+        let objects = ClusterObjects {
+            services: self.services.objects(&mut diagnostics),
+            endpoint_slices: self.slices.objects(&mut diagnostics),
+            nodes: self.nodes.objects(&mut diagnostics),
+        };
+        Some(Snapshot {
+            objects,
+            diagnostics,
+            initial: false,
+            changes: 0,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey {
+            namespace: "default".into(),
+            name: name.into(),
+        }
+    }
+
+    fn svc(name: &str, ip: &str) -> Parsed<Service> {
+        Ok(Service {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("default".into()),
+                ..Default::default()
+            },
+            spec: Some(k8s_openapi::api::core::v1::ServiceSpec {
+                cluster_ip: Some(ip.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    fn slice(name: &str) -> Parsed<EndpointSlice> {
+        Ok(EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("default".into()),
+                ..Default::default()
+            },
+            address_type: "IPv4".into(),
+            ..Default::default()
+        })
+    }
+
+    /// Feeds a full list of one kind: Init, InitApply..., InitDone.
+    fn list<T>(
+        t: &mut Tracker,
+        wrap: impl Fn(Change<T>) -> Update,
+        objs: Vec<(ObjectKey, Parsed<T>)>,
+    ) {
+        t.apply(wrap(Change::Init));
+        for (k, o) in objs {
+            t.apply(wrap(Change::InitApply(k, o)));
+        }
+        t.apply(wrap(Change::InitDone));
+    }
+
+    fn ready_tracker() -> Tracker {
+        let mut t = Tracker::default();
+        list(
+            &mut t,
+            Update::Service,
+            vec![(key("web"), svc("web", "10.96.0.10"))],
+        );
+        list(
+            &mut t,
+            Update::EndpointSlice,
+            vec![(key("web-1"), slice("web-1"))],
+        );
+        list(&mut t, Update::Node, vec![]);
+        t
+    }
+
+    fn service_names(s: &Snapshot) -> Vec<String> {
+        s.objects
+            .services
+            .iter()
+            .map(|s| s.metadata.name.clone().unwrap_or_default())
+            .collect()
+    }
+
+    #[test]
+    fn nothing_is_taken_until_services_slices_and_node_are_listed() {
+        let mut t = Tracker::default();
+        list(
+            &mut t,
+            Update::Service,
+            vec![(key("web"), svc("web", "10.96.0.10"))],
+        );
+        assert!(t.take().is_none(), "services alone must not sync");
+        t.apply(Update::EndpointSlice(Change::Init));
+        t.apply(Update::EndpointSlice(Change::InitApply(
+            key("web-1"),
+            slice("web-1"),
+        )));
+        list(&mut t, Update::Node, vec![]);
+        assert!(
+            t.take().is_none(),
+            "a slice list still in progress must not sync"
+        );
+        assert_eq!(t.unlisted(), [Kind::EndpointSlice]);
+        t.apply(Update::EndpointSlice(Change::InitDone));
+        assert!(
+            t.current().is_some(),
+            "a forced resync may now read the objects"
+        );
+        let s = t.take().expect("ready");
+        assert!(s.initial);
+        assert_eq!(s.objects.endpoint_slices.len(), 1);
+        assert!(t.take().is_none(), "nothing changed since");
+    }
+
+    #[test]
+    fn initial_snapshot_is_taken_even_for_an_empty_cluster() {
+        let mut t = Tracker::default();
+        list::<Service>(&mut t, Update::Service, vec![]);
+        list::<EndpointSlice>(&mut t, Update::EndpointSlice, vec![]);
+        list::<Node>(&mut t, Update::Node, vec![]);
+        let s = t.take().expect("an empty cluster is still a known cluster");
+        assert!(s.initial && s.objects.services.is_empty());
+    }
+
+    #[test]
+    fn relist_keeps_the_old_objects_until_init_done_and_then_drops_vanished_ones() {
+        let mut t = ready_tracker();
+        t.apply(Update::Service(Change::Apply(
+            key("old"),
+            svc("old", "10.96.0.11"),
+        )));
+        t.take().expect("old added");
+
+        t.apply(Update::Service(Change::Init));
+        t.apply(Update::Service(Change::InitApply(
+            key("web"),
+            svc("web", "10.96.0.10"),
+        )));
+        assert!(t.take().is_none(), "mid-relist: nothing changed yet");
+        let (_, applied) = t.apply(Update::Service(Change::InitDone));
+        assert_eq!(
+            applied,
+            Applied {
+                changed: 1,
+                list_done: true,
+                vanished: 1
+            }
+        );
+        let s = t.take().expect("the vanished service is a change");
+        assert!(!s.initial);
+        assert_eq!(s.changes, 1);
+        assert_eq!(service_names(&s), ["web"]);
+    }
+
+    #[test]
+    fn relist_that_returns_the_same_objects_is_no_change() {
+        let mut t = ready_tracker();
+        t.take().expect("initial");
+        list(
+            &mut t,
+            Update::Service,
+            vec![(key("web"), svc("web", "10.96.0.10"))],
+        );
+        list(
+            &mut t,
+            Update::EndpointSlice,
+            vec![(key("web-1"), slice("web-1"))],
+        );
+        assert!(
+            t.take().is_none(),
+            "an identical relist must not cause a sync"
+        );
+    }
+
+    #[test]
+    fn interrupted_relist_is_discarded_by_the_next_init() {
+        let mut t = ready_tracker();
+        t.take().expect("initial");
+        t.apply(Update::Service(Change::Init));
+        t.apply(Update::Service(Change::InitApply(
+            key("ghost"),
+            svc("ghost", "10.96.0.12"),
+        )));
+        // The list failed part way; kube-runtime starts over with a new Init.
+        list(
+            &mut t,
+            Update::Service,
+            vec![(key("web"), svc("web", "10.96.0.10"))],
+        );
+        assert!(
+            t.take().is_none(),
+            "the half list's object never became current"
+        );
+    }
+
+    #[test]
+    fn change_undone_before_the_sync_is_dropped_like_kube_proxy_does() {
+        let mut t = ready_tracker();
+        t.take().expect("initial");
+        t.apply(Update::Service(Change::Apply(
+            key("web"),
+            svc("web", "10.96.0.99"),
+        )));
+        t.apply(Update::Service(Change::Apply(
+            key("web"),
+            svc("web", "10.96.0.10"),
+        )));
+        assert!(t.take().is_none(), "modified and back: no-op");
+        t.apply(Update::Service(Change::Apply(
+            key("tmp"),
+            svc("tmp", "10.96.0.13"),
+        )));
+        t.apply(Update::Service(Change::Delete(key("tmp"))));
+        assert!(t.take().is_none(), "added and deleted: no-op");
+        t.apply(Update::Service(Change::Delete(key("web"))));
+        let s = t.take().expect("deleted");
+        assert!(s.objects.services.is_empty());
+    }
+
+    #[test]
+    fn unreadable_objects_become_diagnostics_and_the_rest_stay() {
+        let mut t = ready_tracker();
+        t.apply(Update::Service(Change::Apply(
+            key("bad"),
+            Err(Diagnostic::new(
+                "Service default/bad",
+                Some("spec.ports[0].port".into()),
+                "invalid type",
+            )),
+        )));
+        let s = t.take().expect("initial");
+        assert_eq!(service_names(&s), ["web"]);
+        assert_eq!(s.diagnostics.len(), 1);
+        assert_eq!(s.diagnostics[0].object, "Service default/bad");
+    }
+
+    #[test]
+    fn deleting_an_unknown_object_is_no_change() {
+        let mut t = ready_tracker();
+        t.take().expect("initial");
+        let (_, applied) = t.apply(Update::Service(Change::Delete(key("never-seen"))));
+        assert_eq!(applied.changed, 0);
+        assert!(t.take().is_none());
+    }
+}

@@ -1,0 +1,218 @@
+//! `lb-agent trace`'s core, also used by the BPF_PROG_TEST_RUN fixture tests: load the real object privately (maps
+//! pinned in a temporary directory under /sys/fs/bpf, removed on drop; no program attached anywhere), fill the maps
+//! with the agent's own model and reconciler, run `lb_tc_ingress` on crafted packets with BPF_PROG_TEST_RUN, and
+//! read the verdict the program recorded in `LB_TRACE`. Nothing here re-implements the datapath in userspace.
+
+pub mod packet;
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use lb_common::{
+    CONFIG_FLAG_TRACE, LOCAL_NET_NODE, LOCAL_NET_POD, VERDICT_DROP, VERDICT_FORWARD,
+    VERDICT_REJECT, addr_from_bytes, prog_names, reason,
+};
+use serde::Serialize;
+
+use crate::datapath::loader::{self, Datapath, PinDir};
+use crate::datapath::maps::Maps;
+use crate::datapath::packet_maps::{NodeEntry, lpm_prefix};
+use crate::datapath::pins::Capacities;
+use crate::datapath::reconcile::{ReconcileConfig, Reconciler};
+use crate::manifest;
+use crate::model::{self, ModelConfig};
+use crate::state::Protocol;
+
+/// Which kind of source a traced packet has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Outside the node (the default).
+    Outside,
+    /// A pod on this node (its address is added to the local networks if the Node's podCIDRs do not hold it).
+    Pod,
+    /// The node itself.
+    Node,
+}
+
+/// `lb-agent trace`'s JSON answer (SEMANTICS.md, "The packet-trace interface").
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct TraceResult {
+    /// `forward`, `drop`, `reject` or `pass`.
+    pub verdict: &'static str,
+    /// The chosen backend as `ip:port`.
+    pub backend: Option<String>,
+    pub snat: bool,
+    pub reason: &'static str,
+    /// With a sweep: every backend reached.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backends: Option<Vec<String>>,
+}
+
+/// One BPF_PROG_TEST_RUN: the recorded verdict and what the program returned and left in the packet.
+#[derive(Clone, Debug)]
+pub struct Run {
+    pub result: TraceResult,
+    /// The tc return code (`TC_ACT_*`, -1 = unspecified/next).
+    pub retval: i32,
+    /// The packet after the program.
+    pub output: Vec<u8>,
+}
+
+/// The privately loaded datapath.
+pub struct Tracer {
+    datapath: Datapath,
+    pin_dir: PathBuf,
+}
+
+impl Tracer {
+    /// Loads the object with its maps pinned under a fresh private directory and programs them from `manifests`
+    /// as the agent would on node `node_name`.
+    pub fn load(object: &[u8], manifests: &Path, node_name: &str) -> anyhow::Result<Self> {
+        let (objects, _diagnostics) = manifest::load_path(manifests)
+            .with_context(|| format!("reading {}", manifests.display()))?;
+        Self::load_objects(object, &objects, node_name)
+    }
+
+    pub fn load_objects(
+        object: &[u8],
+        objects: &manifest::ClusterObjects,
+        node_name: &str,
+    ) -> anyhow::Result<Self> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lb-trace-{}-{n}", std::process::id()));
+        let pins = PinDir::new(&pin_dir);
+        let caps = Capacities {
+            // Small maps: a trace programs one manifest set.
+            conntrack: 65536,
+            ..Capacities::default()
+        };
+        let datapath = loader::load(object, &pins, &caps)?;
+        let mut tracer = Tracer { datapath, pin_dir };
+        crate::datapath::tc_attach::load_tc_programs(&mut tracer.datapath.ebpf)?;
+        let cfg = ModelConfig::default();
+        let node = model::node_context(node_name, &objects.nodes, &cfg);
+        let translation = model::translate(objects, &node, &cfg);
+        let mut reconciler =
+            Reconciler::restore(&tracer.datapath.maps, ReconcileConfig::default())?;
+        reconciler.set_config_flags(CONFIG_FLAG_TRACE);
+        let report = reconciler.sync(&mut tracer.datapath.maps, &translation.state);
+        if let Some((frontend, why)) = report.failed.first() {
+            anyhow::bail!("programming {frontend} failed: {why}");
+        }
+        Ok(tracer)
+    }
+
+    /// Marks `addr` as a local source of the given kind (for `--from-pod` / `--from-node`).
+    pub fn add_local_source(&mut self, addr: IpAddr, source: Source) -> anyhow::Result<()> {
+        let kind = match source {
+            Source::Outside => return Ok(()),
+            Source::Pod => LOCAL_NET_POD,
+            Source::Node => LOCAL_NET_NODE,
+        };
+        let (prefix, addr) = lpm_prefix(addr, 128);
+        self.datapath
+            .maps
+            .put_node_entry(&NodeEntry::LocalNet { prefix, addr, kind })?;
+        Ok(())
+    }
+
+    /// Runs `lb_tc_ingress` on `frame`.
+    pub fn run_frame(&mut self, frame: &[u8]) -> anyhow::Result<Run> {
+        let before = self.datapath.maps.packet.trace_record()?.seq;
+        let prog: &mut SchedClassifier = self
+            .datapath
+            .ebpf
+            .program_mut(prog_names::TC_INGRESS)
+            .context("lb_tc_ingress missing")?
+            .try_into()?;
+        // Room for growth: a reject turns a packet into an ICMP error up to 96 bytes longer.
+        let mut out = vec![0u8; frame.len() + 256];
+        let res = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .context("BPF_PROG_TEST_RUN on lb_tc_ingress")?;
+        out.truncate(res.data_size_out as usize);
+        let rec = self.datapath.maps.packet.trace_record()?;
+        let fresh = rec.seq != before;
+        let backends = self.datapath.maps.backends()?;
+        let backend = (fresh && rec.verdict == VERDICT_FORWARD)
+            .then(|| backends.iter().find(|(id, _)| *id == rec.backend_id))
+            .flatten()
+            .map(|(_, b)| show(addr_from_bytes(b.addr), b.port));
+        let (verdict, why) = if !fresh {
+            ("pass", reason::NONE)
+        } else {
+            let v = match rec.verdict {
+                VERDICT_FORWARD => "forward",
+                VERDICT_DROP => "drop",
+                VERDICT_REJECT => "reject",
+                _ => "pass",
+            };
+            (v, rec.reason)
+        };
+        Ok(Run {
+            result: TraceResult {
+                verdict,
+                backend,
+                snat: fresh && rec.verdict == VERDICT_FORWARD && rec.snat != 0,
+                reason: reason::name(why),
+                backends: None,
+            },
+            retval: res.return_value as i32,
+            output: out,
+        })
+    }
+
+    /// Traces one new flow (a TCP SYN, a UDP datagram, an SCTP packet).
+    pub fn trace(
+        &mut self,
+        proto: Protocol,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) -> anyhow::Result<Run> {
+        let frame = packet::build(proto, src, dst, packet::TCP_SYN, b"lb-trace");
+        self.run_frame(&frame)
+    }
+
+    /// `--sweep N`: the same flow from N source ports (from `src`'s port on); the set of backends reached.
+    pub fn sweep(
+        &mut self,
+        proto: Protocol,
+        src: SocketAddr,
+        dst: SocketAddr,
+        n: u16,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut set = BTreeSet::new();
+        for i in 0..n {
+            let s = SocketAddr::new(src.ip(), src.port().wrapping_add(i).max(1));
+            if let Some(b) = self.trace(proto, s, dst)?.result.backend {
+                set.insert(b);
+            }
+        }
+        Ok(set.into_iter().collect())
+    }
+
+    /// The maps, for fixtures that inspect conntrack or counters.
+    pub fn maps(&mut self) -> &mut crate::datapath::maps::PinnedMaps {
+        &mut self.datapath.maps
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.pin_dir) {
+            tracing::warn!(dir = %self.pin_dir.display(), error = %e, "could not remove the trace pin directory");
+        }
+    }
+}
+
+fn show(ip: IpAddr, port: u16) -> String {
+    SocketAddr::new(ip, port).to_string()
+}

@@ -1,0 +1,556 @@
+//! Control plane: lb's model and reconciler programming real pinned maps (object loaded privately, nothing
+//! attached), the real agent's memory, and kube-proxy's rule loads for the same services.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use lb_agent::datapath::maps::PinnedMaps;
+use lb_agent::datapath::reconcile::{ReconcileConfig, Reconciler};
+use lb_agent::manifest;
+use lb_agent::model::{self, ModelConfig};
+use serde::Serialize;
+
+use super::kubeproxy;
+use super::stats::{Summary, summarize};
+use super::workload::{self, Svc};
+use crate::{BpfDir, Cgroup, Cmd, NetNs, unique_token};
+
+/// Capacities for 10k x 10: 100k distinct endpoints do not fit the default backends map (65536).
+pub const MAX_BACKENDS: u32 = 131_072;
+
+#[derive(Debug, Default, Serialize)]
+pub struct ControlResults {
+    pub services: usize,
+    pub endpoints_per_service: usize,
+    pub lb: Option<LbControl>,
+    pub lb_error: Option<String>,
+    pub agent: Option<AgentMemory>,
+    pub agent_error: Option<String>,
+    pub kube_proxy: Vec<RuleLoad>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LbControl {
+    /// YAML -> objects (the file source's parse).
+    pub parse_ms: f64,
+    /// Objects -> desired state (the model).
+    pub translate_ms: f64,
+    /// A restarted reconciler adopting the programmed maps (restore + first sync, which should write nothing).
+    pub adopt_ms: f64,
+    pub adopt_writes: usize,
+    pub frontends: usize,
+    pub backends: usize,
+    /// One endpoint replaced in one EndpointSlice, then translate + sync (what the agent does per change).
+    pub change_ms: Summary,
+    /// The reconciler's part of it.
+    pub change_sync_ms: Summary,
+    pub changes: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AgentMemory {
+    /// `lb-agent run` started -> its "initial sync done" log line (load, attach to an empty test cgroup, parse,
+    /// translate, write every map).
+    pub start_to_programmed_ms: f64,
+    /// The first sync alone (parse, translate, write), as the agent logs it.
+    pub first_sync_ms: Option<f64>,
+    pub vm_hwm_kib: u64,
+    pub vm_rss_kib: u64,
+    /// memlock of the maps the agent holds file descriptors of (outer maps), from /proc/<pid>/fdinfo.
+    pub map_memlock_bytes: u64,
+    pub maps_counted: usize,
+    /// memlock of the per-service Maglev tables (inner maps of LB_MAGLEV, held by the outer map, not by an fd).
+    pub inner_table_memlock_bytes: Option<u64>,
+    pub inner_tables: usize,
+    pub inner_error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RuleLoad {
+    /// `iptables-restore (nf_tables)`, `iptables-legacy-restore`, `nft -f`.
+    pub tool: String,
+    pub rules_bytes: usize,
+    /// Empty namespace -> the whole rule set loaded.
+    pub initial_ms: Option<f64>,
+    /// One endpoint change applied as kube-proxy would (full restore / partial nft transaction).
+    pub change_ms: Option<Summary>,
+    pub error: Option<String>,
+}
+
+pub fn run(
+    agent_bin: &Path,
+    n: usize,
+    e: usize,
+    changes: usize,
+    iptables_changes: usize,
+) -> ControlResults {
+    let svcs = workload::services(n, e, false);
+    let yaml = workload::manifest(&svcs);
+    let mut out = ControlResults {
+        services: n,
+        endpoints_per_service: e,
+        ..ControlResults::default()
+    };
+    // The agent programs the maps once (start to programmed, memory); the reconciler then adopts its pins as a
+    // restarted agent would and takes the endpoint changes. Programming 10k services costs minutes on kernels that
+    // wait for an RCU grace period per map-in-map update, so it is done once, not twice.
+    let pins = match BpfDir::new(&format!("lb-bench-agent-{}", unique_token())) {
+        Ok(p) => p,
+        Err(err) => {
+            out.agent_error = Some(format!("{err:#}"));
+            return out;
+        }
+    };
+    eprintln!("lb-bench: control plane, agent programming {n} x {e}");
+    match agent_memory(agent_bin, &yaml, &pins) {
+        Ok(r) => out.agent = Some(r),
+        Err(err) => out.agent_error = Some(format!("{err:#}")),
+    }
+    if out.agent.is_some() {
+        eprintln!("lb-bench: control plane, {changes} endpoint changes through the reconciler");
+        match lb_control(&yaml, changes, pins.path()) {
+            Ok(r) => out.lb = Some(r),
+            Err(err) => out.lb_error = Some(format!("{err:#}")),
+        }
+    } else {
+        out.lb_error = Some("not run: the agent did not program the maps".into());
+    }
+    drop(pins);
+    eprintln!("lb-bench: control plane, kube-proxy rule loads at {n} x {e}");
+    out.kube_proxy = kube_proxy_loads(&svcs, iptables_changes, changes.min(200));
+    out
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Replaces endpoint `k % E` of service `k % N` with a fresh address (10.64.0.0/10 holds none of the originals).
+fn changed_address(k: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from_be_bytes([10, 64, 0, 0]) + k as u32 + 1)
+}
+
+fn lb_control(yaml: &str, changes: usize, pins: &Path) -> Result<LbControl> {
+    let t = Instant::now();
+    let (mut objects, diags) = manifest::parse_manifests("bench", yaml);
+    let parse_ms = ms(t.elapsed());
+    if !diags.is_empty() {
+        bail!(
+            "the generated manifest has diagnostics: {:?}",
+            &diags[..diags.len().min(3)]
+        );
+    }
+    let cfg = ModelConfig::default();
+    let t = Instant::now();
+    let node = model::node_context(workload::NODE_NAME, &objects.nodes, &cfg);
+    let translation = model::translate(&objects, &node, &cfg);
+    let translate_ms = ms(t.elapsed());
+
+    let mut maps = PinnedMaps::open(pins).context("opening the agent's pinned maps")?;
+    let rcfg = ReconcileConfig {
+        max_backends: MAX_BACKENDS,
+        ..ReconcileConfig::default()
+    };
+    let t = Instant::now();
+    let mut reconciler = Reconciler::restore(&maps, rcfg)?;
+    let report = reconciler.sync(&mut maps, &translation.state);
+    let adopt_ms = ms(t.elapsed());
+    if let Some((f, why)) = report.failed.first() {
+        bail!("{} frontends failed, first {f}: {why}", report.failed.len());
+    }
+    let adopt_writes = report.services_written + report.tables_written + report.backends_written;
+
+    let mut change = Vec::with_capacity(changes);
+    let mut change_sync = Vec::with_capacity(changes);
+    let slices = objects.endpoint_slices.len();
+    for k in 0..changes {
+        let slice = &mut objects.endpoint_slices[k * 7919 % slices];
+        let eps = slice.endpoints.get_or_insert_with(Vec::new);
+        let j = k % eps.len().max(1);
+        let ep = eps.get_mut(j).context("a slice without endpoints")?;
+        ep.addresses = vec![changed_address(k).to_string()];
+        let t = Instant::now();
+        let translation = model::translate(&objects, &node, &cfg);
+        let t_sync = Instant::now();
+        let report = reconciler.sync(&mut maps, &translation.state);
+        change_sync.push(ms(t_sync.elapsed()));
+        change.push(ms(t.elapsed()));
+        if !report.failed.is_empty() || report.tables_written == 0 {
+            bail!("endpoint change {k} was not programmed: {report:?}");
+        }
+    }
+    Ok(LbControl {
+        parse_ms,
+        translate_ms,
+        adopt_ms,
+        adopt_writes,
+        frontends: translation.state.services.len(),
+        backends: reconciler.programmed_backends(),
+        change_ms: summarize(&mut change),
+        change_sync_ms: summarize(&mut change_sync),
+        changes,
+    })
+}
+
+/// Runs the real agent on the manifest (`--devices none`: nothing attached to any interface; socket programs on
+/// an empty test cgroup) and reads its peak RSS and the memory of its maps once it has programmed everything.
+fn agent_memory(agent_bin: &Path, yaml: &str, pins: &BpfDir) -> Result<AgentMemory> {
+    let token = unique_token();
+    let dir = std::env::temp_dir().join(format!("lb-bench-{token}"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _cleanup = RemoveDir(dir.clone());
+    let manifest = dir.join("services.yaml");
+    std::fs::write(&manifest, yaml).context("writing the manifest")?;
+    let cgroup = Cgroup::new(&format!("lb-bench-{token}"))?;
+    let started = Instant::now();
+    let mut child = Cmd::new(agent_bin)
+        .arg("run")
+        .arg("--manifests")
+        .arg(&manifest)
+        .args(["--node-name", workload::NODE_NAME])
+        .arg("--cgroup")
+        .arg(cgroup.path())
+        .arg("--bpffs")
+        .arg(pins.path())
+        // Root namespace: never attach the per-packet programs to the host's interfaces.
+        .args(["--devices", "none"])
+        .args([
+            "--health-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--health-check-node-port-addresses", "127.0.0.1"])
+        .args(["--max-backends", &MAX_BACKENDS.to_string()])
+        .env("LB_LOG", "info")
+        .label("lb-agent")
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if child.stderr().contains("initial sync done") {
+            break;
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("lb-agent exited ({status}): {}", tail(&child.stderr()));
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "lb-agent did not finish its first sync in 600 s: {}",
+                tail(&child.stderr())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let start_to_programmed_ms = ms(started.elapsed());
+    let pid = child.pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .context("reading the agent's status")?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let (vm_hwm_kib, vm_rss_kib) = (field("VmHWM:"), field("VmRSS:"));
+    let (map_memlock_bytes, maps_counted) = fd_map_memlock(pid)?;
+    let (inner, inner_tables, inner_error) = match inner_table_memlock(&pins.join("LB_MAGLEV")) {
+        Ok((bytes, n)) => (Some(bytes), n, None),
+        Err(e) => (None, 0, Some(format!("{e:#}"))),
+    };
+    // The agent's own measure of its first sync (read manifests, translate, write the maps), from its log.
+    let first_sync_ms = child
+        .stderr()
+        .lines()
+        .find(|l| l.contains("synced"))
+        .and_then(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("elapsed_ms="))
+        })
+        .and_then(|v| v.parse().ok());
+    // SIGTERM: the agent exits and leaves its pins, which the reconciler adopts next.
+    child.terminate(Duration::from_secs(5))?;
+    drop(child);
+    Ok(AgentMemory {
+        start_to_programmed_ms,
+        first_sync_ms,
+        vm_hwm_kib,
+        vm_rss_kib,
+        map_memlock_bytes,
+        maps_counted,
+        inner_table_memlock_bytes: inner,
+        inner_tables,
+        inner_error,
+    })
+}
+
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tail(s: &str) -> &str {
+    let start = s.len().saturating_sub(2000);
+    let start = (start..s.len())
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(s.len());
+    &s[start..]
+}
+
+/// Sums `memlock` over the distinct BPF maps a process holds fds of.
+fn fd_map_memlock(pid: u32) -> Result<(u64, usize)> {
+    let mut seen = BTreeMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).context("reading fdinfo")? {
+        let Ok(text) = std::fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if let (Some(id), Some(memlock)) = (get("map_id:"), get("memlock:")) {
+            seen.insert(id, memlock);
+        }
+    }
+    Ok((seen.values().sum(), seen.len()))
+}
+
+/// The Maglev tables: the inner map ids LB_MAGLEV holds (bpftool dumps them as values), each one's memlock from
+/// `bpftool map show`.
+fn inner_table_memlock(pin: &Path) -> Result<(u64, usize)> {
+    let dump = crate::run_cmd(
+        "bpftool",
+        &["-j", "map", "dump", "pinned", &pin.to_string_lossy()],
+    )?;
+    let entries: Vec<serde_json::Value> =
+        serde_json::from_str(&dump).context("parsing bpftool's dump")?;
+    let ids: BTreeSet<u64> = entries
+        .iter()
+        .filter_map(|e| {
+            let v = e.get("inner_map_id").or_else(|| e.get("value"))?;
+            v.as_u64().or_else(|| v.as_array().and_then(|a| le_u32(a)))
+        })
+        .collect();
+    let show = crate::run_cmd("bpftool", &["-j", "map", "show"])?;
+    let maps: Vec<serde_json::Value> =
+        serde_json::from_str(&show).context("parsing bpftool's map list")?;
+    let mut total = 0;
+    let mut found = 0;
+    for m in &maps {
+        if let (Some(id), Some(bytes)) = (
+            m.get("id").and_then(|v| v.as_u64()),
+            m.get("bytes_memlock").and_then(|v| v.as_u64()),
+        ) && ids.contains(&id)
+        {
+            total += bytes;
+            found += 1;
+        }
+    }
+    if found == 0 && !ids.is_empty() {
+        bail!("bpftool listed none of the {} inner maps", ids.len());
+    }
+    Ok((total, found))
+}
+
+/// bpftool without BTF prints a value as byte strings ("0x12").
+fn le_u32(bytes: &[serde_json::Value]) -> Option<u64> {
+    let mut v = 0u64;
+    for (i, b) in bytes.iter().take(4).enumerate() {
+        let b = u64::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok()?;
+        v |= b << (8 * i);
+    }
+    Some(v)
+}
+
+/// The same services as kube-proxy's rule sets, loaded into a fresh network namespace per tool.
+fn kube_proxy_loads(svcs: &[Svc], iptables_changes: usize, nft_changes: usize) -> Vec<RuleLoad> {
+    let mut out = Vec::new();
+    let variant = crate::run_cmd("iptables-restore", &["-V"]).unwrap_or_default();
+    let default_name = format!(
+        "iptables-restore ({})",
+        if variant.contains("nf_tables") {
+            "nf_tables"
+        } else {
+            "legacy"
+        }
+    );
+    for (tool, program) in [
+        (default_name, "iptables-restore"),
+        (
+            "iptables-legacy-restore".to_owned(),
+            "iptables-legacy-restore",
+        ),
+    ] {
+        if program != "iptables-restore" && which(program).is_none() {
+            continue;
+        }
+        out.push(iptables_load(svcs, &tool, program, iptables_changes));
+    }
+    out.push(nft_load(svcs, nft_changes));
+    out
+}
+
+pub fn which(program: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(program))
+        .find(|p| p.exists())
+}
+
+const LOAD_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn iptables_load(svcs: &[Svc], tool: &str, program: &str, changes: usize) -> RuleLoad {
+    let rules = kubeproxy::iptables_restore(svcs, &[]);
+    let mut r = RuleLoad {
+        tool: tool.to_owned(),
+        rules_bytes: rules.len(),
+        initial_ms: None,
+        change_ms: None,
+        error: None,
+    };
+    let result = (|| -> Result<()> {
+        let ns = NetNs::new(&format!("lbb-{}-ipt", unique_token()))?;
+        kubeproxy::timed_load(
+            ns.name(),
+            program,
+            &["--noflush"],
+            &kubeproxy::iptables_base(),
+            LOAD_TIMEOUT,
+        )?;
+        r.initial_ms = Some(ms(kubeproxy::timed_load(
+            ns.name(),
+            program,
+            &["--noflush"],
+            &rules,
+            LOAD_TIMEOUT,
+        )?));
+        let mut times = Vec::new();
+        let mut current = svcs.to_vec();
+        for k in 0..changes {
+            let i = k * 7919 % current.len();
+            let before = current[i].clone();
+            let j = k % before.endpoints.len().max(1);
+            current[i].endpoints[j] = changed_address(k);
+            let deleted = kubeproxy::removed_sep_chains(&before, &current[i]);
+            let full = kubeproxy::iptables_restore(&current, &deleted);
+            times.push(ms(kubeproxy::timed_load(
+                ns.name(),
+                program,
+                &["--noflush"],
+                &full,
+                LOAD_TIMEOUT,
+            )?));
+        }
+        r.change_ms = Some(summarize(&mut times));
+        Ok(())
+    })();
+    if let Err(e) = result {
+        r.error = Some(format!("{e:#}"));
+    }
+    r
+}
+
+fn nft_load(svcs: &[Svc], changes: usize) -> RuleLoad {
+    let rules = kubeproxy::nft_ruleset(svcs);
+    let mut r = RuleLoad {
+        tool: "nft -f".to_owned(),
+        rules_bytes: rules.len(),
+        initial_ms: None,
+        change_ms: None,
+        error: None,
+    };
+    let result = (|| -> Result<()> {
+        let ns = NetNs::new(&format!("lbb-{}-nft", unique_token()))?;
+        r.initial_ms = Some(ms(kubeproxy::timed_load(
+            ns.name(),
+            "nft",
+            &["-f", "-"],
+            &rules,
+            LOAD_TIMEOUT,
+        )?));
+        let mut times = Vec::new();
+        let mut current = svcs.to_vec();
+        for k in 0..changes {
+            let i = k * 7919 % current.len();
+            let before = current[i].clone();
+            let j = k % before.endpoints.len().max(1);
+            current[i].endpoints[j] = changed_address(k);
+            let tx = kubeproxy::nft_endpoint_change(&before, &current[i]);
+            times.push(ms(kubeproxy::timed_load(
+                ns.name(),
+                "nft",
+                &["-f", "-"],
+                &tx,
+                LOAD_TIMEOUT,
+            )?));
+        }
+        r.change_ms = Some(summarize(&mut times));
+        Ok(())
+    })();
+    if let Err(e) = result {
+        r.error = Some(format!("{e:#}"));
+    }
+    r
+}
+
+/// Loads a rule set into `ns` (used by the traffic benchmark to put kube-proxy's rules on the path).
+pub fn load_rules(ns: &NetNs, kind: RulesKind, svcs: &[Svc]) -> Result<Duration> {
+    match kind {
+        RulesKind::Iptables => {
+            kubeproxy::timed_load(
+                ns.name(),
+                "iptables-restore",
+                &["--noflush"],
+                &kubeproxy::iptables_base(),
+                LOAD_TIMEOUT,
+            )?;
+            kubeproxy::timed_load(
+                ns.name(),
+                "iptables-restore",
+                &["--noflush"],
+                &kubeproxy::iptables_restore(svcs, &[]),
+                LOAD_TIMEOUT,
+            )
+        }
+        RulesKind::Nft => kubeproxy::timed_load(
+            ns.name(),
+            "nft",
+            &["-f", "-"],
+            &kubeproxy::nft_ruleset(svcs),
+            LOAD_TIMEOUT,
+        ),
+    }
+}
+
+/// Removes everything [`load_rules`] loaded.
+pub fn flush_rules(ns: &NetNs, kind: RulesKind) -> Result<()> {
+    let (program, input) = match kind {
+        // Default policies, empty chains: what a fresh namespace has.
+        RulesKind::Iptables => (
+            "iptables-restore",
+            "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n",
+        ),
+        RulesKind::Nft => ("nft", "flush ruleset\n"),
+    };
+    let args: &[&str] = if kind == RulesKind::Nft {
+        &["-f", "-"]
+    } else {
+        &[]
+    };
+    kubeproxy::timed_load(ns.name(), program, args, input, LOAD_TIMEOUT)?;
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RulesKind {
+    Iptables,
+    Nft,
+}

@@ -1,0 +1,209 @@
+//! `lb-bench`: lb side by side with kube-proxy's iptables and nftables datapaths (`cargo xtask bench`). Every
+//! number is measured in the same run on the same machine; a benchmark that cannot run records why and prints no
+//! number. Network safety as in the rest of this package: traffic and rules only inside namespaces made here.
+
+pub mod control;
+pub mod kubeproxy;
+pub mod load;
+pub mod maglev;
+pub mod packet;
+pub mod report;
+pub mod stats;
+pub mod traffic;
+pub mod workload;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+/// What one run measures, by size.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub quick: bool,
+    pub maglev_repeats: usize,
+    pub control_services: usize,
+    pub control_changes: usize,
+    pub iptables_changes: usize,
+    pub traffic_counts: Vec<usize>,
+    pub crr_seconds: f64,
+    pub throughput_seconds: f64,
+    pub packet_counts: Vec<usize>,
+    pub packet_runs: usize,
+}
+
+impl Plan {
+    pub fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                quick,
+                maglev_repeats: 3,
+                // 1k, not 10k: programming 10k services takes minutes here (see BENCHMARKS.md, section 2), which
+                // alone would break the 5-minute budget.
+                control_services: 1000,
+                control_changes: 100,
+                iptables_changes: 3,
+                traffic_counts: vec![10, 1000],
+                crr_seconds: 2.0,
+                throughput_seconds: 2.0,
+                packet_counts: vec![10, 1000],
+                packet_runs: 100_000,
+            }
+        } else {
+            Plan {
+                quick,
+                maglev_repeats: 10,
+                control_services: 10_000,
+                control_changes: 1000,
+                iptables_changes: 10,
+                traffic_counts: vec![10, 1000, 10_000],
+                crr_seconds: 10.0,
+                throughput_seconds: 5.0,
+                // Not 100k: 200k Maglev table swaps at one RCU grace period each would take over an hour.
+                packet_counts: vec![10, 1000, 10_000],
+                packet_runs: 1_000_000,
+            }
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub kernel: String,
+    pub memory_gib: f64,
+    /// 1-minute load average when the run started (other work on the machine skews every number).
+    pub load_at_start: String,
+    pub iptables: String,
+    pub nft: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Results {
+    pub command: String,
+    pub started_utc: String,
+    pub seconds: f64,
+    pub machine: Machine,
+    pub plan: Plan,
+    pub maglev: Option<Vec<maglev::MaglevRow>>,
+    pub maglev_error: Option<String>,
+    pub control: Option<control::ControlResults>,
+    pub traffic: Option<traffic::TrafficResults>,
+    pub packet: Option<packet::PacketResults>,
+}
+
+pub struct RunOptions {
+    pub quick: bool,
+    pub agent: PathBuf,
+    pub out: PathBuf,
+    pub command: String,
+    /// Only these parts (maglev, control, traffic, packet); all when empty.
+    pub only: Vec<String>,
+}
+
+pub fn run(opts: &RunOptions) -> Result<()> {
+    let started = Instant::now();
+    let plan = Plan::new(opts.quick);
+    let want = |part: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == part);
+    let mut results = Results {
+        command: opts.command.clone(),
+        started_utc: crate::run_cmd("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        seconds: 0.0,
+        machine: machine(),
+        plan: plan.clone(),
+        maglev: None,
+        maglev_error: None,
+        control: None,
+        traffic: None,
+        packet: None,
+    };
+    if want("maglev") {
+        eprintln!("lb-bench: maglev");
+        match maglev::run(plan.maglev_repeats) {
+            Ok(rows) => results.maglev = Some(rows),
+            Err(e) => results.maglev_error = Some(format!("{e:#}")),
+        }
+    }
+    if want("control") {
+        results.control = Some(control::run(
+            &opts.agent,
+            plan.control_services,
+            10,
+            plan.control_changes,
+            plan.iptables_changes,
+        ));
+    }
+    if want("packet") {
+        results.packet = Some(packet::run(&plan.packet_counts, plan.packet_runs));
+    }
+    if want("traffic") {
+        results.traffic = Some(traffic::run(&traffic::TrafficConfig {
+            counts: plan.traffic_counts.clone(),
+            crr_duration: Duration::from_secs_f64(plan.crr_seconds),
+            throughput_duration: Duration::from_secs_f64(plan.throughput_seconds),
+            agent_bin: opts.agent.clone(),
+        }));
+    }
+    results.seconds = started.elapsed().as_secs_f64();
+    let dir = opts.out.join("bench/results");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let stamp = results.started_utc.replace(':', "");
+    let kind = if opts.quick { "quick" } else { "full" };
+    let json = serde_json::to_string_pretty(&results)?;
+    let json_name = format!("{stamp}-{kind}.json");
+    std::fs::write(dir.join(&json_name), &json).context("writing the JSON results")?;
+    std::fs::write(dir.join(format!("latest-{kind}.json")), &json)?;
+    report::write(&results, &opts.out, &format!("bench/results/{json_name}"))?;
+    eprintln!(
+        "lb-bench: done in {:.0} s; BENCHMARKS.md and bench/results/{json_name} written",
+        results.seconds
+    );
+    Ok(())
+}
+
+fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let mem_kib: f64 = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0.0);
+    Machine {
+        cpu,
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        kernel: crate::run_cmd("uname", &["-r"])
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        memory_gib: mem_kib / 1024.0 / 1024.0,
+        load_at_start: std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        iptables: crate::run_cmd("iptables-restore", &["-V"])
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        nft: crate::run_cmd("nft", &["-v"])
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+    }
+}

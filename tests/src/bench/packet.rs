@@ -1,0 +1,228 @@
+//! Per-packet cost of `lb_tc_ingress` through BPF_PROG_TEST_RUN, next to `lb_noop` (an empty classifier, the
+//! floor), with 10 to 100k services of 10 backends programmed by the real model and reconciler into a privately
+//! loaded object (nothing attached anywhere).
+//!
+//! Why one run per syscall: BPF_PROG_TEST_RUN with `repeat` runs the program again on the same skb, which the
+//! first run has already DNATed, so the later runs would measure a packet to a backend address (no service, no
+//! conntrack entry), not the packet asked for. Each packet is therefore run with `repeat = 1` (the kernel times
+//! that one run), over many fresh copies: distinct source ports for new flows, the same established flow for the
+//! conntrack hit. The floor is measured both ways (`repeat = 1` per syscall, like lb's rows, and one syscall with
+//! `repeat = 1e6`).
+
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{Context, Result};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use lb_agent::datapath::loader::{self, PinDir};
+use lb_agent::datapath::pins::Capacities;
+use lb_agent::datapath::reconcile::{ReconcileConfig, Reconciler};
+use lb_agent::model::{self, ModelConfig};
+use lb_agent::state::Protocol;
+use lb_agent::trace::packet;
+use lb_common::prog_names;
+use serde::Serialize;
+
+use super::stats::{Summary, summarize};
+use super::workload;
+use crate::{BpfDir, unique_token};
+
+/// The do-nothing classifier in lb-ebpf (see its doc comment).
+const NOOP: &str = "lb_noop";
+const NODE_PORT: u16 = 30080;
+
+#[derive(Debug, Default, Serialize)]
+pub struct PacketResults {
+    /// Per-syscall runs behind each median.
+    pub runs: usize,
+    pub floor_ns: Option<Summary>,
+    /// The floor as one syscall with repeat = 1e6 (the kernel's average).
+    pub floor_repeat_ns: Option<f64>,
+    pub rows: Vec<PacketRow>,
+    /// Why nothing (or not everything) could run.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PacketRow {
+    pub services: usize,
+    pub syn_ns: Option<Summary>,
+    pub established_ns: Option<Summary>,
+    pub error: Option<String>,
+}
+
+pub fn run(counts: &[usize], runs: usize) -> PacketResults {
+    let mut out = PacketResults {
+        runs,
+        ..PacketResults::default()
+    };
+    if let Err(e) = run_inner(counts, runs, &mut out) {
+        out.error = Some(format!("{e:#}"));
+    }
+    out
+}
+
+fn run_inner(counts: &[usize], runs: usize, out: &mut PacketResults) -> Result<()> {
+    let object = loader::object_bytes(None)?;
+    for &n in counts {
+        eprintln!("lb-bench: per-packet at {n} services");
+        let row = match one_count(&object, n, runs, out) {
+            Ok(row) => row,
+            Err(e) => PacketRow {
+                services: n,
+                syn_ns: None,
+                established_ns: None,
+                error: Some(format!("{e:#}")),
+            },
+        };
+        let failed = row.error.clone();
+        out.rows.push(row);
+        // A program that does not load at one size does not load at the next either.
+        if let Some(e) = failed
+            && (e.contains("verifier") || e.contains("loading"))
+        {
+            out.error = Some(e);
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn one_count(object: &[u8], n: usize, runs: usize, out: &mut PacketResults) -> Result<PacketRow> {
+    let dir = BpfDir::new(&format!("lb-bench-pkt-{}", unique_token()))?;
+    let caps = Capacities {
+        services: (2 * n as u32 + 1024)
+            .next_power_of_two()
+            .max(lb_common::DEFAULT_MAX_SERVICES),
+        backends: (n as u32 * 10 + 1024)
+            .next_power_of_two()
+            .max(lb_common::DEFAULT_MAX_BACKENDS),
+        conntrack: (runs as u32 * 4).clamp(65536, 4 << 20),
+        ..Capacities::default()
+    };
+    let mut dp = loader::load(object, &PinDir::new(dir.path()), &caps)
+        .context("loading lb's object privately")?;
+    // The floor first: it loads whatever state lb's own programs are in.
+    if out.floor_ns.is_none() {
+        let prog: &mut SchedClassifier = dp
+            .ebpf
+            .program_mut(NOOP)
+            .with_context(|| {
+                format!("{NOOP} missing from the object (rebuild with cargo xtask build-ebpf)")
+            })?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("loading {NOOP} (verifier)"))?;
+        let frame = syn(0);
+        out.floor_ns = Some(per_run(prog, runs, |_| frame.clone())?);
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                repeat: 1_000_000,
+                ..TestRunOptions::default()
+            })
+            .context("BPF_PROG_TEST_RUN on lb_noop")?;
+        out.floor_repeat_ns = Some(r.duration.as_secs_f64() * 1e9);
+    }
+    lb_agent::datapath::tc_attach::load_tc_programs(&mut dp.ebpf)?;
+
+    let mut svcs = workload::services(n, 10, false);
+    // One NodePort among ClusterIPs: the lookup is one hash probe whatever the other entries are, and distinct
+    // NodePorts run out at 2768.
+    svcs[n / 2].node_port = Some(NODE_PORT);
+    let (objects, diags) = lb_agent::manifest::parse_manifests("bench", &workload::manifest(&svcs));
+    if !diags.is_empty() {
+        anyhow::bail!("manifest diagnostics: {:?}", &diags[..diags.len().min(3)]);
+    }
+    let cfg = ModelConfig::default();
+    let node = model::node_context(workload::NODE_NAME, &objects.nodes, &cfg);
+    let translation = model::translate(&objects, &node, &cfg);
+    let mut reconciler = Reconciler::restore(
+        &dp.maps,
+        ReconcileConfig {
+            max_services: caps.services,
+            max_backends: caps.backends,
+            // The smallest tables: 100k services x 2 frontends at the default size would take 1.6 GB, and a
+            // table lookup is one array index whatever its size.
+            maglev_max_size: 251,
+            ..ReconcileConfig::default()
+        },
+    )?;
+    let report = reconciler.sync(&mut dp.maps, &translation.state);
+    if let Some((f, why)) = report.failed.first() {
+        anyhow::bail!(
+            "{} frontends not programmed, first {f}: {why}",
+            report.failed.len()
+        );
+    }
+    let prog: &mut SchedClassifier = dp
+        .ebpf
+        .program_mut(prog_names::TC_INGRESS)
+        .context("lb_tc_ingress missing")?
+        .try_into()?;
+    // Only a packet the program really forwards is worth timing: check the SYN comes out DNATed to a backend.
+    let mut probe = vec![0u8; 512];
+    let first = syn(usize::MAX / 2);
+    let res = prog
+        .test_run(TestRunOptions {
+            data_in: Some(&first),
+            data_out: Some(&mut probe),
+            ..TestRunOptions::default()
+        })
+        .context("BPF_PROG_TEST_RUN on lb_tc_ingress")?;
+    // Ethernet (14) + the IPv4 destination at offset 16.
+    let dst = probe.get(30..34).map(|b| [b[0], b[1], b[2], b[3]]);
+    if dst.is_none_or(|d| d[0] != 10 || d[1] < 128) {
+        anyhow::bail!(
+            "lb_tc_ingress did not DNAT the NodePort SYN to a backend (return {}, destination {:?}); not timed",
+            res.return_value as i32,
+            dst
+        );
+    }
+    let syn_ns = per_run(prog, runs, syn)?;
+    // The established flow: its SYN once (creates the conntrack entry), then its ACKs.
+    let ack = frame(0, packet::TCP_ACK);
+    per_run(prog, 1, |_| syn(0))?;
+    let established_ns = per_run(prog, runs, |_| ack.clone())?;
+    Ok(PacketRow {
+        services: n,
+        syn_ns: Some(syn_ns),
+        established_ns: Some(established_ns),
+        error: None,
+    })
+}
+
+/// Flow `i`: distinct up to 60000 x 200 flows (source port, then source address).
+fn frame(i: usize, flags: u8) -> Vec<u8> {
+    let src = SocketAddr::new(
+        IpAddr::from([198, 51, 100, 7 + (i / 60000 % 200) as u8]),
+        1024 + (i % 60000) as u16,
+    );
+    let dst = SocketAddr::new(IpAddr::V4(workload::NODE_IP), NODE_PORT);
+    packet::build(Protocol::Tcp, src, dst, flags, b"")
+}
+
+fn syn(i: usize) -> Vec<u8> {
+    frame(i, packet::TCP_SYN)
+}
+
+/// Runs `prog` once per syscall on `runs` frames, each a fresh copy; the kernel's time of each run, in ns.
+fn per_run(
+    prog: &mut SchedClassifier,
+    runs: usize,
+    frame: impl Fn(usize) -> Vec<u8>,
+) -> Result<Summary> {
+    let mut ns = Vec::with_capacity(runs);
+    let mut out = vec![0u8; 512];
+    for i in 0..runs {
+        let f = frame(i);
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&f),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        ns.push(r.duration.as_secs_f64() * 1e9);
+    }
+    Ok(summarize(&mut ns))
+}

@@ -1,0 +1,128 @@
+//! lb-bench: `cargo xtask bench`'s program. `run` measures everything and writes BENCHMARKS.md and
+//! bench/results/*.json (see `lb_tests::bench`); the other subcommands are its workers, started inside the
+//! benchmark's namespaces (the server in the backend namespace, the load generators in the client namespace).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use lb_tests::bench::{self, load};
+
+#[derive(Parser)]
+#[command(
+    name = "lb-bench",
+    about = "lb's benchmarks side by side with kube-proxy (run as root)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the benchmarks and write BENCHMARKS.md and bench/results/.
+    Run {
+        /// CI-sized: shorter phases, fewer repetitions.
+        #[arg(long)]
+        quick: bool,
+        /// The lb-agent binary to run.
+        #[arg(long)]
+        agent: PathBuf,
+        /// Where BENCHMARKS.md and bench/results/ go (the workspace root).
+        #[arg(long)]
+        out: PathBuf,
+        /// The command line to print in BENCHMARKS.md.
+        #[arg(long, default_value = "lb-bench run")]
+        command: String,
+        /// Only these parts: maglev, control, packet, traffic (repeatable).
+        #[arg(long)]
+        only: Vec<String>,
+    },
+    /// Worker: serve TCP_CRR, bulk and UDP on a port until killed.
+    Serve {
+        #[arg(long)]
+        port: u16,
+        /// Addresses to answer UDP on, one socket each (repeatable).
+        #[arg(long = "udp-addr")]
+        udp_addrs: Vec<std::net::Ipv4Addr>,
+    },
+    /// Worker: TCP_CRR to the targets (round robin); prints one JSON result.
+    Crr {
+        #[arg(long = "to", required = true)]
+        to: Vec<SocketAddr>,
+        #[arg(long)]
+        duration_ms: u64,
+        /// Upper bound on connections, whatever the duration.
+        #[arg(long, default_value_t = 2_000_000)]
+        max: u64,
+    },
+    /// Worker: a UDP flood on one connected socket; prints one JSON result.
+    Udp {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 64)]
+        payload: usize,
+        #[arg(long, default_value_t = 100_000_000)]
+        max: u64,
+    },
+    /// Worker: one TCP bulk upload; prints one JSON result.
+    Bulk {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        duration_ms: u64,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    // Workers never run longer than this, whatever they are asked.
+    const CAP: Duration = Duration::from_secs(120);
+    let capped = |ms: u64| Duration::from_millis(ms).min(CAP);
+    match command {
+        Command::Run {
+            quick,
+            agent,
+            out,
+            command,
+            only,
+        } => bench::run(&bench::RunOptions {
+            quick,
+            agent,
+            out,
+            command,
+            only,
+        }),
+        Command::Serve { port, udp_addrs } => load::serve(port, &udp_addrs),
+        Command::Crr {
+            to,
+            duration_ms,
+            max,
+        } => print(&load::crr(&to, capped(duration_ms), max)?),
+        Command::Udp {
+            to,
+            duration_ms,
+            payload,
+            max,
+        } => print(&load::udp_flood(to, payload, capped(duration_ms), max)?),
+        Command::Bulk { to, duration_ms } => print(&load::tcp_bulk(to, capped(duration_ms))?),
+    }
+}
+
+fn print<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string(v)?);
+    Ok(())
+}
