@@ -120,7 +120,7 @@ pub fn run(
     }
     drop(pins);
     eprintln!("lb-bench: control plane, kube-proxy rule loads at {n} x {e}");
-    out.kube_proxy = kube_proxy_loads(&svcs, iptables_changes, changes.min(200));
+    out.kube_proxy = kube_proxy_loads(&svcs, iptables_changes, changes.min(100));
     out
 }
 

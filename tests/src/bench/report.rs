@@ -70,10 +70,19 @@ pub fn write(r: &Results, root: &Path, json_path: &str) -> Result<()> {
     let _ = writeln!(
         md,
         "Everything runs inside network namespaces the benchmark creates (veth pairs, no route out); kube-proxy's rule \
-         sets are loaded only inside them; lb's agent runs with `--devices none` and attaches its socket programs to a \
-         test cgroup; BPF_PROG_TEST_RUN runs on a privately loaded object that is attached nowhere.\n"
+         sets are loaded only inside them; lb's agent runs either in the root namespace with `--devices none` (socket programs on a test cgroup) or inside the bench's node namespace with its tc programs on that namespace's veth; BPF_PROG_TEST_RUN runs on a privately loaded object that is attached nowhere.\n"
     );
 
+    if r.plan.quick {
+        let _ = writeln!(
+            md,
+            "Not in a quick run (to stay under 5 minutes): the control plane at 10k services (here {} services; \
+             programming 10k takes minutes on this kernel, see section 2), 10k services in the traffic and \
+             per-packet sections. Never run: per-packet at 100k services (200k Maglev table swaps at one RCU grace \
+             period each would take over an hour here); an XDP program (lb has none yet).\n",
+            r.plan.control_services
+        );
+    }
     maglev_section(&mut md, r);
     control_section(&mut md, r);
     traffic_section(&mut md, r, &plots)?;
@@ -136,10 +145,11 @@ fn control_section(md: &mut String, r: &Results) {
         md,
         "lb: the agent's own model and reconciler writing real pinned maps (object loaded privately into a scratch \
          bpffs directory, nothing attached). Each ClusterIP is two frontends (External and Internal scope), each with \
-         its own Maglev table; the 100k endpoints are distinct addresses (so the backends map is raised to {} entries: \
-         the default 65536 would not hold them). An endpoint change replaces one address in one EndpointSlice and runs \
+         its own Maglev table; the {} endpoints are distinct addresses (the backends map is raised to {} entries, as \
+         the default 65536 would not hold 10k x 10). An endpoint change replaces one address in one EndpointSlice and runs \
          what the agent runs per change: translate every object, then sync (which rewrites the two tables of that \
          service).\n",
+        c.services * c.endpoints_per_service,
         super::control::MAX_BACKENDS
     );
     if let Some(e) = &c.lb_error {
@@ -189,6 +199,20 @@ fn control_section(md: &mut String, r: &Results) {
             c.endpoints_per_service,
             a.first_sync_ms.map(f).unwrap_or_else(|| "-".into())
         );
+        if let Some(first) = a.first_sync_ms {
+            let tables = 2 * c.services;
+            let _ = writeln!(
+                md,
+                "That is about **{} ms per Maglev table** ({tables} tables). Nearly all of it is the kernel, not lb: \
+                 every update of the hash-of-maps `LB_MAGLEV` waits for an RCU grace period (`map_update_elem` → \
+                 `synchronize_rcu`, seen in the process's kernel stack while developing this benchmark), and the \
+                 reconciler swaps one table per frontend. The same wait is most of an endpoint change below (two \
+                 tables per ClusterIP). At 10k services it is 20k grace periods: minutes on a busy machine. Batching \
+                 the swaps (`BPF_MAP_UPDATE_BATCH`, which waits once per batch on kernels >= 6.8) or one flat \
+                 slot array instead of map-in-map should remove most of it.\n",
+                f(first / tables as f64)
+            );
+        }
         let _ = writeln!(
             md,
             "The same agent: **peak RSS (VmHWM) {:.1} MiB** (RSS then \
@@ -216,7 +240,8 @@ fn control_section(md: &mut String, r: &Results) {
             "kube-proxy's rule sets for the same services (generated as its proxiers write them, see \
              `tests/src/bench/kubeproxy.rs`), each loaded into a fresh network namespace. iptables applies an endpoint \
              change as a full `iptables-restore --noflush` of every kube chain; nftables as the partial transaction its \
-             proxier sends (new endpoint chain, service chain flushed and refilled, old endpoint chain deleted).\n"
+             proxier sends (new endpoint chain, service chain flushed and refilled, old endpoint chain deleted). (kube-proxy >= 1.27 restores only the changed chains in iptables mode too; \
+             the full restore is its periodic resync and its behaviour before that.)\n"
         );
         let _ = writeln!(
             md,
