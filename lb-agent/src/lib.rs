@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod datapath;
+pub mod host;
 pub mod maglev;
 pub mod manifest;
 pub mod model;

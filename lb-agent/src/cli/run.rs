@@ -258,7 +258,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         None => hostname().context("no --node-name / NODE_NAME, and the hostname is unreadable")?,
     };
     let fallback_node_addresses = if args.node_addresses.is_empty() {
-        host_addresses()
+        crate::host::unicast_addresses()
     } else {
         args.node_addresses.clone()
     };
@@ -479,45 +479,4 @@ fn hostname() -> anyhow::Result<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .context("reading /proc/sys/kernel/hostname")?;
     Ok(name.trim().to_string())
-}
-
-/// The host's own unicast addresses (not loopback, not link-local), for NodePorts when no Node object says which.
-fn host_addresses() -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills ifap with a list we free below with freeifaddrs; on error it returns -1 and we return.
-    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
-        return out;
-    }
-    let mut cur = ifap;
-    while !cur.is_null() {
-        // SAFETY: cur is a node of the list getifaddrs returned, valid until freeifaddrs.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() {
-            continue;
-        }
-        // SAFETY: ifa_addr is non-null and points to a sockaddr whose family says which struct it is.
-        let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
-        let addr = match family {
-            libc::AF_INET => {
-                // SAFETY: family AF_INET means the sockaddr is a sockaddr_in.
-                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes())
-            }
-            libc::AF_INET6 => {
-                // SAFETY: family AF_INET6 means the sockaddr is a sockaddr_in6.
-                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                IpAddr::from(sin6.sin6_addr.s6_addr)
-            }
-            _ => continue,
-        };
-        let link_local = matches!(addr, IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80);
-        if !addr.is_loopback() && !link_local && !out.contains(&addr) {
-            out.push(addr);
-        }
-    }
-    // SAFETY: ifap came from a successful getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(ifap) };
-    out
 }

@@ -131,14 +131,7 @@ impl PinnedMaps {
 
     /// Opens the maps pinned under `dir`, for the CLI (works whether or not the agent runs).
     pub fn open(dir: &Path) -> Result<Self, MapsError> {
-        let open = |name: &'static str| -> Result<Map, MapsError> {
-            let path = dir.join(name);
-            let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
-                path: path.display().to_string(),
-                source,
-            })?;
-            Map::from_map_data(data).map_err(|source| MapsError::Layout { map: name, source })
-        };
+        let open = |name: &'static str| open_pinned(dir, name);
         Self::from_maps(
             [
                 open(map_names::SERVICES)?,
@@ -353,6 +346,16 @@ impl Maps for PinnedMaps {
     fn delete_node_entry(&mut self, e: &super::packet_maps::NodeEntry) -> Result<(), MapsError> {
         self.packet.delete_node_entry(e)
     }
+}
+
+/// Opens the map pinned as `dir/name`, checking that it is a map aya understands.
+pub(crate) fn open_pinned(dir: &Path, name: &'static str) -> Result<Map, MapsError> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Map::from_map_data(data).map_err(|source| MapsError::Layout { map: name, source })
 }
 
 /// Deleting what is already gone is success: the reconciler converges on "absent".

@@ -104,14 +104,7 @@ impl PacketMaps {
     }
 
     pub fn open(dir: &Path) -> Result<Self, MapsError> {
-        let open = |name: &'static str| -> Result<Map, MapsError> {
-            let path = dir.join(name);
-            let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
-                path: path.display().to_string(),
-                source,
-            })?;
-            Map::from_map_data(data).map_err(|source| MapsError::Layout { map: name, source })
-        };
+        let open = |name: &'static str| super::maps::open_pinned(dir, name);
         Self::from_maps(
             open(map_names::CONNTRACK)?,
             open(map_names::CONFIG)?,

@@ -106,46 +106,11 @@ pub fn attach_tc_programs(
 
 /// The interfaces that carry any of `addresses` (the node's InternalIP/ExternalIP), by name.
 pub fn devices_with_addresses(addresses: &[IpAddr]) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills ifap with a list we free below with freeifaddrs; on error it returns -1.
-    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
-        return out;
-    }
-    let mut cur = ifap;
-    while !cur.is_null() {
-        // SAFETY: cur is a node of the list getifaddrs returned, valid until freeifaddrs.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
-            continue;
-        }
-        // SAFETY: ifa_addr is non-null and its family says which sockaddr it is.
-        let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
-        let addr = match family {
-            libc::AF_INET => {
-                // SAFETY: AF_INET means sockaddr_in.
-                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes())
-            }
-            libc::AF_INET6 => {
-                // SAFETY: AF_INET6 means sockaddr_in6.
-                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                IpAddr::from(sin6.sin6_addr.s6_addr)
-            }
-            _ => continue,
-        };
-        if addresses.contains(&addr) {
-            // SAFETY: ifa_name is a NUL-terminated string valid until freeifaddrs.
-            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
-                .to_string_lossy()
-                .into_owned();
-            if !out.contains(&name) {
-                out.push(name);
-            }
+    let mut out: Vec<String> = Vec::new();
+    for (name, addr) in crate::host::interface_addresses() {
+        if addresses.contains(&addr) && !out.contains(&name) {
+            out.push(name);
         }
     }
-    // SAFETY: ifap came from a successful getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(ifap) };
     out
 }
