@@ -53,6 +53,8 @@ pub const DEFAULT_MAX_CONNTRACK: u32 = 262144;
 pub const DEFAULT_MAX_LOCAL_NETS: u32 = 1024;
 pub const DEFAULT_MAX_SRC_RANGES: u32 = 16384;
 pub const DEFAULT_MAX_VIPS: u32 = 65536;
+/// Fragmented datagrams in flight whose first fragment was translated (`LB_FRAGMENTS`, LRU).
+pub const DEFAULT_MAX_FRAGMENTS: u32 = 8192;
 
 /// `BPF_F_INNER_MAP`: lets inner arrays of one map-of-maps differ in `max_entries`, so each service's lookup table
 /// is exactly as large as it needs to be. Inner maps must carry the same flag as the template.
@@ -79,12 +81,13 @@ pub mod map_names {
     pub const VIPS: &str = "LB_VIPS";
     pub const DROP_STATS: &str = "LB_DROP_STATS";
     pub const TRACE: &str = "LB_TRACE";
+    pub const FRAGMENTS: &str = "LB_FRAGMENTS";
     /// Kubernetes names of the service ids, for operators; created by the agent, not by the object.
     pub const SVC_NAMES: &str = "LB_SVC_NAMES";
     /// Maps the agent creates and pins itself (no program uses them), so the loader does not know them.
     pub const AGENT_CREATED: [&str; 1] = [SVC_NAMES];
     /// Every map the agent pins, in the order it creates them.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -99,6 +102,7 @@ pub mod map_names {
         VIPS,
         DROP_STATS,
         TRACE,
+        FRAGMENTS,
     ];
 }
 
@@ -494,7 +498,8 @@ pub mod reason {
     pub const UNKNOWN_PORT: u32 = 8;
     /// The packet is too short or inconsistent to be handled.
     pub const MALFORMED: u32 = 9;
-    /// A later IPv4/IPv6 fragment: it carries no ports, so it passes untouched.
+    /// A later IPv4/IPv6 fragment with no `LB_FRAGMENTS` entry (its first fragment was not seen, came later, or
+    /// was not translated): it carries no ports to match, so it passes untouched.
     pub const FRAGMENT: u32 = 10;
     /// A remote backend needs SNAT but no SNAT address of the family is configured, or no SNAT port was free.
     pub const NO_SNAT: u32 = 11;
@@ -504,6 +509,8 @@ pub mod reason {
     pub const NO_BACKEND: u32 = 13;
     /// Building the reject reply failed.
     pub const REJECT_FAILED: u32 = 14;
+    /// A later fragment translated as its datagram's first fragment was (`LB_FRAGMENTS`).
+    pub const FRAGMENT_FOLLOWED: u32 = 15;
     /// Number of reasons (size of `LB_DROP_STATS`).
     pub const COUNT: u32 = 16;
 
@@ -524,9 +531,60 @@ pub mod reason {
             CT_FULL => "conntrack-full",
             NO_BACKEND => "no-backend",
             REJECT_FAILED => "reject-failed",
+            FRAGMENT_FOLLOWED => "fragment-followed",
             _ => "not-a-service",
         }
     }
+}
+
+/// `FragKey::hook`: the tc hook that translated the first fragment. The same datagram carries different addresses
+/// at ingress (before DNAT) and egress (after it), and one hook's entry must never translate the other's packets.
+pub const FRAG_HOOK_INGRESS: u8 = 0;
+pub const FRAG_HOOK_EGRESS: u8 = 1;
+
+/// `FragValue::flags`: the first fragment was counted in the service's and backend's packet counters, so later
+/// fragments are too.
+pub const FRAG_FLAG_COUNTED: u8 = 2;
+
+/// How long (seconds) a fragment entry translates later fragments after its first fragment. Fragments of one
+/// datagram follow each other within milliseconds; a short life keeps an entry from translating an unrelated
+/// datagram that reuses the identification (IPv4's is 16 bits and wraps after 65536 datagrams) when that
+/// datagram's own first fragment was never seen here.
+pub const FRAG_LIFETIME_S: u32 = 2;
+
+/// `LB_FRAGMENTS` key: one fragmented IP datagram as its fragments carry it at one hook (RFC 791 / RFC 8200: a
+/// datagram is identified by source, destination, protocol and identification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    /// Source and destination as the fragment carries them, network byte order (IPv4-mapped for IPv4).
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// The Identification: IPv4's 16-bit field or the IPv6 Fragment header's 32-bit one, host byte order.
+    pub id: u32,
+    /// The upper-layer protocol (`PROTO_TCP`, `PROTO_UDP`, `PROTO_SCTP`).
+    pub proto: u8,
+    /// `FRAG_HOOK_INGRESS` or `FRAG_HOOK_EGRESS`.
+    pub hook: u8,
+    pub _pad: [u8; 2],
+}
+
+/// `LB_FRAGMENTS` value: the addresses the first fragment was rewritten to. No ports: later fragments carry no L4
+/// header, and the L4 checksum (pseudo-header included) lives in the first fragment, which was already updated.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragValue {
+    /// `bpf_ktime_get_ns()` when the first fragment was translated; the entry is dead `FRAG_LIFETIME_S` later.
+    pub created_ns: u64,
+    /// The first fragment's rewritten source and destination, network byte order.
+    pub new_saddr: [u8; 16],
+    pub new_daddr: [u8; 16],
+    /// The flow's service and backend, for the counters and `lb-agent trace`.
+    pub service_id: u32,
+    pub backend_id: u32,
+    /// `CT_FLAG_SNAT` (the flow is SNATed) and `FRAG_FLAG_COUNTED`.
+    pub flags: u8,
+    pub _pad: [u8; 7],
 }
 
 /// `LB_TRACE` value (array of one, written only with `CONFIG_FLAG_TRACE`): the last verdict of the tc programs.
@@ -565,6 +623,8 @@ mod pod {
     unsafe impl aya::Pod for SrcRangeData {}
     unsafe impl aya::Pod for TraceValue {}
     unsafe impl aya::Pod for ServiceNameValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
 }
 
 #[cfg(test)]
@@ -590,6 +650,8 @@ mod tests {
         assert_eq!(size_of::<SrcRangeData>(), 20);
         assert_eq!(size_of::<TraceValue>(), 24);
         assert_eq!(size_of::<ServiceNameValue>(), 152);
+        assert_eq!(size_of::<FragKey>(), 40);
+        assert_eq!(size_of::<FragValue>(), 56);
     }
 
     #[test]

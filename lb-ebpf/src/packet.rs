@@ -44,13 +44,24 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// The IPv4 header length (IHL * 4); 40 for IPv6.
     pub l3_len: usize,
+    /// `FRAG_NONE`, `FRAG_FIRST` (offset 0, more fragments follow) or `FRAG_LATER` (offset > 0: no L4 header,
+    /// `sport`/`dport` are 0 and `l4` is where the fragment's data starts).
+    pub frag: u8,
+    /// The fragment Identification (IPv4: 16 bits, IPv6: 32 bits), host order; 0 when not a fragment.
+    pub frag_id: u32,
 }
+
+/// `Packet::frag`.
+pub const FRAG_NONE: u8 = 0;
+pub const FRAG_FIRST: u8 = 1;
+pub const FRAG_LATER: u8 = 2;
 
 /// Why parsing stopped.
 pub enum NotParsed {
     /// Not IPv4/IPv6 with TCP/UDP/SCTP: not the load balancer's business.
     Other,
-    /// A later fragment: no L4 header, so no ports to match (documented: such fragments pass untouched).
+    /// A later fragment: no L4 header, so no ports to match. The packet's addresses, protocol and
+    /// identification are filled in (`Packet::frag` is `FRAG_LATER`) for the `LB_FRAGMENTS` lookup.
     Fragment,
     /// Truncated or inconsistent headers.
     Malformed,
@@ -87,6 +98,8 @@ fn parse(ctx: &TcContext, p: &mut Packet) -> Result<(), NotParsed> {
     p.v4 = true;
     p.l3 = l3;
     p.tcp_flags = 0;
+    p.frag = FRAG_NONE;
+    p.frag_id = 0;
     match eth_proto {
         ETH_P_IP => {
             let vihl: u8 = load(ctx, l3)?;
@@ -97,15 +110,12 @@ fn parse(ctx: &TcContext, p: &mut Packet) -> Result<(), NotParsed> {
             if ihl < 20 {
                 return Err(NotParsed::Malformed);
             }
-            let frag = u16::from_be(load::<u16>(ctx, l3 + 6)?);
+            // Identification, then flags and fragment offset.
+            let id_frag: [u8; 4] = load(ctx, l3 + 4)?;
+            let frag = u16::from_be_bytes([id_frag[2], id_frag[3]]);
             p.proto = load(ctx, l3 + 9)?;
             if !is_l4(p.proto) {
                 return Err(NotParsed::Other);
-            }
-            // A non-zero fragment offset: a later fragment. The first fragment (offset 0, MF set) carries the ports
-            // and is handled like any packet.
-            if frag & 0x1fff != 0 {
-                return Err(NotParsed::Fragment);
             }
             let src: [u8; 4] = load(ctx, l3 + 12)?;
             let dst: [u8; 4] = load(ctx, l3 + 16)?;
@@ -113,6 +123,18 @@ fn parse(ctx: &TcContext, p: &mut Packet) -> Result<(), NotParsed> {
             p.daddr = v4_mapped(dst);
             p.l3_len = ihl;
             p.l4 = l3 + ihl;
+            // A non-zero fragment offset: a later fragment, followed through `LB_FRAGMENTS`. The first fragment
+            // (offset 0, MF set) carries the ports and is handled like any packet.
+            if frag & 0x3fff != 0 {
+                p.frag_id = u32::from(u16::from_be_bytes([id_frag[0], id_frag[1]]));
+                if frag & 0x1fff != 0 {
+                    p.frag = FRAG_LATER;
+                    p.sport = 0;
+                    p.dport = 0;
+                    return Err(NotParsed::Fragment);
+                }
+                p.frag = FRAG_FIRST;
+            }
         }
         ETH_P_IPV6 => {
             let v: u8 = load(ctx, l3)?;
@@ -134,14 +156,29 @@ fn parse(ctx: &TcContext, p: &mut Packet) -> Result<(), NotParsed> {
                         next = hdr[0];
                         off += (usize::from(hdr[1]) + 1) * 8;
                     }
-                    // Fragment header: fixed 8 bytes; a non-zero offset means a later fragment.
+                    // Fragment header: next header, reserved, offset (13 bits) and M flag, identification (32
+                    // bits). A non-zero offset means a later fragment; what follows the header is then data, not
+                    // the upper-layer header. An atomic fragment (offset 0, M clear) is a whole datagram.
                     44 => {
-                        let hdr: [u8; 4] = load(ctx, off)?;
-                        if u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8 != 0 {
-                            return Err(NotParsed::Fragment);
-                        }
+                        let hdr: [u8; 8] = load(ctx, off)?;
+                        let off_m = u16::from_be_bytes([hdr[2], hdr[3]]);
                         next = hdr[0];
                         off += 8;
+                        if off_m & 0xfff9 != 0 {
+                            p.frag_id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+                            p.frag = FRAG_FIRST;
+                        }
+                        if off_m & 0xfff8 != 0 {
+                            if !is_l4(next) {
+                                return Err(NotParsed::Other);
+                            }
+                            p.proto = next;
+                            p.l4 = off;
+                            p.frag = FRAG_LATER;
+                            p.sport = 0;
+                            p.dport = 0;
+                            return Err(NotParsed::Fragment);
+                        }
                     }
                     // Authentication header: length in 4-octet units, minus 2.
                     51 => {
@@ -226,10 +263,17 @@ pub fn rewrite(ctx: &TcContext, p: &mut Packet, nat: &Nat) -> i32 {
 #[inline(always)]
 fn rewrite_inner(ctx: &TcContext, p: &mut Packet, nat: &Nat) -> Result<(), RewriteError> {
     let (saddr, sport, daddr, dport) = (&nat.saddr, nat.sport, &nat.daddr, nat.dport);
-    let csum_off = l4_csum_off(p);
+    // A later fragment has no L4 header: the datagram's L4 checksum (pseudo-header included) is in the first
+    // fragment, which was updated when it was translated. Only addresses change here (its ports are 0 on both
+    // sides).
+    let csum_off = if p.frag == FRAG_LATER {
+        None
+    } else {
+        l4_csum_off(p)
+    };
     let mut l4_flags = u64::from(BPF_F_PSEUDO_HDR);
     let mut l4_enabled = csum_off.is_some();
-    if p.proto == PROTO_UDP {
+    if p.proto == PROTO_UDP && l4_enabled {
         // A zero checksum means "none" for IPv4 UDP, and an update must not turn a computed 0 into "none".
         l4_flags |= u64::from(BPF_F_MARK_MANGLED_0);
         if p.v4 {

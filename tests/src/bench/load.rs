@@ -25,10 +25,12 @@ pub const REQUEST: usize = 100;
 /// from the one the datagram was sent to, and a reply from another address matches neither the NAT's conntrack
 /// entry nor the client's connected socket.
 pub fn serve(port: u16, udp_addrs: &[std::net::Ipv4Addr]) -> Result<()> {
-    let listener = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding TCP {port}"))?;
+    let listener =
+        TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding TCP {port}"))?;
     let count = Arc::new(AtomicU64::new(0));
     for &addr in udp_addrs {
-        let udp = UdpSocket::bind((addr, port)).with_context(|| format!("binding UDP {addr}:{port}"))?;
+        let udp =
+            UdpSocket::bind((addr, port)).with_context(|| format!("binding UDP {addr}:{port}"))?;
         let count = Arc::clone(&count);
         std::thread::spawn(move || udp_counter(&udp, &count));
     }

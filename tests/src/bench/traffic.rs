@@ -122,7 +122,9 @@ impl Net {
         net.client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
         let server = Cmd::new(exe)
             .args(["serve", "--port", &workload::TARGET_PORT.to_string()])
-            .args((0..BACKENDS).flat_map(|i| ["--udp-addr".to_owned(), backend_addr(i).to_string()]))
+            .args(
+                (0..BACKENDS).flat_map(|i| ["--udp-addr".to_owned(), backend_addr(i).to_string()]),
+            )
             .netns(&net.backend)
             .label("lb-bench-serve")
             .spawn()?;
