@@ -128,6 +128,12 @@ pub static LB_TRACE: Array<TraceValue, 1> = Array::new();
 pub static LB_FRAGMENTS: LruHashMap<FragKey, FragValue, { DEFAULT_MAX_FRAGMENTS as usize }> =
     LruHashMap::new();
 
+/// 0 -> `lb_common::CRC32C_STEP`: the CRC32c reduction table, rewritten by the tc programs before each SCTP port
+/// rewrite and read through a second lookup, so neither LLVM nor the verifier sees it as constants (see
+/// `CRC32C_STEP` for why that matters). Never pinned, never read by the agent.
+#[btf_map]
+pub static LB_CRC_STEP: Array<[u32; 2], 1> = Array::new();
+
 /// slot (`tc::SCRATCH_INGRESS` / `SCRATCH_EGRESS`) -> `tc::Scratch`, per CPU: one tc program run's working state,
 /// kept off the 512-byte stack. Written and read by the tc programs within one run; never pinned, never read by the
 /// agent.

@@ -56,8 +56,8 @@ use crate::maps::{
     LB_SRC_RANGES, LB_TRACE, LB_VIPS,
 };
 use crate::packet::{
-    self, FRAG_FIRST, NOT_PARSED_FRAGMENT, NOT_PARSED_OTHER, Nat, PARSED, Packet, TCP_FIN, TCP_RST,
-    TCP_SYN,
+    self, FRAG_FIRST, FRAG_NONE, NOT_PARSED_FRAGMENT, NOT_PARSED_OTHER, Nat, PARSED, Packet,
+    TCP_FIN, TCP_RST, TCP_SYN,
 };
 use crate::reject::{self, RejectBufs};
 use crate::select::{lookup_backend, mix64, pick_from_table};
@@ -537,8 +537,9 @@ fn choose(ctx: &TcContext, s: &mut Scratch) -> u32 {
         s.out.drop(reason::NO_BACKEND, svc_id);
         return 0;
     }
-    // SCTP's CRC32c covers the ports: only address rewrites keep it valid (see `packet::rewrite`).
-    if p.proto == PROTO_SCTP && backend.value.port != p.dport {
+    // SCTP's CRC32c covers the ports; `packet::rewrite` folds a port change into it, which needs the SCTP
+    // packet's length: a first fragment does not tell it (the datagram ends in a later fragment).
+    if p.proto == PROTO_SCTP && p.frag != FRAG_NONE && backend.value.port != p.dport {
         s.out.drop(reason::MALFORMED, svc_id);
         return 0;
     }

@@ -32,7 +32,7 @@ const CLIENT_V6: &str = "2001:db8:ff::9";
 /// - `empty` (NodePort, no endpoints: rule 8 rejects);
 /// - `lb` (LoadBalancer with `loadBalancerSourceRanges`);
 /// - `web6` (IPv6 NodePort, one local and one remote backend);
-/// - `sctp` (externalIP; one port kept by the target port, one changed).
+/// - `sctp` (NodePort and externalIP; one port kept by the target port, one changed).
 const MANIFEST: &str = r#"apiVersion: v1
 kind: Node
 metadata:
@@ -192,12 +192,12 @@ apiVersion: v1
 kind: Service
 metadata: {name: sctp, namespace: t}
 spec:
-  type: ClusterIP
+  type: NodePort
   clusterIP: 10.96.0.20
   externalIPs: [198.51.100.8]
   ports:
-    - {name: same, protocol: SCTP, port: 7777, targetPort: 7777}
-    - {name: moved, protocol: SCTP, port: 7778, targetPort: 7000}
+    - {name: same, protocol: SCTP, port: 7777, targetPort: 7777, nodePort: 30777}
+    - {name: moved, protocol: SCTP, port: 7778, targetPort: 7000, nodePort: 30778}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -464,11 +464,18 @@ fn fixtures() -> Vec<Fixture> {
         fwd(&["10.244.1.30"], 7777),
     ));
     v.push(fixture(
-        "SCTP to a target port that differs is dropped (the CRC32c would need recomputing)",
+        "SCTP to a target port that differs forwards with its CRC32c updated",
         Protocol::Sctp,
         client(40311),
         sa("198.51.100.8", 7778),
-        Expect::Drop("malformed"),
+        fwd(&["10.244.1.30"], 7000),
+    ));
+    v.push(fixture(
+        "SCTP NodePort forwards with the port changed and its CRC32c updated",
+        Protocol::Sctp,
+        client(40312),
+        node(30778),
+        fwd(&["10.244.1.30"], 7000),
     ));
     // Crafted frames.
     let mut ext = fixture(
@@ -1207,5 +1214,79 @@ fn later_fragments_follow_their_first_fragment() {
         counts[reason::FRAGMENT_FOLLOWED as usize],
         2,
         "LB_DROP_STATS counts the translated later fragments"
+    );
+}
+
+#[test]
+fn sctp_port_rewrite_updates_crc32c_both_ways() {
+    if !require_root("sctp_port_rewrite_updates_crc32c_both_ways") {
+        return;
+    }
+    // The `sctp` Service's `moved` port: NodePort 30778 -> 10.244.1.30:7000 on node A (no SNAT), so the reply
+    // leaves through egress with the NodePort given back as its source.
+    let (mut tracer, _manifest) = tracer();
+    let (node_port, backend) = (sa(NODE_V4, 30778), sa("10.244.1.30", 7000));
+    // Payload sizes from one chunk header to a full 1500-byte MTU (20 + 12 + 1468).
+    for (i, len) in [4usize, 100, 1000, 1468].into_iter().enumerate() {
+        let client = sa(CLIENT_V4, 48000 + i as u16);
+        let d = format!("SCTP {client} -> {node_port} with {len} bytes of chunks");
+        let payload: Vec<u8> = (0..len).map(|b| (b * 7 + i) as u8).collect();
+        let frame = packet::build(Protocol::Sctp, client, node_port, 0, &payload);
+        let run = tracer.run_frame(&frame).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(
+            (run.result.verdict, run.result.reason),
+            ("forward", "new-flow"),
+            "{d}: {:?}",
+            run.result
+        );
+        let p = packet::parse(&run.output).unwrap_or_else(|| panic!("{d}: no IP packet"));
+        assert_eq!((p.src, p.dst), (client, backend), "{d}: DNAT with the port");
+        assert!(
+            p.checksums_ok,
+            "{d}: CRC32c after the port rewrite (recomputed here)"
+        );
+        assert_eq!(
+            run.output[run.output.len() - len..],
+            payload[..],
+            "{d}: chunks untouched"
+        );
+
+        // The backend's reply, as it leaves node A towards the client: source back to the NodePort.
+        let reply = packet::build(Protocol::Sctp, backend, client, 0, &payload);
+        let run = tracer.run_egress_frame(&reply).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(
+            (run.result.verdict, run.result.reason),
+            ("forward", "reply"),
+            "{d}: reply at egress: {:?}",
+            run.result
+        );
+        let p = packet::parse(&run.output).unwrap_or_else(|| panic!("{d}: reply: no IP packet"));
+        assert_eq!(
+            (p.src, p.dst),
+            (node_port, client),
+            "{d}: reverse DNAT of the reply"
+        );
+        assert!(
+            p.checksums_ok,
+            "{d}: the reply's CRC32c after the port rewrite"
+        );
+    }
+
+    // A packet that arrives with a wrong CRC32c still has a wrong one after the rewrite: the update is incremental,
+    // so corruption is never turned into a valid packet.
+    let client = sa(CLIENT_V4, 48100);
+    let mut frame = packet::build(Protocol::Sctp, client, node_port, 0, b"corrupt!");
+    let crc_at = 14 + 20 + 8;
+    frame[crc_at] ^= 0x5a;
+    let run = tracer.run_frame(&frame).expect("BPF_PROG_TEST_RUN");
+    assert_eq!(run.result.verdict, "forward", "{:?}", run.result);
+    let p = packet::parse(&run.output).expect("IP packet");
+    assert_eq!(p.dst, backend, "DNAT with the port");
+    assert!(!p.checksums_ok, "a corrupted SCTP packet must stay invalid");
+    let mut fixed = run.output.clone();
+    fixed[crc_at] ^= 0x5a;
+    assert!(
+        packet::parse(&fixed).expect("IP packet").checksums_ok,
+        "the rewrite changed the CRC32c by exactly the port change"
     );
 }
