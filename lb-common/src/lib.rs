@@ -53,6 +53,8 @@ pub const DEFAULT_MAX_CONNTRACK: u32 = 262144;
 pub const DEFAULT_MAX_LOCAL_NETS: u32 = 1024;
 pub const DEFAULT_MAX_SRC_RANGES: u32 = 16384;
 pub const DEFAULT_MAX_VIPS: u32 = 65536;
+/// Fragmented datagrams in flight whose first fragment was translated (`LB_FRAGMENTS`, LRU).
+pub const DEFAULT_MAX_FRAGMENTS: u32 = 8192;
 
 /// `BPF_F_INNER_MAP`: lets inner arrays of one map-of-maps differ in `max_entries`, so each service's lookup table
 /// is exactly as large as it needs to be. Inner maps must carry the same flag as the template.
@@ -79,12 +81,13 @@ pub mod map_names {
     pub const VIPS: &str = "LB_VIPS";
     pub const DROP_STATS: &str = "LB_DROP_STATS";
     pub const TRACE: &str = "LB_TRACE";
+    pub const FRAGMENTS: &str = "LB_FRAGMENTS";
     /// Kubernetes names of the service ids, for operators; created by the agent, not by the object.
     pub const SVC_NAMES: &str = "LB_SVC_NAMES";
     /// Maps the agent creates and pins itself (no program uses them), so the loader does not know them.
     pub const AGENT_CREATED: [&str; 1] = [SVC_NAMES];
     /// Every map the agent pins, in the order it creates them.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -99,6 +102,7 @@ pub mod map_names {
         VIPS,
         DROP_STATS,
         TRACE,
+        FRAGMENTS,
     ];
 }
 
@@ -171,6 +175,80 @@ pub fn addr_from_bytes(bytes: [u8; 16]) -> core::net::IpAddr {
     } else {
         core::net::IpAddr::V6(core::net::Ipv6Addr::from(bytes))
     }
+}
+
+/// CRC32c's generator polynomial, bit-reflected (Castagnoli; SCTP, RFC 9260 appendix A).
+pub const CRC32C_POLY: u32 = 0x82f6_3b78;
+
+/// The reduction table of one CRC32c shift step: `[0, CRC32C_POLY]`, indexed by the bit that falls out.
+///
+/// The eBPF programs read it from a map rather than a constant on purpose (kernel 6.18, LLVM 22): with a constant,
+/// LLVM turns the step into a select, i.e. a branch or a `(x << 63) s>> 63 & C` mask on a packet-derived bit, and
+/// the verifier forks on each of those (the mask form splits the state without a join to prune at), so 32 steps
+/// became 2^32 paths ("BPF program is too large. Processed 1000001 insn"). A load from map memory at a 0/4 offset is
+/// one unknown value for the verifier and no fork.
+pub const CRC32C_STEP: [u32; 2] = [0, CRC32C_POLY];
+
+/// `a * b mod P` over GF(2) for polynomials in CRC32c's reflected form (bit 31 is the coefficient of x^0, bit 0
+/// that of x^31). `a` should be a constant the verifier knows (its bits pick what is added); `b` may come from the
+/// packet. `step` is [`CRC32C_STEP`].
+#[inline(always)]
+pub fn crc32c_mulmod(a: u32, b: u32, step: &[u32; 2]) -> u32 {
+    let mut b = b;
+    let mut product = 0u32;
+    let mut i = 0;
+    while i < 32 {
+        // Coefficient of x^i in `a`, as an all-ones or all-zeros mask; `b` is the original b * x^i here.
+        product ^= b & 0u32.wrapping_sub((a >> (31 - i)) & 1);
+        // b * x: shift towards x^31, and reduce by P when x^32 falls out.
+        b = (b >> 1) ^ step[(b & 1) as usize];
+        i += 1;
+    }
+    product
+}
+
+/// How an SCTP packet's CRC32c field changes when its first 4 bytes (source and destination port) change from
+/// `old` to `new` and nothing else does: `new_field = old_field ^ delta` with the field read as a little-endian
+/// `u32` (as SCTP stores it), for a packet of `len` bytes (common header and chunks, so at least 12). `step` is
+/// [`CRC32C_STEP`] (see there why it is a parameter).
+///
+/// Why it holds: write CRC(m) = raw(~0, m) ^ ~0, where raw(s, m) is the CRC register after feeding m to the
+/// register s. raw is affine: raw(s, m) = raw(s, 0) ^ raw(0, m), and linear in m. For two packets of the same
+/// length that differ in bytes 0..4 by D (the checksum field counts as zero in both, RFC 9260 §6.8), CRC(a) ^ CRC(b)
+/// = raw(0, D followed by len - 4 zero bytes). Feeding D's 4 bytes to the zero register gives r; each further zero
+/// byte multiplies the register by x^8 mod P, so the result is r * x^(8 (len - 4)) mod P, computed by square and
+/// multiply in 16 steps (len < 65536). The field is the CRC little-endian, so XOR applies to it as it is. An
+/// incoming packet with a wrong CRC keeps a wrong one (nothing is recomputed from scratch), and the work does not
+/// depend on the packet's size or on reading its chunks. `crc32c_port_delta_matches_a_full_recomputation` checks
+/// it against a bitwise CRC32c for every length up to 9000 bytes.
+#[inline(always)]
+pub fn crc32c_port_delta(old: [u8; 4], new: [u8; 4], len: u32, step: &[u32; 2]) -> u32 {
+    // raw(0, D): the 4 bytes XORed into the zero register (reflected CRCs take bytes little-endian first), then 32
+    // shift steps.
+    let mut r = u32::from_le_bytes([
+        old[0] ^ new[0],
+        old[1] ^ new[1],
+        old[2] ^ new[2],
+        old[3] ^ new[3],
+    ]);
+    let mut i = 0;
+    while i < 32 {
+        r = (r >> 1) ^ step[(r & 1) as usize];
+        i += 1;
+    }
+    // r * x^(8 * zeros) mod P, multiplying r by x^(8 * 2^k) for every bit k set in `zeros`; x^8 is bit 31 - 8 in
+    // reflected form, and each step squares it (constants the verifier computes itself).
+    let zeros = len.saturating_sub(4) & 0xffff;
+    let mut square = 1u32 << (31 - 8);
+    let mut k = 0;
+    while k < 16 {
+        if (zeros >> k) & 1 != 0 {
+            r = crc32c_mulmod(square, r, step);
+        }
+        square = crc32c_mulmod(square, square, step);
+        k += 1;
+    }
+    r
 }
 
 /// `LB_SERVICES` key: one virtual service, a (VIP, port, protocol) as seen from one scope.
@@ -494,7 +572,8 @@ pub mod reason {
     pub const UNKNOWN_PORT: u32 = 8;
     /// The packet is too short or inconsistent to be handled.
     pub const MALFORMED: u32 = 9;
-    /// A later IPv4/IPv6 fragment: it carries no ports, so it passes untouched.
+    /// A later IPv4/IPv6 fragment with no `LB_FRAGMENTS` entry (its first fragment was not seen, came later, or
+    /// was not translated): it carries no ports to match, so it passes untouched.
     pub const FRAGMENT: u32 = 10;
     /// A remote backend needs SNAT but no SNAT address of the family is configured, or no SNAT port was free.
     pub const NO_SNAT: u32 = 11;
@@ -504,6 +583,8 @@ pub mod reason {
     pub const NO_BACKEND: u32 = 13;
     /// Building the reject reply failed.
     pub const REJECT_FAILED: u32 = 14;
+    /// A later fragment translated as its datagram's first fragment was (`LB_FRAGMENTS`).
+    pub const FRAGMENT_FOLLOWED: u32 = 15;
     /// Number of reasons (size of `LB_DROP_STATS`).
     pub const COUNT: u32 = 16;
 
@@ -524,9 +605,60 @@ pub mod reason {
             CT_FULL => "conntrack-full",
             NO_BACKEND => "no-backend",
             REJECT_FAILED => "reject-failed",
+            FRAGMENT_FOLLOWED => "fragment-followed",
             _ => "not-a-service",
         }
     }
+}
+
+/// `FragKey::hook`: the tc hook that translated the first fragment. The same datagram carries different addresses
+/// at ingress (before DNAT) and egress (after it), and one hook's entry must never translate the other's packets.
+pub const FRAG_HOOK_INGRESS: u8 = 0;
+pub const FRAG_HOOK_EGRESS: u8 = 1;
+
+/// `FragValue::flags`: the first fragment was counted in the service's and backend's packet counters, so later
+/// fragments are too.
+pub const FRAG_FLAG_COUNTED: u8 = 2;
+
+/// How long (seconds) a fragment entry translates later fragments after its first fragment. Fragments of one
+/// datagram follow each other within milliseconds; a short life keeps an entry from translating an unrelated
+/// datagram that reuses the identification (IPv4's is 16 bits and wraps after 65536 datagrams) when that
+/// datagram's own first fragment was never seen here.
+pub const FRAG_LIFETIME_S: u32 = 2;
+
+/// `LB_FRAGMENTS` key: one fragmented IP datagram as its fragments carry it at one hook (RFC 791 / RFC 8200: a
+/// datagram is identified by source, destination, protocol and identification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    /// Source and destination as the fragment carries them, network byte order (IPv4-mapped for IPv4).
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// The Identification: IPv4's 16-bit field or the IPv6 Fragment header's 32-bit one, host byte order.
+    pub id: u32,
+    /// The upper-layer protocol (`PROTO_TCP`, `PROTO_UDP`, `PROTO_SCTP`).
+    pub proto: u8,
+    /// `FRAG_HOOK_INGRESS` or `FRAG_HOOK_EGRESS`.
+    pub hook: u8,
+    pub _pad: [u8; 2],
+}
+
+/// `LB_FRAGMENTS` value: the addresses the first fragment was rewritten to. No ports: later fragments carry no L4
+/// header, and the L4 checksum (pseudo-header included) lives in the first fragment, which was already updated.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragValue {
+    /// `bpf_ktime_get_ns()` when the first fragment was translated; the entry is dead `FRAG_LIFETIME_S` later.
+    pub created_ns: u64,
+    /// The first fragment's rewritten source and destination, network byte order.
+    pub new_saddr: [u8; 16],
+    pub new_daddr: [u8; 16],
+    /// The flow's service and backend, for the counters and `lb-agent trace`.
+    pub service_id: u32,
+    pub backend_id: u32,
+    /// `CT_FLAG_SNAT` (the flow is SNATed) and `FRAG_FLAG_COUNTED`.
+    pub flags: u8,
+    pub _pad: [u8; 7],
 }
 
 /// `LB_TRACE` value (array of one, written only with `CONFIG_FLAG_TRACE`): the last verdict of the tc programs.
@@ -565,6 +697,8 @@ mod pod {
     unsafe impl aya::Pod for SrcRangeData {}
     unsafe impl aya::Pod for TraceValue {}
     unsafe impl aya::Pod for ServiceNameValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
 }
 
 #[cfg(test)]
@@ -590,6 +724,8 @@ mod tests {
         assert_eq!(size_of::<SrcRangeData>(), 20);
         assert_eq!(size_of::<TraceValue>(), 24);
         assert_eq!(size_of::<ServiceNameValue>(), 152);
+        assert_eq!(size_of::<FragKey>(), 40);
+        assert_eq!(size_of::<FragValue>(), 56);
     }
 
     #[test]
@@ -616,6 +752,59 @@ mod tests {
         let long = core::str::from_utf8(&bytes).expect("utf-8");
         let v = ServiceNameValue::new(long, 0);
         assert!(v.name().len() < SERVICE_NAME_LEN && v.name().chars().all(|c| c == 'é'));
+    }
+
+    /// CRC32c bit by bit, as RFC 9260 appendix A defines it (the reference the incremental update must match).
+    fn crc32c(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ CRC32C_POLY
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn crc32c_port_delta_matches_a_full_recomputation() {
+        // A deterministic pseudo-random walk over lengths (all multiples of 4 from 12 to 9000, the jumbo MTU),
+        // contents and port changes; the checksum field is zero while computing, as SCTP defines it.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut packet = [0u8; 9000];
+        for len in (12..=9000usize).step_by(4) {
+            for b in packet[..len].iter_mut() {
+                *b = next() as u8;
+            }
+            packet[8..12].fill(0);
+            let old_crc = crc32c(&packet[..len]);
+            let old: [u8; 4] = packet[..4].try_into().expect("4 bytes");
+            let new = (next() as u32).to_be_bytes();
+            packet[..4].copy_from_slice(&new);
+            let new_crc = crc32c(&packet[..len]);
+            assert_eq!(
+                old_crc ^ crc32c_port_delta(old, new, len as u32, &CRC32C_STEP),
+                new_crc,
+                "length {len}"
+            );
+        }
+        // No change, no delta.
+        assert_eq!(
+            crc32c_port_delta([1, 2, 3, 4], [1, 2, 3, 4], 100, &CRC32C_STEP),
+            0
+        );
+        // RFC 3720 B.4's CRC32c test vector: 32 bytes of zeros.
+        assert_eq!(crc32c(&[0u8; 32]), 0x8a91_36aa);
     }
 
     #[test]

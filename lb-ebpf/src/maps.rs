@@ -11,9 +11,9 @@ use aya_ebpf::{
 use lb_common::{
     AffinityKey, AffinityValue, BPF_F_INNER_MAP, BPF_F_NO_PREALLOC, BackendStats, BackendValue,
     ConfigValue, CtKey, CtValue, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK,
-    DEFAULT_MAX_LOCAL_NETS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REVNAT, DEFAULT_MAX_SRC_RANGES,
-    DEFAULT_MAX_VIPS, ServiceKey, ServiceStats, ServiceValue, SockRevNatKey, SockRevNatValue,
-    SrcRangeData, TraceValue, reason,
+    DEFAULT_MAX_FRAGMENTS, DEFAULT_MAX_LOCAL_NETS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REVNAT,
+    DEFAULT_MAX_SRC_RANGES, DEFAULT_MAX_VIPS, FragKey, FragValue, ServiceKey, ServiceStats,
+    ServiceValue, SockRevNatKey, SockRevNatValue, SrcRangeData, TraceValue, reason,
 };
 
 /// One service's lookup table, the `LB_MAGLEV` inner map: element `LUT_LEN_INDEX` (0) holds the table length L,
@@ -118,6 +118,21 @@ pub static LB_DROP_STATS: PerCpuArray<u64, { reason::COUNT as usize }> = PerCpuA
 /// maps of `lb-agent trace`). Written by the tc programs; read by `lb-agent trace`.
 #[btf_map]
 pub static LB_TRACE: Array<TraceValue, 1> = Array::new();
+
+/// `FragKey` {source, destination, identification, protocol, hook} -> `FragValue` {rewritten addresses, service,
+/// backend, created}: fragmented datagrams whose first fragment a tc program translated, so their later fragments
+/// (no L4 header, no ports) get the same addresses. Written by the tc programs on a translated first fragment
+/// (removed on an untranslated one); read by them on later fragments; entries die `FRAG_LIFETIME_S` after the first
+/// fragment (checked on lookup) or by LRU eviction. The agent only pins it.
+#[btf_map]
+pub static LB_FRAGMENTS: LruHashMap<FragKey, FragValue, { DEFAULT_MAX_FRAGMENTS as usize }> =
+    LruHashMap::new();
+
+/// 0 -> `lb_common::CRC32C_STEP`: the CRC32c reduction table, rewritten by the tc programs before each SCTP port
+/// rewrite and read through a second lookup, so neither LLVM nor the verifier sees it as constants (see
+/// `CRC32C_STEP` for why that matters). Never pinned, never read by the agent.
+#[btf_map]
+pub static LB_CRC_STEP: Array<[u32; 2], 1> = Array::new();
 
 /// slot (`tc::SCRATCH_INGRESS` / `SCRATCH_EGRESS`) -> `tc::Scratch`, per CPU: one tc program run's working state,
 /// kept off the 512-byte stack. Written and read by the tc programs within one run; never pinned, never read by the

@@ -7,11 +7,13 @@
 //! verifier only needs constant lengths, and a truncated packet is an error return, never an out-of-bounds read.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     helpers::bpf_csum_diff,
     programs::TcContext,
 };
-use lb_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP, v4_mapped};
+use lb_common::{CRC32C_STEP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, crc32c_port_delta, v4_mapped};
+
+use crate::maps::LB_CRC_STEP;
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -44,13 +46,27 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// The IPv4 header length (IHL * 4); 40 for IPv6.
     pub l3_len: usize,
+    /// `FRAG_NONE`, `FRAG_FIRST` (offset 0, more fragments follow) or `FRAG_LATER` (offset > 0: no L4 header,
+    /// `sport`/`dport` are 0 and `l4` is where the fragment's data starts).
+    pub frag: u8,
+    /// The fragment Identification (IPv4: 16 bits, IPv6: 32 bits), host order; 0 when not a fragment.
+    pub frag_id: u32,
+    /// Where the IP packet ends by its own length field (Ethernet padding may follow): the SCTP packet's length
+    /// is `ip_end - l4`.
+    pub ip_end: usize,
 }
+
+/// `Packet::frag`.
+pub const FRAG_NONE: u8 = 0;
+pub const FRAG_FIRST: u8 = 1;
+pub const FRAG_LATER: u8 = 2;
 
 /// Why parsing stopped.
 pub enum NotParsed {
     /// Not IPv4/IPv6 with TCP/UDP/SCTP: not the load balancer's business.
     Other,
-    /// A later fragment: no L4 header, so no ports to match (documented: such fragments pass untouched).
+    /// A later fragment: no L4 header, so no ports to match. The packet's addresses, protocol and
+    /// identification are filled in (`Packet::frag` is `FRAG_LATER`) for the `LB_FRAGMENTS` lookup.
     Fragment,
     /// Truncated or inconsistent headers.
     Malformed,
@@ -87,6 +103,8 @@ fn parse(ctx: &TcContext, p: &mut Packet) -> Result<(), NotParsed> {
     p.v4 = true;
     p.l3 = l3;
     p.tcp_flags = 0;
+    p.frag = FRAG_NONE;
+    p.frag_id = 0;
     match eth_proto {
         ETH_P_IP => {
             let vihl: u8 = load(ctx, l3)?;
@@ -97,15 +115,13 @@ fn parse(ctx: &TcContext, p: &mut Packet) -> Result<(), NotParsed> {
             if ihl < 20 {
                 return Err(NotParsed::Malformed);
             }
-            let frag = u16::from_be(load::<u16>(ctx, l3 + 6)?);
+            p.ip_end = l3 + usize::from(u16::from_be(load::<u16>(ctx, l3 + 2)?));
+            // Identification, then flags and fragment offset.
+            let id_frag: [u8; 4] = load(ctx, l3 + 4)?;
+            let frag = u16::from_be_bytes([id_frag[2], id_frag[3]]);
             p.proto = load(ctx, l3 + 9)?;
             if !is_l4(p.proto) {
                 return Err(NotParsed::Other);
-            }
-            // A non-zero fragment offset: a later fragment. The first fragment (offset 0, MF set) carries the ports
-            // and is handled like any packet.
-            if frag & 0x1fff != 0 {
-                return Err(NotParsed::Fragment);
             }
             let src: [u8; 4] = load(ctx, l3 + 12)?;
             let dst: [u8; 4] = load(ctx, l3 + 16)?;
@@ -113,6 +129,18 @@ fn parse(ctx: &TcContext, p: &mut Packet) -> Result<(), NotParsed> {
             p.daddr = v4_mapped(dst);
             p.l3_len = ihl;
             p.l4 = l3 + ihl;
+            // A non-zero fragment offset: a later fragment, followed through `LB_FRAGMENTS`. The first fragment
+            // (offset 0, MF set) carries the ports and is handled like any packet.
+            if frag & 0x3fff != 0 {
+                p.frag_id = u32::from(u16::from_be_bytes([id_frag[0], id_frag[1]]));
+                if frag & 0x1fff != 0 {
+                    p.frag = FRAG_LATER;
+                    p.sport = 0;
+                    p.dport = 0;
+                    return Err(NotParsed::Fragment);
+                }
+                p.frag = FRAG_FIRST;
+            }
         }
         ETH_P_IPV6 => {
             let v: u8 = load(ctx, l3)?;
@@ -120,6 +148,7 @@ fn parse(ctx: &TcContext, p: &mut Packet) -> Result<(), NotParsed> {
                 return Err(NotParsed::Malformed);
             }
             p.v4 = false;
+            p.ip_end = l3 + 40 + usize::from(u16::from_be(load::<u16>(ctx, l3 + 4)?));
             p.saddr = load(ctx, l3 + 8)?;
             p.daddr = load(ctx, l3 + 24)?;
             p.l3_len = 40;
@@ -134,14 +163,29 @@ fn parse(ctx: &TcContext, p: &mut Packet) -> Result<(), NotParsed> {
                         next = hdr[0];
                         off += (usize::from(hdr[1]) + 1) * 8;
                     }
-                    // Fragment header: fixed 8 bytes; a non-zero offset means a later fragment.
+                    // Fragment header: next header, reserved, offset (13 bits) and M flag, identification (32
+                    // bits). A non-zero offset means a later fragment; what follows the header is then data, not
+                    // the upper-layer header. An atomic fragment (offset 0, M clear) is a whole datagram.
                     44 => {
-                        let hdr: [u8; 4] = load(ctx, off)?;
-                        if u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8 != 0 {
-                            return Err(NotParsed::Fragment);
-                        }
+                        let hdr: [u8; 8] = load(ctx, off)?;
+                        let off_m = u16::from_be_bytes([hdr[2], hdr[3]]);
                         next = hdr[0];
                         off += 8;
+                        if off_m & 0xfff9 != 0 {
+                            p.frag_id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+                            p.frag = FRAG_FIRST;
+                        }
+                        if off_m & 0xfff8 != 0 {
+                            if !is_l4(next) {
+                                return Err(NotParsed::Other);
+                            }
+                            p.proto = next;
+                            p.l4 = off;
+                            p.frag = FRAG_LATER;
+                            p.sport = 0;
+                            p.dport = 0;
+                            return Err(NotParsed::Fragment);
+                        }
                     }
                     // Authentication header: length in 4-octet units, minus 2.
                     51 => {
@@ -209,8 +253,9 @@ pub struct Nat {
 /// checksum (pseudo-header included) incrementally. An IPv4 UDP datagram without a checksum (0) keeps none.
 ///
 /// SCTP's CRC32c covers the SCTP packet only, not an IP pseudo-header, so address rewrites leave it valid; a port
-/// rewrite would invalidate it, and the caller only rewrites SCTP ports when the kernel recomputes the CRC (see
-/// `tc::sctp_ports_ok`).
+/// rewrite changes it by an amount that depends only on the old and new ports and the packet's length
+/// ([`lb_common::crc32c_port_delta`], see [`sctp_crc_update`]). A fragment's SCTP ports cannot change: the length
+/// of the datagram, which the update needs, is not known from its first fragment (the caller drops those before).
 ///
 /// Not inlined: a BPF-to-BPF call gets its own stack frame, and with every caller inlining it the programs
 /// exceeded the 512-byte stack (LLVM 22: "Looks like the BPF stack limit is exceeded").
@@ -226,10 +271,17 @@ pub fn rewrite(ctx: &TcContext, p: &mut Packet, nat: &Nat) -> i32 {
 #[inline(always)]
 fn rewrite_inner(ctx: &TcContext, p: &mut Packet, nat: &Nat) -> Result<(), RewriteError> {
     let (saddr, sport, daddr, dport) = (&nat.saddr, nat.sport, &nat.daddr, nat.dport);
-    let csum_off = l4_csum_off(p);
+    // A later fragment has no L4 header: the datagram's L4 checksum (pseudo-header included) is in the first
+    // fragment, which was updated when it was translated. Only addresses change here (its ports are 0 on both
+    // sides).
+    let csum_off = if p.frag == FRAG_LATER {
+        None
+    } else {
+        l4_csum_off(p)
+    };
     let mut l4_flags = u64::from(BPF_F_PSEUDO_HDR);
     let mut l4_enabled = csum_off.is_some();
-    if p.proto == PROTO_UDP {
+    if p.proto == PROTO_UDP && l4_enabled {
         // A zero checksum means "none" for IPv4 UDP, and an update must not turn a computed 0 into "none".
         l4_flags |= u64::from(BPF_F_MARK_MANGLED_0);
         if p.v4 {
@@ -255,8 +307,32 @@ fn rewrite_inner(ctx: &TcContext, p: &mut Packet, nat: &Nat) -> Result<(), Rewri
         )?;
         p.daddr = *daddr;
     }
+    if sport == p.sport && dport == p.dport {
+        return Ok(());
+    }
+    let sctp = p.proto == PROTO_SCTP;
+    if sctp && p.frag != FRAG_NONE {
+        return Err(RewriteError);
+    }
+    // SCTP has no Internet checksum field to compensate the new bytes in `skb->csum` (CHECKSUM_COMPLETE), so its
+    // stores ask the helper to update it.
+    let store_flags = if sctp {
+        u64::from(BPF_F_RECOMPUTE_CSUM)
+    } else {
+        0
+    };
+    let (old_sport, old_dport) = (p.sport, p.dport);
     if sport != p.sport {
-        rewrite_port(ctx, p.l4, p.sport, sport, csum_off, l4_enabled, l4_flags)?;
+        rewrite_port(
+            ctx,
+            p.l4,
+            p.sport,
+            sport,
+            csum_off,
+            l4_enabled,
+            l4_flags,
+            store_flags,
+        )?;
         p.sport = sport;
     }
     if dport != p.dport {
@@ -268,10 +344,57 @@ fn rewrite_inner(ctx: &TcContext, p: &mut Packet, nat: &Nat) -> Result<(), Rewri
             csum_off,
             l4_enabled,
             l4_flags,
+            store_flags,
         )?;
         p.dport = dport;
     }
+    if sctp {
+        let old = (u32::from(old_sport) << 16) | u32::from(old_dport);
+        let new = (u32::from(sport) << 16) | u32::from(dport);
+        if sctp_crc_update(ctx, p.l4, p.ip_end, old, new) != 0 {
+            return Err(RewriteError);
+        }
+    }
     Ok(())
+}
+
+/// Folds an SCTP port change into the packet's CRC32c field (`l4 + 8`) without reading the chunks:
+/// `lb_common::crc32c_port_delta` says why the XOR is exact. `old` and `new` are the port pairs (source in the
+/// high half), host order. A packet whose CRC was wrong stays wrong; one whose CRC the stack has not computed yet
+/// (CHECKSUM_PARTIAL: the field is filled in at transmission over the rewritten bytes) gets a value that is
+/// overwritten then. Returns 0, or -1 when the length is impossible or a helper failed.
+///
+/// Not inlined: its constant-count loops (33 GF(2) multiplications of 32 steps) are verified once per call chain
+/// rather than once per inlined copy in `rewrite`'s branches.
+#[inline(never)]
+fn sctp_crc_update(ctx: &TcContext, l4: usize, ip_end: usize, old: u32, new: u32) -> i32 {
+    // The common header (12 bytes) at least; the IP length fields cannot describe more than 65535 bytes.
+    let len = ip_end.wrapping_sub(l4);
+    if !(12..=0xffff).contains(&len) {
+        return -1;
+    }
+    // Written through one lookup and read through another: LLVM cannot forward the stores to the loads, so the
+    // step stays a memory read (see `CRC32C_STEP`).
+    let Some(w) = LB_CRC_STEP.get_ptr_mut(0) else {
+        return -1;
+    };
+    // SAFETY: an array slot is valid for the program run.
+    unsafe { w.write(CRC32C_STEP) };
+    let Some(step) = LB_CRC_STEP.get_ptr(0) else {
+        return -1;
+    };
+    // SAFETY: as above; only read.
+    let step = unsafe { &*step };
+    let delta = crc32c_port_delta(old.to_be_bytes(), new.to_be_bytes(), len as u32, step);
+    let Ok(field) = ctx.load::<[u8; 4]>(l4 + 8) else {
+        return -1;
+    };
+    // The field holds the CRC little-endian (RFC 9260 appendix A), so the delta applies as a little-endian word.
+    let field = (u32::from_le_bytes(field) ^ delta).to_le_bytes();
+    match ctx.store(l4 + 8, &field, u64::from(BPF_F_RECOMPUTE_CSUM)) {
+        Ok(()) => 0,
+        Err(_) => -1,
+    }
 }
 
 #[inline(always)]
@@ -315,6 +438,7 @@ fn rewrite_addr(
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn rewrite_port(
     ctx: &TcContext,
     off: usize,
@@ -323,6 +447,7 @@ fn rewrite_port(
     csum_off: usize,
     l4_enabled: bool,
     l4_flags: u64,
+    store_flags: u64,
 ) -> Result<(), RewriteError> {
     if l4_enabled {
         // Ports are not in the pseudo-header: plain 2-byte replace.
@@ -335,7 +460,8 @@ fn rewrite_port(
         )
         .map_err(|_| RewriteError)?;
     }
-    ctx.store(off, &new.to_be(), 0).map_err(|_| RewriteError)
+    ctx.store(off, &new.to_be(), store_flags)
+        .map_err(|_| RewriteError)
 }
 
 /// Folds a 32-bit one's-complement sum from `bpf_csum_diff` to the 16-bit checksum field value. The helper adds

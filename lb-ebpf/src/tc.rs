@@ -17,8 +17,11 @@
 //! `CT_DIR_SNAT` (egress, client -> backend), `CT_DIR_SNAT_REPLY` (ingress, backend -> node address),
 //! `CT_DIR_REPLY` (egress, backend -> client).
 //!
-//! Fragments: a first fragment is handled by its ports; later fragments carry none and pass untouched (a service
-//! reached with fragmented datagrams then loses them: documented limit, the fragment-id map is future work).
+//! Fragments: a first fragment is handled by its ports like any packet; when it is translated, `LB_FRAGMENTS`
+//! remembers the rewritten addresses under (source, destination, identification, protocol, hook), and the later
+//! fragments of that datagram (no L4 header, no ports) get the same addresses ([`follow_fragment`]). A later
+//! fragment without an entry (its first fragment was not seen here, arrives after it, or was not a service's)
+//! passes untouched, as before; an untranslated first fragment removes a stale entry of its key.
 //!
 //! Stack: kernel 6.18's verifier sums the frames of a BPF-to-BPF call chain and refuses more than 512 bytes
 //! ("combined stack size of 3 calls is 624. Too large"). Every piece of per-packet state (the parsed packet, the
@@ -41,18 +44,20 @@ use lb_common::{
     ALG_MAGLEV, AffinityKey, AffinityValue, BACKEND_FLAG_LOCAL, BackendValue, CONFIG_FLAG_TRACE,
     CT_DIR_FWD, CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_CLOSING, CT_FLAG_SNAT,
     CT_LIFETIME_CLOSING_S, CT_LIFETIME_OTHER_S, CT_LIFETIME_SYN_S, CT_LIFETIME_TCP_S, ConfigValue,
-    CtKey, CtValue, PROTO_SCTP, PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    CtKey, CtValue, FRAG_FLAG_COUNTED, FRAG_HOOK_EGRESS, FRAG_HOOK_INGRESS, FRAG_LIFETIME_S,
+    FragKey, FragValue, PROTO_SCTP, PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL,
     SVC_FLAG_DROP_NO_BACKEND, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, SrcRangeData,
     TraceValue, VERDICT_DROP, VERDICT_FORWARD, VERDICT_PASS, VERDICT_REJECT, VIP_FLAG_CLUSTER_IP,
     is_v4_mapped, reason,
 };
 
 use crate::maps::{
-    LB_AFFINITY, LB_CONFIG, LB_CONNTRACK, LB_LOCAL_NETS, LB_SCRATCH, LB_SERVICES, LB_SRC_RANGES,
-    LB_TRACE, LB_VIPS,
+    LB_AFFINITY, LB_CONFIG, LB_CONNTRACK, LB_FRAGMENTS, LB_LOCAL_NETS, LB_SCRATCH, LB_SERVICES,
+    LB_SRC_RANGES, LB_TRACE, LB_VIPS,
 };
 use crate::packet::{
-    self, NOT_PARSED_FRAGMENT, NOT_PARSED_OTHER, Nat, PARSED, Packet, TCP_FIN, TCP_RST, TCP_SYN,
+    self, FRAG_FIRST, FRAG_NONE, NOT_PARSED_FRAGMENT, NOT_PARSED_OTHER, Nat, PARSED, Packet,
+    TCP_FIN, TCP_RST, TCP_SYN,
 };
 use crate::reject::{self, RejectBufs};
 use crate::select::{lookup_backend, mix64, pick_from_table};
@@ -109,6 +114,11 @@ pub struct Scratch {
     backend: BackendValue,
     snat_addr: [u8; 16],
     rej: RejectBufs,
+    /// The fragment entry being looked up or written (first fragments and later fragments only).
+    fkey: FragKey,
+    fval: FragValue,
+    /// `FRAG_HOOK_INGRESS` or `FRAG_HOOK_EGRESS`: which program runs, for the fragment keys.
+    hook: u8,
 }
 
 impl Outcome {
@@ -150,13 +160,17 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     };
     config(&mut s.cfg);
     s.out.pass(reason::NONE);
+    s.hook = FRAG_HOOK_INGRESS;
     match packet::parse_into(ctx, &mut s.pkt) {
         PARSED => {
             // The step's result is in `s.out`; the returned reason only keeps r0 a scalar (see `ingress_packet`).
             let _ = ingress_packet(ctx, s);
+            forget_fragment(s);
         }
         NOT_PARSED_OTHER => {}
-        NOT_PARSED_FRAGMENT => s.out.reason = reason::FRAGMENT,
+        NOT_PARSED_FRAGMENT => {
+            let _ = follow_fragment(ctx, s);
+        }
         _ => s.out.reason = reason::MALFORMED,
     }
     finish(s)
@@ -170,8 +184,16 @@ pub fn egress(ctx: &TcContext) -> i32 {
     };
     config(&mut s.cfg);
     s.out.pass(reason::NONE);
-    if packet::parse_into(ctx, &mut s.pkt) == PARSED {
-        let _ = egress_packet(ctx, s);
+    s.hook = FRAG_HOOK_EGRESS;
+    match packet::parse_into(ctx, &mut s.pkt) {
+        PARSED => {
+            let _ = egress_packet(ctx, s);
+            forget_fragment(s);
+        }
+        NOT_PARSED_FRAGMENT => {
+            let _ = follow_fragment(ctx, s);
+        }
+        _ => {}
     }
     finish(s)
 }
@@ -188,7 +210,7 @@ fn egress_packet(ctx: &TcContext, s: &mut Scratch) -> u32 {
         touch(ptr, &s.ct, &s.pkt, None);
         // Source only: the destination is already the backend.
         src_nat(&mut s.nat, &s.pkt, &s.ct);
-        apply(ctx, s, reason::CONNTRACK);
+        let _ = apply(ctx, s, reason::CONNTRACK);
         return s.out.reason;
     }
     set_ct_key(&mut s.key, &s.pkt, CT_DIR_REPLY);
@@ -196,7 +218,7 @@ fn egress_packet(ctx: &TcContext, s: &mut Scratch) -> u32 {
         fwd_key_of_reply(&mut s.other, &s.ct, s.pkt.proto);
         touch(ptr, &s.ct, &s.pkt, Some(&s.other));
         src_nat(&mut s.nat, &s.pkt, &s.ct);
-        apply(ctx, s, reason::REPLY);
+        let _ = apply(ctx, s, reason::REPLY);
         return s.out.reason;
     }
     s.out.reason
@@ -211,7 +233,7 @@ fn ingress_packet(ctx: &TcContext, s: &mut Scratch) -> u32 {
     if let Some(ptr) = ct_lookup(&s.key, &mut s.ct) {
         touch(ptr, &s.ct, &s.pkt, None);
         dst_nat(&mut s.nat, &s.pkt, &s.ct);
-        apply(ctx, s, reason::REPLY);
+        let _ = apply(ctx, s, reason::REPLY);
         return s.out.reason;
     }
     // A reply for a client on this node (no SNAT): it will not leave through an external interface, so the
@@ -223,7 +245,7 @@ fn ingress_packet(ctx: &TcContext, s: &mut Scratch) -> u32 {
         fwd_key_of_reply(&mut s.other, &s.ct, s.pkt.proto);
         touch(ptr, &s.ct, &s.pkt, Some(&s.other));
         src_nat(&mut s.nat, &s.pkt, &s.ct);
-        apply(ctx, s, reason::REPLY);
+        let _ = apply(ctx, s, reason::REPLY);
         return s.out.reason;
     }
     // An established flow follows its entry, not the current table (rule 12), unless a new SYN reuses the ports of
@@ -261,7 +283,7 @@ fn follow_established(ctx: &TcContext, s: &mut Scratch, ptr: *mut CtValue) -> u3
     touch(ptr, &s.ct, &s.pkt, Some(&s.other));
     stats::count_packet(s.ct.service_id, s.ct.backend_id, ctx.len());
     dst_nat(&mut s.nat, &s.pkt, &s.ct);
-    apply(ctx, s, reason::CONNTRACK);
+    let _ = apply(ctx, s, reason::CONNTRACK);
     s.out.reason
 }
 
@@ -312,16 +334,110 @@ fn dst_nat(nat: &mut Nat, p: &Packet, ct: &CtValue) {
 }
 
 /// Rewrites the packet by `s.nat` and reports it forwarded for `s.ct`'s flow (or dropped when the rewrite failed
-/// half way).
-#[inline(always)]
-fn apply(ctx: &TcContext, s: &mut Scratch, why: u32) {
+/// half way). A first fragment's translation is remembered for the datagram's later fragments.
+///
+/// Not inlined: inlined into its six callers, the fragment bookkeeping's spills grew `ingress_packet`'s frame and
+/// the chain lb_tc_ingress -> ingress_packet -> install -> claim_snat_port passed kernel 6.18's 512 bytes
+/// ("combined stack size of 4 calls is 528. Too large").
+#[inline(never)]
+fn apply(ctx: &TcContext, s: &mut Scratch, why: u32) -> u32 {
+    let first_fragment = s.pkt.frag == FRAG_FIRST;
+    if first_fragment {
+        // Keyed by the addresses as the later fragments will carry them, so before the rewrite changes `s.pkt`.
+        frag_key(&mut s.fkey, &s.pkt, s.hook);
+    }
     if packet::rewrite(ctx, &mut s.pkt, &s.nat) != 0 {
         s.out.drop(reason::MALFORMED, s.ct.service_id);
-        return;
+        return s.out.reason;
     }
     s.out.set(VERDICT_FORWARD, why, s.ct.service_id, TC_ACT_OK);
     s.out.backend_id = s.ct.backend_id;
     s.out.snat = u32::from(s.ct.flags & CT_FLAG_SNAT != 0);
+    if first_fragment {
+        let counted = why == reason::NEW_FLOW || why == reason::CONNTRACK;
+        let f = &mut s.fval;
+        // SAFETY: no argument, no precondition.
+        f.created_ns = unsafe { bpf_ktime_get_ns() };
+        f.new_saddr = s.nat.saddr;
+        f.new_daddr = s.nat.daddr;
+        f.service_id = s.ct.service_id;
+        f.backend_id = s.ct.backend_id;
+        f.flags = (s.ct.flags & CT_FLAG_SNAT) | if counted { FRAG_FLAG_COUNTED } else { 0 };
+        f._pad = [0; 7];
+        // A full map evicts its oldest entry (LRU); a failure only leaves the later fragments untranslated.
+        let _ = LB_FRAGMENTS.insert(&s.fkey, &s.fval, 0);
+    }
+    s.out.reason
+}
+
+/// The `LB_FRAGMENTS` key of the packet as it is now.
+#[inline(always)]
+fn frag_key(k: &mut FragKey, p: &Packet, hook: u8) {
+    k.saddr = p.saddr;
+    k.daddr = p.daddr;
+    k.id = p.frag_id;
+    k.proto = p.proto;
+    k.hook = hook;
+    k._pad = [0; 2];
+}
+
+/// A first fragment that was not translated (not a service's, dropped, rejected) removes any entry of its key: an
+/// older datagram's entry would otherwise translate this datagram's later fragments.
+#[inline(always)]
+fn forget_fragment(s: &mut Scratch) {
+    if s.pkt.frag == FRAG_FIRST && s.out.verdict != VERDICT_FORWARD {
+        frag_key(&mut s.fkey, &s.pkt, s.hook);
+        let _ = LB_FRAGMENTS.remove(&s.fkey);
+    }
+}
+
+/// A later fragment: translated to the addresses its first fragment got, when that was seen here within
+/// `FRAG_LIFETIME_S`; otherwise it passes untouched (ingress counts it as `reason::FRAGMENT`).
+#[inline(never)]
+fn follow_fragment(ctx: &TcContext, s: &mut Scratch) -> u32 {
+    frag_key(&mut s.fkey, &s.pkt, s.hook);
+    let unknown = if s.hook == FRAG_HOOK_INGRESS {
+        reason::FRAGMENT
+    } else {
+        reason::NONE
+    };
+    let Some(ptr) = LB_FRAGMENTS.get_ptr(&s.fkey) else {
+        s.out.pass(unknown);
+        return s.out.reason;
+    };
+    // SAFETY: read at once, by value, from a successful lookup (a concurrent LRU reuse yields at worst another
+    // datagram's entry, which the key comparison of the next lookup would not find again).
+    s.fval = unsafe { ptr.read() };
+    // SAFETY: no argument, no precondition.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(s.fval.created_ns) > u64::from(FRAG_LIFETIME_S) * NS_PER_SEC {
+        let _ = LB_FRAGMENTS.remove(&s.fkey);
+        s.out.pass(unknown);
+        return s.out.reason;
+    }
+    let n = &mut s.nat;
+    n.saddr = s.fval.new_saddr;
+    n.daddr = s.fval.new_daddr;
+    // 0 on both sides: a later fragment has no ports.
+    n.sport = s.pkt.sport;
+    n.dport = s.pkt.dport;
+    let svc_id = s.fval.service_id;
+    if packet::rewrite(ctx, &mut s.pkt, &s.nat) != 0 {
+        s.out.drop(reason::MALFORMED, svc_id);
+        return s.out.reason;
+    }
+    if s.fval.flags & FRAG_FLAG_COUNTED != 0 {
+        stats::count_packet(svc_id, s.fval.backend_id, ctx.len());
+    }
+    s.out.set(
+        VERDICT_FORWARD,
+        reason::FRAGMENT_FOLLOWED,
+        svc_id,
+        TC_ACT_OK,
+    );
+    s.out.backend_id = s.fval.backend_id;
+    s.out.snat = u32::from(s.fval.flags & CT_FLAG_SNAT != 0);
+    s.out.reason
 }
 
 #[inline(always)]
@@ -421,8 +537,9 @@ fn choose(ctx: &TcContext, s: &mut Scratch) -> u32 {
         s.out.drop(reason::NO_BACKEND, svc_id);
         return 0;
     }
-    // SCTP's CRC32c covers the ports: only address rewrites keep it valid (see `packet::rewrite`).
-    if p.proto == PROTO_SCTP && backend.value.port != p.dport {
+    // SCTP's CRC32c covers the ports; `packet::rewrite` folds a port change into it, which needs the SCTP
+    // packet's length: a first fragment does not tell it (the datagram ends in a later fragment).
+    if p.proto == PROTO_SCTP && p.frag != FRAG_NONE && backend.value.port != p.dport {
         s.out.drop(reason::MALFORMED, svc_id);
         return 0;
     }
@@ -475,7 +592,7 @@ fn install(ctx: &TcContext, s: &mut Scratch) -> u32 {
     }
     stats::count_packet(svc_id, s.backend_id, ctx.len());
     dst_nat(&mut s.nat, &s.pkt, &s.ct);
-    apply(ctx, s, reason::NEW_FLOW);
+    let _ = apply(ctx, s, reason::NEW_FLOW);
     s.out.reason
 }
 

@@ -32,7 +32,7 @@ const CLIENT_V6: &str = "2001:db8:ff::9";
 /// - `empty` (NodePort, no endpoints: rule 8 rejects);
 /// - `lb` (LoadBalancer with `loadBalancerSourceRanges`);
 /// - `web6` (IPv6 NodePort, one local and one remote backend);
-/// - `sctp` (externalIP; one port kept by the target port, one changed).
+/// - `sctp` (NodePort and externalIP; one port kept by the target port, one changed).
 const MANIFEST: &str = r#"apiVersion: v1
 kind: Node
 metadata:
@@ -192,12 +192,12 @@ apiVersion: v1
 kind: Service
 metadata: {name: sctp, namespace: t}
 spec:
-  type: ClusterIP
+  type: NodePort
   clusterIP: 10.96.0.20
   externalIPs: [198.51.100.8]
   ports:
-    - {name: same, protocol: SCTP, port: 7777, targetPort: 7777}
-    - {name: moved, protocol: SCTP, port: 7778, targetPort: 7000}
+    - {name: same, protocol: SCTP, port: 7777, targetPort: 7777, nodePort: 30777}
+    - {name: moved, protocol: SCTP, port: 7778, targetPort: 7000, nodePort: 30778}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -464,11 +464,18 @@ fn fixtures() -> Vec<Fixture> {
         fwd(&["10.244.1.30"], 7777),
     ));
     v.push(fixture(
-        "SCTP to a target port that differs is dropped (the CRC32c would need recomputing)",
+        "SCTP to a target port that differs forwards with its CRC32c updated",
         Protocol::Sctp,
         client(40311),
         sa("198.51.100.8", 7778),
-        Expect::Drop("malformed"),
+        fwd(&["10.244.1.30"], 7000),
+    ));
+    v.push(fixture(
+        "SCTP NodePort forwards with the port changed and its CRC32c updated",
+        Protocol::Sctp,
+        client(40312),
+        node(30778),
+        fwd(&["10.244.1.30"], 7000),
     ));
     // Crafted frames.
     let mut ext = fixture(
@@ -481,7 +488,7 @@ fn fixtures() -> Vec<Fixture> {
     ext.frame = Some(with_ipv6_ext(syn(client6(40400), node6(30090)), 0, 0));
     v.push(ext);
     let mut frag6 = fixture(
-        "an IPv6 later fragment passes untouched",
+        "an IPv6 later fragment whose first fragment was not seen passes untouched",
         Protocol::Udp,
         client6(40401),
         node6(30091),
@@ -499,7 +506,7 @@ fn fixtures() -> Vec<Fixture> {
     first6.frame = Some(with_ipv6_ext(udp(client6(40402), node6(30091)), 44, 0));
     v.push(first6);
     let mut frag4 = fixture(
-        "an IPv4 later fragment passes untouched",
+        "an IPv4 later fragment whose first fragment was not seen passes untouched",
         Protocol::Udp,
         client(40403),
         node(30053),
@@ -992,4 +999,294 @@ fn deleted_backend_ends_its_flows() {
         run.result
     );
     assert_eq!(run.retval, TC_ACT_SHOT);
+}
+
+/// Splits a frame built by `packet::build` (no IPv4 options, no IPv6 extension headers) into the two fragments of
+/// one datagram with identification `id`: the first carries the first `first_len` bytes of the L4 part (a multiple
+/// of 8, the L4 header included), the second the rest at offset `first_len`.
+fn fragment(frame: &[u8], id: u32, first_len: usize) -> (Vec<u8>, Vec<u8>) {
+    assert_eq!(first_len % 8, 0, "fragment data is a multiple of 8 bytes");
+    let eth = &frame[..14];
+    let v4 = frame[12..14] == [0x08, 0x00];
+    let l3_len = if v4 { 20 } else { 40 };
+    let (head, l4) = frame[14..].split_at(l3_len);
+    let piece = |data: &[u8], offset: usize, more: bool| -> Vec<u8> {
+        let mut f = eth.to_vec();
+        let mut ip = head.to_vec();
+        if v4 {
+            ip[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+            ip[4..6].copy_from_slice(&(id as u16).to_be_bytes());
+            let frag = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+            ip[6..8].copy_from_slice(&frag.to_be_bytes());
+            ip[10..12].fill(0);
+            let c = packet::fold(packet::sum(&ip, 0));
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            f.extend_from_slice(&ip);
+        } else {
+            let upper = ip[6];
+            ip[4..6].copy_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+            ip[6] = 44;
+            f.extend_from_slice(&ip);
+            let off = ((offset / 8) as u16) << 3 | u16::from(more);
+            f.extend_from_slice(&[upper, 0]);
+            f.extend_from_slice(&off.to_be_bytes());
+            f.extend_from_slice(&id.to_be_bytes());
+        }
+        f.extend_from_slice(data);
+        f
+    };
+    (
+        piece(&l4[..first_len], 0, true),
+        piece(&l4[first_len..], first_len, false),
+    )
+}
+
+/// The unfragmented frame two translated fragments (as [`fragment`] built them) reassemble to: the first
+/// fragment's headers with the whole L4 part, so `packet::parse` can verify the datagram's L4 checksum.
+fn reassemble(first: &[u8], later: &[u8]) -> Vec<u8> {
+    let v4 = first[12..14] == [0x08, 0x00];
+    let data = if v4 { 34 } else { 62 };
+    let l4: Vec<u8> = first[data..]
+        .iter()
+        .chain(&later[data..])
+        .copied()
+        .collect();
+    let mut f = first[..14].to_vec();
+    if v4 {
+        let mut ip = first[14..34].to_vec();
+        ip[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+        ip[6..8].fill(0);
+        ip[10..12].fill(0);
+        let c = packet::fold(packet::sum(&ip, 0));
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(&ip);
+    } else {
+        let mut ip = first[14..54].to_vec();
+        ip[4..6].copy_from_slice(&(l4.len() as u16).to_be_bytes());
+        ip[6] = first[54];
+        f.extend_from_slice(&ip);
+    }
+    f.extend_from_slice(&l4);
+    f
+}
+
+/// The (source, destination) addresses of a frame's IP header.
+fn ip_addrs(frame: &[u8]) -> (IpAddr, IpAddr) {
+    if frame[12..14] == [0x08, 0x00] {
+        let a = |o: usize| IpAddr::from(<[u8; 4]>::try_from(&frame[o..o + 4]).expect("4 bytes"));
+        (a(26), a(30))
+    } else {
+        let a = |o: usize| IpAddr::from(<[u8; 16]>::try_from(&frame[o..o + 16]).expect("16 bytes"));
+        (a(22), a(38))
+    }
+}
+
+#[test]
+fn later_fragments_follow_their_first_fragment() {
+    if !require_root("later_fragments_follow_their_first_fragment") {
+        return;
+    }
+    let (mut tracer, _manifest) = tracer();
+    let payload: Vec<u8> = (0u8..48).collect();
+    for (src, dst, port, backends) in [
+        (
+            sa(CLIENT_V4, 47000),
+            sa(NODE_V4, 30053),
+            5353,
+            &WEB_BACKENDS[..],
+        ),
+        (
+            sa(CLIENT_V6, 47001),
+            sa(NODE_V6, 30091),
+            5353,
+            &WEB6_BACKENDS[..],
+        ),
+    ] {
+        let d = format!("UDP {src} -> {dst} in two fragments");
+        let whole = packet::build(Protocol::Udp, src, dst, 0, &payload);
+        // 8 bytes of UDP header and 16 of payload in the first fragment, 32 bytes of payload in the second.
+        let (first, later) = fragment(&whole, 0x1234_5678, 24);
+
+        let run1 = tracer.run_frame(&first).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(
+            (run1.result.verdict, run1.result.reason),
+            ("forward", "new-flow"),
+            "{d}: first fragment: {:?}",
+            run1.result
+        );
+        let backend: SocketAddr = run1
+            .result
+            .backend
+            .as_deref()
+            .expect("backend")
+            .parse()
+            .expect("ip:port");
+        assert!(
+            backends.contains(&backend.ip().to_string().as_str()) && backend.port() == port,
+            "{d}: backend {backend}"
+        );
+
+        let run2 = tracer.run_frame(&later).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(
+            (run2.result.verdict, run2.result.reason),
+            ("forward", "fragment-followed"),
+            "{d}: later fragment: {:?}",
+            run2.result
+        );
+        assert_eq!(run2.retval, TC_ACT_OK, "{d}: tc verdict");
+        assert_eq!(
+            (&run2.result.backend, run2.result.snat),
+            (&run1.result.backend, run1.result.snat),
+            "{d}: the later fragment is the first one's flow"
+        );
+        assert_eq!(
+            ip_addrs(&run2.output),
+            ip_addrs(&run1.output),
+            "{d}: both fragments carry the same translated addresses"
+        );
+        assert_eq!(
+            ip_addrs(&run2.output),
+            (src.ip(), backend.ip()),
+            "{d}: DNAT to the backend, source kept at ingress"
+        );
+        if src.is_ipv4() {
+            assert_eq!(
+                packet::fold(packet::sum(&run2.output[14..34], 0)),
+                0,
+                "{d}: the later fragment's IPv4 header checksum"
+            );
+        }
+        assert_eq!(
+            run2.output[run2.output.len() - 32..],
+            payload[16..],
+            "{d}: the later fragment's data is untouched"
+        );
+        let p = packet::parse(&reassemble(&run1.output, &run2.output))
+            .unwrap_or_else(|| panic!("{d}: reassembled datagram is no IP packet"));
+        assert_eq!((p.src, p.dst), (src, backend), "{d}: reassembled datagram");
+        assert!(
+            p.checksums_ok,
+            "{d}: the reassembled datagram's UDP checksum (updated in the first fragment only) is wrong"
+        );
+
+        // A later fragment of a datagram whose first fragment never came passes untouched.
+        let (_, unknown) = fragment(&whole, 0x0bad, 24);
+        let run3 = tracer.run_frame(&unknown).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(
+            (run3.result.verdict, run3.result.reason),
+            ("pass", "fragment"),
+            "{d}: unknown later fragment: {:?}",
+            run3.result
+        );
+        assert_eq!(run3.retval, TC_ACT_UNSPEC, "{d}: tc verdict");
+        assert_eq!(
+            run3.output, unknown,
+            "{d}: an unknown later fragment is untouched"
+        );
+
+        // A first fragment that is not translated (no service on its port) removes its key's entry: the same
+        // identification between the same addresses must not pick up the earlier datagram's translation.
+        let other = packet::build(
+            Protocol::Udp,
+            SocketAddr::new(src.ip(), 47100),
+            SocketAddr::new(dst.ip(), 22),
+            0,
+            &payload,
+        );
+        let (first_other, later_other) = fragment(&other, 0x1234_5678, 24);
+        let run4 = tracer.run_frame(&first_other).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(run4.result.verdict, "pass", "{d}: {:?}", run4.result);
+        let run5 = tracer.run_frame(&later_other).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(
+            (run5.result.verdict, run5.result.reason),
+            ("pass", "fragment"),
+            "{d}: a reused identification after an untranslated first fragment: {:?}",
+            run5.result
+        );
+        assert_eq!(run5.output, later_other, "{d}: passed untouched");
+    }
+    let counts = tracer
+        .maps()
+        .packet
+        .reason_counts()
+        .expect("reading LB_DROP_STATS");
+    assert_eq!(
+        counts[reason::FRAGMENT_FOLLOWED as usize],
+        2,
+        "LB_DROP_STATS counts the translated later fragments"
+    );
+}
+
+#[test]
+fn sctp_port_rewrite_updates_crc32c_both_ways() {
+    if !require_root("sctp_port_rewrite_updates_crc32c_both_ways") {
+        return;
+    }
+    // The `sctp` Service's `moved` port: NodePort 30778 -> 10.244.1.30:7000 on node A (no SNAT), so the reply
+    // leaves through egress with the NodePort given back as its source.
+    let (mut tracer, _manifest) = tracer();
+    let (node_port, backend) = (sa(NODE_V4, 30778), sa("10.244.1.30", 7000));
+    // Payload sizes from one chunk header to a full 1500-byte MTU (20 + 12 + 1468).
+    for (i, len) in [4usize, 100, 1000, 1468].into_iter().enumerate() {
+        let client = sa(CLIENT_V4, 48000 + i as u16);
+        let d = format!("SCTP {client} -> {node_port} with {len} bytes of chunks");
+        let payload: Vec<u8> = (0..len).map(|b| (b * 7 + i) as u8).collect();
+        let frame = packet::build(Protocol::Sctp, client, node_port, 0, &payload);
+        let run = tracer.run_frame(&frame).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(
+            (run.result.verdict, run.result.reason),
+            ("forward", "new-flow"),
+            "{d}: {:?}",
+            run.result
+        );
+        let p = packet::parse(&run.output).unwrap_or_else(|| panic!("{d}: no IP packet"));
+        assert_eq!((p.src, p.dst), (client, backend), "{d}: DNAT with the port");
+        assert!(
+            p.checksums_ok,
+            "{d}: CRC32c after the port rewrite (recomputed here)"
+        );
+        assert_eq!(
+            run.output[run.output.len() - len..],
+            payload[..],
+            "{d}: chunks untouched"
+        );
+
+        // The backend's reply, as it leaves node A towards the client: source back to the NodePort.
+        let reply = packet::build(Protocol::Sctp, backend, client, 0, &payload);
+        let run = tracer.run_egress_frame(&reply).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(
+            (run.result.verdict, run.result.reason),
+            ("forward", "reply"),
+            "{d}: reply at egress: {:?}",
+            run.result
+        );
+        let p = packet::parse(&run.output).unwrap_or_else(|| panic!("{d}: reply: no IP packet"));
+        assert_eq!(
+            (p.src, p.dst),
+            (node_port, client),
+            "{d}: reverse DNAT of the reply"
+        );
+        assert!(
+            p.checksums_ok,
+            "{d}: the reply's CRC32c after the port rewrite"
+        );
+    }
+
+    // A packet that arrives with a wrong CRC32c still has a wrong one after the rewrite: the update is incremental,
+    // so corruption is never turned into a valid packet.
+    let client = sa(CLIENT_V4, 48100);
+    let mut frame = packet::build(Protocol::Sctp, client, node_port, 0, b"corrupt!");
+    let crc_at = 14 + 20 + 8;
+    frame[crc_at] ^= 0x5a;
+    let run = tracer.run_frame(&frame).expect("BPF_PROG_TEST_RUN");
+    assert_eq!(run.result.verdict, "forward", "{:?}", run.result);
+    let p = packet::parse(&run.output).expect("IP packet");
+    assert_eq!(p.dst, backend, "DNAT with the port");
+    assert!(!p.checksums_ok, "a corrupted SCTP packet must stay invalid");
+    let mut fixed = run.output.clone();
+    fixed[crc_at] ^= 0x5a;
+    assert!(
+        packet::parse(&fixed).expect("IP packet").checksums_ok,
+        "the rewrite changed the CRC32c by exactly the port change"
+    );
 }

@@ -75,6 +75,10 @@ pub struct RunArgs {
     /// Capacity of the tc datapath's conntrack map (LRU; two entries per flow, four with SNAT).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_CONNTRACK)]
     max_conntrack: u32,
+    /// Capacity of the tc datapath's fragment map (LRU; one entry per fragmented datagram in flight whose first
+    /// fragment was translated, kept for its later fragments).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_FRAGMENTS)]
+    max_fragments: u32,
     /// External interfaces for the per-packet programs (NodePort, LoadBalancer, externalIPs, ClusterIP from the
     /// wire) [default: the interfaces carrying the node addresses (--node-address, else the host's)]. `none`
     /// attaches nothing.
@@ -283,6 +287,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         affinity: args.max_affinity,
         sock_revnat: args.max_sock_revnat,
         conntrack: args.max_conntrack,
+        fragments: args.max_fragments,
     };
     let mut datapath = loader::load(&object, &pins, &caps)?;
     let cgroup = match &args.cgroup {

@@ -1,5 +1,5 @@
-//! The per-packet datapath's maps (issue 4): conntrack, node configuration, local networks, source ranges, the
-//! ClusterIP set, drop counters and the trace record. Held by [`super::maps::PinnedMaps`], written through the
+//! The per-packet datapath's maps (issue 4): conntrack, fragments, node configuration, local networks, source
+//! ranges, the ClusterIP set, drop counters and the trace record. Held by [`super::maps::PinnedMaps`], written through the
 //! [`super::maps::Maps`] trait's node-entry methods (the reconciler) and read by the CLI, `trace` and the conntrack
 //! garbage collector.
 
@@ -10,7 +10,8 @@ use std::path::Path;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
-    CT_DIR_FWD, ConfigValue, CtKey, CtValue, SrcRangeData, TraceValue, addr_bytes, map_names,
+    CT_DIR_FWD, ConfigValue, CtKey, CtValue, FragKey, FragValue, SrcRangeData, TraceValue,
+    addr_bytes, map_names,
 };
 
 use super::maps::MapsError;
@@ -78,6 +79,8 @@ pub struct PacketMaps {
     pub vips: HashMap<MapData, [u8; 16], u8>,
     pub drop_stats: PerCpuArray<MapData, u64>,
     pub trace: Array<MapData, TraceValue>,
+    /// `LB_FRAGMENTS`: written and read by the programs only; held so tests and listings can read it.
+    pub fragments: HashMap<MapData, FragKey, FragValue>,
 }
 
 fn layout(map: &'static str) -> impl FnOnce(MapError) -> MapsError {
@@ -100,6 +103,7 @@ impl PacketMaps {
             take(map_names::VIPS)?,
             take(map_names::DROP_STATS)?,
             take(map_names::TRACE)?,
+            take(map_names::FRAGMENTS)?,
         )
     }
 
@@ -113,9 +117,14 @@ impl PacketMaps {
             open(map_names::VIPS)?,
             open(map_names::DROP_STATS)?,
             open(map_names::TRACE)?,
+            open(map_names::FRAGMENTS)?,
         )
     }
 
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one argument per map, in map_names order; a struct would only repeat the names"
+    )]
     fn from_maps(
         conntrack: Map,
         config: Map,
@@ -124,6 +133,7 @@ impl PacketMaps {
         vips: Map,
         drop_stats: Map,
         trace: Map,
+        fragments: Map,
     ) -> Result<Self, MapsError> {
         Ok(Self {
             conntrack: HashMap::try_from(conntrack).map_err(layout(map_names::CONNTRACK))?,
@@ -133,6 +143,7 @@ impl PacketMaps {
             vips: HashMap::try_from(vips).map_err(layout(map_names::VIPS))?,
             drop_stats: PerCpuArray::try_from(drop_stats).map_err(layout(map_names::DROP_STATS))?,
             trace: Array::try_from(trace).map_err(layout(map_names::TRACE))?,
+            fragments: HashMap::try_from(fragments).map_err(layout(map_names::FRAGMENTS))?,
         })
     }
 

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{MapInfo, MapType};
 use lb_common::{
-    AffinityKey, AffinityValue, BackendStats, BackendValue, ConfigValue, CtKey, CtValue,
-    ServiceKey, ServiceStats, ServiceValue, SockRevNatKey, SockRevNatValue, SrcRangeData,
-    TraceValue, map_names,
+    AffinityKey, AffinityValue, BackendStats, BackendValue, ConfigValue, CtKey, CtValue, FragKey,
+    FragValue, ServiceKey, ServiceStats, ServiceValue, SockRevNatKey, SockRevNatValue,
+    SrcRangeData, TraceValue, map_names,
 };
 
 /// Configured map capacities (`max_entries`).
@@ -23,6 +23,8 @@ pub struct Capacities {
     pub sock_revnat: u32,
     /// `LB_CONNTRACK` (LRU; up to four entries per flow of the tc datapath).
     pub conntrack: u32,
+    /// `LB_FRAGMENTS` (LRU; one entry per fragmented datagram in flight whose first fragment was translated).
+    pub fragments: u32,
 }
 
 impl Default for Capacities {
@@ -33,6 +35,7 @@ impl Default for Capacities {
             affinity: lb_common::DEFAULT_MAX_AFFINITY,
             sock_revnat: lb_common::DEFAULT_MAX_SOCK_REVNAT,
             conntrack: lb_common::DEFAULT_MAX_CONNTRACK,
+            fragments: lb_common::DEFAULT_MAX_FRAGMENTS,
         }
     }
 }
@@ -52,7 +55,7 @@ fn size<T>() -> u32 {
 }
 
 impl Capacities {
-    pub fn specs(&self) -> [MapSpec; 14] {
+    pub fn specs(&self) -> [MapSpec; 15] {
         let spec = |name, map_type, key_size, value_size, max_entries| MapSpec {
             name,
             map_type,
@@ -159,6 +162,13 @@ impl Capacities {
                 size::<u32>(),
                 size::<TraceValue>(),
                 1,
+            ),
+            spec(
+                map_names::FRAGMENTS,
+                MapType::LruHash,
+                size::<FragKey>(),
+                size::<FragValue>(),
+                self.fragments,
             ),
         ]
     }

@@ -122,12 +122,22 @@ impl Tracer {
 
     /// Runs `lb_tc_ingress` on `frame`.
     pub fn run_frame(&mut self, frame: &[u8]) -> anyhow::Result<Run> {
+        self.run_program(prog_names::TC_INGRESS, frame)
+    }
+
+    /// Runs `lb_tc_egress` on `frame` (a packet leaving through the external interface: the SNAT of a forwarded
+    /// flow, or a backend's reply getting the VIP back), for the fixture tests; `lb-agent trace` runs ingress only.
+    pub fn run_egress_frame(&mut self, frame: &[u8]) -> anyhow::Result<Run> {
+        self.run_program(prog_names::TC_EGRESS, frame)
+    }
+
+    fn run_program(&mut self, name: &str, frame: &[u8]) -> anyhow::Result<Run> {
         let before = self.datapath.maps.packet.trace_record()?.seq;
         let prog: &mut SchedClassifier = self
             .datapath
             .ebpf
-            .program_mut(prog_names::TC_INGRESS)
-            .context("lb_tc_ingress missing")?
+            .program_mut(name)
+            .with_context(|| format!("{name} missing"))?
             .try_into()?;
         // Room for growth: a reject turns a packet into an ICMP error up to 96 bytes longer.
         let mut out = vec![0u8; frame.len() + 256];
@@ -137,7 +147,7 @@ impl Tracer {
                 data_out: Some(&mut out),
                 ..TestRunOptions::default()
             })
-            .context("BPF_PROG_TEST_RUN on lb_tc_ingress")?;
+            .with_context(|| format!("BPF_PROG_TEST_RUN on {name}"))?;
         out.truncate(res.data_size_out as usize);
         let rec = self.datapath.maps.packet.trace_record()?;
         let fresh = rec.seq != before;
