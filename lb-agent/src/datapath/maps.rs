@@ -219,6 +219,61 @@ impl PinnedMaps {
         })
     }
 
+    /// One `BPF_MAP_UPDATE_BATCH` of at most [`TABLE_BATCH`] tables (see [`Maps::put_tables`]).
+    fn put_tables_chunk(&mut self, tables: &[(u32, Vec<u32>)]) -> Vec<(u32, MapsError)> {
+        let mut failed = Vec::new();
+        // Every inner map stays open until the batch returns; the outer map then holds its own reference.
+        let mut ids = Vec::with_capacity(tables.len());
+        let mut inners = Vec::with_capacity(tables.len());
+        for (id, slots) in tables {
+            match inner_table(slots) {
+                Ok(inner) => {
+                    ids.push(*id);
+                    inners.push(inner);
+                }
+                Err(e) => failed.push((*id, e)),
+            }
+        }
+        let fds: Vec<u32> = inners
+            .iter()
+            .map(|inner| inner.map().fd().as_fd().as_raw_fd() as u32)
+            .collect();
+        let mut start = 0;
+        while start < ids.len() {
+            if self.batch_unsupported {
+                for (id, inner) in ids[start..].iter().zip(&inners[start..]) {
+                    if let Err(e) = self.maglev.insert(id, inner, 0) {
+                        failed.push((*id, op(map_names::MAGLEV, "update")(e)));
+                    }
+                }
+                break;
+            }
+            let failure =
+                match map_batch::update_u32(self.maglev_fd.as_fd(), &ids[start..], &fds[start..]) {
+                    Ok(()) => break,
+                    Err(f) => f,
+                };
+            // Elements before the failing one are installed; that one is retried alone or reported, the rest
+            // go in the next batch.
+            let i = start + failure.applied;
+            start = i + 1;
+            if failure.applied == 0 && map_batch::means_unsupported(&failure.error) {
+                match self.maglev.insert(ids[i], &inners[i], 0) {
+                    Ok(()) => {
+                        // The element is fine, so the command is what the kernel refused (before 5.6 it has no
+                        // batch commands).
+                        tracing::warn!(error = %failure.error, "BPF_MAP_UPDATE_BATCH refused on {}; updating tables one by one (one RCU grace period each)", map_names::MAGLEV);
+                        self.batch_unsupported = true;
+                    }
+                    Err(e) => failed.push((ids[i], op(map_names::MAGLEV, "update")(e))),
+                }
+                continue;
+            }
+            failed.push((ids[i], batch_error("bpf_map_update_batch", failure.error)));
+        }
+        failed
+    }
+
     /// Sums a service's per-CPU counters.
     pub fn service_stats(&self, service_id: u32) -> Result<ServiceStats, MapsError> {
         let per_cpu = self
@@ -313,54 +368,11 @@ impl Maps for PinnedMaps {
 
     fn put_tables(&mut self, tables: &[(u32, Vec<u32>)]) -> Vec<(u32, MapsError)> {
         let mut failed = Vec::new();
-        // Every inner map stays open until the batch returns; the outer map then holds its own reference.
-        let mut ids = Vec::with_capacity(tables.len());
-        let mut inners = Vec::with_capacity(tables.len());
-        for (id, slots) in tables {
-            match inner_table(slots) {
-                Ok(inner) => {
-                    ids.push(*id);
-                    inners.push(inner);
-                }
-                Err(e) => failed.push((*id, e)),
-            }
-        }
-        let fds: Vec<u32> = inners
-            .iter()
-            .map(|inner| inner.map().fd().as_fd().as_raw_fd() as u32)
-            .collect();
-        let mut start = 0;
-        while start < ids.len() {
-            if self.batch_unsupported {
-                for (id, inner) in ids[start..].iter().zip(&inners[start..]) {
-                    if let Err(e) = self.maglev.insert(id, inner, 0) {
-                        failed.push((*id, op(map_names::MAGLEV, "update")(e)));
-                    }
-                }
-                break;
-            }
-            let failure =
-                match map_batch::update_u32(self.maglev_fd.as_fd(), &ids[start..], &fds[start..]) {
-                    Ok(()) => break,
-                    Err(f) => f,
-                };
-            // Elements before the failing one are installed; that one is retried alone or reported, the rest
-            // go in the next batch.
-            let i = start + failure.applied;
-            start = i + 1;
-            if failure.applied == 0 && map_batch::means_unsupported(&failure.error) {
-                match self.maglev.insert(ids[i], &inners[i], 0) {
-                    Ok(()) => {
-                        // The element is fine, so the command is what the kernel refused (before 5.6 it has no
-                        // batch commands).
-                        tracing::warn!(error = %failure.error, "BPF_MAP_UPDATE_BATCH refused on {}; updating tables one by one (one RCU grace period each)", map_names::MAGLEV);
-                        self.batch_unsupported = true;
-                    }
-                    Err(e) => failed.push((ids[i], op(map_names::MAGLEV, "update")(e))),
-                }
-                continue;
-            }
-            failed.push((ids[i], batch_error("bpf_map_update_batch", failure.error)));
+        // Every inner map of a batch is an open fd until the batch returns, so a batch is capped: 20k tables at
+        // once would hit a 20k RLIMIT_NOFILE (EMFILE) and hold every table in memory. A few more grace periods
+        // (one per chunk) are the price.
+        for chunk in tables.chunks(TABLE_BATCH) {
+            failed.extend(self.put_tables_chunk(chunk));
         }
         failed
     }
@@ -477,6 +489,9 @@ impl Maps for PinnedMaps {
         self.packet.delete_node_entry(e)
     }
 }
+
+/// Tables per `BPF_MAP_UPDATE_BATCH`: bounds the open inner-map fds and the memory of one batch.
+const TABLE_BATCH: usize = 1024;
 
 /// A new inner table: element 0 carries the length, so the datapath reads the length and the slots from the same
 /// map and can never pair a new length with an old table.
