@@ -3,9 +3,14 @@
 //! writer.
 
 use std::collections::{BTreeMap, HashSet};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 
-use aya::maps::{Array, HashMap, HashOfMaps, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+use super::map_batch;
+use aya::maps::{
+    Array, HashMap, HashOfMaps, IterableMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+};
+use aya::sys::SyscallError;
 use lb_common::{
     AffinityKey, AffinityValue, BPF_F_INNER_MAP, BackendStats, BackendValue, LUT_LEN_INDEX,
     ServiceKey, ServiceStats, ServiceValue, SockRevNatKey, SockRevNatValue, map_names,
@@ -27,6 +32,11 @@ pub enum MapsError {
     },
     #[error("counting CPUs: {0}")]
     Cpus(String),
+    #[error("duplicating the fd of {map}: {source}")]
+    Fd {
+        map: &'static str,
+        source: std::io::Error,
+    },
 }
 
 fn op(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapsError {
@@ -65,6 +75,13 @@ pub trait Maps {
     /// atomic update, so a reader sees the old table or the new one, never a mix.
     fn put_table(&mut self, service_id: u32, slots: &[u32]) -> Result<(), MapsError>;
     fn delete_table(&mut self, service_id: u32) -> Result<(), MapsError>;
+    /// Installs many tables as [`Maps::put_table`] does each, in as few kernel operations as possible: every
+    /// update of the map-of-maps waits for an RCU grace period, a batch only once (Linux >= 6.7). Returns the
+    /// service ids whose table could not be installed, with why; every other table is installed.
+    fn put_tables(&mut self, tables: &[(u32, Vec<u32>)]) -> Vec<(u32, MapsError)>;
+    /// Deletes many tables (a missing one counts as deleted), batched as [`Maps::put_tables`]. Returns the ids
+    /// that could not be deleted.
+    fn delete_tables(&mut self, service_ids: &[u32]) -> Vec<(u32, MapsError)>;
     /// Reads a service's lookup table (slots only); `None` when it has none.
     fn table(&self, service_id: u32) -> Result<Option<Vec<u32>>, MapsError>;
     /// Zeroes a service's counters when its id is (re)allocated, so a new service never inherits old numbers.
@@ -102,6 +119,10 @@ pub struct PinnedMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, BackendValue>,
     maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
+    /// `LB_MAGLEV`'s fd again, for the batch commands aya 0.14 lacks (`map_batch`).
+    maglev_fd: OwnedFd,
+    /// Set once the kernel refused a batch command that a single update then accepted: use single updates.
+    batch_unsupported: bool,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     sock_revnat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
     svc_stats: PerCpuArray<MapData, ServiceStats>,
@@ -160,10 +181,27 @@ impl PinnedMaps {
             be_stats,
         ] = maps;
         let layout = |map: &'static str| move |source| MapsError::Layout { map, source };
+        // aya 0.14's HashOfMaps does not expose its fd; keep a duplicate for the batch commands.
+        let maglev_fd = match &maglev {
+            Map::HashOfMaps(data) => Some(data.fd().as_fd().try_clone_to_owned().map_err(
+                |source| MapsError::Fd {
+                    map: map_names::MAGLEV,
+                    source,
+                },
+            )?),
+            _ => None,
+        };
+        let maglev = HashOfMaps::try_from(maglev).map_err(layout(map_names::MAGLEV))?;
+        // Not a HashOfMaps would have failed the conversion above.
+        let maglev_fd = maglev_fd.ok_or(MapsError::Missing {
+            map: map_names::MAGLEV,
+        })?;
         Ok(Self {
+            maglev_fd,
+            batch_unsupported: false,
             services: HashMap::try_from(services).map_err(layout(map_names::SERVICES))?,
             backends: HashMap::try_from(backends).map_err(layout(map_names::BACKENDS))?,
-            maglev: HashOfMaps::try_from(maglev).map_err(layout(map_names::MAGLEV))?,
+            maglev,
             affinity: HashMap::try_from(affinity).map_err(layout(map_names::AFFINITY))?,
             sock_revnat: HashMap::try_from(sock_revnat).map_err(layout(map_names::SOCK_REVNAT))?,
             svc_stats: PerCpuArray::try_from(svc_stats).map_err(layout(map_names::SVC_STATS))?,
@@ -172,6 +210,61 @@ impl PinnedMaps {
                 .map_err(|(what, e)| MapsError::Cpus(format!("{what}: {e}")))?,
             packet,
         })
+    }
+
+    /// One `BPF_MAP_UPDATE_BATCH` of at most [`TABLE_BATCH`] tables (see [`Maps::put_tables`]).
+    fn put_tables_chunk(&mut self, tables: &[(u32, Vec<u32>)]) -> Vec<(u32, MapsError)> {
+        let mut failed = Vec::new();
+        // Every inner map stays open until the batch returns; the outer map then holds its own reference.
+        let mut ids = Vec::with_capacity(tables.len());
+        let mut inners = Vec::with_capacity(tables.len());
+        for (id, slots) in tables {
+            match inner_table(slots) {
+                Ok(inner) => {
+                    ids.push(*id);
+                    inners.push(inner);
+                }
+                Err(e) => failed.push((*id, e)),
+            }
+        }
+        let fds: Vec<u32> = inners
+            .iter()
+            .map(|inner| inner.map().fd().as_fd().as_raw_fd() as u32)
+            .collect();
+        let mut start = 0;
+        while start < ids.len() {
+            if self.batch_unsupported {
+                for (id, inner) in ids[start..].iter().zip(&inners[start..]) {
+                    if let Err(e) = self.maglev.insert(id, inner, 0) {
+                        failed.push((*id, op(map_names::MAGLEV, "update")(e)));
+                    }
+                }
+                break;
+            }
+            let failure =
+                match map_batch::update_u32(self.maglev_fd.as_fd(), &ids[start..], &fds[start..]) {
+                    Ok(()) => break,
+                    Err(f) => f,
+                };
+            // Elements before the failing one are installed; that one is retried alone or reported, the rest
+            // go in the next batch.
+            let i = start + failure.applied;
+            start = i + 1;
+            if failure.applied == 0 && map_batch::means_unsupported(&failure.error) {
+                match self.maglev.insert(ids[i], &inners[i], 0) {
+                    Ok(()) => {
+                        // The element is fine, so the command is what the kernel refused (before 5.6 it has no
+                        // batch commands).
+                        tracing::warn!(error = %failure.error, "BPF_MAP_UPDATE_BATCH refused on {}; updating tables one by one (one RCU grace period each)", map_names::MAGLEV);
+                        self.batch_unsupported = true;
+                    }
+                    Err(e) => failed.push((ids[i], op(map_names::MAGLEV, "update")(e))),
+                }
+                continue;
+            }
+            failed.push((ids[i], batch_error("bpf_map_update_batch", failure.error)));
+        }
+        failed
     }
 
     /// Sums a service's per-CPU counters.
@@ -256,20 +349,7 @@ impl Maps for PinnedMaps {
     }
 
     fn put_table(&mut self, service_id: u32, slots: &[u32]) -> Result<(), MapsError> {
-        let len = u32::try_from(slots.len()).unwrap_or(u32::MAX);
-        // Element 0 carries the length, so the datapath reads the length and the slots from the same map and can
-        // never pair a new length with an old table.
-        let mut inner = Array::<MapData, u32>::create(len.saturating_add(1), BPF_F_INNER_MAP)
-            .map_err(op(map_names::MAGLEV, "create inner table"))?;
-        inner
-            .set(LUT_LEN_INDEX, len, 0)
-            .map_err(op(map_names::MAGLEV, "fill inner table"))?;
-        for (i, id) in slots.iter().enumerate() {
-            // i < len <= u32::MAX - 1 was checked by the create above.
-            inner
-                .set(i as u32 + 1, id, 0)
-                .map_err(op(map_names::MAGLEV, "fill inner table"))?;
-        }
+        let inner = inner_table(slots)?;
         self.maglev
             .insert(service_id, &inner, 0)
             .map_err(op(map_names::MAGLEV, "update"))
@@ -277,6 +357,61 @@ impl Maps for PinnedMaps {
 
     fn delete_table(&mut self, service_id: u32) -> Result<(), MapsError> {
         ignore_missing(self.maglev.remove(&service_id)).map_err(op(map_names::MAGLEV, "delete"))
+    }
+
+    fn put_tables(&mut self, tables: &[(u32, Vec<u32>)]) -> Vec<(u32, MapsError)> {
+        let mut failed = Vec::new();
+        // Every inner map of a batch is an open fd until the batch returns, so a batch is capped: 20k tables at
+        // once would hit a 20k RLIMIT_NOFILE (EMFILE) and hold every table in memory. A few more grace periods
+        // (one per chunk) are the price.
+        for chunk in tables.chunks(TABLE_BATCH) {
+            failed.extend(self.put_tables_chunk(chunk));
+        }
+        failed
+    }
+
+    fn delete_tables(&mut self, service_ids: &[u32]) -> Vec<(u32, MapsError)> {
+        let mut failed = Vec::new();
+        // A batch stops at a missing key (ENOENT) and still waits for a grace period, so skip the absent ones
+        // first: a lookup waits for nothing.
+        let ids: Vec<u32> = service_ids
+            .iter()
+            .copied()
+            .filter(|id| map_batch::contains_u32(self.maglev_fd.as_fd(), *id).unwrap_or(true))
+            .collect();
+        let mut start = 0;
+        while start < ids.len() {
+            if self.batch_unsupported {
+                for id in &ids[start..] {
+                    if let Err(e) = self.delete_table(*id) {
+                        failed.push((*id, e));
+                    }
+                }
+                break;
+            }
+            let failure = match map_batch::delete_u32(self.maglev_fd.as_fd(), &ids[start..]) {
+                Ok(()) => break,
+                Err(f) => f,
+            };
+            let i = start + failure.applied;
+            start = i + 1;
+            if failure.error.raw_os_error() == Some(libc::ENOENT) {
+                // Gone since the lookup: deleted is what we want.
+                continue;
+            }
+            if failure.applied == 0 && map_batch::means_unsupported(&failure.error) {
+                match self.delete_table(ids[i]) {
+                    Ok(()) => {
+                        tracing::warn!(error = %failure.error, "BPF_MAP_DELETE_BATCH refused on {}; deleting tables one by one (one RCU grace period each)", map_names::MAGLEV);
+                        self.batch_unsupported = true;
+                    }
+                    Err(e) => failed.push((ids[i], e)),
+                }
+                continue;
+            }
+            failed.push((ids[i], batch_error("bpf_map_delete_batch", failure.error)));
+        }
+        failed
     }
 
     fn table(&self, service_id: u32) -> Result<Option<Vec<u32>>, MapsError> {
@@ -358,6 +493,35 @@ pub(crate) fn open_pinned(dir: &Path, name: &'static str) -> Result<Map, MapsErr
     Map::from_map_data(data).map_err(|source| MapsError::Layout { map: name, source })
 }
 
+/// Tables per `BPF_MAP_UPDATE_BATCH`: bounds the open inner-map fds and the memory of one batch.
+const TABLE_BATCH: usize = 1024;
+
+/// A new inner table: element 0 carries the length, so the datapath reads the length and the slots from the same
+/// map and can never pair a new length with an old table.
+fn inner_table(slots: &[u32]) -> Result<Array<MapData, u32>, MapsError> {
+    let len = u32::try_from(slots.len()).unwrap_or(u32::MAX);
+    let mut inner = Array::<MapData, u32>::create(len.saturating_add(1), BPF_F_INNER_MAP)
+        .map_err(op(map_names::MAGLEV, "create inner table"))?;
+    inner
+        .set(LUT_LEN_INDEX, len, 0)
+        .map_err(op(map_names::MAGLEV, "fill inner table"))?;
+    for (i, id) in slots.iter().enumerate() {
+        // i < len <= u32::MAX - 1 was checked by the create above.
+        inner
+            .set(i as u32 + 1, id, 0)
+            .map_err(op(map_names::MAGLEV, "fill inner table"))?;
+    }
+    Ok(inner)
+}
+
+fn batch_error(call: &'static str, io_error: std::io::Error) -> MapsError {
+    MapsError::Op {
+        map: map_names::MAGLEV,
+        op: "batch",
+        source: MapError::SyscallError(SyscallError { call, io_error }),
+    }
+}
+
 /// Deleting what is already gone is success: the reconciler converges on "absent".
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
@@ -378,6 +542,19 @@ pub struct FakeMaps {
     /// Every write in order, for tests of update ordering.
     pub log: Vec<String>,
     pub max_services: Option<usize>,
+    /// Service ids whose table installs fail (as a kernel error would).
+    pub fail_tables: HashSet<u32>,
+}
+
+fn fake_failure(op: &'static str) -> MapsError {
+    MapsError::Op {
+        map: map_names::MAGLEV,
+        op,
+        source: MapError::SyscallError(SyscallError {
+            call: "fake",
+            io_error: std::io::Error::from_raw_os_error(libc::ENOMEM),
+        }),
+    }
 }
 
 impl Maps for FakeMaps {
@@ -430,6 +607,27 @@ impl Maps for FakeMaps {
         self.log.push(format!("delete_table {service_id}"));
         self.tables.remove(&service_id);
         Ok(())
+    }
+    fn put_tables(&mut self, tables: &[(u32, Vec<u32>)]) -> Vec<(u32, MapsError)> {
+        let ids: Vec<String> = tables.iter().map(|(id, _)| id.to_string()).collect();
+        self.log.push(format!("put_tables {}", ids.join(",")));
+        let mut failed = Vec::new();
+        for (id, slots) in tables {
+            if self.fail_tables.contains(id) {
+                failed.push((*id, fake_failure("update")));
+            } else {
+                self.tables.insert(*id, slots.clone());
+            }
+        }
+        failed
+    }
+    fn delete_tables(&mut self, service_ids: &[u32]) -> Vec<(u32, MapsError)> {
+        let ids: Vec<String> = service_ids.iter().map(u32::to_string).collect();
+        self.log.push(format!("delete_tables {}", ids.join(",")));
+        for id in service_ids {
+            self.tables.remove(id);
+        }
+        Vec::new()
     }
     fn table(&self, service_id: u32) -> Result<Option<Vec<u32>>, MapsError> {
         Ok(self.tables.get(&service_id).cloned())

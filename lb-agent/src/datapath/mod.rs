@@ -4,6 +4,7 @@
 pub mod inspect;
 pub mod listings;
 pub mod loader;
+mod map_batch;
 pub mod maps;
 pub mod names;
 pub mod packet_maps;

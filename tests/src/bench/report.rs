@@ -203,13 +203,13 @@ fn control_section(md: &mut String, r: &Results) {
             let tables = 2 * c.services;
             let _ = writeln!(
                 md,
-                "That is about **{} ms per Maglev table** ({tables} tables). Nearly all of it is the kernel, not lb: \
-                 every update of the hash-of-maps `LB_MAGLEV` waits for an RCU grace period (`map_update_elem` → \
-                 `synchronize_rcu`, seen in the process's kernel stack while developing this benchmark), and the \
-                 reconciler swaps one table per frontend. The same wait is most of an endpoint change below (two \
-                 tables per ClusterIP). At 10k services it is 20k grace periods: minutes on a busy machine. Batching \
-                 the swaps (`BPF_MAP_UPDATE_BATCH`, which waits once per batch on kernels >= 6.8) or one flat \
-                 slot array instead of map-in-map should remove most of it.\n",
+                "That is about **{} ms per Maglev table** ({tables} tables), everything included. Every userspace \
+                 update of the hash-of-maps `LB_MAGLEV` waits for an RCU grace period (`maybe_wait_bpf_programs` → \
+                 `synchronize_rcu`), so the reconciler installs all the tables a sync changed with one \
+                 `BPF_MAP_UPDATE_BATCH`, which waits once per batch since Linux 6.7 (one wait per element before; \
+                 ~13 ms per table on the machine this was developed on). An endpoint change \
+                 below (two tables per ClusterIP) is one batch too. What remains is not the grace period: \
+                 creating and filling the inner maps and writing the other maps (not measured separately here).\n",
                 f(first / tables as f64)
             );
         }
