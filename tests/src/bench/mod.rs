@@ -39,8 +39,8 @@ impl Plan {
             Plan {
                 quick,
                 maglev_repeats: 3,
-                // 1k, not 10k: programming 10k services takes minutes here (see BENCHMARKS.md, section 2), which
-                // alone would break the 5-minute budget.
+                // 1k, not 10k: programming 10k services (and running the agent on them for its RSS) takes a couple
+                // of minutes here (see BENCHMARKS.md, section 2), which would break the 5-minute budget.
                 control_services: 1000,
                 control_changes: 100,
                 iptables_changes: 3,
@@ -61,7 +61,8 @@ impl Plan {
                 traffic_counts: vec![10, 1000, 10_000],
                 crr_seconds: 10.0,
                 throughput_seconds: 5.0,
-                // Not 100k: 200k Maglev table swaps at one RCU grace period each would take over an hour.
+                // Not 100k: programming 200k Maglev tables alone takes an estimated 8 minutes here (section 2's
+                // rate), more than the full run's budget leaves.
                 packet_counts: vec![10, 1000, 10_000],
                 packet_runs: 1_000_000,
             }
