@@ -163,12 +163,31 @@ impl NodeAgent {
         std::fs::create_dir_all(&dir).expect("agent directory");
         let path = dir.join("services.yaml");
         std::fs::write(&path, manifest).expect("writing the manifest");
+        let child = Self::launch(pair, &path);
+        let mut agent = NodeAgent {
+            child,
+            manifest: path,
+            dir,
+            pins: pair.bpf_dir().path().to_path_buf(),
+        };
+        agent.wait_for_attached(pair);
+        agent
+    }
+
+    /// `kill -9` the agent and start a new one on the same manifest, pins and devices.
+    fn restart(&mut self, pair: &NodePair) {
+        self.child.kill();
+        self.child = Self::launch(pair, &self.manifest);
+        self.wait_for_attached(pair);
+    }
+
+    fn launch(pair: &NodePair, path: &std::path::Path) -> Child {
         let devices = pair.node_a_devices().join(",");
         // Inside node A's namespace: `--devices` names node A's own interfaces, never the host's.
         let cmd = Cmd::new(agent_bin!())
             .arg("run")
             .arg("--manifests")
-            .arg(&path)
+            .arg(path)
             .args(["--node-name", "node-a"])
             .arg("--cgroup")
             .arg(pair.cgroup().path())
@@ -182,15 +201,12 @@ impl NodeAgent {
             .env("LB_LOG", "info")
             .label("lb-agent-node-a")
             .netns(&pair.node_a);
-        let child = cmd.spawn().expect("starting lb-agent in node A");
-        let mut agent = NodeAgent {
-            child,
-            manifest: path,
-            dir,
-            pins: pair.bpf_dir().path().to_path_buf(),
-        };
-        agent.wait_for_log("initial sync done");
-        let log = agent.child.stderr();
+        cmd.spawn().expect("starting lb-agent in node A")
+    }
+
+    fn wait_for_attached(&mut self, pair: &NodePair) {
+        self.wait_for_log("initial sync done");
+        let log = self.child.stderr();
         for dev in pair.node_a_devices() {
             assert!(
                 log.lines()
@@ -198,7 +214,6 @@ impl NodeAgent {
                 "the agent did not attach the tc programs to {dev}:\n{log}"
             );
         }
-        agent
     }
 
     fn wait_for_log(&mut self, needle: &str) {
@@ -650,4 +665,59 @@ fn wait_probe(pair: &mut NodePair, pid: u32) -> Vec<ProbeLine> {
         .expect("waiting for the probe")
         .expect("the probe exited in time");
     child.probe_lines().expect("probe lines")
+}
+
+#[test]
+fn established_nodeport_connections_survive_kill_9_and_restart_of_the_agent() {
+    if !require_root("established_nodeport_connections_survive_kill_9_and_restart_of_the_agent") {
+        return;
+    }
+    let (a, b) = (node_pair::POD_A_V4, node_pair::POD_B_V4);
+    // Cluster policy over a local and a remote pod: connections take the plain DNAT path and the SNAT path.
+    let both = service(
+        "restart",
+        "IPv4",
+        (30089, 30090),
+        "Cluster",
+        &[(a, "node-a"), (b, "node-b")],
+    );
+    let mut s = setup(&both);
+    let to = sa(node_pair::NODE_A_V4, 30089);
+    let pids: Vec<u32> = (0..6)
+        .map(|_| {
+            let cmd = s
+                .probe
+                .tcp_cmd(to, 1)
+                .args(["--hold-ms", "4000", "--timeout-ms", "15000"])
+                .netns(&s.pair.client);
+            s.pair.spawn(cmd).expect("held connection").pid()
+        })
+        .collect();
+    let deadline = Instant::now() + RUN;
+    while peers_seen(s.pair.child(s.pod_a), "tcp").len()
+        + peers_seen(s.pair.child(s.pod_b), "tcp").len()
+        < 6
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the held connections never all reached a backend"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.agent.restart(&s.pair);
+    let lines: Vec<ProbeLine> = pids
+        .into_iter()
+        .flat_map(|pid| wait_probe(&mut s.pair, pid))
+        .collect();
+    assert_eq!(lines.len(), 6);
+    for l in &lines {
+        assert!(
+            l.ok,
+            "an established NodePort connection broke across kill -9 and restart: {l:?}"
+        );
+    }
+    // And the restarted agent serves new connections.
+    let fresh = client(&s.pair, s.probe.tcp_cmd(to, 8));
+    assert!(fresh.iter().all(|l| l.ok), "{fresh:?}");
+    drop(s.agent);
 }

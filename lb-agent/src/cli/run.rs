@@ -373,7 +373,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 let Some(snapshot) = snapshot else {
                     anyhow::bail!("the Kubernetes watchers stopped");
                 };
-                syncer.ops.change_seen();
+                syncer.ops.change_seen_at(snapshot.first_event.unwrap_or_else(Instant::now));
                 syncer.apply(&mut maps, &snapshot.objects, &snapshot.diagnostics, Instant::now());
                 finish_migration(&mut migration, true)?;
                 if snapshot.initial {

@@ -116,6 +116,8 @@ pub trait CounterSource: fmt::Debug + Send + Sync + 'static {
     fn services(&self) -> Vec<ServiceSample>;
     fn backends(&self) -> Vec<BackendSample>;
     fn map_fill(&self) -> Vec<MapFill>;
+    /// The per-packet datapath's packet counts by verdict reason (`LB_DROP_STATS`), node-wide.
+    fn packets_by_reason(&self) -> Vec<(&'static str, u64)>;
 }
 
 /// Splits `namespace/name:port` (the names map's form) into its parts.
@@ -191,6 +193,10 @@ impl CounterSource for PinnedCounters {
             })
             .collect()
     }
+
+    fn packets_by_reason(&self) -> Vec<(&'static str, u64)> {
+        listings::packets_by_reason(&self.dir)
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -208,6 +214,11 @@ struct ServiceLabels {
 struct BackendLabels {
     backend: String,
     protocol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -272,6 +283,19 @@ impl<S: CounterSource> Collector for DatapathCollector<S> {
                 };
                 ConstCounter::new(read(&b.stats)).encode(family.encode_family(&labels)?)?;
             }
+        }
+        let mut family = encoder.encode_descriptor(
+            "lb_datapath_packets",
+            "Packets the per-packet datapath handled, by verdict reason (new flow, no endpoints, source range, \
+             malformed, ...), node-wide.",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (reason, n) in self.source.packets_by_reason() {
+            let labels = ReasonLabels {
+                reason: reason.to_owned(),
+            };
+            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
         }
         let fill = self.source.map_fill();
         for (metric, help, read) in [
@@ -500,6 +524,9 @@ mod tests {
                 capacity: 65536,
             }]
         }
+        fn packets_by_reason(&self) -> Vec<(&'static str, u64)> {
+            vec![("no-endpoints", 3), ("source-range", 4)]
+        }
     }
 
     #[test]
@@ -523,6 +550,11 @@ mod tests {
         );
         assert!(
             text.contains(r#"lb_map_entries{map="LB_SERVICES"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"lb_datapath_packets_total{reason="no-endpoints"} 3"#)
+                && text.contains(r#"lb_datapath_packets_total{reason="source-range"} 4"#),
             "{text}"
         );
         assert!(

@@ -135,7 +135,13 @@ impl Ops {
 
     /// A change arrived that the next sync will program (for the programming latency).
     pub fn change_seen(&mut self) {
-        self.pending_since.get_or_insert_with(Instant::now);
+        self.change_seen_at(Instant::now());
+    }
+
+    /// As [`Ops::change_seen`], for a change first seen at `at` (the kube source batches events before handing
+    /// them over, and that wait is part of the latency).
+    pub fn change_seen_at(&mut self, at: Instant) {
+        self.pending_since.get_or_insert(at);
     }
 
     pub fn sync_started(&self) {

@@ -141,6 +141,7 @@ impl KubeSource {
     pub async fn next(&mut self) -> Option<Snapshot> {
         loop {
             let first = self.events.recv().await?;
+            let first_at = std::time::Instant::now();
             self.apply(first);
             let deadline = tokio::time::Instant::now() + MAX_BATCH;
             loop {
@@ -154,7 +155,8 @@ impl KubeSource {
                     Err(_quiet) => break,
                 }
             }
-            if let Some(snapshot) = self.tracker.take() {
+            if let Some(mut snapshot) = self.tracker.take() {
+                snapshot.first_event = Some(first_at);
                 return Some(snapshot);
             }
         }

@@ -222,6 +222,9 @@ pub struct Snapshot {
     pub initial: bool,
     /// How many objects changed since the previous snapshot (after dropping no-op changes).
     pub changes: usize,
+    /// When the first event of the batch that produced this snapshot arrived (set by the source), so the
+    /// network-programming latency includes the batching delay.
+    pub first_event: Option<std::time::Instant>,
 }
 
 /// The three stores and the changes not yet synced.
@@ -310,6 +313,7 @@ impl Tracker {
             diagnostics,
             initial: false,
             changes: 0,
+            first_event: None,
         })
     }
 }
