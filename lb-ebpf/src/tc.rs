@@ -215,7 +215,7 @@ fn egress_packet(ctx: &TcContext, s: &mut Scratch) -> u32 {
     }
     set_ct_key(&mut s.key, &s.pkt, CT_DIR_REPLY);
     if let Some(ptr) = ct_lookup(&s.key, &mut s.ct) {
-        fwd_key_of_reply(&mut s.other, &s.ct, s.pkt.proto);
+        inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_FWD);
         touch(ptr, &s.ct, &s.pkt, Some(&s.other));
         src_nat(&mut s.nat, &s.pkt, &s.ct);
         let _ = apply(ctx, s, reason::REPLY);
@@ -242,7 +242,7 @@ fn ingress_packet(ctx: &TcContext, s: &mut Scratch) -> u32 {
     if let Some(ptr) = ct_lookup(&s.key, &mut s.ct)
         && s.ct.flags & CT_FLAG_SNAT == 0
     {
-        fwd_key_of_reply(&mut s.other, &s.ct, s.pkt.proto);
+        inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_FWD);
         touch(ptr, &s.ct, &s.pkt, Some(&s.other));
         src_nat(&mut s.nat, &s.pkt, &s.ct);
         let _ = apply(ctx, s, reason::REPLY);
@@ -279,7 +279,7 @@ fn follow_established(ctx: &TcContext, s: &mut Scratch, ptr: *mut CtValue) -> u3
         }
         return s.out.reason;
     }
-    reply_key_of(&mut s.other, &s.ct, s.pkt.proto);
+    inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_REPLY);
     touch(ptr, &s.ct, &s.pkt, Some(&s.other));
     stats::count_packet(s.ct.service_id, s.ct.backend_id, ctx.len());
     dst_nat(&mut s.nat, &s.pkt, &s.ct);
@@ -291,7 +291,7 @@ fn follow_established(ctx: &TcContext, s: &mut Scratch, ptr: *mut CtValue) -> u3
 #[inline(always)]
 fn remove_flow(s: &mut Scratch) {
     let _ = LB_CONNTRACK.remove(&s.key);
-    reply_key_of(&mut s.other, &s.ct, s.pkt.proto);
+    inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_REPLY);
     let _ = LB_CONNTRACK.remove(&s.other);
     if s.ct.flags & CT_FLAG_SNAT != 0 {
         let k = &mut s.key;
@@ -582,7 +582,7 @@ fn install(ctx: &TcContext, s: &mut Scratch) -> u32 {
     s.ct.new_sport = s.pkt.sport;
     s.ct.new_daddr = s.backend.addr;
     s.ct.new_dport = s.backend.port;
-    reply_key_of(&mut s.other, &s.ct, s.pkt.proto);
+    inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_REPLY);
     set_ct_key(&mut s.key, &s.pkt, CT_DIR_FWD);
     if LB_CONNTRACK.insert(&s.other, &s.rev, 0).is_err()
         || LB_CONNTRACK.insert(&s.key, &s.ct, 0).is_err()
@@ -805,27 +805,17 @@ fn set_ct_key(k: &mut CtKey, p: &Packet, dir: u8) {
     k._pad = [0; 2];
 }
 
-/// The reply key a forward entry implies: the packet the backend sends back.
+/// The key of the other direction an entry implies: a forward entry's reply (`dir` = `CT_DIR_REPLY`, the packet
+/// the backend sends back) or a reply entry's forward key (`dir` = `CT_DIR_FWD`, the client's packet to the VIP).
+/// Either way it is the entry's translated tuple, reversed.
 #[inline(always)]
-fn reply_key_of(k: &mut CtKey, fwd: &CtValue, proto: u8) {
-    k.saddr = fwd.new_daddr;
-    k.daddr = fwd.new_saddr;
-    k.sport = fwd.new_dport;
-    k.dport = fwd.new_sport;
+fn inverse_key(k: &mut CtKey, v: &CtValue, proto: u8, dir: u8) {
+    k.saddr = v.new_daddr;
+    k.daddr = v.new_saddr;
+    k.sport = v.new_dport;
+    k.dport = v.new_sport;
     k.proto = proto;
-    k.dir = CT_DIR_REPLY;
-    k._pad = [0; 2];
-}
-
-/// The forward key a reply entry implies: the client's packet to the VIP.
-#[inline(always)]
-fn fwd_key_of_reply(k: &mut CtKey, rev: &CtValue, proto: u8) {
-    k.saddr = rev.new_daddr;
-    k.daddr = rev.new_saddr;
-    k.sport = rev.new_dport;
-    k.dport = rev.new_sport;
-    k.proto = proto;
-    k.dir = CT_DIR_FWD;
+    k.dir = dir;
     k._pad = [0; 2];
 }
 

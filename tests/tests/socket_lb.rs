@@ -264,24 +264,9 @@ fn maglev_keeps_a_socket_on_its_backend_and_moves_few_when_one_leaves() {
     let client = topo
         .spawn(topo.in_client(probe.udp_sticky_cmd(vip4(53), sockets, 3, &pause)))
         .expect("client");
-    let rounds_done = |c: &lb_tests::Child| {
-        c.probe_lines()
-            .map(|l| l.iter().filter(|l| l.is_round_done()).count())
-    };
-    let wait_round = |c: &mut lb_tests::Child, n: usize| {
-        let deadline = std::time::Instant::now() + RUN;
-        while rounds_done(c).expect("client output") < n {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "round {n} did not finish: {}",
-                c.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    wait_round(client, 1);
+    wait_round(&mut *client, 1);
     std::fs::write(&pause, b"").expect("release round 2");
-    wait_round(client, 2);
+    wait_round(&mut *client, 2);
     agent
         .write_manifest(&web(&[0, 1, 2]))
         .expect("edit manifest");
@@ -291,7 +276,7 @@ fn maglev_keeps_a_socket_on_its_backend_and_moves_few_when_one_leaves() {
         })
         .expect("backend-3 removed from the maps");
     std::fs::write(&pause, b"").expect("release round 3");
-    wait_round(client, 3);
+    wait_round(&mut *client, 3);
 
     let lines = client.probe_lines().expect("client output");
     let by_round = |r: usize| -> BTreeMap<usize, String> {
@@ -572,28 +557,13 @@ fn connected_udp_sockets_to_a_removed_backend_are_ended_and_others_kept() {
         .udp_sticky_cmd(vip4(53), sockets, 2, &pause)
         .arg("--connected");
     let client = topo.spawn(topo.in_client(cmd)).expect("client");
-    let rounds_done = |c: &lb_tests::Child| {
-        c.probe_lines()
-            .map(|l| l.iter().filter(|l| l.is_round_done()).count())
-    };
-    let wait_round = |c: &mut lb_tests::Child, n: usize| {
-        let deadline = std::time::Instant::now() + RUN;
-        while rounds_done(c).expect("client output") < n {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "round {n} did not finish: {}",
-                c.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    wait_round(client, 1);
+    wait_round(&mut *client, 1);
     agent.write_manifest(&web(&[0, 1])).expect("edit manifest");
     agent
         .wait_for_log("ended sockets connected to departed backends", SYNC)
         .expect("the agent ends the stale sockets");
     std::fs::write(&pause, b"").expect("release round 2");
-    wait_round(client, 2);
+    wait_round(&mut *client, 2);
     let lines = client.probe_lines().expect("client output");
     let round = |r: usize| -> BTreeMap<usize, &ProbeLine> {
         lines
@@ -798,4 +768,26 @@ fn changing_algorithm_and_affinity_affects_new_flows_only() {
         1,
         "new connections follow the new affinity: {after:?}"
     );
+}
+
+/// Waits until a udp-sticky client has finished `n` rounds.
+fn wait_round(client: &mut lb_tests::Child, n: usize) {
+    let deadline = std::time::Instant::now() + RUN;
+    loop {
+        let done = client
+            .probe_lines()
+            .expect("client output")
+            .iter()
+            .filter(|l| l.is_round_done())
+            .count();
+        if done >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "round {n} did not finish: {}",
+            client.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
