@@ -27,6 +27,7 @@ pub mod bench;
 pub mod bpffs;
 pub mod cgroup;
 pub mod netns;
+pub mod node_agent;
 pub mod probe;
 pub mod process;
 pub mod topology;

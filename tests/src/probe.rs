@@ -99,6 +99,30 @@ impl Probe {
             .arg(pause_file)
     }
 
+    /// `lb-probe sctp-serve --id <id> --port <port>`: raw-socket SCTP, answers INITs with an INIT-ACK.
+    pub fn sctp_serve_cmd(&self, id: &str, port: u16) -> Cmd {
+        self.cmd().label(&format!("sctp-serve-{id}")).args([
+            "sctp-serve",
+            "--id",
+            id,
+            "--port",
+            &port.to_string(),
+        ])
+    }
+
+    /// `lb-probe sctp --to <to> --count <count> --sport <sport>`.
+    pub fn sctp_cmd(&self, to: SocketAddr, count: usize, sport: u16) -> Cmd {
+        self.cmd().label("probe-sctp").args([
+            "sctp",
+            "--to",
+            &to.to_string(),
+            "--count",
+            &count.to_string(),
+            "--sport",
+            &sport.to_string(),
+        ])
+    }
+
     /// Waits until a `serve` child has bound all its ports (its `{"event":"ready"}` line).
     pub fn wait_ready(child: &mut Child, timeout: Duration) -> Result<()> {
         child.wait_for_line(timeout, |l| {
@@ -136,8 +160,10 @@ pub struct ProbeLine {
     pub errno: Option<i32>,
     /// `socket`, `connect`, `send` or `recv`: where a failure happened.
     pub stage: Option<String>,
-    /// serve: the port of a `listening` or per-exchange event.
+    /// serve: the port of a `listening` or per-exchange event; sctp: the reply's destination port.
     pub port: Option<u16>,
+    /// udp --size: the echoed bytes (on a line with ok true, they came back intact); serve: the bytes to echo.
+    pub len: Option<usize>,
     /// serve: `tcp` or `udp` on a `listening` event.
     pub proto: Option<String>,
 }

@@ -21,6 +21,21 @@
 //!    "local":"<getsockname()>"}
 //!   {"ok":false,"socket":k,"i":n,"error":"ECONNREFUSED","errno":111,"stage":"recv"}
 //!
+//!   With --size N, each datagram is "lb-probe-echo\n" followed by N pattern bytes (N up to 60000, so it is
+//!   fragmented over a 1500-byte MTU); the server answers "<ID>\n" followed by the same N bytes, and the line gets
+//!   "len":N when the echoed bytes are intact, or ok false with "error":"ECORRUPT" when they are not.
+//!
+//! lb-probe sctp-serve --id <ID> --port P
+//!   Raw-socket SCTP (for kernels without an SCTP stack: no association, only packets): answers every SCTP packet
+//!   to port P whose CRC32c is right with an INIT-ACK from P to the sender's port, carrying <ID> as its state
+//!   cookie; per packet {"event":"sctp","port":P,"peer":"<src ip:port>","ok":<CRC32c right>}. IPv4 and IPv6.
+//!
+//! lb-probe sctp --to <IP:PORT> [--count N] [--sport S] [--timeout-ms 1000]
+//!   N INIT packets from source ports S, S+1, ... (raw socket, CRC32c computed here); per packet
+//!   {"ok":true,"i":n,"backend":"<ID>","from":"<reply's src ip:port>","port":<reply's destination port>} when an
+//!   INIT-ACK with a right CRC32c and the INIT's tag comes back, else ok false (ETIMEDOUT, or EPROTO for a reply
+//!   with a wrong CRC32c).
+//!
 //! lb-probe udp-sticky --to <IP:PORT> --sockets S --rounds R --pause-file <PATH> [--timeout-ms 1000]
 //!                     [--pause-timeout-ms 120000]
 //!   S unconnected sockets kept open for all rounds. Each round sends one datagram per socket and prints
@@ -64,6 +79,31 @@ enum Command {
     Udp(UdpArgs),
     /// Keep UDP sockets open across rounds, pausing between rounds until a file appears.
     UdpSticky(UdpStickyArgs),
+    /// Answer SCTP INIT packets on a raw socket (no SCTP stack needed).
+    SctpServe(SctpServeArgs),
+    /// Send SCTP INIT packets on a raw socket and report who answered.
+    Sctp(SctpArgs),
+}
+
+#[derive(Args)]
+struct SctpServeArgs {
+    #[arg(long)]
+    id: String,
+    #[arg(long)]
+    port: u16,
+}
+
+#[derive(Args)]
+struct SctpArgs {
+    #[arg(long)]
+    to: SocketAddr,
+    #[arg(long, default_value_t = 1)]
+    count: usize,
+    /// Source port of the first packet; packet n uses sport + n.
+    #[arg(long, default_value_t = 40000)]
+    sport: u16,
+    #[arg(long, default_value_t = 1000)]
+    timeout_ms: u64,
 }
 
 #[derive(Args)]
@@ -114,6 +154,9 @@ struct UdpArgs {
     /// How long to wait for each reply.
     #[arg(long, default_value_t = 1000)]
     timeout_ms: u64,
+    /// Send N pattern bytes after an echo header and check that the reply echoes them intact.
+    #[arg(long)]
+    size: Option<usize>,
 }
 
 #[derive(Args)]
@@ -171,6 +214,8 @@ struct Line<'a> {
     errno: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     stage: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    len: Option<usize>,
 }
 
 impl Line<'_> {
@@ -185,6 +230,7 @@ impl Line<'_> {
 
     fn failure(mut self, f: &Failure) -> Self {
         self.ok = Some(false);
+        self.len = None;
         self.error = Some(f.error.clone());
         self.errno = Some(f.errno);
         self.stage = Some(f.stage);
@@ -276,6 +322,11 @@ fn main() {
             Ok(())
         }
         Command::UdpSticky(args) => udp_sticky(args),
+        Command::SctpServe(args) => sctp_serve(args),
+        Command::Sctp(args) => {
+            sctp(args);
+            Ok(())
+        }
     };
     if let Err(e) = result {
         eprintln!("lb-probe: {e:#}");
@@ -511,20 +562,26 @@ fn answer_tcp(mut stream: TcpStream, id: &str) -> io::Result<()> {
 fn udp_echo(port: u16, socket: &UdpSocket, id: &str) -> Result<()> {
     let mut buf = [0u8; 65536];
     loop {
-        let (_, peer) = match socket.recv_from(&mut buf) {
+        let (n, peer) = match socket.recv_from(&mut buf) {
             Ok(got) => got,
             // ICMP errors from earlier replies surface here on Linux only with IP_RECVERR; EINTR is harmless.
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(e).with_context(|| format!("recvfrom on udp port {port}")),
         };
+        let echo = buf[..n].strip_prefix(ECHO_HEADER);
         Line {
             event: Some("udp"),
             port: Some(port),
             peer: Some(canonical(peer).to_string()),
+            len: echo.map(<[u8]>::len),
             ..Line::default()
         }
         .print();
-        if let Err(e) = socket.send_to(id.as_bytes(), peer) {
+        let reply = match echo {
+            Some(body) => [id.as_bytes(), b"\n", body].concat(),
+            None => id.as_bytes().to_vec(),
+        };
+        if let Err(e) = socket.send_to(&reply, peer) {
             eprintln!("lb-probe: udp reply to {peer}: {e}");
         }
     }
@@ -623,29 +680,60 @@ fn udp_socket(to: SocketAddr, connected: bool, timeout: Duration) -> Result<UdpS
     Ok(socket)
 }
 
+/// The prefix of a datagram the server echoes (`udp --size`).
+const ECHO_HEADER: &[u8] = b"lb-probe-echo\n";
+
+/// `n` bytes that differ between datagrams (`seed`) and along the datagram, so a fragment put in the wrong place
+/// or taken from another datagram shows.
+fn pattern(seed: usize, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| ((i.wrapping_mul(31) ^ seed.wrapping_mul(131) ^ (i >> 8)) & 0xff) as u8)
+        .collect()
+}
+
 /// One datagram and its reply: returns the identity, the reply's source (or getpeername()) and getsockname().
+/// With `echo`, the datagram carries these bytes after [`ECHO_HEADER`] and the reply must echo them after the
+/// identity line.
 fn udp_exchange(
     socket: &UdpSocket,
     to: SocketAddr,
     connected: bool,
     payload: &str,
+    echo: Option<&[u8]>,
 ) -> Result<(String, SocketAddr, SocketAddr), Failure> {
     discard_stale_replies(socket);
-    let mut buf = [0u8; 2048];
+    let datagram = match echo {
+        Some(body) => [ECHO_HEADER, body].concat(),
+        None => payload.as_bytes().to_vec(),
+    };
+    let mut buf = vec![0u8; 65536];
     let (n, from) = if connected {
-        socket.send(payload.as_bytes()).map_err(at("send"))?;
+        socket.send(&datagram).map_err(at("send"))?;
         let n = socket.recv(&mut buf).map_err(at("recv"))?;
         (n, socket.peer_addr().map_err(at("getpeername"))?)
     } else {
-        socket.send_to(payload.as_bytes(), to).map_err(at("send"))?;
+        socket.send_to(&datagram, to).map_err(at("send"))?;
         socket.recv_from(&mut buf).map_err(at("recv"))?
     };
     let local = socket.local_addr().map_err(at("getsockname"))?;
-    Ok((
-        String::from_utf8_lossy(&buf[..n]).trim().to_owned(),
-        from,
-        local,
-    ))
+    let reply = &buf[..n];
+    let Some(body) = echo else {
+        return Ok((
+            String::from_utf8_lossy(reply).trim().to_owned(),
+            from,
+            local,
+        ));
+    };
+    let split = reply.iter().position(|b| *b == b'\n').unwrap_or(reply.len());
+    let (id, rest) = reply.split_at(split);
+    if rest.get(1..) != Some(body) {
+        return Err(Failure {
+            stage: "recv",
+            error: "ECORRUPT".to_owned(),
+            errno: 0,
+        });
+    }
+    Ok((String::from_utf8_lossy(id).trim().to_owned(), from, local))
 }
 
 /// Drops replies that arrived after an earlier exchange timed out, so they are not taken for this one's.
@@ -653,7 +741,7 @@ fn discard_stale_replies(socket: &UdpSocket) {
     if socket.set_nonblocking(true).is_err() {
         return;
     }
-    let mut buf = [0u8; 2048];
+    let mut buf = vec![0u8; 65536];
     // Stops at EAGAIN; a pending ICMP error (ECONNREFUSED on a connected socket) is consumed here too, which is
     // right: it belongs to the earlier exchange.
     while socket.recv(&mut buf).is_ok() {}
@@ -670,8 +758,19 @@ fn udp(args: UdpArgs) {
                 i: Some(i),
                 ..Line::default()
             };
+            let body = args.size.map(|n| pattern(k * 1000 + i, n));
+            let line = Line {
+                len: args.size,
+                ..line
+            };
             let result = socket.as_ref().map_err(Failure::clone).and_then(|s| {
-                udp_exchange(s, args.to, args.connected, &format!("lb-probe {k} {i}"))
+                udp_exchange(
+                    s,
+                    args.to,
+                    args.connected,
+                    &format!("lb-probe {k} {i}"),
+                    body.as_deref(),
+                )
             });
             print_udp_result(line, result);
         }
@@ -707,7 +806,13 @@ fn udp_sticky(args: UdpStickyArgs) -> Result<()> {
                 ..Line::default()
             };
             let result = socket.as_ref().map_err(Failure::clone).and_then(|s| {
-                udp_exchange(s, args.to, args.connected, &format!("lb-probe {round} {k}"))
+                udp_exchange(
+                    s,
+                    args.to,
+                    args.connected,
+                    &format!("lb-probe {round} {k}"),
+                    None,
+                )
             });
             print_udp_result(line, result);
         }
@@ -741,4 +846,356 @@ fn wait_for_file(path: &PathBuf, timeout: Duration) -> Result<()> {
     }
     std::fs::remove_file(path)
         .with_context(|| format!("cannot delete pause file {}", path.display()))
+}
+
+// ---- sctp (raw sockets) ----
+
+const SCTP_INIT: u8 = 1;
+const SCTP_INIT_ACK: u8 = 2;
+const SCTP_COMMON_HEADER: usize = 12;
+
+/// CRC32c (Castagnoli, reflected 0x82F63B78), bit by bit: SCTP's checksum (RFC 9260 appendix A). Written out here
+/// rather than shared with the datapath's code, so the probe checks the datapath's incremental update independently.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// Whether an SCTP packet's checksum field (stored little-endian, as RFC 9260 appendix A puts the CRC's bytes) is
+/// the CRC32c of the packet with that field zeroed.
+fn sctp_crc_ok(packet: &[u8]) -> bool {
+    if packet.len() < SCTP_COMMON_HEADER {
+        return false;
+    }
+    let stored = u32::from_le_bytes([packet[8], packet[9], packet[10], packet[11]]);
+    let mut copy = packet.to_vec();
+    copy[8..12].fill(0);
+    crc32c(&copy) == stored
+}
+
+/// An SCTP packet: common header (ports, verification tag, CRC32c) and one chunk of `chunk_type` whose value is
+/// `body` (padded to 4 bytes).
+fn sctp_packet(sport: u16, dport: u16, vtag: u32, chunk_type: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(SCTP_COMMON_HEADER + 4 + body.len() + 3);
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&vtag.to_be_bytes());
+    p.extend_from_slice(&[0; 4]);
+    p.push(chunk_type);
+    p.push(0);
+    let chunk_len = u16::try_from(4 + body.len()).unwrap_or(u16::MAX);
+    p.extend_from_slice(&chunk_len.to_be_bytes());
+    p.extend_from_slice(body);
+    while p.len() % 4 != 0 {
+        p.push(0);
+    }
+    let crc = crc32c(&p);
+    p[8..12].copy_from_slice(&crc.to_le_bytes());
+    p
+}
+
+/// INIT's fixed part (RFC 9260 3.3.2): initiate tag, a_rwnd, streams, initial TSN.
+fn init_body(tag: u32) -> Vec<u8> {
+    let mut b = Vec::with_capacity(16);
+    b.extend_from_slice(&tag.to_be_bytes());
+    b.extend_from_slice(&65536u32.to_be_bytes());
+    b.extend_from_slice(&1u16.to_be_bytes());
+    b.extend_from_slice(&1u16.to_be_bytes());
+    b.extend_from_slice(&tag.to_be_bytes());
+    b
+}
+
+/// INIT-ACK: the fixed part, then a State Cookie parameter (type 7) carrying the server's identity.
+fn init_ack_body(tag: u32, id: &str) -> Vec<u8> {
+    let mut b = init_body(tag);
+    let param_len = u16::try_from(4 + id.len()).unwrap_or(u16::MAX);
+    b.extend_from_slice(&7u16.to_be_bytes());
+    b.extend_from_slice(&param_len.to_be_bytes());
+    b.extend_from_slice(id.as_bytes());
+    b
+}
+
+/// The state cookie of an INIT-ACK chunk starting at `chunk` (after the common header).
+fn init_ack_cookie(chunk: &[u8]) -> Option<String> {
+    // Chunk header (4) + fixed part (16), then the parameter's type and length.
+    let param = chunk.get(20..)?;
+    if param.get(0..2)? != 7u16.to_be_bytes() {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([*param.get(2)?, *param.get(3)?]));
+    let value = param.get(4..len)?;
+    Some(String::from_utf8_lossy(value).into_owned())
+}
+
+/// A raw SCTP socket of the address's family. IPv4 raw sockets receive the IP header too, IPv6 ones do not.
+fn raw_sctp_socket(v6: bool, timeout: Option<Duration>) -> io::Result<OwnedFd> {
+    let domain = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe { libc::socket(domain, libc::SOCK_RAW, libc::IPPROTO_SCTP) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    if let Some(t) = timeout {
+        let tv = libc::timeval {
+            tv_sec: t.as_secs() as libc::time_t,
+            tv_usec: t.subsec_micros() as libc::suseconds_t,
+        };
+        // SAFETY: tv is a valid timeval for the length given.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(fd)
+}
+
+fn sockaddr_of(addr: IpAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match addr {
+        IpAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for a sockaddr_in.
+            let sin = unsafe { &mut *(&raw mut ss).cast::<libc::sockaddr_in>() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_addr.s_addr = u32::from_ne_bytes(a.octets());
+            (ss, std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
+        }
+        IpAddr::V6(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for a sockaddr_in6.
+            let sin6 = unsafe { &mut *(&raw mut ss).cast::<libc::sockaddr_in6>() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_addr.s6_addr = a.octets();
+            (ss, std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t)
+        }
+    }
+}
+
+fn ip_of(ss: &libc::sockaddr_storage) -> Option<IpAddr> {
+    match i32::from(ss.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sin = unsafe { &*(&raw const *ss).cast::<libc::sockaddr_in>() };
+            Some(IpAddr::V4(std::net::Ipv4Addr::from(
+                sin.sin_addr.s_addr.to_ne_bytes(),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sin6 = unsafe { &*(&raw const *ss).cast::<libc::sockaddr_in6>() };
+            Some(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
+        }
+        _ => None,
+    }
+}
+
+fn raw_send(fd: &OwnedFd, to: IpAddr, packet: &[u8]) -> io::Result<()> {
+    let (ss, len) = sockaddr_of(to);
+    // SAFETY: packet and ss are valid for the lengths given.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&raw const ss).cast(),
+            len,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// One received SCTP packet (without the IPv4 header) and its source address.
+fn raw_recv(fd: &OwnedFd, v6: bool, buf: &mut [u8]) -> io::Result<(IpAddr, usize, usize)> {
+    // SAFETY: zeroed sockaddr_storage is valid; recvfrom writes at most `len` bytes into it.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: buf, ss and len are valid for recvfrom to write.
+    let n = unsafe {
+        libc::recvfrom(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            0,
+            (&raw mut ss).cast(),
+            &mut len,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    let from = ip_of(&ss).ok_or_else(|| io::Error::other("recvfrom: unknown family"))?;
+    let start = if v6 {
+        0
+    } else {
+        usize::from(buf.first().copied().unwrap_or(0x45) & 0x0f) * 4
+    };
+    Ok((from, start.min(n), n))
+}
+
+fn port_pair(p: &[u8]) -> (u16, u16) {
+    (
+        u16::from_be_bytes([p[0], p[1]]),
+        u16::from_be_bytes([p[2], p[3]]),
+    )
+}
+
+fn sctp_serve(args: SctpServeArgs) -> Result<()> {
+    let v4 = raw_sctp_socket(false, None).context("raw IPv4 SCTP socket")?;
+    let v6 = raw_sctp_socket(true, None).context("raw IPv6 SCTP socket")?;
+    Line {
+        event: Some("ready"),
+        id: Some(&args.id),
+        ..Line::default()
+    }
+    .print();
+    let id: Arc<str> = Arc::from(args.id.as_str());
+    let port = args.port;
+    let threads: Vec<_> = [(v4, false), (v6, true)]
+        .into_iter()
+        .map(|(fd, is_v6)| {
+            let id = id.clone();
+            std::thread::spawn(move || sctp_answer_loop(&fd, is_v6, port, &id))
+        })
+        .collect();
+    for thread in threads {
+        match thread.join() {
+            Ok(result) => result?,
+            Err(_) => bail!("a server thread panicked"),
+        }
+    }
+    Ok(())
+}
+
+fn sctp_answer_loop(fd: &OwnedFd, v6: bool, port: u16, id: &str) -> Result<()> {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (from, start, n) = match raw_recv(fd, v6, &mut buf) {
+            Ok(got) => got,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("recvfrom on the raw SCTP socket"),
+        };
+        let packet = &buf[start..n];
+        if packet.len() < SCTP_COMMON_HEADER + 20 {
+            continue;
+        }
+        let (sport, dport) = port_pair(packet);
+        if dport != port || packet[SCTP_COMMON_HEADER] != SCTP_INIT {
+            continue;
+        }
+        let crc_ok = sctp_crc_ok(packet);
+        let peer = SocketAddr::new(from, sport);
+        Line {
+            event: Some("sctp"),
+            port: Some(port),
+            peer: Some(canonical(peer).to_string()),
+            ok: Some(crc_ok),
+            ..Line::default()
+        }
+        .print();
+        if !crc_ok {
+            // A receiver drops a packet with a wrong checksum (RFC 9260 6.8).
+            continue;
+        }
+        let chunk = &packet[SCTP_COMMON_HEADER..];
+        let tag = u32::from_be_bytes([chunk[4], chunk[5], chunk[6], chunk[7]]);
+        let reply = sctp_packet(port, sport, tag, SCTP_INIT_ACK, &init_ack_body(tag, id));
+        if let Err(e) = raw_send(fd, from, &reply) {
+            eprintln!("lb-probe: sctp reply to {peer}: {e}");
+        }
+    }
+}
+
+fn sctp(args: SctpArgs) {
+    let timeout = Duration::from_millis(args.timeout_ms.max(1));
+    let v6 = args.to.is_ipv6();
+    let fd = raw_sctp_socket(v6, Some(timeout)).map_err(at("socket"));
+    for i in 0..args.count {
+        let line = Line {
+            i: Some(i),
+            ..Line::default()
+        };
+        let sport = args.sport.wrapping_add(u16::try_from(i).unwrap_or(0));
+        let result = fd
+            .as_ref()
+            .map_err(Failure::clone)
+            .and_then(|fd| sctp_once(fd, args.to, sport, 0x1b00_0000 | i as u32, timeout));
+        match result {
+            Ok((backend, from, port)) => Line {
+                ok: Some(true),
+                backend: Some(backend),
+                from: Some(from.to_string()),
+                port: Some(port),
+                ..line
+            }
+            .print(),
+            Err(f) => line.failure(&f).print(),
+        }
+    }
+}
+
+/// One INIT and its INIT-ACK: returns the state cookie (the server's identity), the reply's source and its
+/// destination port.
+fn sctp_once(
+    fd: &OwnedFd,
+    to: SocketAddr,
+    sport: u16,
+    tag: u32,
+    timeout: Duration,
+) -> Result<(String, SocketAddr, u16), Failure> {
+    let init = sctp_packet(sport, to.port(), 0, SCTP_INIT, &init_body(tag));
+    raw_send(fd, to.ip(), &init).map_err(at("send"))?;
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        if Instant::now() >= deadline {
+            return Err(Failure::new(
+                "recv",
+                &io::Error::from(ErrorKind::TimedOut),
+            ));
+        }
+        let (from, start, n) = raw_recv(fd, to.is_ipv6(), &mut buf).map_err(at("recv"))?;
+        let packet = &buf[start..n];
+        if packet.len() < SCTP_COMMON_HEADER + 20 {
+            continue;
+        }
+        let (src, dst) = port_pair(packet);
+        let vtag = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
+        // Replies to other probes' packets (or to earlier ones of this run) are skipped by tag.
+        if packet[SCTP_COMMON_HEADER] != SCTP_INIT_ACK || vtag != tag {
+            continue;
+        }
+        if !sctp_crc_ok(packet) {
+            return Err(Failure {
+                stage: "recv",
+                error: "EPROTO".to_owned(),
+                errno: libc::EPROTO,
+            });
+        }
+        let backend = init_ack_cookie(&packet[SCTP_COMMON_HEADER..]).unwrap_or_default();
+        return Ok((backend, SocketAddr::new(from, src), dst));
+    }
 }
