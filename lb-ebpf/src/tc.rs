@@ -207,7 +207,11 @@ pub fn egress(ctx: &TcContext) -> i32 {
 fn egress_packet(ctx: &TcContext, s: &mut Scratch) -> u32 {
     set_ct_key(&mut s.key, &s.pkt, CT_DIR_SNAT);
     if let Some(ptr) = ct_lookup(&s.key, &mut s.ct) {
-        touch(ptr, &s.ct, &s.pkt, None);
+        // The SNAT pair shares its lifetime like the other pair: the SNAT reply entry sees only the backend's
+        // packets, and a connection whose backend has sent nothing since its SYN-ACK would otherwise lose it after
+        // the SYN lifetime (60 s), so the backend's first word after a longer idle time would not come back.
+        inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_SNAT_REPLY);
+        let _ = touch(ptr, s);
         // Source only: the destination is already the backend.
         src_nat(&mut s.nat, &s.pkt, &s.ct);
         let _ = apply(ctx, s, reason::CONNTRACK);
@@ -216,7 +220,7 @@ fn egress_packet(ctx: &TcContext, s: &mut Scratch) -> u32 {
     set_ct_key(&mut s.key, &s.pkt, CT_DIR_REPLY);
     if let Some(ptr) = ct_lookup(&s.key, &mut s.ct) {
         inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_FWD);
-        touch(ptr, &s.ct, &s.pkt, Some(&s.other));
+        let _ = touch(ptr, s);
         src_nat(&mut s.nat, &s.pkt, &s.ct);
         let _ = apply(ctx, s, reason::REPLY);
         return s.out.reason;
@@ -231,7 +235,8 @@ fn ingress_packet(ctx: &TcContext, s: &mut Scratch) -> u32 {
     // A reply to this node's SNAT address: destination back to the client; the source becomes the VIP at egress.
     set_ct_key(&mut s.key, &s.pkt, CT_DIR_SNAT_REPLY);
     if let Some(ptr) = ct_lookup(&s.key, &mut s.ct) {
-        touch(ptr, &s.ct, &s.pkt, None);
+        let _ = snat_pair_key(s);
+        let _ = touch(ptr, s);
         dst_nat(&mut s.nat, &s.pkt, &s.ct);
         let _ = apply(ctx, s, reason::REPLY);
         return s.out.reason;
@@ -243,7 +248,7 @@ fn ingress_packet(ctx: &TcContext, s: &mut Scratch) -> u32 {
         && s.ct.flags & CT_FLAG_SNAT == 0
     {
         inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_FWD);
-        touch(ptr, &s.ct, &s.pkt, Some(&s.other));
+        let _ = touch(ptr, s);
         src_nat(&mut s.nat, &s.pkt, &s.ct);
         let _ = apply(ctx, s, reason::REPLY);
         return s.out.reason;
@@ -280,7 +285,7 @@ fn follow_established(ctx: &TcContext, s: &mut Scratch, ptr: *mut CtValue) -> u3
         return s.out.reason;
     }
     inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_REPLY);
-    touch(ptr, &s.ct, &s.pkt, Some(&s.other));
+    let _ = touch(ptr, s);
     stats::count_packet(s.ct.service_id, s.ct.backend_id, ctx.len());
     dst_nat(&mut s.nat, &s.pkt, &s.ct);
     let _ = apply(ctx, s, reason::CONNTRACK);
@@ -844,10 +849,31 @@ fn initial_lifetime(p: &Packet) -> u32 {
     }
 }
 
-/// Refreshes an entry on a hit, and its TCP life: FIN or RST shorten both directions to the closing lifetime; the
-/// first packet after the SYN (the other direction answered) lengthens them to the established one.
-#[inline(always)]
-fn touch(ptr: *mut CtValue, ct: &CtValue, p: &Packet, other: Option<&CtKey>) {
+/// The key of a SNAT reply entry's pair, the SNAT entry (client -> backend: the client is the entry's rewritten
+/// destination, the backend the packet's source), into `s.other`. Not inlined: written out in
+/// [`ingress_packet`] it grew that frame past the verifier's combined 512-byte stack limit (kernel 6.18, by the
+/// chain through `claim_snat_port`). Returns 0.
+#[inline(never)]
+fn snat_pair_key(s: &mut Scratch) -> u32 {
+    let k = &mut s.other;
+    k.saddr = s.ct.new_daddr;
+    k.daddr = s.pkt.saddr;
+    k.sport = s.ct.new_dport;
+    k.dport = s.pkt.sport;
+    k.proto = s.pkt.proto;
+    k.dir = CT_DIR_SNAT;
+    k._pad = [0; 2];
+    0
+}
+
+/// Refreshes an entry on a hit (`ptr`, copied in `s.ct`), and its TCP life: FIN or RST shorten both directions
+/// (the entry and its pair, keyed by `s.other`) to the closing lifetime; the first packet after the SYN (the other
+/// direction answered) lengthens them to the established one. Not inlined: one copy instead of five keeps the
+/// callers' frames small (`lb_tc_ingress`'s chain through `claim_snat_port` is at the verifier's 512-byte combined
+/// stack limit). Returns 0 (a scalar, see the note above the steps).
+#[inline(never)]
+fn touch(ptr: *mut CtValue, s: &Scratch) -> u32 {
+    let (ct, p) = (&s.ct, &s.pkt);
     // SAFETY: no argument, no precondition.
     let now = unsafe { bpf_ktime_get_ns() };
     let mut lifetime = ct.lifetime_s;
@@ -860,22 +886,32 @@ fn touch(ptr: *mut CtValue, ct: &CtValue, p: &Packet, other: Option<&CtKey>) {
             lifetime = CT_LIFETIME_TCP_S;
         }
     }
+    let closing = flags & CT_FLAG_CLOSING != 0;
+    // Only a change is written, and never one that takes a closing entry back to a longer life: two packets of one
+    // flow run on two CPUs at once (a client's ACK and its FIN right after it, say), each with its own copy of the
+    // entry, and the later writer would otherwise put back the lifetime the other had just shortened (seen with
+    // real traffic: the SNAT entry of a closed flow kept the established 6 hours, and its SNAT port).
     // SAFETY: `ptr` came from a lookup in this run; fields are written in place (a racing eviction can only make
     // the write land in a recycled entry, which its own next lookup re-validates).
     unsafe {
         (*ptr).last_seen_ns = now;
-        (*ptr).lifetime_s = lifetime;
-        (*ptr).flags = flags;
+        let reopens = !closing && (*ptr).flags & CT_FLAG_CLOSING != 0;
+        if (lifetime != ct.lifetime_s || flags != ct.flags) && !reopens {
+            (*ptr).lifetime_s = lifetime;
+            (*ptr).flags = flags;
+        }
     }
     if lifetime != ct.lifetime_s
-        && let Some(k) = other
-        && let Some(o) = LB_CONNTRACK.get_ptr_mut(k)
+        && let Some(o) = LB_CONNTRACK.get_ptr_mut(&s.other)
     {
         // SAFETY: as above.
         unsafe {
-            (*o).lifetime_s = lifetime;
-            (*o).flags |= flags & CT_FLAG_CLOSING;
+            if closing || (*o).flags & CT_FLAG_CLOSING == 0 {
+                (*o).lifetime_s = lifetime;
+                (*o).flags |= flags & CT_FLAG_CLOSING;
+            }
             (*o).last_seen_ns = now;
         }
     }
+    0
 }

@@ -10,8 +10,8 @@ use lb_agent::datapath::inspect;
 use lb_agent::datapath::maps::PinnedMaps;
 use serde::Deserialize;
 
-use crate::process::{Child, Cmd};
 use crate::probe::ProbeLine;
+use crate::process::{Child, Cmd};
 use crate::topology::{NodePair, node_pair};
 
 const SYNC: Duration = Duration::from_secs(20);
@@ -305,4 +305,63 @@ ports:
 {slice_ports}endpoints:
 {eps}"#
     )
+}
+
+/// `lb-agent stats -o json`, the parts the tests read.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Stats {
+    pub services: Vec<StatsRow>,
+    pub packets_by_reason: Vec<(String, u64)>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct StatsRow {
+    pub service_id: u32,
+    pub service: String,
+    pub frontend: String,
+    pub protocol: String,
+    pub scope: String,
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+impl Stats {
+    /// Packets counted under `reason` (its `lb-agent trace` name, e.g. `fragment-followed`).
+    pub fn reason(&self, reason: &str) -> u64 {
+        self.packets_by_reason
+            .iter()
+            .find(|(name, _)| name == reason)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
+impl NodeAgent {
+    pub fn stats(&self) -> Stats {
+        self.cli_json(&["stats"])
+    }
+}
+
+/// One row of `lb-agent backends -o json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BackendRow {
+    pub id: u32,
+    pub address: String,
+    pub protocol: String,
+    pub services: Vec<u32>,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl NodeAgent {
+    pub fn backends(&self) -> Vec<BackendRow> {
+        self.cli_json(&["backends"])
+    }
+
+    /// The stats row of the External frontend `frontend` (`ip:port`) for `protocol` (`TCP`, `UDP`, `SCTP`).
+    pub fn service_stats(&self, frontend: &str, protocol: &str) -> StatsRow {
+        self.stats()
+            .services
+            .into_iter()
+            .find(|r| r.frontend == frontend && r.protocol == protocol && r.scope == "external")
+            .unwrap_or_else(|| panic!("no external {protocol} service at {frontend}"))
+    }
 }

@@ -10,9 +10,7 @@
 //! the nodes' forwarding; only the association state machine is missing, which the datapath never sees anyway
 //! (it translates ports and tracks the flow, it does not read chunks).
 
-use lb_tests::node_agent::{
-    NODE_A, NodeAgent, client, peers_seen, sa, server_events, service,
-};
+use lb_tests::node_agent::{NODE_A, NodeAgent, client, peers_seen, sa, server_events, service};
 use lb_tests::topology::{NodePair, node_pair};
 use lb_tests::{Probe, agent_bin, probe, require_root};
 
@@ -83,18 +81,74 @@ fn sctp_nodeport_to_local_and_remote_backends_with_port_change() {
     );
     let port = |np| [("sctp", "SCTP", 9100, SCTP_PORT, np)];
     let services = [
-        service("sl", "10.96.1.1", "IPv4", "Local", &port(30200), &[(a4, "node-a")], ""),
-        service("sr", "10.96.1.2", "IPv4", "Cluster", &port(30201), &[(b4, "node-b")], ""),
-        service("sl6", "fd00:96::1:1", "IPv6", "Local", &port(30202), &[(a6, "node-a")], ""),
-        service("sr6", "fd00:96::1:2", "IPv6", "Cluster", &port(30203), &[(b6, "node-b")], ""),
+        service(
+            "sl",
+            "10.96.1.1",
+            "IPv4",
+            "Local",
+            &port(30200),
+            &[(a4, "node-a")],
+            "",
+        ),
+        service(
+            "sr",
+            "10.96.1.2",
+            "IPv4",
+            "Cluster",
+            &port(30201),
+            &[(b4, "node-b")],
+            "",
+        ),
+        service(
+            "sl6",
+            "fd00:96::1:1",
+            "IPv6",
+            "Local",
+            &port(30202),
+            &[(a6, "node-a")],
+            "",
+        ),
+        service(
+            "sr6",
+            "fd00:96::1:2",
+            "IPv6",
+            "Cluster",
+            &port(30203),
+            &[(b6, "node-b")],
+            "",
+        ),
     ]
     .concat();
     let mut s = setup(&services, true);
     let cases = [
-        (node_pair::NODE_A_V4, 30200, "pod-a", node_pair::CLIENT_V4, 41000u16),
-        (node_pair::NODE_A_V4, 30201, "pod-b", node_pair::NODE_A_V4, 42000),
-        (node_pair::NODE_A_V6, 30202, "pod-a", node_pair::CLIENT_V6, 43000),
-        (node_pair::NODE_A_V6, 30203, "pod-b", node_pair::NODE_A_V6, 44000),
+        (
+            node_pair::NODE_A_V4,
+            30200,
+            "pod-a",
+            node_pair::CLIENT_V4,
+            41000u16,
+        ),
+        (
+            node_pair::NODE_A_V4,
+            30201,
+            "pod-b",
+            node_pair::NODE_A_V4,
+            42000,
+        ),
+        (
+            node_pair::NODE_A_V6,
+            30202,
+            "pod-a",
+            node_pair::CLIENT_V6,
+            43000,
+        ),
+        (
+            node_pair::NODE_A_V6,
+            30203,
+            "pod-b",
+            node_pair::NODE_A_V6,
+            44000,
+        ),
     ];
     for (node, node_port, backend, seen_as, sport) in cases {
         let (before_a, before_b) = (
@@ -104,7 +158,12 @@ fn sctp_nodeport_to_local_and_remote_backends_with_port_change() {
         let to = sa(node, node_port);
         // A longer timeout than the probe's 1 s: the first packet on a fresh IPv6 link waits for neighbour
         // discovery.
-        let lines = client(&s.pair, s.probe.sctp_cmd(to, 4, sport).args(["--timeout-ms", "5000"]));
+        let lines = client(
+            &s.pair,
+            s.probe
+                .sctp_cmd(to, 4, sport)
+                .args(["--timeout-ms", "5000"]),
+        );
         assert_eq!(lines.len(), 4, "{to}: {lines:?}");
         for (i, l) in lines.iter().enumerate() {
             assert!(
@@ -173,10 +232,42 @@ fn fragmented_udp_through_nodeports_arrives_and_returns_intact() {
     );
     let port = |np| [("dns", "UDP", 53, UDP_PORT, np)];
     let services = [
-        service("fl", "10.96.1.11", "IPv4", "Local", &port(30210), &[(a4, "node-a")], ""),
-        service("fr", "10.96.1.12", "IPv4", "Cluster", &port(30211), &[(b4, "node-b")], ""),
-        service("fl6", "fd00:96::1:11", "IPv6", "Local", &port(30212), &[(a6, "node-a")], ""),
-        service("fr6", "fd00:96::1:12", "IPv6", "Cluster", &port(30213), &[(b6, "node-b")], ""),
+        service(
+            "fl",
+            "10.96.1.11",
+            "IPv4",
+            "Local",
+            &port(30210),
+            &[(a4, "node-a")],
+            "",
+        ),
+        service(
+            "fr",
+            "10.96.1.12",
+            "IPv4",
+            "Cluster",
+            &port(30211),
+            &[(b4, "node-b")],
+            "",
+        ),
+        service(
+            "fl6",
+            "fd00:96::1:11",
+            "IPv6",
+            "Local",
+            &port(30212),
+            &[(a6, "node-a")],
+            "",
+        ),
+        service(
+            "fr6",
+            "fd00:96::1:12",
+            "IPv6",
+            "Cluster",
+            &port(30213),
+            &[(b6, "node-b")],
+            "",
+        ),
     ]
     .concat();
     let mut s = setup(&services, false);
@@ -190,14 +281,18 @@ fn fragmented_udp_through_nodeports_arrives_and_returns_intact() {
         for size in [3000usize, 8000] {
             let server = if backend == "pod-a" { s.pod_a } else { s.pod_b };
             let before = server_events(s.pair.child(server), "udp").len();
+            let stats_before = s.agent.stats();
             let to = sa(node, node_port);
             // Two sockets (two flows) of three datagrams each: later datagrams of a flow follow its conntrack
             // entry, and each datagram's fragments the fragment entry of its own identification.
             let lines = client(
                 &s.pair,
-                s.probe
-                    .udp_cmd(to, 3, 2, true)
-                    .args(["--size", &size.to_string(), "--timeout-ms", "5000"]),
+                s.probe.udp_cmd(to, 3, 2, true).args([
+                    "--size",
+                    &size.to_string(),
+                    "--timeout-ms",
+                    "5000",
+                ]),
             );
             assert_eq!(lines.len(), 6, "{to}, {size} bytes: {lines:?}");
             assert!(
@@ -218,6 +313,21 @@ fn fragmented_udp_through_nodeports_arrives_and_returns_intact() {
             assert!(
                 peers.iter().all(|p| p == seen_as),
                 "{backend} sees {seen_as} as the source of every datagram: {peers:?}"
+            );
+            // Every datagram has at least one later fragment each way, and each was translated through
+            // LB_FRAGMENTS (at ingress, and at egress for the SNAT and reverse-NAT hooks); none passed untouched.
+            let stats = s.agent.stats();
+            let followed =
+                stats.reason("fragment-followed") - stats_before.reason("fragment-followed");
+            assert!(
+                followed >= 12,
+                "{to}, {size} bytes: at least 12 later fragments followed their first one (6 datagrams, both \
+                 ways), counted {followed}"
+            );
+            assert_eq!(
+                stats.reason("fragment"),
+                stats_before.reason("fragment"),
+                "{to}: no fragment passed untranslated"
             );
         }
     }

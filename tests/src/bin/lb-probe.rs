@@ -14,6 +14,8 @@
 //!   N sequential connections: connect, hold X ms, send "lb-probe\n", read the reply to EOF. Per connection:
 //!   {"ok":true,"i":n,"backend":"<ID>","peer":"<getpeername()>","local":"<getsockname()>"}
 //!   {"ok":false,"i":n,"error":"ECONNREFUSED","errno":111,"stage":"connect"}
+//!   With --reset, each connection is ended with a RST right after the hold (SO_LINGER 0, close), and the line has
+//!   "peer" and "local" but no "backend".
 //!
 //! lb-probe udp --to <IP:PORT> [--count N] [--sockets S] [--connected] [--timeout-ms 1000]
 //!   S sockets, one after the other, each sending N datagrams and waiting for each reply. Per datagram:
@@ -136,6 +138,10 @@ struct TcpArgs {
     /// Send an HTTP/1.0 GET and report the response body (the backend's identity).
     #[arg(long)]
     http: bool,
+    /// After connecting (and holding), end the connection with a RST (SO_LINGER 0) instead of a request; the line
+    /// then has no backend.
+    #[arg(long)]
+    reset: bool,
 }
 
 #[derive(Args)]
@@ -596,6 +602,19 @@ fn tcp(args: TcpArgs) {
             i: Some(i),
             ..Line::default()
         };
+        if args.reset {
+            match tcp_reset(args.to, Duration::from_millis(args.hold_ms), timeout) {
+                Ok((peer, local)) => Line {
+                    ok: Some(true),
+                    peer: Some(peer.to_string()),
+                    local: Some(local.to_string()),
+                    ..line
+                }
+                .print(),
+                Err(f) => line.failure(&f).print(),
+            }
+            continue;
+        }
         match tcp_once(
             args.to,
             Duration::from_millis(args.hold_ms),
@@ -613,6 +632,40 @@ fn tcp(args: TcpArgs) {
             Err(f) => line.failure(&f).print(),
         }
     }
+}
+
+/// One connection ended by a RST: SO_LINGER with a zero timeout makes close() abort it. Returns getpeername()
+/// and getsockname().
+fn tcp_reset(
+    to: SocketAddr,
+    hold: Duration,
+    timeout: Duration,
+) -> Result<(SocketAddr, SocketAddr), Failure> {
+    let stream = TcpStream::connect_timeout(&to, timeout).map_err(at("connect"))?;
+    let peer = stream.peer_addr().map_err(at("getpeername"))?;
+    let local = stream.local_addr().map_err(at("getsockname"))?;
+    if !hold.is_zero() {
+        std::thread::sleep(hold);
+    }
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: linger is a valid struct for the length given; the descriptor is open.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(Failure::new("socket", &io::Error::last_os_error()));
+    }
+    drop(stream);
+    Ok((peer, local))
 }
 
 /// One connection: returns the identity, getpeername() and getsockname().
@@ -724,7 +777,10 @@ fn udp_exchange(
             local,
         ));
     };
-    let split = reply.iter().position(|b| *b == b'\n').unwrap_or(reply.len());
+    let split = reply
+        .iter()
+        .position(|b| *b == b'\n')
+        .unwrap_or(reply.len());
     let (id, rest) = reply.split_at(split);
     if rest.get(1..) != Some(body) {
         return Err(Failure {
@@ -978,14 +1034,20 @@ fn sockaddr_of(addr: IpAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
             let sin = unsafe { &mut *(&raw mut ss).cast::<libc::sockaddr_in>() };
             sin.sin_family = libc::AF_INET as libc::sa_family_t;
             sin.sin_addr.s_addr = u32::from_ne_bytes(a.octets());
-            (ss, std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
+            (
+                ss,
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
         }
         IpAddr::V6(a) => {
             // SAFETY: sockaddr_storage is large and aligned enough for a sockaddr_in6.
             let sin6 = unsafe { &mut *(&raw mut ss).cast::<libc::sockaddr_in6>() };
             sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
             sin6.sin6_addr.s6_addr = a.octets();
-            (ss, std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t)
+            (
+                ss,
+                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            )
         }
     }
 }
@@ -1172,10 +1234,7 @@ fn sctp_once(
     let mut buf = vec![0u8; 65536];
     loop {
         if Instant::now() >= deadline {
-            return Err(Failure::new(
-                "recv",
-                &io::Error::from(ErrorKind::TimedOut),
-            ));
+            return Err(Failure::new("recv", &io::Error::from(ErrorKind::TimedOut)));
         }
         let (from, start, n) = raw_recv(fd, to.is_ipv6(), &mut buf).map_err(at("recv"))?;
         let packet = &buf[start..n];
