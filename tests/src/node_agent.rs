@@ -97,6 +97,19 @@ impl NodeAgent {
             .expect("starting lb-agent in node A")
     }
 
+    /// `kill -9` the agent and start a new one with the same manifest, pins, devices and flags; waits for its
+    /// initial sync.
+    pub fn restart(&mut self, pair: &NodePair) {
+        self.child.kill();
+        self.child = Self::launch(&self.bin, pair, &self.manifest, &self.extra);
+        self.wait_for_log("initial sync done");
+    }
+
+    /// `kill -9` the agent (the pinned datapath stays).
+    pub fn kill(&mut self) {
+        self.child.kill();
+    }
+
     /// The agent's log so far.
     pub fn log(&self) -> String {
         self.child.stderr()
@@ -177,11 +190,6 @@ impl NodeAgent {
     /// Every conntrack entry (`lb-agent conntrack -o json`).
     pub fn conntrack(&self) -> Vec<CtRow> {
         self.cli_json(&["conntrack"])
-    }
-
-    /// The extra `run` flags it was started with.
-    pub fn extra_args(&self) -> &[String] {
-        &self.extra
     }
 }
 

@@ -10,6 +10,9 @@ pub struct CleanupArgs {
 
 pub fn run(args: &CleanupArgs) -> anyhow::Result<()> {
     let removed = cleanup(&PinDir::new(&args.pins.bpffs))?;
+    for filter in crate::datapath::tc_attach::detach_clsact_filters() {
+        tracing::info!(filter = %filter, "removed the clsact filter");
+    }
     for path in &removed {
         tracing::info!(path = %path.display(), "removed");
     }

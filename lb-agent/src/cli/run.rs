@@ -9,6 +9,7 @@ use crate::datapath::loader::{self, PinDir};
 use crate::datapath::maps::PinnedMaps;
 use crate::datapath::pins::Capacities;
 use crate::datapath::reconcile::{ReconcileConfig, Reconciler};
+use crate::datapath::tc_attach::TcAttachMode;
 use crate::manifest;
 use crate::model::{self, ModelConfig};
 use crate::state::Algorithm;
@@ -87,6 +88,11 @@ pub struct RunArgs {
     /// Seconds between conntrack garbage collections (expired entries, entries of deleted services).
     #[arg(long, default_value_t = 30)]
     conntrack_gc_interval: u64,
+    /// How the per-packet programs attach to `--devices`: `auto` (tcx links, the clsact qdisc only where tcx is
+    /// unavailable), `tcx` (fail rather than fall back), or `clsact` (netlink filters on the clsact qdisc even where
+    /// tcx works: for hosts whose tooling expects them, and to exercise the fallback).
+    #[arg(long, env = "LB_TC_ATTACH", value_enum, default_value_t = TcAttachMode::Auto)]
+    tc_attach: TcAttachMode,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -305,7 +311,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             .cloned()
             .collect()
     };
-    crate::datapath::tc_attach::attach_tc_programs(&mut datapath.ebpf, &devices, &pins)?;
+    crate::datapath::tc_attach::attach_tc_programs(
+        &mut datapath.ebpf,
+        &devices,
+        &pins,
+        args.tc_attach,
+    )?;
 
     let reconciler = Reconciler::restore(
         &datapath.maps,

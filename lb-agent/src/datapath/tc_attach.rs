@@ -1,7 +1,9 @@
 //! Attaches the per-packet programs (`lb_tc_ingress`, `lb_tc_egress`) to the node's external interfaces. tcx
 //! (kernel 6.6+) through pinned bpf_links `links/tc-{in,eg}-<ifname>`, replaced only after the new link is attached
 //! (as the socket programs' links, see `loader::attach_sock_programs`); the clsact qdisc with a netlink filter only
-//! when tcx is unavailable, which the log says. `lb-agent cleanup` removes the pinned links with the others.
+//! when tcx is unavailable (or `--tc-attach clsact` asks for it), which the log says. `lb-agent cleanup` removes
+//! the pinned links with the others, and the clsact filters of these programs on every interface of its network
+//! namespace ([`detach_clsact_filters`]: a netlink filter has no pin to find it by).
 
 use std::fs;
 use std::net::IpAddr;
@@ -14,6 +16,17 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use lb_common::prog_names;
 
 use super::loader::PinDir;
+
+/// `--tc-attach`: how the per-packet programs attach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttachMode {
+    /// tcx links; the clsact qdisc only where tcx is unavailable.
+    Auto,
+    /// tcx links only: an attach failure is an error.
+    Tcx,
+    /// Netlink filters on the clsact qdisc, even where tcx works.
+    Clsact,
+}
 
 /// Loads both tc programs (verifier) without attaching them.
 pub fn load_tc_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
@@ -34,6 +47,7 @@ pub fn attach_tc_programs(
     ebpf: &mut Ebpf,
     devices: &[String],
     pins: &PinDir,
+    mode: TcAttachMode,
 ) -> anyhow::Result<()> {
     if devices.is_empty() {
         tracing::info!("no external devices: the per-packet programs are not attached");
@@ -53,12 +67,16 @@ pub fn attach_tc_programs(
                 .try_into()
                 .with_context(|| format!("program {name} is not a tc classifier"))?;
             let pin = link_dir.join(format!("tc-{tag}-{dev}"));
-            match prog.attach_with_options(
-                dev,
-                attach_type,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            ) {
-                Ok(id) => {
+            // None: not tried (`--tc-attach clsact`).
+            let tcx = (mode != TcAttachMode::Clsact).then(|| {
+                prog.attach_with_options(
+                    dev,
+                    attach_type,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+            });
+            match tcx {
+                Some(Ok(id)) => {
                     let link: FdLink = prog
                         .take_link(id)
                         .with_context(|| format!("taking the tcx link of {name} on {dev}"))?
@@ -82,10 +100,30 @@ pub fn attach_tc_programs(
                         format!("renaming {} to {}", fresh.display(), pin.display())
                     })?;
                 }
-                Err(e) => {
-                    tracing::warn!(device = %dev, program = name, error = %e, "tcx attach failed; falling back to the clsact qdisc (netlink)");
+                Some(Err(e)) if mode == TcAttachMode::Tcx => {
+                    return Err(e).with_context(|| {
+                        format!("attaching {name} to {dev} with tcx (--tc-attach tcx)")
+                    });
+                }
+                failed => {
+                    match failed {
+                        Some(Err(e)) => {
+                            tracing::warn!(device = %dev, program = name, error = %e, "tcx attach failed; falling back to the clsact qdisc (netlink)");
+                        }
+                        _ => {
+                            tracing::info!(device = %dev, program = name, "attaching with the clsact qdisc (netlink), as --tc-attach clsact asks");
+                        }
+                    }
                     // EEXIST: the qdisc is there already (a previous agent).
                     let _ = tc::qdisc_add_clsact(dev);
+                    // A previous agent's filter of this program would stay in front of the new one (each attach
+                    // adds a filter at a new priority): replace it. Its tcx link, if any, goes with the pin.
+                    let _ = tc::qdisc_detach_program(dev, attach_type, name);
+                    if pin.exists() {
+                        fs::remove_file(&pin).with_context(|| {
+                            format!("removing the previous link {}", pin.display())
+                        })?;
+                    }
                     let id = prog
                         .attach_with_options(
                             dev,
@@ -112,5 +150,49 @@ pub fn devices_with_addresses(addresses: &[IpAddr]) -> Vec<String> {
             out.push(name);
         }
     }
+    out
+}
+
+/// Removes the clsact filters of lb's tc programs from every interface of this network namespace; returns
+/// `<program> on <interface>` for each interface that had one. For `lb-agent cleanup`.
+pub fn detach_clsact_filters() -> Vec<String> {
+    let mut removed = Vec::new();
+    for dev in interface_names() {
+        for (name, attach_type) in [
+            (prog_names::TC_INGRESS, TcAttachType::Ingress),
+            (prog_names::TC_EGRESS, TcAttachType::Egress),
+        ] {
+            // NotFound (no such filter) and "no clsact qdisc" alike mean nothing to remove.
+            if tc::qdisc_detach_program(&dev, attach_type, name).is_ok() {
+                removed.push(format!("{name} on {dev}"));
+            }
+        }
+    }
+    removed
+}
+
+/// Every interface of this network namespace (if_nameindex asks the kernel through the current namespace, unlike
+/// /sys/class/net, which shows the namespace sysfs was mounted in).
+fn interface_names() -> Vec<String> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex has no preconditions; a null result means failure.
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return out;
+    }
+    let mut i = 0;
+    loop {
+        // SAFETY: the array ends with an entry whose index is 0; we stop there.
+        let entry = unsafe { &*list.add(i) };
+        if entry.if_index == 0 || entry.if_name.is_null() {
+            break;
+        }
+        // SAFETY: if_name is a NUL-terminated string owned by the list, alive until if_freenameindex.
+        let name = unsafe { std::ffi::CStr::from_ptr(entry.if_name) };
+        out.push(name.to_string_lossy().into_owned());
+        i += 1;
+    }
+    // SAFETY: list came from if_nameindex and is freed once.
+    unsafe { libc::if_freenameindex(list) };
     out
 }
