@@ -549,10 +549,18 @@ fn choose(ctx: &TcContext, s: &mut Scratch) -> u32 {
         return 0;
     }
     // Rule 6: a remote backend reached from outside the node needs the node's address as source so the reply comes
-    // back here; so does hairpin (the client is the backend itself). Local clients are routable as they are.
-    let snat = !local_source
-        && (backend.value.flags & BACKEND_FLAG_LOCAL == 0 || backend.value.addr == p.saddr);
-    s.snat = u32::from(snat);
+    // back here; so does hairpin (the client is the backend itself), from anywhere: a local pod whose packets cross
+    // an attached device (`--devices` naming pod interfaces) would otherwise get a packet from its own address,
+    // which its stack drops as a martian (kube-proxy masquerades `-s <endpoint>` in every KUBE-SEP chain for this).
+    // Other local clients are routable as they are.
+    // Two branches, not one boolean expression: LLVM 22 folded that into a bitwise OR on the LB_LOCAL_NETS lookup's
+    // pointer, which kernel 6.18's verifier rejects ("bitwise operator |= on pointer prohibited").
+    s.snat = 0;
+    if backend.value.addr == p.saddr {
+        s.snat = 1;
+    } else if !local_source && backend.value.flags & BACKEND_FLAG_LOCAL == 0 {
+        s.snat = 1;
+    }
     s.backend_id = backend.id;
     s.backend = backend.value;
     1
