@@ -556,6 +556,10 @@ fn choose(ctx: &TcContext, s: &mut Scratch) -> u32 {
     // Two branches, not one boolean expression: LLVM 22 folded that into a bitwise OR on the LB_LOCAL_NETS lookup's
     // pointer, which kernel 6.18's verifier rejects ("bitwise operator |= on pointer prohibited").
     s.snat = 0;
+    #[allow(
+        clippy::if_same_then_else,
+        reason = "one condition with || gives LLVM the fold the verifier rejects"
+    )]
     if backend.value.addr == p.saddr {
         s.snat = 1;
     } else if !local_source && backend.value.flags & BACKEND_FLAG_LOCAL == 0 {

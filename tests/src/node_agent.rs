@@ -110,6 +110,25 @@ impl NodeAgent {
         self.child.kill();
     }
 
+    /// The Prometheus text of the agent's `/metrics` (fetched with curl inside node A's namespace, where the agent
+    /// listens on the port its log names).
+    pub fn metrics(&self, pair: &NodePair) -> String {
+        let log = self.child.stderr();
+        let addr = log
+            .lines()
+            .find(|l| l.contains("metrics server listening"))
+            .and_then(|l| l.split("addr=").nth(1))
+            .map(|a| a.trim().to_owned())
+            .unwrap_or_else(|| panic!("the agent did not log its metrics address:\n{log}"));
+        Cmd::new("curl")
+            .args(["-sf", &format!("http://{addr}/metrics")])
+            .netns(&pair.node_a)
+            .label("curl-metrics")
+            .run(RUN)
+            .expect("fetching /metrics")
+            .stdout
+    }
+
     /// The agent's log so far.
     pub fn log(&self) -> String {
         self.child.stderr()

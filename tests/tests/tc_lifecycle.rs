@@ -367,7 +367,7 @@ fn per_service_and_per_backend_counters_count_forwarded_packets() {
         &[(a, "node-a"), (b, "node-b")],
         "",
     );
-    let mut s = setup(&services, &[]);
+    let s = setup(&services, &[]);
     let frontend = node(30241);
     let svc_before = s.agent.service_stats(&frontend, "UDP");
     let be_before = s.agent.backends();
@@ -426,6 +426,41 @@ fn per_service_and_per_backend_counters_count_forwarded_packets() {
         (ob.packets, ob.bytes),
         "the backend that served nothing counted nothing"
     );
+    // The same counters on /metrics.
+    let metrics = s.agent.metrics(&s.pair);
+    let value = |prefix: &str, labels: &[&str]| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix) && labels.iter().all(|x| l.contains(x)))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {prefix} {labels:?} in /metrics:\n{metrics}"))
+            as u64
+    };
+    let frontend_label = format!("frontend=\"{frontend}\"");
+    assert!(
+        value(
+            "lb_service_packets_total{",
+            &[&frontend_label, "protocol=\"UDP\"", "scope=\"external\""]
+        ) >= N,
+        "/metrics: the Service's packets:\n{metrics}"
+    );
+    let backend_label = |addr: &str| format!("backend=\"{addr}\"");
+    assert!(
+        value(
+            "lb_backend_packets_total{",
+            &[&backend_label(&served_addr), "protocol=\"UDP\""]
+        ) >= N,
+        "/metrics: the serving backend's packets:\n{metrics}"
+    );
+    assert_eq!(
+        value(
+            "lb_backend_packets_total{",
+            &[&backend_label(&other_addr), "protocol=\"UDP\""]
+        ),
+        ob.packets,
+        "/metrics: the idle backend's packets"
+    );
     drop(s.agent);
 }
 
@@ -444,7 +479,7 @@ fn client_ip_affinity_on_the_tc_path_keeps_a_client_on_one_backend() {
         &[(a, "node-a"), (b, "node-b")],
         "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 3}}\n",
     );
-    let mut s = setup(&services, &[]);
+    let s = setup(&services, &[]);
     let to = sa(node_pair::NODE_A_V4, 30250);
     // 24 connections from one address (24 source ports): without affinity the flow hash would spread them over
     // both backends (all on one: probability 2^-23).

@@ -20,6 +20,8 @@ pub const PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "iputils-ping",
+    // The per-packet tests read the agent's /metrics inside a namespace with it.
+    "curl",
 ];
 
 /// The rustc that can build `core` for bpfel (rustup's toolchains have no rust-src here).
