@@ -10,11 +10,11 @@ use aya_ebpf::{
 };
 use lb_common::{
     PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, SVC_FLAG_DROP_NO_BACKEND, ServiceKey, ServiceValue,
-    SockRevNatKey, SockRevNatValue, is_v4_mapped, v4_mapped,
+    SockRevNatKey, SockRevNatValue, VIP_FLAG_CLUSTER_IP, is_v4_mapped, v4_mapped,
 };
 
 use crate::{
-    maps::{LB_SERVICES, LB_SOCK_REVNAT},
+    maps::{LB_SERVICES, LB_SOCK_REVNAT, LB_SVC_CIDRS, LB_VIPS},
     select::{Backend, select_backend},
     stats,
 };
@@ -61,7 +61,7 @@ pub fn xlate_fwd(ctx: &SockAddrContext, family: Family) -> Result<i32, Error> {
     // SAFETY: the value is copied at once; LB_SERVICES is created with BPF_F_NO_PREALLOC, so its memory is not
     // reused before the program run ends.
     let Some(svc) = LB_SERVICES.get_ptr(key).map(|p| unsafe { p.read() }) else {
-        return Ok(SYS_PROCEED);
+        return Ok(unknown_vip(&vip));
     };
     if svc.backend_count == 0 {
         return Ok(reject(&svc));
@@ -82,6 +82,36 @@ pub fn xlate_fwd(ctx: &SockAddrContext, family: Family) -> Result<i32, Error> {
     write_addr(ctx, family, &backend.value.addr);
     write_port(ctx, backend.value.port);
     Ok(SYS_PROCEED)
+}
+
+/// No frontend for (address, port, protocol), rule 8 at the socket: a ClusterIP on a port or protocol its Service
+/// does not define fails with `ECONNREFUSED` (kube-proxy nftables rejects it in `filter-output-post-dnat`), and an
+/// address inside a service CIDR that no Service holds fails with the hook's default `EPERM`, the socket-level form
+/// of kube-proxy's "Drop traffic to unallocated ClusterIPs": a local process whose packet a firewall drops in the
+/// output path sees `EPERM` (UDP at once; TCP after its SYN retries), and failing at `connect()` tells it the
+/// same thing without the wait. Anything else is not a service address and proceeds untouched.
+#[inline(always)]
+fn unknown_vip(addr: &[u8; 16]) -> i32 {
+    // SAFETY: the value is a byte, read at once.
+    let flags = LB_VIPS.get_ptr(addr).map(|f| unsafe { f.read() });
+    match flags {
+        Some(f) if f & VIP_FLAG_CLUSTER_IP != 0 => {
+            // SAFETY: no memory argument; allowed in connect4/6 and sendmsg4/6 (see `reject`).
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            SYS_REJECT
+        }
+        Some(_) => SYS_PROCEED,
+        None => {
+            if LB_SVC_CIDRS
+                .get(&aya_ebpf::maps::lpm_trie::Key::new(128, *addr))
+                .is_some()
+            {
+                SYS_REJECT
+            } else {
+                SYS_PROCEED
+            }
+        }
+    }
 }
 
 /// The reverse translation for recvmsg4/6 and getpeername4/6: if this socket's peer is a backend the forward core

@@ -81,6 +81,7 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
         default_algorithm: args.algorithm,
         service_proxy_name: args.service_proxy_name.clone(),
         fallback_node_addresses: args.node_addresses.clone(),
+        fallback_service_cidrs: Vec::new(),
     };
     let node = model::node_context(&args.node_name, &objects.nodes, &cfg);
     let Some(explanation) = model::explain(&objects, &node, &cfg, &namespace, &name) else {

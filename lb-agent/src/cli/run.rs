@@ -51,6 +51,18 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     node_addresses: Vec<IpAddr>,
+    /// Service CIDRs (the cluster's `--service-cluster-ip-range`, comma-separated or repeated) to use when the API
+    /// server or the manifests hold no `networking.k8s.io/v1` ServiceCIDR object. An address inside one that no
+    /// Service holds (say, a deleted Service's ClusterIP) is dropped: from the wire at tc ingress, and at the
+    /// socket by failing `connect()`/`sendmsg()` with EPERM. Empty (the default) and no ServiceCIDR objects: no such
+    /// drop.
+    #[arg(
+        long = "service-cidrs",
+        env = "LB_SERVICE_CIDRS",
+        value_delimiter = ',',
+        value_parser = parse_cidr_arg
+    )]
+    pub(crate) service_cidrs: Vec<(IpAddr, u8)>,
     /// Only proxy Services labelled `service.kubernetes.io/service-proxy-name=<this>` (kube-proxy's flag).
     #[arg(long, env = "LB_SERVICE_PROXY_NAME")]
     service_proxy_name: Option<String>,
@@ -87,6 +99,11 @@ pub struct RunArgs {
     /// Seconds between conntrack garbage collections (expired entries, entries of deleted services).
     #[arg(long, default_value_t = 30)]
     conntrack_gc_interval: u64,
+}
+
+/// Parses one `--service-cidrs` value.
+pub(crate) fn parse_cidr_arg(s: &str) -> Result<(IpAddr, u8), String> {
+    model::parse_service_cidr(s).ok_or_else(|| format!("{s:?} is not a CIDR (e.g. 10.96.0.0/12)"))
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -327,6 +344,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             default_algorithm: args.algorithm,
             service_proxy_name: args.service_proxy_name.clone(),
             fallback_node_addresses,
+            fallback_service_cidrs: args.service_cidrs.clone(),
         },
         reconciler,
         ops,

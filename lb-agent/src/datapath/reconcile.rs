@@ -433,8 +433,8 @@ impl Reconciler {
         }
     }
 
-    /// Programs the per-packet datapath's node-level maps: SNAT addresses, this node's networks, the ClusterIP set and
-    /// the source ranges of programmed services. Adds come before deletes, so a changed entry is never missing.
+    /// Programs the per-packet datapath's node-level maps: SNAT addresses, this node's networks, the service CIDRs,
+    /// the ClusterIP set and the source ranges of programmed services. Adds come before deletes, so a changed entry is never missing.
     /// A new service's ranges are written after its entry: for that instant its LoadBalancer IP drops everything,
     /// the safe side of rule 9.
     fn sync_node(&mut self, maps: &mut impl Maps, desired: &DesiredState) {
@@ -467,6 +467,10 @@ impl Reconciler {
                 addr,
                 kind: LOCAL_NET_POD,
             });
+        }
+        for &(net, len) in &desired.service_cidrs {
+            let (prefix, addr) = lpm_prefix(net, len);
+            want.insert(NodeEntry::ServiceCidr { prefix, addr });
         }
         for (frontend, entry) in &desired.services {
             if entry.kind == crate::state::VipKind::ClusterIp {

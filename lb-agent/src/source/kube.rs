@@ -1,6 +1,6 @@
-//! The cluster source: kube-rs watchers on Services, EndpointSlices and this node's Node object, feeding the same
-//! pure translation as the file source (`model::translate` on a [`ClusterObjects`](crate::manifest::ClusterObjects)
-//! snapshot) and, through the run loop, the same `Reconciler`.
+//! The cluster source: kube-rs watchers on Services, EndpointSlices, this node's Node object and the ServiceCIDRs,
+//! feeding the same pure translation as the file source (`model::translate` on a
+//! [`ClusterObjects`](crate::manifest::ClusterObjects) snapshot) and, through the run loop, the same `Reconciler`.
 //!
 //! Objects are watched as `DynamicObject`s and converted one by one with the manifest reader's converter, so one
 //! malformed object becomes a diagnostic naming it and its field instead of failing the whole list (a typed list
@@ -24,6 +24,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
@@ -98,7 +99,7 @@ pub struct KubeSource {
 }
 
 impl KubeSource {
-    /// Starts the three watchers on the current tokio runtime.
+    /// Starts the four watchers on the current tokio runtime.
     pub fn start(client: kube::Client, node_name: &str) -> KubeSource {
         let (tx, events) = mpsc::unbounded_channel();
         let services = watcher::Config::default();
@@ -121,7 +122,22 @@ impl KubeSource {
                 tx.clone(),
                 Update::EndpointSlice,
             )),
-            tokio::spawn(watch::<Node>(client, node, Kind::Node, tx, Update::Node)),
+            tokio::spawn(watch::<Node>(
+                client.clone(),
+                node,
+                Kind::Node,
+                tx.clone(),
+                Update::Node,
+            )),
+            // Not part of the initial-sync gate (see `tracker`): a cluster that does not serve ServiceCIDRs only
+            // logs this watcher's retries.
+            tokio::spawn(watch::<ServiceCIDR>(
+                client,
+                watcher::Config::default(),
+                Kind::ServiceCidr,
+                tx,
+                Update::ServiceCidr,
+            )),
         ];
         KubeSource::from_events(events, tasks)
     }
