@@ -791,3 +791,147 @@ fn wait_round(client: &mut lb_tests::Child, n: usize) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A ServiceCIDR holding the test VIPs (both families), and a second single-port Service `api` at 10.96.0.20.
+const SERVICE_CIDR: &str = r#"apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata: {name: kubernetes}
+spec:
+  cidrs: [10.96.0.0/16, "fd00:96::/112"]
+"#;
+
+const API: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: default}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: api-1
+  namespace: default
+  labels: {kubernetes.io/service-name: api}
+addressType: IPv4
+ports: [{name: http, protocol: TCP, port: 8080}]
+endpoints:
+  - {addresses: [10.244.1.2], conditions: {ready: true}, nodeName: test-node}
+"#;
+
+/// Whether the pinned `LB_VIPS` holds `addr` (the reconciler writes it right after the service entries).
+fn vip_programmed(agent: &Agent, addr: std::net::IpAddr) -> bool {
+    let maps = lb_agent::datapath::maps::PinnedMaps::open(agent.pins()).expect("pinned maps");
+    maps.packet
+        .vips
+        .get(&lb_common::addr_bytes(addr), 0)
+        .is_ok()
+}
+
+#[test]
+fn unallocated_service_cidr_address_is_denied_at_connect_and_so_is_a_deleted_services_cluster_ip() {
+    if !require_root(
+        "unallocated_service_cidr_address_is_denied_at_connect_and_so_is_a_deleted_services_cluster_ip",
+    ) {
+        return;
+    }
+    let manifest = format!("{SERVICE_CIDR}---\n{API}---\n{}", web(&[0]));
+    let (topo, agent, probe) = setup(1, &manifest);
+    let api = SocketAddr::new("10.96.0.20".parse().expect("ip"), 80);
+
+    // Real ClusterIPs in the CIDR work.
+    for to in [vip4(80), api] {
+        let ok = run_client(&topo, probe.tcp_cmd(to, 2));
+        assert!(
+            ok.iter()
+                .all(|l| l.ok && l.backend.as_deref() == Some("backend-0")),
+            "{to}: {ok:?}"
+        );
+    }
+    // An address in the CIDR that no Service holds: denied at connect() (EPERM), for TCP, UDP and IPv6, at
+    // once (the probe's own timeout is never reached: the error is the connect's, not a timeout).
+    let unallocated = SocketAddr::new("10.96.0.99".parse().expect("ip"), 80);
+    for (lines, stage) in [
+        (run_client(&topo, probe.tcp_cmd(unallocated, 2)), "connect"),
+        (
+            run_client(
+                &topo,
+                probe.tcp_cmd(SocketAddr::new("fd00:96::99".parse().expect("ip"), 80), 1),
+            ),
+            "connect",
+        ),
+        (
+            run_client(&topo, probe.udp_cmd(unallocated, 1, 1, false)),
+            "send",
+        ),
+    ] {
+        assert!(!lines.is_empty());
+        for l in &lines {
+            assert_eq!(
+                (l.ok, l.error.as_deref(), l.stage.as_deref()),
+                (false, Some("EPERM"), Some(stage)),
+                "{l:?}"
+            );
+        }
+    }
+    // A ClusterIP on a port its Service does not define is refused, not dropped (rule 8's reject).
+    let wrong_port = run_client(&topo, probe.tcp_cmd(vip4(81), 1));
+    assert_eq!(
+        (
+            wrong_port[0].error.as_deref(),
+            wrong_port[0].stage.as_deref()
+        ),
+        (Some("ECONNREFUSED"), Some("connect")),
+        "{:?}",
+        wrong_port[0]
+    );
+
+    // Delete `api`: its ClusterIP is now an unallocated address of the CIDR.
+    agent
+        .write_manifest(&format!("{SERVICE_CIDR}---\n{}", web(&[0])))
+        .expect("edit");
+    agent
+        .wait_for_maps(SYNC, |l| {
+            !l.iter().any(|s| s.frontend.starts_with("10.96.0.20:"))
+        })
+        .expect("api removed");
+    let deadline = std::time::Instant::now() + SYNC;
+    while vip_programmed(&agent, api.ip()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "10.96.0.20 stays in LB_VIPS"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let gone = run_client(&topo, probe.tcp_cmd(api, 2));
+    for l in &gone {
+        assert_eq!(
+            (l.ok, l.error.as_deref(), l.stage.as_deref()),
+            (false, Some("EPERM"), Some("connect")),
+            "{l:?}"
+        );
+    }
+    // The remaining Service is untouched.
+    let ok = run_client(&topo, probe.tcp_cmd(vip4(80), 2));
+    assert!(ok.iter().all(|l| l.ok), "{ok:?}");
+}
+
+#[test]
+fn without_service_cidrs_an_unknown_address_is_left_alone() {
+    if !require_root("without_service_cidrs_an_unknown_address_is_left_alone") {
+        return;
+    }
+    // No ServiceCIDR object and no --service-cidrs: 10.96.0.99 is not a service address, so the socket LB does
+    // not touch it and the connect fails the ordinary way (no route in the client namespace), never with EPERM.
+    let (topo, _agent, probe) = setup(1, &web(&[0]));
+    let lines = run_client(
+        &topo,
+        probe.tcp_cmd(SocketAddr::new("10.96.0.99".parse().expect("ip"), 80), 1),
+    );
+    assert_eq!(
+        (lines[0].ok, lines[0].error.as_deref()),
+        (false, Some("ENETUNREACH")),
+        "{:?}",
+        lines[0]
+    );
+}
