@@ -728,3 +728,90 @@ fn restarted_kube_agent_adopts_the_maps_and_rewrites_nothing() {
         .collect();
     assert_eq!(seen.len(), 2);
 }
+
+/// What the pinned `LB_SVC_CIDRS` holds, as sorted `addr/len`.
+fn svc_cidrs(agent: &Agent) -> Vec<String> {
+    let maps = lb_agent::datapath::maps::PinnedMaps::open(agent.pins()).expect("pinned maps");
+    let mut out: Vec<String> = maps
+        .packet
+        .svc_cidrs
+        .iter()
+        .map(|r| {
+            let (k, _) = r.expect("LB_SVC_CIDRS entry");
+            let addr = lb_common::addr_from_bytes(k.data());
+            let len = if addr.is_ipv4() {
+                k.prefix_len() - 96
+            } else {
+                k.prefix_len()
+            };
+            format!("{addr}/{len}")
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn wait_svc_cidrs(agent: &Agent, want: &[&str]) {
+    let deadline = std::time::Instant::now() + SYNC;
+    loop {
+        let got = svc_cidrs(agent);
+        if got == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "LB_SVC_CIDRS holds {got:?}, expected {want:?}; agent log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn service_cidrs_from_the_api_server_make_unallocated_addresses_drop() {
+    if !require_root("service_cidrs_from_the_api_server_make_unallocated_addresses_drop") {
+        return;
+    }
+    let (topo, probe) = topology(1);
+    let server = ApiServer::start().expect("api server");
+    serve_web(&server, &[0]);
+    let agent = Agent::start_kube(&agent_bin!(), &topo, &server).expect("agent");
+    let unallocated: SocketAddr = "10.96.0.99:80".parse().expect("addr");
+
+    // No ServiceCIDR yet: the address is nobody's business (no route in the client namespace).
+    assert!(svc_cidrs(&agent).is_empty());
+    let before = run_client(&topo, probe.tcp_cmd(unallocated, 1));
+    assert_eq!(
+        before[0].error.as_deref(),
+        Some("ENETUNREACH"),
+        "{before:?}"
+    );
+
+    // The cluster's ServiceCIDR arrives through the watch.
+    server
+        .apply_value(json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "ServiceCIDR",
+            "metadata": {"name": "kubernetes"},
+            "spec": {"cidrs": ["10.96.0.0/16", "fd00:96::/112"]},
+        }))
+        .expect("ServiceCIDR");
+    wait_svc_cidrs(&agent, &["10.96.0.0/16", "fd00:96::/112"]);
+    for l in run_client(&topo, probe.tcp_cmd(unallocated, 2)) {
+        assert_eq!(
+            (l.error.as_deref(), l.stage.as_deref()),
+            (Some("EPERM"), Some("connect")),
+            "{l:?}"
+        );
+    }
+    // The Service inside the CIDR keeps working.
+    assert_eq!(reached(&topo, &probe, vip4(80), 4), ["backend-0"]);
+
+    // Deleted: nothing is dropped as unallocated any more.
+    server
+        .delete(Resource::ServiceCidrs, "", "kubernetes")
+        .expect("delete ServiceCIDR");
+    wait_svc_cidrs(&agent, &[]);
+    let after = run_client(&topo, probe.tcp_cmd(unallocated, 1));
+    assert_eq!(after[0].error.as_deref(), Some("ENETUNREACH"), "{after:?}");
+}

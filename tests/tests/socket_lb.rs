@@ -935,3 +935,33 @@ fn without_service_cidrs_an_unknown_address_is_left_alone() {
         lines[0]
     );
 }
+
+#[test]
+fn service_cidrs_flag_is_the_fallback_without_service_cidr_objects() {
+    if !require_root("service_cidrs_flag_is_the_fallback_without_service_cidr_objects") {
+        return;
+    }
+    let probe = probe!();
+    let mut topo = Topology::star(1).expect("topology");
+    topo.serve(&probe, &[TCP_PORT], &[UDP_PORT])
+        .expect("backend servers");
+    let _agent = Agent::start_with_args(
+        &agent_bin!(),
+        &topo,
+        &web(&[0]),
+        &["--service-cidrs", "10.96.0.0/16,fd00:96::/112"],
+    )
+    .expect("agent");
+    let denied = run_client(
+        &topo,
+        probe.tcp_cmd(SocketAddr::new("10.96.0.99".parse().expect("ip"), 80), 1),
+    );
+    assert_eq!(
+        (denied[0].error.as_deref(), denied[0].stage.as_deref()),
+        (Some("EPERM"), Some("connect")),
+        "{:?}",
+        denied[0]
+    );
+    let ok = run_client(&topo, probe.tcp_cmd(vip4(80), 2));
+    assert!(ok.iter().all(|l| l.ok), "{ok:?}");
+}
