@@ -527,10 +527,20 @@ pub struct ConfigValue {
     /// `CONFIG_FLAG_*`.
     pub flags: u32,
     pub _pad: u32,
+    /// The network namespace cookie of the node's own namespace (the agent's; `hostNetwork` in a cluster): the
+    /// socket LB serves `localhost:nodePort` only to sockets of this namespace (rule 14).
+    pub host_netns_cookie: u64,
 }
 
 /// `ConfigValue.flags`: record every verdict in `LB_TRACE` (only `lb-agent trace` sets it, on its private maps).
 pub const CONFIG_FLAG_TRACE: u32 = 1;
+/// `ConfigValue.flags`: `localhost:nodePort` (IPv4 `127.0.0.0/8`) from the host's own namespace reaches the NodePort
+/// Services, as kube-proxy's iptables mode does with `--iptables-localhost-nodeports` (rule 14).
+pub const CONFIG_FLAG_LOCALHOST_NODEPORTS: u32 = 2;
+
+/// The address the agent gives the `localhost:nodePort` frontends (`SCOPE_INTERNAL`, kind NodePort); the socket LB
+/// looks up any `127.0.0.0/8` destination of a host socket under it.
+pub const LOCALHOST_NODEPORT_ADDR: [u8; 4] = [127, 0, 0, 1];
 
 /// `LB_LOCAL_NETS` (LPM trie, key data: a 16-byte address; the prefix length counts its bits, 96 + n for an IPv4
 /// /n) value kinds: a pod CIDR of this node, or one of its own addresses.
@@ -734,7 +744,7 @@ mod tests {
         assert_eq!(size_of::<BackendStats>(), 24);
         assert_eq!(size_of::<CtKey>(), 40);
         assert_eq!(size_of::<CtValue>(), 64);
-        assert_eq!(size_of::<ConfigValue>(), 40);
+        assert_eq!(size_of::<ConfigValue>(), 48);
         assert_eq!(size_of::<SrcRangeData>(), 20);
         assert_eq!(size_of::<TraceValue>(), 24);
         assert_eq!(size_of::<ServiceNameValue>(), 152);

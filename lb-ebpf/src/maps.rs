@@ -89,7 +89,8 @@ pub static LB_BE_STATS: PerCpuArray<BackendStats, { DEFAULT_MAX_BACKENDS as usiz
 pub static LB_CONNTRACK: LruHashMap<CtKey, CtValue, { DEFAULT_MAX_CONNTRACK as usize }> =
     LruHashMap::new();
 
-/// 0 -> `ConfigValue` {SNAT address per family, flags}. Written by the agent at every sync; read by the tc programs.
+/// 0 -> `ConfigValue` {SNAT address per family, flags, host netns cookie}. Written by the agent at every sync; read
+/// by the tc programs and (localhost:nodePort) the socket forward hooks.
 #[btf_map]
 pub static LB_CONFIG: Array<ConfigValue, 1> = Array::new();
 

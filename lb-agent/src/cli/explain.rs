@@ -54,6 +54,9 @@ pub struct ExplainArgs {
         value_parser = super::run::parse_cidr_arg
     )]
     service_cidrs: Vec<(IpAddr, u8)>,
+    /// As `lb-agent run --localhost-nodeports`.
+    #[arg(long, env = "LB_LOCALHOST_NODEPORTS", default_value_t = true, action = clap::ArgAction::Set)]
+    localhost_nodeports: bool,
     /// Do not compare with the pinned maps.
     #[arg(long)]
     no_maps: bool,
@@ -105,6 +108,7 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
         service_proxy_name: args.service_proxy_name.clone(),
         fallback_node_addresses: args.node_addresses.clone(),
         fallback_service_cidrs: args.service_cidrs.clone(),
+        localhost_nodeports: args.localhost_nodeports,
     };
     let node = model::node_context(&args.node_name, &objects.nodes, &cfg);
     let Some(explanation) = model::explain(&objects, &node, &cfg, &namespace, &name) else {

@@ -63,6 +63,12 @@ pub struct RunArgs {
         value_parser = parse_cidr_arg
     )]
     pub(crate) service_cidrs: Vec<(IpAddr, u8)>,
+    /// Serve `localhost:nodePort` (IPv4 `127.0.0.0/8`, as kube-proxy's iptables mode does with
+    /// `--iptables-localhost-nodeports`, whose default this follows) to processes in the agent's own network
+    /// namespace, i.e. the host's with `hostNetwork`. Never for IPv6, never for pods (a pod's 127.0.0.1 is its
+    /// own loopback). `false` behaves like kube-proxy's nftables mode. Needs a restart.
+    #[arg(long, env = "LB_LOCALHOST_NODEPORTS", default_value_t = true, action = clap::ArgAction::Set)]
+    localhost_nodeports: bool,
     /// Only proxy Services labelled `service.kubernetes.io/service-proxy-name=<this>` (kube-proxy's flag).
     #[arg(long, env = "LB_SERVICE_PROXY_NAME")]
     service_proxy_name: Option<String>,
@@ -324,7 +330,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     };
     crate::datapath::tc_attach::attach_tc_programs(&mut datapath.ebpf, &devices, &pins)?;
 
-    let reconciler = Reconciler::restore(
+    let mut reconciler = Reconciler::restore(
         &datapath.maps,
         ReconcileConfig {
             max_services: args.max_services,
@@ -333,6 +339,18 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             maglev_max_size: args.maglev_max_size,
         },
     )?;
+    if args.localhost_nodeports {
+        // The socket LB compares each socket's namespace with this one: the agent runs in the host's (hostNetwork).
+        match crate::host::netns_cookie() {
+            Ok(cookie) => {
+                reconciler.set_config_flags(lb_common::CONFIG_FLAG_LOCALHOST_NODEPORTS);
+                reconciler.set_host_netns_cookie(cookie);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): localhost:nodePort is not served")
+            }
+        }
+    }
     tracing::info!(
         services = reconciler.programmed_services(),
         backends = reconciler.programmed_backends(),
@@ -345,6 +363,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             service_proxy_name: args.service_proxy_name.clone(),
             fallback_node_addresses,
             fallback_service_cidrs: args.service_cidrs.clone(),
+            localhost_nodeports: args.localhost_nodeports,
         },
         reconciler,
         ops,

@@ -69,6 +69,8 @@ pub struct ModelConfig {
     pub fallback_node_addresses: Vec<IpAddr>,
     /// Service CIDRs to use when there is no ServiceCIDR object (`--service-cidrs`).
     pub fallback_service_cidrs: Vec<(IpAddr, u8)>,
+    /// Serve `localhost:nodePort` to the host's own processes (`--localhost-nodeports`, rule 14).
+    pub localhost_nodeports: bool,
 }
 
 /// The translation's result: the desired state and what had to be skipped on the way.
@@ -116,6 +118,7 @@ pub fn translate(objects: &ClusterObjects, node: &NodeContext, cfg: &ModelConfig
     }
 
     let mut state = frontends::StateBuilder::default();
+    state.localhost_nodeports = cfg.localhost_nodeports;
     let mut health = Vec::new();
     for svc in services.values() {
         if let Some(info) = service_ports::service_info(svc, cfg, &mut diagnostics) {

@@ -89,7 +89,8 @@ mod tests {
             ..ModelConfig::default()
         };
         // (manifests, expected CIDRs, expected diagnostics)
-        let cases: &[(&str, &[(&str, u8)], usize)] = &[
+        type Case<'a> = (&'a str, &'a [(&'a str, u8)], usize);
+        let cases: &[Case] = &[
             // No ServiceCIDR object: the fallback.
             ("", &[("10.0.0.0", 16)], 0),
             // Dual-stack default object plus a second range; duplicates and host bits collapse.
