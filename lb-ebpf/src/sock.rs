@@ -115,9 +115,10 @@ fn from_host(ctx: &SockAddrContext) -> bool {
 /// No frontend for (address, port, protocol), rule 8 at the socket: a ClusterIP on a port or protocol its Service
 /// does not define fails with `ECONNREFUSED` (kube-proxy nftables rejects it in `filter-output-post-dnat`), and an
 /// address inside a service CIDR that no Service holds fails with the hook's default `EPERM`, the socket-level form
-/// of kube-proxy's "Drop traffic to unallocated ClusterIPs": a local process whose packet a firewall drops in the
-/// output path sees `EPERM` (UDP at once; TCP after its SYN retries), and failing at `connect()` tells it the
-/// same thing without the wait. Anything else is not a service address and proceeds untouched.
+/// of kube-proxy's "Drop traffic to unallocated ClusterIPs": a firewall drop in the output path gives a local UDP
+/// sender `EPERM` too, while a TCP connect would only wait out its SYN retransmissions; failing at once tells the
+/// client the same thing without the wait (nothing was sent, so nothing else can tell the difference). Anything
+/// else is not a service address and proceeds untouched.
 #[inline(always)]
 fn unknown_vip(addr: &[u8; 16]) -> i32 {
     // SAFETY: the value is a byte, read at once.

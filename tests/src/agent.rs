@@ -133,23 +133,7 @@ impl Agent {
         manifest: &str,
         extra_args: &[&str],
     ) -> Result<Agent> {
-        let dir = std::env::temp_dir().join(format!("lb-tests-agent-{}", topo.token()));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut agent = Agent {
-            child: None,
-            bin: bin.to_path_buf(),
-            manifest: dir.join("services.yaml"),
-            kubeconfig: None,
-            dir,
-            pins: topo.bpf_dir().path().to_path_buf(),
-            cgroup: topo.cgroup().path().to_path_buf(),
-            node_name: "test-node".into(),
-            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
-            netns: None,
-        };
-        agent.write_manifest(manifest)?;
-        agent.spawn()?;
-        Ok(agent)
+        Agent::start_file(bin, topo, manifest, extra_args, None)
     }
 
     /// Like [`Agent::start_with_args`], with the agent inside `ns`: that namespace is then "the host" for
@@ -160,6 +144,16 @@ impl Agent {
         manifest: &str,
         extra_args: &[&str],
         ns: &crate::netns::NetNs,
+    ) -> Result<Agent> {
+        Agent::start_file(bin, topo, manifest, extra_args, Some(ns.path()))
+    }
+
+    fn start_file(
+        bin: &Path,
+        topo: &Topology,
+        manifest: &str,
+        extra_args: &[&str],
+        netns: Option<PathBuf>,
     ) -> Result<Agent> {
         let dir = std::env::temp_dir().join(format!("lb-tests-agent-{}", topo.token()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -173,7 +167,7 @@ impl Agent {
             cgroup: topo.cgroup().path().to_path_buf(),
             node_name: "test-node".into(),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
-            netns: Some(ns.path()),
+            netns,
         };
         agent.write_manifest(manifest)?;
         agent.spawn()?;
