@@ -56,3 +56,26 @@ pub fn unicast_addresses() -> Vec<IpAddr> {
     }
     out
 }
+
+/// The cookie of this process's network namespace (`SO_NETNS_COOKIE`, Linux 5.14+), the value
+/// `bpf_get_netns_cookie` returns for sockets of the same namespace.
+pub fn netns_cookie() -> std::io::Result<u64> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which is a u64 we own, and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -21,6 +22,8 @@ pub struct ClusterObjects {
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
     pub nodes: Vec<Node>,
+    /// `networking.k8s.io/v1` ServiceCIDRs (cluster-scoped): the ranges ClusterIPs are allocated from.
+    pub service_cidrs: Vec<ServiceCIDR>,
 }
 
 impl ClusterObjects {
@@ -29,6 +32,7 @@ impl ClusterObjects {
         self.services.extend(other.services);
         self.endpoint_slices.extend(other.endpoint_slices);
         self.nodes.extend(other.nodes);
+        self.service_cidrs.extend(other.service_cidrs);
     }
 }
 
@@ -317,6 +321,11 @@ impl Collector {
                     self.objects.nodes.push(node);
                 }
             }
+            ("networking.k8s.io/v1", "ServiceCIDR") => {
+                if let Some(cidr) = self.convert::<ServiceCIDR>(&value, &kind, place) {
+                    self.objects.service_cidrs.push(cidr);
+                }
+            }
             _ => {
                 tracing::debug!(%api_version, %kind, %place, "ignoring an object of a kind lb does not read")
             }
@@ -363,7 +372,7 @@ impl Collector {
                     .and_then(|m| m.get("namespace"))
                     .and_then(Value::as_str);
                 let namespace = match kind {
-                    "Node" => None,
+                    "Node" | "ServiceCIDR" => None,
                     _ => Some(namespace.unwrap_or(DEFAULT_NAMESPACE)),
                 };
                 let object = format!("{} in {place}", object_label(kind, namespace, name));

@@ -227,6 +227,9 @@ pub struct DesiredState {
     /// listed is terminating and keeps its TCP connections; one no longer listed is gone, and the sockets the
     /// socket LB connected to it are ended (`datapath::sock_destroy`).
     pub endpoint_addresses: std::collections::BTreeSet<IpAddr>,
+    /// The cluster's service CIDRs (every ServiceCIDR object's `spec.cidrs`, else the configured fallback), as
+    /// (network, prefix length): an address inside one that no Service holds is unallocated and drops (rule 8).
+    pub service_cidrs: Vec<(IpAddr, u8)>,
 }
 
 /// What the per-packet datapath must know about this node: which sources are its own pods or itself (they take the

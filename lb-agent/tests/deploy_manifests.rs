@@ -99,7 +99,7 @@ fn agent_container(ds: &DaemonSet) -> &Container {
 }
 
 #[test]
-fn rbac_is_exactly_get_list_watch_on_services_endpointslices_nodes() {
+fn rbac_is_exactly_get_list_watch_on_services_endpointslices_nodes_servicecidrs() {
     let d = deploy();
     assert_eq!(d.roles.len(), 1);
     let mut granted = Vec::new();
@@ -117,7 +117,12 @@ fn rbac_is_exactly_get_list_watch_on_services_endpointslices_nodes() {
     granted.sort();
     assert_eq!(
         granted,
-        ["/nodes", "/services", "discovery.k8s.io/endpointslices"]
+        [
+            "/nodes",
+            "/services",
+            "discovery.k8s.io/endpointslices",
+            "networking.k8s.io/servicecidrs"
+        ]
     );
     // The binding gives that role to the DaemonSet's ServiceAccount.
     let b = &d.bindings[0];

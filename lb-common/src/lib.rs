@@ -53,6 +53,8 @@ pub const DEFAULT_MAX_CONNTRACK: u32 = 262144;
 pub const DEFAULT_MAX_LOCAL_NETS: u32 = 1024;
 pub const DEFAULT_MAX_SRC_RANGES: u32 = 16384;
 pub const DEFAULT_MAX_VIPS: u32 = 65536;
+/// Service CIDRs (`LB_SVC_CIDRS`): a cluster has a handful of ServiceCIDR objects, each with at most two CIDRs.
+pub const DEFAULT_MAX_SVC_CIDRS: u32 = 256;
 /// Fragmented datagrams in flight whose first fragment was translated (`LB_FRAGMENTS`, LRU).
 pub const DEFAULT_MAX_FRAGMENTS: u32 = 8192;
 
@@ -82,12 +84,15 @@ pub mod map_names {
     pub const DROP_STATS: &str = "LB_DROP_STATS";
     pub const TRACE: &str = "LB_TRACE";
     pub const FRAGMENTS: &str = "LB_FRAGMENTS";
+    /// The cluster's service CIDRs (ServiceCIDR objects, or `--service-cidrs`); 15 characters at most, as every
+    /// kernel map name.
+    pub const SVC_CIDRS: &str = "LB_SVC_CIDRS";
     /// Kubernetes names of the service ids, for operators; created by the agent, not by the object.
     pub const SVC_NAMES: &str = "LB_SVC_NAMES";
     /// Maps the agent creates and pins itself (no program uses them), so the loader does not know them.
     pub const AGENT_CREATED: [&str; 1] = [SVC_NAMES];
     /// Every map the agent pins, in the order it creates them.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -103,6 +108,7 @@ pub mod map_names {
         DROP_STATS,
         TRACE,
         FRAGMENTS,
+        SVC_CIDRS,
     ];
 }
 
@@ -521,10 +527,20 @@ pub struct ConfigValue {
     /// `CONFIG_FLAG_*`.
     pub flags: u32,
     pub _pad: u32,
+    /// The network namespace cookie of the node's own namespace (the agent's; `hostNetwork` in a cluster): the
+    /// socket LB serves `localhost:nodePort` only to sockets of this namespace (rule 14).
+    pub host_netns_cookie: u64,
 }
 
 /// `ConfigValue.flags`: record every verdict in `LB_TRACE` (only `lb-agent trace` sets it, on its private maps).
 pub const CONFIG_FLAG_TRACE: u32 = 1;
+/// `ConfigValue.flags`: `localhost:nodePort` (IPv4 `127.0.0.0/8`) from the host's own namespace reaches the NodePort
+/// Services, as kube-proxy's iptables mode does with `--iptables-localhost-nodeports` (rule 14).
+pub const CONFIG_FLAG_LOCALHOST_NODEPORTS: u32 = 2;
+
+/// The address the agent gives the `localhost:nodePort` frontends (`SCOPE_INTERNAL`, kind NodePort); the socket LB
+/// looks up any `127.0.0.0/8` destination of a host socket under it.
+pub const LOCALHOST_NODEPORT_ADDR: [u8; 4] = [127, 0, 0, 1];
 
 /// `LB_LOCAL_NETS` (LPM trie, key data: a 16-byte address; the prefix length counts its bits, 96 + n for an IPv4
 /// /n) value kinds: a pod CIDR of this node, or one of its own addresses.
@@ -543,6 +559,10 @@ pub struct SrcRangeData {
 
 /// `LB_VIPS` value flag: the address is a ClusterIP (rule 8: an undefined port or protocol on it rejects).
 pub const VIP_FLAG_CLUSTER_IP: u8 = 1;
+
+/// `LB_SVC_CIDRS` (LPM trie, key data: a 16-byte address, prefix length as in `LB_LOCAL_NETS`) value: the prefix
+/// is a service CIDR. An address inside one that is no ClusterIP (`LB_VIPS`) is unallocated (rule 8: drop).
+pub const SVC_CIDR: u8 = 1;
 
 /// Verdicts of the per-packet programs, as `LB_TRACE` records them.
 pub const VERDICT_PASS: u32 = 0;
@@ -585,8 +605,11 @@ pub mod reason {
     pub const REJECT_FAILED: u32 = 14;
     /// A later fragment translated as its datagram's first fragment was (`LB_FRAGMENTS`).
     pub const FRAGMENT_FOLLOWED: u32 = 15;
+    /// Rule 8: the destination is inside a service CIDR but no Service holds it (kube-proxy nftables'
+    /// "Drop traffic to unallocated ClusterIPs").
+    pub const UNALLOCATED_CLUSTER_IP: u32 = 16;
     /// Number of reasons (size of `LB_DROP_STATS`).
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
 
     /// The name `lb-agent trace` prints.
     pub const fn name(reason: u32) -> &'static str {
@@ -606,6 +629,7 @@ pub mod reason {
             NO_BACKEND => "no-backend",
             REJECT_FAILED => "reject-failed",
             FRAGMENT_FOLLOWED => "fragment-followed",
+            UNALLOCATED_CLUSTER_IP => "unallocated-cluster-ip",
             _ => "not-a-service",
         }
     }
@@ -720,7 +744,7 @@ mod tests {
         assert_eq!(size_of::<BackendStats>(), 24);
         assert_eq!(size_of::<CtKey>(), 40);
         assert_eq!(size_of::<CtValue>(), 64);
-        assert_eq!(size_of::<ConfigValue>(), 40);
+        assert_eq!(size_of::<ConfigValue>(), 48);
         assert_eq!(size_of::<SrcRangeData>(), 20);
         assert_eq!(size_of::<TraceValue>(), 24);
         assert_eq!(size_of::<ServiceNameValue>(), 152);

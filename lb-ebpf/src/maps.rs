@@ -12,8 +12,9 @@ use lb_common::{
     AffinityKey, AffinityValue, BPF_F_INNER_MAP, BPF_F_NO_PREALLOC, BackendStats, BackendValue,
     ConfigValue, CtKey, CtValue, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK,
     DEFAULT_MAX_FRAGMENTS, DEFAULT_MAX_LOCAL_NETS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REVNAT,
-    DEFAULT_MAX_SRC_RANGES, DEFAULT_MAX_VIPS, FragKey, FragValue, ServiceKey, ServiceStats,
-    ServiceValue, SockRevNatKey, SockRevNatValue, SrcRangeData, TraceValue, reason,
+    DEFAULT_MAX_SRC_RANGES, DEFAULT_MAX_SVC_CIDRS, DEFAULT_MAX_VIPS, FragKey, FragValue,
+    ServiceKey, ServiceStats, ServiceValue, SockRevNatKey, SockRevNatValue, SrcRangeData,
+    TraceValue, reason,
 };
 
 /// One service's lookup table, the `LB_MAGLEV` inner map: element `LUT_LEN_INDEX` (0) holds the table length L,
@@ -88,7 +89,8 @@ pub static LB_BE_STATS: PerCpuArray<BackendStats, { DEFAULT_MAX_BACKENDS as usiz
 pub static LB_CONNTRACK: LruHashMap<CtKey, CtValue, { DEFAULT_MAX_CONNTRACK as usize }> =
     LruHashMap::new();
 
-/// 0 -> `ConfigValue` {SNAT address per family, flags}. Written by the agent at every sync; read by the tc programs.
+/// 0 -> `ConfigValue` {SNAT address per family, flags, host netns cookie}. Written by the agent at every sync; read
+/// by the tc programs and (localhost:nodePort) the socket forward hooks.
 #[btf_map]
 pub static LB_CONFIG: Array<ConfigValue, 1> = Array::new();
 
@@ -108,6 +110,12 @@ pub static LB_SRC_RANGES: LpmTrie<SrcRangeData, u8, { DEFAULT_MAX_SRC_RANGES as 
 /// (rule 8). Written by the agent; read by tc ingress.
 #[btf_map]
 pub static LB_VIPS: HashMap<[u8; 16], u8, { DEFAULT_MAX_VIPS as usize }> = HashMap::new();
+
+/// LPM (16-byte address) -> `SVC_CIDR`: the cluster's service CIDRs (ServiceCIDR objects, or the agent's
+/// `--service-cidrs`), so a destination inside one that is no ClusterIP drops (rule 8, unallocated ClusterIP).
+/// Written by the agent; read by tc ingress and the socket forward hooks.
+#[btf_map]
+pub static LB_SVC_CIDRS: LpmTrie<[u8; 16], u8, { DEFAULT_MAX_SVC_CIDRS as usize }> = LpmTrie::new();
 
 /// `reason::*` -> packets, per CPU: why the tc programs dropped, rejected or passed a packet, and how they
 /// forwarded it. Written by the programs; read by the CLI and `lb-agent trace`.

@@ -5,16 +5,17 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use lb_common::{
-    PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, SVC_FLAG_DROP_NO_BACKEND, ServiceKey, ServiceValue,
-    SockRevNatKey, SockRevNatValue, is_v4_mapped, v4_mapped,
+    CONFIG_FLAG_LOCALHOST_NODEPORTS, LOCALHOST_NODEPORT_ADDR, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL,
+    SVC_FLAG_DROP_NO_BACKEND, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
+    VIP_FLAG_CLUSTER_IP, is_v4_mapped, v4_mapped,
 };
 
 use crate::{
-    maps::{LB_SERVICES, LB_SOCK_REVNAT},
+    maps::{LB_CONFIG, LB_SERVICES, LB_SOCK_REVNAT, LB_SVC_CIDRS, LB_VIPS},
     select::{Backend, select_backend},
     stats,
 };
@@ -52,17 +53,28 @@ pub fn xlate_fwd(ctx: &SockAddrContext, family: Family) -> Result<i32, Error> {
         return Ok(SYS_PROCEED);
     };
     let vip = read_addr(ctx, family);
-    let key = ServiceKey {
+    let mut key = ServiceKey {
         addr: vip,
         port: read_port(ctx),
         proto,
         scope: SCOPE_INTERNAL,
     };
+    // Rule 14, `localhost:nodePort`: any 127.0.0.0/8 destination (also as `::ffff:127.x.y.z` on an IPv6 socket,
+    // which the kernel sends as IPv4) of a socket in the host's namespace is looked up under the one address the
+    // agent gives those frontends. Another namespace's loopback is its own and is never translated.
+    if is_v4_mapped(&vip) && vip[12] == 127 {
+        if !from_host(ctx) {
+            return Ok(SYS_PROCEED);
+        }
+        key.addr = v4_mapped(LOCALHOST_NODEPORT_ADDR);
+    }
     // SAFETY: the value is copied at once; LB_SERVICES is created with BPF_F_NO_PREALLOC, so its memory is not
     // reused before the program run ends.
     let Some(svc) = LB_SERVICES.get_ptr(key).map(|p| unsafe { p.read() }) else {
-        return Ok(SYS_PROCEED);
+        return Ok(unknown_vip(&key.addr));
     };
+    // recvmsg/getpeername show the application the address it asked for.
+    key.addr = vip;
     if svc.backend_count == 0 {
         return Ok(reject(&svc));
     }
@@ -82,6 +94,53 @@ pub fn xlate_fwd(ctx: &SockAddrContext, family: Family) -> Result<i32, Error> {
     write_addr(ctx, family, &backend.value.addr);
     write_port(ctx, backend.value.port);
     Ok(SYS_PROCEED)
+}
+
+/// Whether `localhost:nodePort` is on and the socket lives in the host's network namespace (the agent's, which
+/// it writes into `LB_CONFIG`).
+#[inline(always)]
+fn from_host(ctx: &SockAddrContext) -> bool {
+    let Some(cfg) = LB_CONFIG.get_ptr(0) else {
+        return false;
+    };
+    // SAFETY: an array slot is valid for the program run; the two fields are read by value.
+    let (flags, host) = unsafe { ((*cfg).flags, (*cfg).host_netns_cookie) };
+    if flags & CONFIG_FLAG_LOCALHOST_NODEPORTS == 0 || host == 0 {
+        return false;
+    }
+    // SAFETY: bpf_get_netns_cookie takes the program's own context; allowed for cgroup sock_addr hooks (5.7+).
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) == host }
+}
+
+/// No frontend for (address, port, protocol), rule 8 at the socket: a ClusterIP on a port or protocol its Service
+/// does not define fails with `ECONNREFUSED` (kube-proxy nftables rejects it in `filter-output-post-dnat`), and an
+/// address inside a service CIDR that no Service holds fails with the hook's default `EPERM`, the socket-level form
+/// of kube-proxy's "Drop traffic to unallocated ClusterIPs": a firewall drop in the output path gives a local UDP
+/// sender `EPERM` too, while a TCP connect would only wait out its SYN retransmissions; failing at once tells the
+/// client the same thing without the wait (nothing was sent, so nothing else can tell the difference). Anything
+/// else is not a service address and proceeds untouched.
+#[inline(always)]
+fn unknown_vip(addr: &[u8; 16]) -> i32 {
+    // SAFETY: the value is a byte, read at once.
+    let flags = LB_VIPS.get_ptr(addr).map(|f| unsafe { f.read() });
+    match flags {
+        Some(f) if f & VIP_FLAG_CLUSTER_IP != 0 => {
+            // SAFETY: no memory argument; allowed in connect4/6 and sendmsg4/6 (see `reject`).
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            SYS_REJECT
+        }
+        Some(_) => SYS_PROCEED,
+        None => {
+            if LB_SVC_CIDRS
+                .get(&aya_ebpf::maps::lpm_trie::Key::new(128, *addr))
+                .is_some()
+            {
+                SYS_REJECT
+            } else {
+                SYS_PROCEED
+            }
+        }
+    }
 }
 
 /// The reverse translation for recvmsg4/6 and getpeername4/6: if this socket's peer is a backend the forward core

@@ -53,7 +53,7 @@ use lb_common::{
 
 use crate::maps::{
     LB_AFFINITY, LB_CONFIG, LB_CONNTRACK, LB_FRAGMENTS, LB_LOCAL_NETS, LB_SCRATCH, LB_SERVICES,
-    LB_SRC_RANGES, LB_TRACE, LB_VIPS,
+    LB_SRC_RANGES, LB_SVC_CIDRS, LB_TRACE, LB_VIPS,
 };
 use crate::packet::{
     self, FRAG_FIRST, FRAG_NONE, NOT_PARSED_FRAGMENT, NOT_PARSED_OTHER, Nat, PARSED, Packet,
@@ -702,8 +702,10 @@ fn claim_snat_port(s: &mut Scratch) -> u16 {
     0
 }
 
-/// No frontend for (address, port, protocol): a ClusterIP on a port its Service does not define rejects (rule 8);
-/// anything else is not a service packet.
+/// No frontend for (address, port, protocol): a ClusterIP on a port its Service does not define rejects, and an
+/// address inside a service CIDR that no Service holds drops (rule 8, in kube-proxy nftables' order: its
+/// `cluster-ips-check` chain rejects `@cluster-ips` first, then drops the service CIDRs); anything else is not a
+/// service packet.
 #[inline(always)]
 fn unknown_vip(ctx: &TcContext, s: &mut Scratch) {
     // SAFETY: the value is a byte, read at once.
@@ -713,6 +715,11 @@ fn unknown_vip(ctx: &TcContext, s: &mut Scratch) {
         .unwrap_or(0);
     if flags & VIP_FLAG_CLUSTER_IP != 0 {
         reject_packet(ctx, s, reason::UNKNOWN_PORT, 0);
+    } else if LB_SVC_CIDRS
+        .get(&aya_ebpf::maps::lpm_trie::Key::new(128, s.pkt.daddr))
+        .is_some()
+    {
+        s.out.drop(reason::UNALLOCATED_CLUSTER_IP, 0);
     } else {
         s.out.pass(reason::NONE);
     }

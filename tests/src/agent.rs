@@ -35,6 +35,8 @@ pub struct Agent {
     node_name: String,
     /// Appended to `lb-agent run`'s arguments (see [`Agent::start_with_args`]).
     extra_args: Vec<String>,
+    /// The network namespace the agent runs in (see [`Agent::start_in_netns`]); `None`: the test's own.
+    netns: Option<PathBuf>,
 }
 
 impl Agent {
@@ -52,6 +54,7 @@ impl Agent {
             cgroup: topo.cgroup().path().to_path_buf(),
             node_name: "test-node".into(),
             extra_args: Vec::new(),
+            netns: None,
         };
         agent.write_manifest(manifest)?;
         agent.spawn()?;
@@ -81,6 +84,7 @@ impl Agent {
             cgroup: topo.cgroup().path().to_path_buf(),
             node_name: "test-node".into(),
             extra_args: Vec::new(),
+            netns: None,
         };
         agent.launch()?;
         Ok(agent)
@@ -114,6 +118,7 @@ impl Agent {
             .args(["--metrics-addr", "127.0.0.1:0"])
             .args(["--health-check-node-port-addresses", "127.0.0.1"])
             .args(&self.extra_args)
+            .netns_path(self.netns.as_deref())
             .env("LB_LOG", "info")
             .label("lb-agent")
             .spawn()?;
@@ -128,6 +133,28 @@ impl Agent {
         manifest: &str,
         extra_args: &[&str],
     ) -> Result<Agent> {
+        Agent::start_file(bin, topo, manifest, extra_args, None)
+    }
+
+    /// Like [`Agent::start_with_args`], with the agent inside `ns`: that namespace is then "the host" for
+    /// whatever the agent takes from its own namespace (`localhost:nodePort` serves only it).
+    pub fn start_in_netns(
+        bin: &Path,
+        topo: &Topology,
+        manifest: &str,
+        extra_args: &[&str],
+        ns: &crate::netns::NetNs,
+    ) -> Result<Agent> {
+        Agent::start_file(bin, topo, manifest, extra_args, Some(ns.path()))
+    }
+
+    fn start_file(
+        bin: &Path,
+        topo: &Topology,
+        manifest: &str,
+        extra_args: &[&str],
+        netns: Option<PathBuf>,
+    ) -> Result<Agent> {
         let dir = std::env::temp_dir().join(format!("lb-tests-agent-{}", topo.token()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut agent = Agent {
@@ -140,6 +167,7 @@ impl Agent {
             cgroup: topo.cgroup().path().to_path_buf(),
             node_name: "test-node".into(),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            netns,
         };
         agent.write_manifest(manifest)?;
         agent.spawn()?;

@@ -67,6 +67,14 @@ impl Cmd {
         self
     }
 
+    /// Runs the process inside the namespace at `path` (a [`NetNs::path`]), when given.
+    pub fn netns_path(mut self, path: Option<&Path>) -> Cmd {
+        if let Some(p) = path {
+            self.netns = Some(p.to_path_buf());
+        }
+        self
+    }
+
     /// Runs the process inside this cgroup (it joins before exec, so even its first syscall is inside).
     pub fn cgroup(mut self, cgroup: &Cgroup) -> Cmd {
         self.cgroup_procs = Some(cgroup.procs_path());

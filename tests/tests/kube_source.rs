@@ -728,3 +728,225 @@ fn restarted_kube_agent_adopts_the_maps_and_rewrites_nothing() {
         .collect();
     assert_eq!(seen.len(), 2);
 }
+
+/// What the pinned `LB_SVC_CIDRS` holds, as sorted `addr/len`.
+fn svc_cidrs(agent: &Agent) -> Vec<String> {
+    let maps = lb_agent::datapath::maps::PinnedMaps::open(agent.pins()).expect("pinned maps");
+    let mut out: Vec<String> = maps
+        .packet
+        .svc_cidrs
+        .iter()
+        .map(|r| {
+            let (k, _) = r.expect("LB_SVC_CIDRS entry");
+            let addr = lb_common::addr_from_bytes(k.data());
+            let len = if addr.is_ipv4() {
+                k.prefix_len() - 96
+            } else {
+                k.prefix_len()
+            };
+            format!("{addr}/{len}")
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn wait_svc_cidrs(agent: &Agent, want: &[&str]) {
+    let deadline = std::time::Instant::now() + SYNC;
+    loop {
+        let got = svc_cidrs(agent);
+        if got == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "LB_SVC_CIDRS holds {got:?}, expected {want:?}; agent log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn service_cidrs_from_the_api_server_make_unallocated_addresses_drop() {
+    if !require_root("service_cidrs_from_the_api_server_make_unallocated_addresses_drop") {
+        return;
+    }
+    let (topo, probe) = topology(1);
+    let server = ApiServer::start().expect("api server");
+    serve_web(&server, &[0]);
+    let agent = Agent::start_kube(&agent_bin!(), &topo, &server).expect("agent");
+    let unallocated: SocketAddr = "10.96.0.99:80".parse().expect("addr");
+
+    // No ServiceCIDR yet: the address is nobody's business (no route in the client namespace).
+    assert!(svc_cidrs(&agent).is_empty());
+    let before = run_client(&topo, probe.tcp_cmd(unallocated, 1));
+    assert_eq!(
+        before[0].error.as_deref(),
+        Some("ENETUNREACH"),
+        "{before:?}"
+    );
+
+    // The cluster's ServiceCIDR arrives through the watch.
+    server
+        .apply_value(json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "ServiceCIDR",
+            "metadata": {"name": "kubernetes"},
+            "spec": {"cidrs": ["10.96.0.0/16", "fd00:96::/112"]},
+        }))
+        .expect("ServiceCIDR");
+    wait_svc_cidrs(&agent, &["10.96.0.0/16", "fd00:96::/112"]);
+    for l in run_client(&topo, probe.tcp_cmd(unallocated, 2)) {
+        assert_eq!(
+            (l.error.as_deref(), l.stage.as_deref()),
+            (Some("EPERM"), Some("connect")),
+            "{l:?}"
+        );
+    }
+    // The Service inside the CIDR keeps working.
+    assert_eq!(reached(&topo, &probe, vip4(80), 4), ["backend-0"]);
+
+    // Deleted: nothing is dropped as unallocated any more.
+    server
+        .delete(Resource::ServiceCidrs, "", "kubernetes")
+        .expect("delete ServiceCIDR");
+    wait_svc_cidrs(&agent, &[]);
+    let after = run_client(&topo, probe.tcp_cmd(unallocated, 1));
+    assert_eq!(after[0].error.as_deref(), Some("ENETUNREACH"), "{after:?}");
+}
+
+/// Runs `lb-agent explain <args>` against the agent's pins and returns its stdout.
+fn explain(agent: &Agent, args: &[&str]) -> String {
+    let out = lb_tests::Cmd::new(agent_bin!())
+        .arg("explain")
+        .args(args)
+        .arg("--bpffs")
+        .arg(agent.pins())
+        .label("lb-agent-explain")
+        .output(Duration::from_secs(30))
+        .expect("explain runs");
+    assert!(
+        out.status.success(),
+        "lb-agent explain {args:?} failed:\n{}",
+        out.stderr
+    );
+    out.stdout
+}
+
+#[test]
+fn explain_lists_from_the_api_server_and_compares_with_the_running_agents_maps() {
+    if !require_root("explain_lists_from_the_api_server_and_compares_with_the_running_agents_maps")
+    {
+        return;
+    }
+    let (topo, probe) = topology(2);
+    let server = ApiServer::start().expect("api server");
+    server
+        .apply_value(json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "ServiceCIDR",
+            "metadata": {"name": "kubernetes"},
+            "spec": {"cidrs": ["10.96.0.0/16"]},
+        }))
+        .expect("ServiceCIDR");
+    server.apply(&node("zone-a")).expect("node");
+    // internalTrafficPolicy Local: a ready local endpoint (used), a local one not ready, a ready one elsewhere.
+    server
+        .apply_value(json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "mixed", "namespace": "default"},
+            "spec": {
+                "clusterIP": "10.96.0.30",
+                "internalTrafficPolicy": "Local",
+                "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": TCP_PORT}],
+            },
+        }))
+        .expect("mixed");
+    let mut not_ready = endpoint(1, false);
+    not_ready["conditions"] = json!({"ready": false, "serving": false, "terminating": false});
+    let mut elsewhere = endpoint(8, false);
+    elsewhere["nodeName"] = json!("other-node");
+    server
+        .apply(&slice(
+            "mixed-1",
+            "mixed",
+            false,
+            vec![endpoint(0, false), not_ready, elsewhere],
+        ))
+        .expect("slice");
+    let mut agent = Agent::start_kube(&agent_bin!(), &topo, &server).expect("agent");
+    wait_backends(&agent, "10.96.0.30:80", "TCP", &["10.244.1.2:8080"]);
+    let mixed: SocketAddr = "10.96.0.30:80".parse().expect("addr");
+    assert_eq!(reached(&topo, &probe, mixed, 4), ["backend-0"]);
+
+    let kubeconfig = agent.dir().join("kubeconfig");
+    let kubeconfig = kubeconfig.to_str().expect("utf-8");
+    let args = [
+        "default/mixed",
+        "--kubeconfig",
+        kubeconfig,
+        "--node-name",
+        NODE,
+    ];
+    let json_args: Vec<&str> = args.iter().copied().chain(["-o", "json"]).collect();
+    let v: Value = serde_json::from_str(&explain(&agent, &json_args)).expect("json");
+    assert!(
+        v["source"]
+            .as_str()
+            .is_some_and(|s| s.contains("API server")),
+        "{v}"
+    );
+    assert_eq!(v["zone"], "zone-a", "the Node came from the API: {v}");
+    assert_eq!(v["service_cidrs"], json!(["10.96.0.0/16"]), "{v}");
+    assert_eq!(v["service_cidrs_in_maps"], json!(["10.96.0.0/16"]), "{v}");
+    let port = &v["ports"][0];
+    let verdicts: BTreeMap<String, String> = port["local"]
+        .as_array()
+        .unwrap_or_else(|| panic!("the Local set is explained: {v}"))
+        .iter()
+        .map(|e| {
+            (
+                e["backend"].as_str().expect("backend").to_owned(),
+                e["eligibility"].as_str().expect("eligibility").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        verdicts,
+        BTreeMap::from([
+            ("10.244.1.2:8080".to_owned(), "ready".to_owned()),
+            ("10.244.2.2:8080".to_owned(), "not-ready".to_owned()),
+            ("10.244.9.2:8080".to_owned(), "other-node".to_owned()),
+        ]),
+        "{v}"
+    );
+    let programmed = v["maps"].as_array().unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(programmed.len(), 2, "both scopes of the ClusterIP: {v}");
+    for p in programmed {
+        assert_eq!(p["backends"], json!(["10.244.1.2:8080"]), "{v}");
+        assert_eq!(p["differences"], json!([]), "{v}");
+    }
+    let text = explain(&agent, &args);
+    assert!(
+        text.contains("not used: on another node (Local policy)"),
+        "{text}"
+    );
+    assert!(text.contains("agrees"), "{text}");
+
+    // With the agent stopped, a change in the API is what explain sees and the maps do not hold: flagged.
+    agent.kill();
+    server
+        .apply(&slice("mixed-1", "mixed", false, vec![endpoint(1, false)]))
+        .expect("slice change");
+    let text = explain(&agent, &args);
+    assert!(
+        text.contains("MISMATCH: model uses 10.244.2.2:8080, the maps do not"),
+        "{text}"
+    );
+    assert!(
+        text.contains("MISMATCH: the maps hold 10.244.1.2:8080, the model does not use it"),
+        "{text}"
+    );
+}

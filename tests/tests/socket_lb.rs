@@ -791,3 +791,334 @@ fn wait_round(client: &mut lb_tests::Child, n: usize) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A ServiceCIDR holding the test VIPs (both families), and a second single-port Service `api` at 10.96.0.20.
+const SERVICE_CIDR: &str = r#"apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata: {name: kubernetes}
+spec:
+  cidrs: [10.96.0.0/16, "fd00:96::/112"]
+"#;
+
+const API: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: default}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: api-1
+  namespace: default
+  labels: {kubernetes.io/service-name: api}
+addressType: IPv4
+ports: [{name: http, protocol: TCP, port: 8080}]
+endpoints:
+  - {addresses: [10.244.1.2], conditions: {ready: true}, nodeName: test-node}
+"#;
+
+/// Whether the pinned `LB_VIPS` holds `addr` (the reconciler writes it right after the service entries).
+fn vip_programmed(agent: &Agent, addr: std::net::IpAddr) -> bool {
+    let maps = lb_agent::datapath::maps::PinnedMaps::open(agent.pins()).expect("pinned maps");
+    maps.packet
+        .vips
+        .get(&lb_common::addr_bytes(addr), 0)
+        .is_ok()
+}
+
+#[test]
+fn unallocated_service_cidr_address_is_denied_at_connect_and_so_is_a_deleted_services_cluster_ip() {
+    if !require_root(
+        "unallocated_service_cidr_address_is_denied_at_connect_and_so_is_a_deleted_services_cluster_ip",
+    ) {
+        return;
+    }
+    let manifest = format!("{SERVICE_CIDR}---\n{API}---\n{}", web(&[0]));
+    let (topo, agent, probe) = setup(1, &manifest);
+    let api = SocketAddr::new("10.96.0.20".parse().expect("ip"), 80);
+
+    // Real ClusterIPs in the CIDR work.
+    for to in [vip4(80), api] {
+        let ok = run_client(&topo, probe.tcp_cmd(to, 2));
+        assert!(
+            ok.iter()
+                .all(|l| l.ok && l.backend.as_deref() == Some("backend-0")),
+            "{to}: {ok:?}"
+        );
+    }
+    // An address in the CIDR that no Service holds: denied at connect() (EPERM), for TCP, UDP and IPv6, at
+    // once (the probe's own timeout is never reached: the error is the connect's, not a timeout).
+    let unallocated = SocketAddr::new("10.96.0.99".parse().expect("ip"), 80);
+    for (lines, stage) in [
+        (run_client(&topo, probe.tcp_cmd(unallocated, 2)), "connect"),
+        (
+            run_client(
+                &topo,
+                probe.tcp_cmd(SocketAddr::new("fd00:96::99".parse().expect("ip"), 80), 1),
+            ),
+            "connect",
+        ),
+        (
+            run_client(&topo, probe.udp_cmd(unallocated, 1, 1, false)),
+            "send",
+        ),
+    ] {
+        assert!(!lines.is_empty());
+        for l in &lines {
+            assert_eq!(
+                (l.ok, l.error.as_deref(), l.stage.as_deref()),
+                (false, Some("EPERM"), Some(stage)),
+                "{l:?}"
+            );
+        }
+    }
+    // A ClusterIP on a port its Service does not define is refused, not dropped (rule 8's reject).
+    let wrong_port = run_client(&topo, probe.tcp_cmd(vip4(81), 1));
+    assert_eq!(
+        (
+            wrong_port[0].error.as_deref(),
+            wrong_port[0].stage.as_deref()
+        ),
+        (Some("ECONNREFUSED"), Some("connect")),
+        "{:?}",
+        wrong_port[0]
+    );
+
+    // Delete `api`: its ClusterIP is now an unallocated address of the CIDR.
+    agent
+        .write_manifest(&format!("{SERVICE_CIDR}---\n{}", web(&[0])))
+        .expect("edit");
+    agent
+        .wait_for_maps(SYNC, |l| {
+            !l.iter().any(|s| s.frontend.starts_with("10.96.0.20:"))
+        })
+        .expect("api removed");
+    let deadline = std::time::Instant::now() + SYNC;
+    while vip_programmed(&agent, api.ip()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "10.96.0.20 stays in LB_VIPS"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let gone = run_client(&topo, probe.tcp_cmd(api, 2));
+    for l in &gone {
+        assert_eq!(
+            (l.ok, l.error.as_deref(), l.stage.as_deref()),
+            (false, Some("EPERM"), Some("connect")),
+            "{l:?}"
+        );
+    }
+    // The remaining Service is untouched.
+    let ok = run_client(&topo, probe.tcp_cmd(vip4(80), 2));
+    assert!(ok.iter().all(|l| l.ok), "{ok:?}");
+}
+
+#[test]
+fn without_service_cidrs_an_unknown_address_is_left_alone() {
+    if !require_root("without_service_cidrs_an_unknown_address_is_left_alone") {
+        return;
+    }
+    // No ServiceCIDR object and no --service-cidrs: 10.96.0.99 is not a service address, so the socket LB does
+    // not touch it and the connect fails the ordinary way (no route in the client namespace), never with EPERM.
+    let (topo, _agent, probe) = setup(1, &web(&[0]));
+    let lines = run_client(
+        &topo,
+        probe.tcp_cmd(SocketAddr::new("10.96.0.99".parse().expect("ip"), 80), 1),
+    );
+    assert_eq!(
+        (lines[0].ok, lines[0].error.as_deref()),
+        (false, Some("ENETUNREACH")),
+        "{:?}",
+        lines[0]
+    );
+}
+
+#[test]
+fn service_cidrs_flag_is_the_fallback_without_service_cidr_objects() {
+    if !require_root("service_cidrs_flag_is_the_fallback_without_service_cidr_objects") {
+        return;
+    }
+    let probe = probe!();
+    let mut topo = Topology::star(1).expect("topology");
+    topo.serve(&probe, &[TCP_PORT], &[UDP_PORT])
+        .expect("backend servers");
+    let _agent = Agent::start_with_args(
+        &agent_bin!(),
+        &topo,
+        &web(&[0]),
+        &["--service-cidrs", "10.96.0.0/16,fd00:96::/112"],
+    )
+    .expect("agent");
+    let denied = run_client(
+        &topo,
+        probe.tcp_cmd(SocketAddr::new("10.96.0.99".parse().expect("ip"), 80), 1),
+    );
+    assert_eq!(
+        (denied[0].error.as_deref(), denied[0].stage.as_deref()),
+        (Some("EPERM"), Some("connect")),
+        "{:?}",
+        denied[0]
+    );
+    let ok = run_client(&topo, probe.tcp_cmd(vip4(80), 2));
+    assert!(ok.iter().all(|l| l.ok), "{ok:?}");
+}
+
+/// A NodePort Service (TCP 80 -> 8080 on nodePort 30080, UDP 53 -> 5353 on 30053) with
+/// `externalTrafficPolicy: Local` whose only endpoint (backend 1) runs on another node: from outside it would drop,
+/// but the node's own traffic to its NodePort takes the Cluster set (rule 5's short-circuit).
+const NODEPORT_LOCAL_POLICY: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: np, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.40
+  externalTrafficPolicy: Local
+  ports:
+    - {name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30080}
+    - {name: dns, protocol: UDP, port: 53, targetPort: 5353, nodePort: 30053}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: np-1
+  namespace: default
+  labels: {kubernetes.io/service-name: np}
+addressType: IPv4
+ports:
+  - {name: http, protocol: TCP, port: 8080}
+  - {name: dns, protocol: UDP, port: 5353}
+endpoints:
+  - {addresses: [10.244.2.2], conditions: {ready: true}, nodeName: other-node}
+"#;
+
+fn loopback(last: u8, port: u16) -> SocketAddr {
+    SocketAddr::new(std::net::Ipv4Addr::new(127, 0, 0, last).into(), port)
+}
+
+#[test]
+fn localhost_nodeport_reaches_the_service_from_the_host_namespace_only() {
+    if !require_root("localhost_nodeport_reaches_the_service_from_the_host_namespace_only") {
+        return;
+    }
+    let probe = probe!();
+    let mut topo = Topology::star(2).expect("topology");
+    topo.serve(&probe, &[TCP_PORT], &[UDP_PORT])
+        .expect("backend servers");
+    // The agent runs inside the client namespace, which is therefore "the host" (never the real root namespace).
+    let _agent = Agent::start_in_netns(
+        &agent_bin!(),
+        &topo,
+        NODEPORT_LOCAL_POLICY,
+        &[],
+        topo.client(),
+    )
+    .expect("agent");
+
+    // From the host's namespace: any 127.0.0.0/8 address on the NodePort reaches the Service, with the Cluster set
+    // (its only endpoint is on another node), and the application sees the address it asked for.
+    for last in [1, 2] {
+        let lines = run_client(&topo, probe.tcp_cmd(loopback(last, 30080), 3));
+        for l in &lines {
+            assert!(
+                l.ok && l.backend.as_deref() == Some("backend-1"),
+                "127.0.0.{last}:30080: {l:?}"
+            );
+            assert_eq!(
+                l.peer.as_deref(),
+                Some(format!("127.0.0.{last}:30080").as_str()),
+                "{l:?}"
+            );
+        }
+    }
+    let udp = run_client(&topo, probe.udp_cmd(loopback(1, 30053), 2, 1, false));
+    for l in &udp {
+        assert!(l.ok && l.backend.as_deref() == Some("backend-1"), "{l:?}");
+        assert_eq!(l.from.as_deref(), Some("127.0.0.1:30053"), "{l:?}");
+    }
+    // The node port on loopback is a NodePort only: 127.0.0.1 on the service port is nothing.
+    let not_node_port = run_client(&topo, probe.tcp_cmd(loopback(1, 80), 1));
+    assert_eq!(
+        not_node_port[0].error.as_deref(),
+        Some("ECONNREFUSED"),
+        "{:?}",
+        not_node_port[0]
+    );
+
+    // Another namespace in the same cgroup (the programs run for it): its 127.0.0.1 is its own loopback, where
+    // nothing listens on 30080, so the connection is refused there rather than sent to the Service.
+    let other = topo
+        .in_backend(0, probe.tcp_cmd(loopback(1, 30080), 2))
+        .cgroup(topo.cgroup())
+        .run(RUN)
+        .expect("client run")
+        .probe_lines()
+        .expect("client output");
+    for l in &other {
+        assert_eq!(
+            (l.ok, l.error.as_deref(), l.backend.as_deref()),
+            (false, Some("ECONNREFUSED"), None),
+            "{l:?}"
+        );
+    }
+    // The socket LB does run for that namespace: the ClusterIP on a port it does not define is refused by it (the
+    // namespace has no route to 10.96.0.0/16, so without the program this would be ENETUNREACH).
+    let probed = topo
+        .in_backend(
+            0,
+            probe.tcp_cmd(SocketAddr::new("10.96.0.40".parse().expect("ip"), 81), 1),
+        )
+        .cgroup(topo.cgroup())
+        .run(RUN)
+        .expect("client run")
+        .probe_lines()
+        .expect("client output");
+    assert_eq!(
+        probed[0].error.as_deref(),
+        Some("ECONNREFUSED"),
+        "{:?}",
+        probed[0]
+    );
+}
+
+#[test]
+fn localhost_nodeports_false_leaves_loopback_alone() {
+    if !require_root("localhost_nodeports_false_leaves_loopback_alone") {
+        return;
+    }
+    let probe = probe!();
+    let mut topo = Topology::star(2).expect("topology");
+    topo.serve(&probe, &[TCP_PORT], &[UDP_PORT])
+        .expect("backend servers");
+    let agent = Agent::start_in_netns(
+        &agent_bin!(),
+        &topo,
+        NODEPORT_LOCAL_POLICY,
+        &["--localhost-nodeports", "false"],
+        topo.client(),
+    )
+    .expect("agent");
+    assert!(
+        !agent
+            .services()
+            .expect("maps")
+            .iter()
+            .any(|s| s.frontend.starts_with("127.")),
+        "no localhost frontend is programmed"
+    );
+    let lines = run_client(&topo, probe.tcp_cmd(loopback(1, 30080), 1));
+    assert_eq!(
+        (lines[0].ok, lines[0].error.as_deref()),
+        (false, Some("ECONNREFUSED")),
+        "{:?}",
+        lines[0]
+    );
+    // The ClusterIP still works: only localhost:nodePort is off.
+    let ok = run_client(
+        &topo,
+        probe.tcp_cmd(SocketAddr::new("10.96.0.40".parse().expect("ip"), 80), 2),
+    );
+    assert!(ok.iter().all(|l| l.ok), "{ok:?}");
+}

@@ -33,7 +33,13 @@ const CLIENT_V6: &str = "2001:db8:ff::9";
 /// - `lb` (LoadBalancer with `loadBalancerSourceRanges`);
 /// - `web6` (IPv6 NodePort, one local and one remote backend);
 /// - `sctp` (NodePort and externalIP; one port kept by the target port, one changed).
-const MANIFEST: &str = r#"apiVersion: v1
+const MANIFEST: &str = r#"apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata: {name: kubernetes}
+spec:
+  cidrs: [10.96.0.0/16, "fd00:96::/112"]
+---
+apiVersion: v1
 kind: Node
 metadata:
   name: node-a
@@ -385,6 +391,34 @@ fn fixtures() -> Vec<Fixture> {
             client(40007),
             sa("10.96.0.10", 81),
             Expect::Reject("unknown-port"),
+        ),
+        fixture(
+            "address in a service CIDR that no Service holds drops (unallocated ClusterIP)",
+            Protocol::Tcp,
+            client(40020),
+            sa("10.96.0.99", 80),
+            Expect::Drop("unallocated-cluster-ip"),
+        ),
+        fixture(
+            "unallocated ClusterIP, UDP: dropped, not rejected",
+            Protocol::Udp,
+            client(40021),
+            sa("10.96.0.99", 53),
+            Expect::Drop("unallocated-cluster-ip"),
+        ),
+        fixture(
+            "unallocated ClusterIP over IPv6 drops",
+            Protocol::Tcp,
+            client6(40022),
+            sa("fd00:96::99", 80),
+            Expect::Drop("unallocated-cluster-ip"),
+        ),
+        fixture(
+            "an address outside every service CIDR is not a service packet",
+            Protocol::Tcp,
+            client(40023),
+            sa("10.97.0.99", 80),
+            Expect::Pass("not-a-service"),
         ),
         fixture(
             "LoadBalancer IP from inside loadBalancerSourceRanges forwards",
@@ -749,6 +783,7 @@ fn tc_ingress_fixtures() {
         (reason::NO_LOCAL_ENDPOINT, 1),
         (reason::SOURCE_RANGE, 1),
         (reason::UNKNOWN_PORT, 1),
+        (reason::UNALLOCATED_CLUSTER_IP, 3),
         (reason::FRAGMENT, 2),
         (reason::MALFORMED, 4),
     ] {

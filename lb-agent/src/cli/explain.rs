@@ -1,6 +1,8 @@
 //! `lb-agent explain <namespace>/<service>`: for each VIP and traffic class of a Service, which endpoints are
 //! eligible and why the others are not (the model's own categorisation), next to what the pinned maps hold, with
-//! every difference flagged. Reads the objects from manifests for now.
+//! every difference flagged. Reads the objects from manifests (`--manifests`) or lists them once from the API server
+//! (`--kubeconfig`, or the service account inside a pod), with the same selectors and conversion as `lb-agent run`'s
+//! watchers; no watch.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -23,9 +25,15 @@ use super::{OutputFormat, PinArgs};
 pub struct ExplainArgs {
     /// The Service, as `namespace/name` (or `name` in `default`).
     service: String,
-    /// Kubernetes YAML holding the Service, its EndpointSlices and (optionally) the Node (a file or directory).
+    /// Kubernetes YAML holding the Service, its EndpointSlices and (optionally) the Node and ServiceCIDRs (a file
+    /// or directory).
     #[arg(long, env = "LB_MANIFESTS")]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
+    /// List the objects once from the API server this kubeconfig names (its current context) instead of reading
+    /// manifests. Inside a pod (`KUBERNETES_SERVICE_HOST` set) the service account is used when neither this nor
+    /// --manifests is given, as `lb-agent run` does.
+    #[arg(long, env = "LB_KUBECONFIG", conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
     /// The node to explain for (decides which endpoints are local, and the zone).
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
@@ -38,6 +46,17 @@ pub struct ExplainArgs {
     /// As `lb-agent run --service-proxy-name`.
     #[arg(long, env = "LB_SERVICE_PROXY_NAME")]
     service_proxy_name: Option<String>,
+    /// As `lb-agent run --service-cidrs`: used when the source holds no ServiceCIDR object.
+    #[arg(
+        long = "service-cidrs",
+        env = "LB_SERVICE_CIDRS",
+        value_delimiter = ',',
+        value_parser = super::run::parse_cidr_arg
+    )]
+    service_cidrs: Vec<(IpAddr, u8)>,
+    /// As `lb-agent run --localhost-nodeports`.
+    #[arg(long, env = "LB_LOCALHOST_NODEPORTS", default_value_t = true, action = clap::ArgAction::Set)]
+    localhost_nodeports: bool,
     /// Do not compare with the pinned maps.
     #[arg(long)]
     no_maps: bool,
@@ -63,8 +82,16 @@ pub struct Programmed {
 
 #[derive(Debug, Serialize)]
 struct Output {
+    /// Where the objects came from: a manifest path, or the API server.
+    source: String,
     #[serde(flatten)]
     explanation: ServiceExplanation,
+    /// The service CIDRs the model uses (`addr/len`; rule 8's unallocated-ClusterIP drop), and what `LB_SVC_CIDRS`
+    /// holds (`None` without the maps).
+    service_cidrs: Vec<String>,
+    service_cidrs_in_maps: Option<Vec<String>>,
+    /// Objects that could not be read (skipped), as the agent would log them.
+    diagnostics: Vec<String>,
     /// `None` with `--no-maps` or when the maps cannot be read (then `maps_error` says why).
     maps: Option<Vec<Programmed>>,
     maps_error: Option<String>,
@@ -75,26 +102,35 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
         Some((ns, n)) => (ns.to_owned(), n.to_owned()),
         None => (manifest::DEFAULT_NAMESPACE.to_owned(), args.service.clone()),
     };
-    let (objects, _diagnostics) = manifest::load_path(&args.manifests)
-        .with_context(|| format!("reading {}", args.manifests.display()))?;
+    let (source, objects, diagnostics) = load_objects(args)?;
     let cfg = ModelConfig {
         default_algorithm: args.algorithm,
         service_proxy_name: args.service_proxy_name.clone(),
         fallback_node_addresses: args.node_addresses.clone(),
+        fallback_service_cidrs: args.service_cidrs.clone(),
+        localhost_nodeports: args.localhost_nodeports,
     };
     let node = model::node_context(&args.node_name, &objects.nodes, &cfg);
     let Some(explanation) = model::explain(&objects, &node, &cfg, &namespace, &name) else {
-        bail!(
-            "no Service {namespace}/{name} in {}",
-            args.manifests.display()
-        );
+        bail!("no Service {namespace}/{name} in {source}");
     };
-    let (maps, maps_error) = if args.no_maps {
-        (None, None)
+    let service_cidrs: Vec<String> = model::translate(&objects, &node, &cfg)
+        .state
+        .service_cidrs
+        .iter()
+        .map(|(a, l)| format!("{a}/{l}"))
+        .collect();
+    let (maps, service_cidrs_in_maps, maps_error) = if args.no_maps {
+        (None, None, None)
     } else {
         match PinnedMaps::open(&args.pins.bpffs) {
-            Ok(m) => (Some(compare(&explanation, &m)?), None),
+            Ok(m) => (
+                Some(compare(&explanation, &m)?),
+                Some(cidrs_in_maps(&m)?),
+                None,
+            ),
             Err(e) => (
+                None,
                 None,
                 Some(format!(
                     "{e} (is the agent's pin directory {}?)",
@@ -104,7 +140,11 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
         }
     };
     let out = Output {
+        source,
         explanation,
+        service_cidrs,
+        service_cidrs_in_maps,
+        diagnostics: diagnostics.iter().map(ToString::to_string).collect(),
         maps,
         maps_error,
     };
@@ -113,6 +153,57 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
         OutputFormat::Table => print!("{}", render(&out)),
     }
     Ok(())
+}
+
+/// The objects from the manifests or, listed once, from the API server; with a name for the source.
+fn load_objects(
+    args: &ExplainArgs,
+) -> anyhow::Result<(String, manifest::ClusterObjects, Vec<manifest::Diagnostic>)> {
+    use crate::source::kube::{self, Connection};
+    let connection = match (&args.manifests, &args.kubeconfig) {
+        (Some(path), None) => {
+            let (objects, diagnostics) =
+                manifest::load_path(path).with_context(|| format!("reading {}", path.display()))?;
+            return Ok((path.display().to_string(), objects, diagnostics));
+        }
+        (None, Some(k)) => Connection::Kubeconfig(k.clone()),
+        (Some(_), Some(_)) => bail!("give either --manifests or --kubeconfig, not both"),
+        (None, None) if kube::in_cluster() => Connection::InCluster,
+        (None, None) => bail!(
+            "nothing to explain from: give --manifests <file|dir> or --kubeconfig <file> (inside a pod the service account is used)"
+        ),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let (objects, diagnostics) = rt.block_on(async {
+        let client = kube::client(&connection).await?;
+        kube::list_once(&client, &args.node_name).await
+    })?;
+    Ok((
+        format!("the API server ({})", kube::describe(&connection)),
+        objects,
+        diagnostics,
+    ))
+}
+
+/// What `LB_SVC_CIDRS` holds, as sorted `addr/len`.
+fn cidrs_in_maps(maps: &PinnedMaps) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for entry in maps.node_entries()? {
+        if let crate::datapath::packet_maps::NodeEntry::ServiceCidr { prefix, addr } = entry {
+            let ip = lb_common::addr_from_bytes(addr);
+            let len = if ip.is_ipv4() {
+                prefix.saturating_sub(96)
+            } else {
+                prefix
+            };
+            out.push(format!("{ip}/{len}"));
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Compares every frontend of the explanation with the maps.
@@ -210,8 +301,23 @@ fn render(out: &Output) -> String {
             .map(|z| format!(" (zone {z})"))
             .unwrap_or_default()
     );
+    let _ = writeln!(s, "  source: {}", out.source);
     for n in &e.notes {
         let _ = writeln!(s, "  note: {n}");
+    }
+    for d in &out.diagnostics {
+        let _ = writeln!(s, "  skipped: {d}");
+    }
+    let cidrs = if out.service_cidrs.is_empty() {
+        "none (no address is dropped as unallocated)".to_owned()
+    } else {
+        out.service_cidrs.join(", ")
+    };
+    let _ = writeln!(s, "  service CIDRs: {cidrs}");
+    if let Some(held) = &out.service_cidrs_in_maps
+        && *held != out.service_cidrs
+    {
+        let _ = writeln!(s, "    MISMATCH: the maps hold [{}]", held.join(", "));
     }
     for p in &e.ports {
         let _ = writeln!(

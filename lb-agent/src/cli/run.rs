@@ -52,6 +52,24 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     node_addresses: Vec<IpAddr>,
+    /// Service CIDRs (the cluster's `--service-cluster-ip-range`, comma-separated or repeated) to use when the API
+    /// server or the manifests hold no `networking.k8s.io/v1` ServiceCIDR object. An address inside one that no
+    /// Service holds (say, a deleted Service's ClusterIP) is dropped: from the wire at tc ingress, and at the
+    /// socket by failing `connect()`/`sendmsg()` with EPERM. Empty (the default) and no ServiceCIDR objects: no such
+    /// drop.
+    #[arg(
+        long = "service-cidrs",
+        env = "LB_SERVICE_CIDRS",
+        value_delimiter = ',',
+        value_parser = parse_cidr_arg
+    )]
+    pub(crate) service_cidrs: Vec<(IpAddr, u8)>,
+    /// Serve `localhost:nodePort` (IPv4 `127.0.0.0/8`, as kube-proxy's iptables mode does with
+    /// `--iptables-localhost-nodeports`, whose default this follows) to processes in the agent's own network
+    /// namespace, i.e. the host's with `hostNetwork`. Never for IPv6, never for pods (a pod's 127.0.0.1 is its
+    /// own loopback). `false` behaves like kube-proxy's nftables mode. Needs a restart.
+    #[arg(long, env = "LB_LOCALHOST_NODEPORTS", default_value_t = true, action = clap::ArgAction::Set)]
+    localhost_nodeports: bool,
     /// Only proxy Services labelled `service.kubernetes.io/service-proxy-name=<this>` (kube-proxy's flag).
     #[arg(long, env = "LB_SERVICE_PROXY_NAME")]
     service_proxy_name: Option<String>,
@@ -93,6 +111,11 @@ pub struct RunArgs {
     /// tcx works: for hosts whose tooling expects them, and to exercise the fallback).
     #[arg(long, env = "LB_TC_ATTACH", value_enum, default_value_t = TcAttachMode::Auto)]
     tc_attach: TcAttachMode,
+}
+
+/// Parses one `--service-cidrs` value.
+pub(crate) fn parse_cidr_arg(s: &str) -> Result<(IpAddr, u8), String> {
+    model::parse_service_cidr(s).ok_or_else(|| format!("{s:?} is not a CIDR (e.g. 10.96.0.0/12)"))
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -318,7 +341,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         args.tc_attach,
     )?;
 
-    let reconciler = Reconciler::restore(
+    let mut reconciler = Reconciler::restore(
         &datapath.maps,
         ReconcileConfig {
             max_services: args.max_services,
@@ -327,6 +350,18 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             maglev_max_size: args.maglev_max_size,
         },
     )?;
+    if args.localhost_nodeports {
+        // The socket LB compares each socket's namespace with this one: the agent runs in the host's (hostNetwork).
+        match crate::host::netns_cookie() {
+            Ok(cookie) => {
+                reconciler.set_config_flags(lb_common::CONFIG_FLAG_LOCALHOST_NODEPORTS);
+                reconciler.set_host_netns_cookie(cookie);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): localhost:nodePort is not served")
+            }
+        }
+    }
     tracing::info!(
         services = reconciler.programmed_services(),
         backends = reconciler.programmed_backends(),
@@ -338,6 +373,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             default_algorithm: args.algorithm,
             service_proxy_name: args.service_proxy_name.clone(),
             fallback_node_addresses,
+            fallback_service_cidrs: args.service_cidrs.clone(),
+            localhost_nodeports: args.localhost_nodeports,
         },
         reconciler,
         ops,

@@ -102,7 +102,7 @@ pub trait Maps {
     fn put_config(&mut self, _value: &lb_common::ConfigValue) -> Result<(), MapsError> {
         Ok(())
     }
-    /// Every entry of `LB_LOCAL_NETS`, `LB_SRC_RANGES` and `LB_VIPS`.
+    /// Every entry of `LB_LOCAL_NETS`, `LB_SRC_RANGES`, `LB_VIPS` and `LB_SVC_CIDRS`.
     fn node_entries(&self) -> Result<Vec<super::packet_maps::NodeEntry>, MapsError> {
         Ok(Vec::new())
     }

@@ -1,5 +1,5 @@
 //! The per-packet datapath's maps (issue 4): conntrack, fragments, node configuration, local networks, source
-//! ranges, the ClusterIP set, drop counters and the trace record. Held by [`super::maps::PinnedMaps`], written through the
+//! ranges, the ClusterIP set, the service CIDRs, drop counters and the trace record. Held by [`super::maps::PinnedMaps`], written through the
 //! [`super::maps::Maps`] trait's node-entry methods (the reconciler) and read by the CLI, `trace` and the conntrack
 //! garbage collector.
 
@@ -33,6 +33,8 @@ pub enum NodeEntry {
     },
     /// `LB_VIPS`: (address, `VIP_FLAG_*`).
     Vip { addr: [u8; 16], flags: u8 },
+    /// `LB_SVC_CIDRS`: (prefix length over the 16-byte form, address).
+    ServiceCidr { prefix: u32, addr: [u8; 16] },
 }
 
 impl NodeEntry {
@@ -77,6 +79,7 @@ pub struct PacketMaps {
     pub local_nets: LpmTrie<MapData, [u8; 16], u8>,
     pub src_ranges: LpmTrie<MapData, SrcRangeData, u8>,
     pub vips: HashMap<MapData, [u8; 16], u8>,
+    pub svc_cidrs: LpmTrie<MapData, [u8; 16], u8>,
     pub drop_stats: PerCpuArray<MapData, u64>,
     pub trace: Array<MapData, TraceValue>,
     /// `LB_FRAGMENTS`: written and read by the programs only; held so tests and listings can read it.
@@ -104,6 +107,7 @@ impl PacketMaps {
             take(map_names::DROP_STATS)?,
             take(map_names::TRACE)?,
             take(map_names::FRAGMENTS)?,
+            take(map_names::SVC_CIDRS)?,
         )
     }
 
@@ -118,6 +122,7 @@ impl PacketMaps {
             open(map_names::DROP_STATS)?,
             open(map_names::TRACE)?,
             open(map_names::FRAGMENTS)?,
+            open(map_names::SVC_CIDRS)?,
         )
     }
 
@@ -134,6 +139,7 @@ impl PacketMaps {
         drop_stats: Map,
         trace: Map,
         fragments: Map,
+        svc_cidrs: Map,
     ) -> Result<Self, MapsError> {
         Ok(Self {
             conntrack: HashMap::try_from(conntrack).map_err(layout(map_names::CONNTRACK))?,
@@ -144,6 +150,7 @@ impl PacketMaps {
             drop_stats: PerCpuArray::try_from(drop_stats).map_err(layout(map_names::DROP_STATS))?,
             trace: Array::try_from(trace).map_err(layout(map_names::TRACE))?,
             fragments: HashMap::try_from(fragments).map_err(layout(map_names::FRAGMENTS))?,
+            svc_cidrs: LpmTrie::try_from(svc_cidrs).map_err(layout(map_names::SVC_CIDRS))?,
         })
     }
 
@@ -182,6 +189,13 @@ impl PacketMaps {
             let (addr, flags) = item.map_err(op(map_names::VIPS, "iterate"))?;
             out.push(NodeEntry::Vip { addr, flags });
         }
+        for item in self.svc_cidrs.iter() {
+            let (k, _) = item.map_err(op(map_names::SVC_CIDRS, "iterate"))?;
+            out.push(NodeEntry::ServiceCidr {
+                prefix: k.prefix_len(),
+                addr: k.data(),
+            });
+        }
         Ok(out)
     }
 
@@ -203,6 +217,10 @@ impl PacketMaps {
                 .vips
                 .insert(addr, flags, 0)
                 .map_err(op(map_names::VIPS, "update")),
+            NodeEntry::ServiceCidr { prefix, addr } => self
+                .svc_cidrs
+                .insert(&Key::new(prefix, addr), lb_common::SVC_CIDR, 0)
+                .map_err(op(map_names::SVC_CIDRS, "update")),
         }
     }
 
@@ -224,6 +242,10 @@ impl PacketMaps {
                 .vips
                 .remove(&addr)
                 .map_err(op(map_names::VIPS, "delete")),
+            NodeEntry::ServiceCidr { prefix, addr } => self
+                .svc_cidrs
+                .remove(&Key::new(prefix, addr))
+                .map_err(op(map_names::SVC_CIDRS, "delete")),
         };
         match r {
             Err(MapsError::Op {

@@ -55,7 +55,7 @@ fn size<T>() -> u32 {
 }
 
 impl Capacities {
-    pub fn specs(&self) -> [MapSpec; 15] {
+    pub fn specs(&self) -> [MapSpec; 16] {
         let spec = |name, map_type, key_size, value_size, max_entries| MapSpec {
             name,
             map_type,
@@ -169,6 +169,13 @@ impl Capacities {
                 size::<FragKey>(),
                 size::<FragValue>(),
                 self.fragments,
+            ),
+            spec(
+                map_names::SVC_CIDRS,
+                MapType::LpmTrie,
+                size::<u32>() + 16,
+                size::<u8>(),
+                lb_common::DEFAULT_MAX_SVC_CIDRS,
             ),
         ]
     }

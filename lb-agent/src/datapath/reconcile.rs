@@ -158,11 +158,12 @@ pub struct Reconciler {
     backend_ids: BTreeMap<BackendValue, u32>,
     service_ids: IdAllocator,
     backend_id_alloc: IdAllocator,
-    /// What `LB_LOCAL_NETS`, `LB_SRC_RANGES` and `LB_VIPS` hold.
+    /// What `LB_LOCAL_NETS`, `LB_SRC_RANGES`, `LB_VIPS` and `LB_SVC_CIDRS` hold.
     node_entries: BTreeSet<NodeEntry>,
     /// What `LB_CONFIG` holds; `config_flags` are or-ed into it (`lb-agent trace` sets `CONFIG_FLAG_TRACE`).
     config: ConfigValue,
     config_flags: u32,
+    host_netns_cookie: u64,
 }
 
 impl Reconciler {
@@ -203,12 +204,18 @@ impl Reconciler {
             node_entries,
             config,
             config_flags: 0,
+            host_netns_cookie: 0,
         })
     }
 
     /// Flags or-ed into `LB_CONFIG` at every sync (`lb_common::CONFIG_FLAG_*`).
     pub fn set_config_flags(&mut self, flags: u32) {
         self.config_flags = flags;
+    }
+
+    /// The host's network namespace cookie written into `LB_CONFIG` at every sync (`localhost:nodePort`).
+    pub fn set_host_netns_cookie(&mut self, cookie: u64) {
+        self.host_netns_cookie = cookie;
     }
 
     /// The ids of every programmed service (for conntrack garbage collection).
@@ -433,8 +440,8 @@ impl Reconciler {
         }
     }
 
-    /// Programs the per-packet datapath's node-level maps: SNAT addresses, this node's networks, the ClusterIP set and
-    /// the source ranges of programmed services. Adds come before deletes, so a changed entry is never missing.
+    /// Programs the per-packet datapath's node-level maps: SNAT addresses, this node's networks, the service CIDRs,
+    /// the ClusterIP set and the source ranges of programmed services. Adds come before deletes, so a changed entry is never missing.
     /// A new service's ranges are written after its entry: for that instant its LoadBalancer IP drops everything,
     /// the safe side of rule 9.
     fn sync_node(&mut self, maps: &mut impl Maps, desired: &DesiredState) {
@@ -444,6 +451,7 @@ impl Reconciler {
             snat_v6: node.snat_address(false).map(addr_bytes).unwrap_or([0; 16]),
             flags: self.config_flags,
             _pad: 0,
+            host_netns_cookie: self.host_netns_cookie,
         };
         if config != self.config {
             match maps.put_config(&config) {
@@ -467,6 +475,10 @@ impl Reconciler {
                 addr,
                 kind: LOCAL_NET_POD,
             });
+        }
+        for &(net, len) in &desired.service_cidrs {
+            let (prefix, addr) = lpm_prefix(net, len);
+            want.insert(NodeEntry::ServiceCidr { prefix, addr });
         }
         for (frontend, entry) in &desired.services {
             if entry.kind == crate::state::VipKind::ClusterIp {

@@ -30,6 +30,8 @@ use crate::state::{Backend, DesiredState, Frontend, Scope, ServiceEntry, VipKind
 pub(crate) struct StateBuilder {
     services: BTreeMap<Frontend, ServiceEntry>,
     diagnostics: Vec<Diagnostic>,
+    /// Add the `localhost:nodePort` frontends (`ModelConfig::localhost_nodeports`, rule 14).
+    pub(crate) localhost_nodeports: bool,
 }
 
 impl StateBuilder {
@@ -130,6 +132,7 @@ impl StateBuilder {
             source_ranges: Vec::new(),
         };
 
+        let localhost_nodeports = self.localhost_nodeports;
         let mut add = |addr: IpAddr, vip_port: u16, scope: Scope, entry: ServiceEntry| {
             let frontend = Frontend {
                 addr,
@@ -181,6 +184,22 @@ impl StateBuilder {
             }
         }
         if let Some(node_port) = port.node_port {
+            // Rule 14, kube-proxy iptables' `--iptables-localhost-nodeports` (default true): `127.0.0.0/8:nodePort`
+            // from the host itself goes to the Service like the node's own traffic to its NodePort (the Cluster
+            // set, rule 5's short-circuit: kube-proxy jumps to the Service's external chain, which sends local
+            // sources to the cluster chain). IPv4 only, as upstream ("never works" for `::1`). The socket LB
+            // looks up every `127.0.0.0/8` destination of a host-namespace socket under 127.0.0.1 and leaves
+            // other namespaces' loopback alone. kube-proxy only does this when its NodePort addresses include
+            // loopback (the iptables default); lb's NodePort addresses are the node's primary ones, so the flag
+            // alone decides. kube-proxy's nftables mode never does it; `--localhost-nodeports=false` matches it.
+            if localhost_nodeports && family == Family::V4 {
+                add(
+                    IpAddr::from(lb_common::LOCALHOST_NODEPORT_ADDR),
+                    node_port,
+                    Scope::Internal,
+                    entry(VipKind::NodePort, &sets.cluster),
+                );
+            }
             for &ip in &vips.node_addresses {
                 add(
                     ip,
@@ -466,6 +485,37 @@ endpoints:
                 "{addr}:{port} {scope:?}"
             );
         }
+    }
+
+    #[test]
+    fn localhost_node_ports_are_ipv4_internal_cluster_set_and_only_when_enabled() {
+        let yaml = web(
+            "  type: NodePort\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, 'fd00:96::10']\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n  externalTrafficPolicy: Local\n  ports: [{name: http, port: 80, nodePort: 30080}]",
+            REMOTE_ONLY_SLICE,
+        );
+        let on = super::super::ModelConfig {
+            localhost_nodeports: true,
+            ..super::super::ModelConfig::default()
+        };
+        let t = super::super::translate(&parse(&yaml), &worker(), &on);
+        // Rule 5's short-circuit: the node's own traffic takes the Cluster set even under a Local policy.
+        let lo = entry(&t, "127.0.0.1", 30080, Scope::Internal);
+        let node = entry(&t, "192.168.0.10", 30080, Scope::Internal);
+        assert_eq!(lo, node);
+        assert_eq!(lo.kind, VipKind::NodePort);
+        assert!(!lo.backends.is_empty());
+        let loopbacks: Vec<String> = frontends(&t)
+            .into_iter()
+            .filter(|f| f.starts_with("127.") || f.starts_with("[::1]"))
+            .collect();
+        assert_eq!(loopbacks, ["127.0.0.1:30080/TCP Internal NodePort"]);
+        // Off (the default, and kube-proxy's nftables mode): no loopback frontend at all.
+        let off = translate_yaml(&yaml, &worker());
+        assert!(
+            !frontends(&off).iter().any(|f| f.starts_with("127.")),
+            "{:?}",
+            frontends(&off)
+        );
     }
 
     #[test]

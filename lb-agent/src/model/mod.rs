@@ -8,7 +8,8 @@
 //! - `endpoints`: which endpoints each traffic policy may use (`CategorizeEndpoints`, pkg/proxy/topology.go);
 //! - `frontends`: one [`ServiceEntry`](crate::state::ServiceEntry) per VIP, port and scope (what the nftables
 //!   proxier's `syncProxyRules` writes into its maps);
-//! - `node`: this node's addresses and zone.
+//! - `node`: this node's addresses and zone;
+//! - `service_cidrs`: the ServiceCIDRs, whose unallocated addresses drop (rule 8).
 //!
 //! Nothing here touches the system or logs above `debug` (except [`node_context`] saying it fell back to the
 //! given addresses): problems come back as [`Diagnostic`]s for the caller to report, so the same input always gives
@@ -25,6 +26,7 @@ mod frontends;
 mod health;
 mod ip;
 mod node;
+mod service_cidrs;
 mod service_ports;
 #[cfg(test)]
 mod test_support;
@@ -38,6 +40,7 @@ pub use explain::{
 };
 pub use health::ServiceHealth;
 pub use node::node_context;
+pub use service_cidrs::parse_service_cidr;
 
 use crate::manifest::{ClusterObjects, Diagnostic};
 use crate::state::{Algorithm, DesiredState};
@@ -64,6 +67,10 @@ pub struct ModelConfig {
     pub service_proxy_name: Option<String>,
     /// NodePort addresses to use when no Node object for this node is known.
     pub fallback_node_addresses: Vec<IpAddr>,
+    /// Service CIDRs to use when there is no ServiceCIDR object (`--service-cidrs`).
+    pub fallback_service_cidrs: Vec<(IpAddr, u8)>,
+    /// Serve `localhost:nodePort` to the host's own processes (`--localhost-nodeports`, rule 14).
+    pub localhost_nodeports: bool,
 }
 
 /// The translation's result: the desired state and what had to be skipped on the way.
@@ -111,6 +118,7 @@ pub fn translate(objects: &ClusterObjects, node: &NodeContext, cfg: &ModelConfig
     }
 
     let mut state = frontends::StateBuilder::default();
+    state.localhost_nodeports = cfg.localhost_nodeports;
     let mut health = Vec::new();
     for svc in services.values() {
         if let Some(info) = service_ports::service_info(svc, cfg, &mut diagnostics) {
@@ -121,6 +129,7 @@ pub fn translate(objects: &ClusterObjects, node: &NodeContext, cfg: &ModelConfig
     let (mut state, conflicts) = state.finish();
     state.node = node::node_nets(&objects.nodes, node);
     state.endpoint_addresses = endpoint_slices::listed_addresses(&objects.endpoint_slices);
+    state.service_cidrs = service_cidrs::service_cidrs(objects, cfg, &mut diagnostics);
     diagnostics.extend(conflicts);
     Translation {
         state,

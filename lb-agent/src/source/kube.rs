@@ -1,6 +1,6 @@
-//! The cluster source: kube-rs watchers on Services, EndpointSlices and this node's Node object, feeding the same
-//! pure translation as the file source (`model::translate` on a [`ClusterObjects`](crate::manifest::ClusterObjects)
-//! snapshot) and, through the run loop, the same `Reconciler`.
+//! The cluster source: kube-rs watchers on Services, EndpointSlices, this node's Node object and the ServiceCIDRs,
+//! feeding the same pure translation as the file source (`model::translate` on a
+//! [`ClusterObjects`](crate::manifest::ClusterObjects) snapshot) and, through the run loop, the same `Reconciler`.
 //!
 //! Objects are watched as `DynamicObject`s and converted one by one with the manifest reader's converter, so one
 //! malformed object becomes a diagnostic naming it and its field instead of failing the whole list (a typed list
@@ -24,6 +24,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
@@ -31,7 +32,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::manifest::{self, Diagnostic};
+use crate::manifest::{self, ClusterObjects, Diagnostic};
 use tracker::{Change, ObjectKey, Parsed, Update};
 pub use tracker::{Kind, Snapshot, Tracker};
 
@@ -66,6 +67,12 @@ pub enum KubeError {
     InCluster(#[source] kube::config::InClusterError),
     #[error("creating the Kubernetes client: {0}")]
     Client(#[source] kube::Error),
+    #[error("listing {kind}s: {source}")]
+    List {
+        kind: Kind,
+        #[source]
+        source: kube::Error,
+    },
 }
 
 /// Builds a client for `connection`. Makes no request: an unreachable API server shows up as watcher retries.
@@ -98,7 +105,7 @@ pub struct KubeSource {
 }
 
 impl KubeSource {
-    /// Starts the three watchers on the current tokio runtime.
+    /// Starts the four watchers on the current tokio runtime.
     pub fn start(client: kube::Client, node_name: &str) -> KubeSource {
         let (tx, events) = mpsc::unbounded_channel();
         let services = watcher::Config::default();
@@ -121,7 +128,22 @@ impl KubeSource {
                 tx.clone(),
                 Update::EndpointSlice,
             )),
-            tokio::spawn(watch::<Node>(client, node, Kind::Node, tx, Update::Node)),
+            tokio::spawn(watch::<Node>(
+                client.clone(),
+                node,
+                Kind::Node,
+                tx.clone(),
+                Update::Node,
+            )),
+            // Not part of the initial-sync gate (see `tracker`): a cluster that does not serve ServiceCIDRs only
+            // logs this watcher's retries.
+            tokio::spawn(watch::<ServiceCIDR>(
+                client,
+                watcher::Config::default(),
+                Kind::ServiceCidr,
+                tx,
+                Update::ServiceCidr,
+            )),
         ];
         KubeSource::from_events(events, tasks)
     }
@@ -268,6 +290,87 @@ fn convert<K: kube::Resource<DynamicType = ()> + DeserializeOwned>(
     };
     let place = "the API server";
     (key, manifest::typed_object::<K>(&value, &kind_name, place))
+}
+
+/// Lists every kind the agent watches once, with the same selectors and the same per-object conversion, for
+/// one-shot commands (`lb-agent explain`): the objects, and a diagnostic for each unreadable one. ServiceCIDRs
+/// that cannot be listed (an API server older than 1.33, or RBAC without them) are a diagnostic, as they do not
+/// hold the agent back either (see `tracker`).
+pub async fn list_once(
+    client: &kube::Client,
+    node_name: &str,
+) -> Result<(ClusterObjects, Vec<Diagnostic>), KubeError> {
+    let mut diagnostics = Vec::new();
+    let slices = watcher::Config::default().labels(SERVICE_NAME_LABEL);
+    let node = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+    let services = list_kind::<Service>(client, &watcher::Config::default(), Kind::Service).await?;
+    let endpoint_slices = list_kind::<EndpointSlice>(client, &slices, Kind::EndpointSlice).await?;
+    let nodes = list_kind::<Node>(client, &node, Kind::Node).await?;
+    let service_cidrs = match list_kind::<ServiceCIDR>(
+        client,
+        &watcher::Config::default(),
+        Kind::ServiceCidr,
+    )
+    .await
+    {
+        Ok(list) => list,
+        Err(e) => {
+            diagnostics.push(Diagnostic::new(
+                "ServiceCIDRs",
+                None,
+                format!("{e}; unallocated ClusterIPs are not considered"),
+            ));
+            Vec::new()
+        }
+    };
+    let objects = ClusterObjects {
+        services: keep_all(services, &mut diagnostics),
+        endpoint_slices: keep_all(endpoint_slices, &mut diagnostics),
+        nodes: keep_all(nodes, &mut diagnostics),
+        service_cidrs: keep_all(service_cidrs, &mut diagnostics),
+    };
+    Ok((objects, diagnostics))
+}
+
+/// The readable objects; a diagnostic for each other one.
+fn keep_all<K>(parsed: Vec<Parsed<K>>, diagnostics: &mut Vec<Diagnostic>) -> Vec<K> {
+    let mut out = Vec::with_capacity(parsed.len());
+    for p in parsed {
+        match p {
+            Ok(obj) => out.push(obj),
+            Err(d) => diagnostics.push(d),
+        }
+    }
+    out
+}
+
+/// One list request of kind `K` with the watcher's selectors, each object converted on its own.
+async fn list_kind<K>(
+    client: &kube::Client,
+    config: &watcher::Config,
+    kind: Kind,
+) -> Result<Vec<Parsed<K>>, KubeError>
+where
+    K: kube::Resource<DynamicType = ()> + DeserializeOwned,
+{
+    let resource = ApiResource::erase::<K>(&());
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+    let mut params = kube::api::ListParams::default();
+    if let Some(labels) = &config.label_selector {
+        params = params.labels(labels);
+    }
+    if let Some(fields) = &config.field_selector {
+        params = params.fields(fields);
+    }
+    let list = api
+        .list(&params)
+        .await
+        .map_err(|source| KubeError::List { kind, source })?;
+    Ok(list
+        .items
+        .into_iter()
+        .map(|obj| convert::<K>(obj, kind).1)
+        .collect())
 }
 
 /// Reads `KUBERNETES_SERVICE_HOST` the way kube-rs's in-cluster config does: set and non-empty means "inside a pod".

@@ -87,12 +87,16 @@ pub async fn handle(
     }
 }
 
-/// `/api/v1/services`, `/api/v1/namespaces/<ns>/services`, `/apis/discovery.k8s.io/v1/endpointslices`, ...
+/// `/api/v1/services`, `/api/v1/namespaces/<ns>/services`, `/apis/discovery.k8s.io/v1/endpointslices`,
+/// `/apis/networking.k8s.io/v1/servicecidrs`, ...
 fn route(path: &str) -> Option<(Resource, Option<String>)> {
-    let rest = path
-        .strip_prefix("/api/v1/")
-        .or_else(|| path.strip_prefix("/apis/discovery.k8s.io/v1/"))?;
-    let group_core = path.starts_with("/api/v1/");
+    let (api_version, rest) = [
+        ("v1", "/api/v1/"),
+        ("discovery.k8s.io/v1", "/apis/discovery.k8s.io/v1/"),
+        ("networking.k8s.io/v1", "/apis/networking.k8s.io/v1/"),
+    ]
+    .into_iter()
+    .find_map(|(v, prefix)| Some((v, path.strip_prefix(prefix)?)))?;
     let (namespace, plural) = match rest.strip_prefix("namespaces/") {
         Some(r) => {
             let (ns, plural) = r.split_once('/')?;
@@ -102,7 +106,7 @@ fn route(path: &str) -> Option<(Resource, Option<String>)> {
     };
     let resource = Resource::ALL
         .into_iter()
-        .find(|r| r.plural() == plural && (r.api_version() == "v1") == group_core)?;
+        .find(|r| r.plural() == plural && r.api_version() == api_version)?;
     if namespace.is_some() && !resource.namespaced() {
         return None;
     }
@@ -302,6 +306,14 @@ mod tests {
             Some((Resource::EndpointSlices, Some("ns1".into())))
         );
         assert_eq!(route("/api/v1/endpointslices"), None);
+        assert_eq!(
+            route("/apis/networking.k8s.io/v1/servicecidrs"),
+            Some((Resource::ServiceCidrs, None))
+        );
+        assert_eq!(
+            route("/apis/networking.k8s.io/v1/namespaces/x/servicecidrs"),
+            None
+        );
         assert_eq!(route("/api/v1/namespaces/x/nodes"), None);
         let q = parse_query(
             "&watch=true&labelSelector=kubernetes.io%2Fservice-name&fieldSelector=metadata.name%3Dn1",

@@ -11,13 +11,15 @@ pub enum Resource {
     Services,
     EndpointSlices,
     Nodes,
+    ServiceCidrs,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 3] = [
+    pub const ALL: [Resource; 4] = [
         Resource::Services,
         Resource::EndpointSlices,
         Resource::Nodes,
+        Resource::ServiceCidrs,
     ];
 
     pub fn from_kind(kind: &str) -> Option<Resource> {
@@ -25,6 +27,7 @@ impl Resource {
             "Service" => Some(Resource::Services),
             "EndpointSlice" => Some(Resource::EndpointSlices),
             "Node" => Some(Resource::Nodes),
+            "ServiceCIDR" => Some(Resource::ServiceCidrs),
             _ => None,
         }
     }
@@ -34,6 +37,7 @@ impl Resource {
             Resource::Services => "Service",
             Resource::EndpointSlices => "EndpointSlice",
             Resource::Nodes => "Node",
+            Resource::ServiceCidrs => "ServiceCIDR",
         }
     }
 
@@ -41,6 +45,7 @@ impl Resource {
         match self {
             Resource::Services | Resource::Nodes => "v1",
             Resource::EndpointSlices => "discovery.k8s.io/v1",
+            Resource::ServiceCidrs => "networking.k8s.io/v1",
         }
     }
 
@@ -50,11 +55,12 @@ impl Resource {
             Resource::Services => "services",
             Resource::EndpointSlices => "endpointslices",
             Resource::Nodes => "nodes",
+            Resource::ServiceCidrs => "servicecidrs",
         }
     }
 
     pub fn namespaced(self) -> bool {
-        !matches!(self, Resource::Nodes)
+        !matches!(self, Resource::Nodes | Resource::ServiceCidrs)
     }
 }
 

@@ -11,15 +11,20 @@
 //! (added, modified, or absent from the new list = deleted). Until then the previous contents stay current, so a
 //! sync in the middle of a relist never sees a half-listed (or empty) cluster.
 //!
-//! **Readiness:** [`Tracker::take`] returns nothing until every kind has completed one list, so the agent writes no
-//! map before it knows both the Services and their EndpointSlices (no moment where a Service exists but its
-//! backends look empty), and this node's Node object (possibly absent).
+//! **Readiness:** [`Tracker::take`] returns nothing until Services, EndpointSlices and the Node have each completed
+//! one list, so the agent writes no map before it knows both the Services and their EndpointSlices (no moment where
+//! a Service exists but its backends look empty), and this node's Node object (possibly absent). ServiceCIDRs are
+//! not waited for (kube-proxy does not wait for them either): until their first list the snapshot holds none, which
+//! only means no address is dropped as unallocated (the safe side), and an API server that does not serve them
+//! (older than 1.33 without the gate, or RBAC without `servicecidrs`) must not keep the agent from programming
+//! anything. Their completed list is a change like any other and is synced then.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 
 use crate::manifest::{ClusterObjects, Diagnostic};
 
@@ -29,6 +34,7 @@ pub enum Kind {
     Service,
     EndpointSlice,
     Node,
+    ServiceCidr,
 }
 
 impl fmt::Display for Kind {
@@ -37,6 +43,7 @@ impl fmt::Display for Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
+            Kind::ServiceCidr => "ServiceCIDR",
         })
     }
 }
@@ -81,6 +88,7 @@ pub enum Update {
     Service(Change<Service>),
     EndpointSlice(Change<EndpointSlice>),
     Node(Change<Node>),
+    ServiceCidr(Change<ServiceCIDR>),
 }
 
 /// What a store's event did to its contents, for the caller's log.
@@ -233,9 +241,11 @@ pub struct Tracker {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     nodes: Store<Node>,
+    service_cidrs: Store<ServiceCIDR>,
     pending_services: BTreeMap<ObjectKey, Pending<Service>>,
     pending_slices: BTreeMap<ObjectKey, Pending<EndpointSlice>>,
     pending_nodes: BTreeMap<ObjectKey, Pending<Node>>,
+    pending_service_cidrs: BTreeMap<ObjectKey, Pending<ServiceCIDR>>,
     synced_once: bool,
 }
 
@@ -251,10 +261,14 @@ impl Tracker {
                 self.slices.apply(c, &mut self.pending_slices),
             ),
             Update::Node(c) => (Kind::Node, self.nodes.apply(c, &mut self.pending_nodes)),
+            Update::ServiceCidr(c) => (
+                Kind::ServiceCidr,
+                self.service_cidrs.apply(c, &mut self.pending_service_cidrs),
+            ),
         }
     }
 
-    /// Every kind has completed a list at least once.
+    /// Every kind the first sync waits for (all but ServiceCIDR, see the module doc) has completed a list.
     pub fn ready(&self) -> bool {
         self.services.listed && self.slices.listed && self.nodes.listed
     }
@@ -273,7 +287,10 @@ impl Tracker {
     }
 
     fn pending(&self) -> usize {
-        self.pending_services.len() + self.pending_slices.len() + self.pending_nodes.len()
+        self.pending_services.len()
+            + self.pending_slices.len()
+            + self.pending_nodes.len()
+            + self.pending_service_cidrs.len()
     }
 
     /// The whole current state when it is worth a sync: never before [`Tracker::ready`], then once for the
@@ -293,6 +310,7 @@ impl Tracker {
         self.pending_services.clear();
         self.pending_slices.clear();
         self.pending_nodes.clear();
+        self.pending_service_cidrs.clear();
         Some(snapshot)
     }
 
@@ -307,6 +325,7 @@ impl Tracker {
             services: self.services.objects(&mut diagnostics),
             endpoint_slices: self.slices.objects(&mut diagnostics),
             nodes: self.nodes.objects(&mut diagnostics),
+            service_cidrs: self.service_cidrs.objects(&mut diagnostics),
         };
         Some(Snapshot {
             objects,
@@ -423,6 +442,51 @@ mod tests {
         assert!(s.initial);
         assert_eq!(s.objects.endpoint_slices.len(), 1);
         assert!(t.take().is_none(), "nothing changed since");
+    }
+
+    fn service_cidr(name: &str, cidr: &str) -> (ObjectKey, Parsed<ServiceCIDR>) {
+        let obj = ServiceCIDR {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            spec: Some(k8s_openapi::api::networking::v1::ServiceCIDRSpec {
+                cidrs: Some(vec![cidr.into()]),
+            }),
+            ..Default::default()
+        };
+        (
+            ObjectKey {
+                namespace: String::new(),
+                name: name.into(),
+            },
+            Ok(obj),
+        )
+    }
+
+    #[test]
+    fn service_cidrs_do_not_gate_the_first_sync_and_arrive_as_a_change() {
+        // Services, slices and the Node listed, ServiceCIDRs not (an API server without them): the first sync
+        // happens, with no CIDR, so nothing is dropped as unallocated.
+        let mut t = ready_tracker();
+        assert!(t.unlisted().is_empty());
+        let first = t.take().expect("ready without ServiceCIDRs");
+        assert!(first.initial && first.objects.service_cidrs.is_empty());
+        // A half-done ServiceCIDR list changes nothing; its completion is one change.
+        t.apply(Update::ServiceCidr(Change::Init));
+        let (k, o) = service_cidr("kubernetes", "10.96.0.0/16");
+        t.apply(Update::ServiceCidr(Change::InitApply(k, o)));
+        assert!(t.take().is_none(), "a ServiceCIDR list in progress");
+        t.apply(Update::ServiceCidr(Change::InitDone));
+        let s = t.take().expect("the listed ServiceCIDR is a change");
+        assert_eq!((s.initial, s.changes), (false, 1));
+        assert_eq!(s.objects.service_cidrs.len(), 1);
+        // Deleted: the next snapshot holds none.
+        t.apply(Update::ServiceCidr(Change::Delete(ObjectKey {
+            namespace: String::new(),
+            name: "kubernetes".into(),
+        })));
+        assert!(t.take().expect("deletion").objects.service_cidrs.is_empty());
     }
 
     #[test]
