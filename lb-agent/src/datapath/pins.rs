@@ -11,7 +11,7 @@ use aya::maps::{MapInfo, MapType};
 use lb_common::{
     AffinityKey, AffinityValue, BackendStats, BackendValue, ConfigValue, CtKey, CtValue, FragKey,
     FragValue, ServiceKey, ServiceStats, ServiceValue, SockRevNatKey, SockRevNatValue,
-    SrcRangeData, TraceValue, map_names,
+    SrcRangeData, TraceValue, XdpL2Value, map_names,
 };
 
 /// Configured map capacities (`max_entries`).
@@ -55,7 +55,7 @@ fn size<T>() -> u32 {
 }
 
 impl Capacities {
-    pub fn specs(&self) -> [MapSpec; 15] {
+    pub fn specs(&self) -> [MapSpec; 16] {
         let spec = |name, map_type, key_size, value_size, max_entries| MapSpec {
             name,
             map_type,
@@ -169,6 +169,14 @@ impl Capacities {
                 size::<FragKey>(),
                 size::<FragValue>(),
                 self.fragments,
+            ),
+            // Two learned headers per SNATed flow (forward and reply leg), which holds four conntrack entries.
+            spec(
+                map_names::XDP_L2,
+                MapType::LruHash,
+                size::<CtKey>(),
+                size::<XdpL2Value>(),
+                (self.conntrack / 2).max(1),
             ),
         ]
     }
