@@ -190,6 +190,11 @@ fn parse_inner(ctx: &XdpContext, p: &mut Pkt) -> Option<()> {
                 if u16::from_be(ip.add(6).cast::<u16>().read_unaligned()) & 0x3fff != 0 {
                     return None;
                 }
+                // The datagram must be all there (a cut frame is the stack's to drop, never forwarded).
+                let total = usize::from(u16::from_be(ip.add(2).cast::<u16>().read_unaligned()));
+                if total < 28 || ETH_HLEN + total > ctx.data_end() - ctx.data() {
+                    return None;
+                }
                 p.v4 = 1;
                 p.proto = *ip.add(9);
                 p.saddr = v4_mapped(ip.add(12).cast::<[u8; 4]>().read_unaligned());
@@ -202,6 +207,10 @@ fn parse_inner(ctx: &XdpContext, p: &mut Pkt) -> Option<()> {
             // SAFETY: `ptr_at` checked that the 40-byte header is inside the frame.
             unsafe {
                 if *ip >> 4 != 6 {
+                    return None;
+                }
+                let payload = usize::from(u16::from_be(ip.add(4).cast::<u16>().read_unaligned()));
+                if payload < 8 || L4_V6 + payload > ctx.data_end() - ctx.data() {
                     return None;
                 }
                 p.v4 = 0;
@@ -315,7 +324,8 @@ fn usable(ct: &CtValue, p: &Pkt) -> bool {
         return false;
     }
     if p.proto == PROTO_TCP {
-        return p.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 && ct.lifetime_s == CT_LIFETIME_TCP_S;
+        return p.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
+            && ct.lifetime_s == CT_LIFETIME_TCP_S;
     }
     true
 }
@@ -323,7 +333,13 @@ fn usable(ct: &CtValue, p: &Pkt) -> bool {
 /// With the learned L2 header of `s.other`'s leg: rewrites the packet by `s.nat`, refreshes both entries, counts,
 /// and returns the action that sends it; `XDP_PASS` when the header is unknown or stale, or the TTL runs out.
 #[inline(always)]
-fn send(ctx: &XdpContext, s: &mut Scratch, first: *mut CtValue, second: *mut CtValue, why: u32) -> u32 {
+fn send(
+    ctx: &XdpContext,
+    s: &mut Scratch,
+    first: *mut CtValue,
+    second: *mut CtValue,
+    why: u32,
+) -> u32 {
     let Some(l2) = LB_XDP_L2.get_ptr(&s.other) else {
         return XDP_PASS;
     };
@@ -381,7 +397,11 @@ fn rewrite_inner(ctx: &XdpContext, s: &mut Scratch) -> Option<()> {
     let n = &s.nat;
     let eth = ptr_at::<[u8; 12]>(ctx, 0)?;
     let l4 = if p.v4 != 0 { L4_V4 } else { L4_V6 };
-    let csum_off = if p.proto == PROTO_TCP { l4 + 16 } else { l4 + 6 };
+    let csum_off = if p.proto == PROTO_TCP {
+        l4 + 16
+    } else {
+        l4 + 6
+    };
     let ports = ptr_at::<[u16; 2]>(ctx, l4)?;
     let csum = ptr_at::<u16>(ctx, csum_off)?;
     let new_sport = n.sport.to_be();
