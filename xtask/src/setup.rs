@@ -20,6 +20,7 @@ pub const PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "iputils-ping",
+    "ethtool",
 ];
 
 /// The rustc that can build `core` for bpfel (rustup's toolchains have no rust-src here).
