@@ -1,5 +1,6 @@
-//! The XDP fast path with real traffic: the agent runs in node A of a [`NodePair`] with `--xdp` (generic mode:
-//! veth's native XDP_TX/redirect needs NAPI on the peers, see README), an outside client moves data through a
+//! The XDP fast path with real traffic: the agent runs in node A of a [`NodePair`] with `--xdp` in generic mode,
+//! and in native mode (veth's native XDP_TX/redirect needs NAPI on the receiving peers: GRO is turned on there),
+//! an outside client moves data through a
 //! NodePort whose backend is on node B (DNAT + SNAT, Cluster policy), and the per-reason counters must show that
 //! most packets of both directions were translated and sent by XDP, not tc. Every packet stays inside the
 //! namespaces the test creates.
@@ -242,6 +243,12 @@ fn setup(mode: &'static str) -> Setup {
     let off = ["tx", "off", "tso", "off", "gso", "off"];
     ethtool(&pair.client, &format!("cl-{t}"), &off);
     ethtool(&pair.pod_b, &format!("pb-{t}"), &off);
+    if mode == "native" {
+        // veth's native XDP_TX / redirect put frames on the peer's NAPI queue, which exists only with XDP or GRO
+        // on the peer: the client's end (replies redirected out of the uplink) and node B's end of the link.
+        ethtool(&pair.client, &format!("cl-{t}"), &["gro", "on"]);
+        ethtool(&pair.node_b, &format!("ba-{t}"), &["gro", "on"]);
+    }
     let serve = probe
         .serve_cmd("pod-b", &[HTTP_PORT], &[])
         .arg("--echo-port")
@@ -434,4 +441,27 @@ fn xdp_established_connection_survives_kill_9_and_cleanup_detaches_xdp() {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+#[test]
+fn xdp_native_forwards_bulk_nodeport_traffic_to_a_remote_backend_v4_and_v6() {
+    if !require_root("xdp_native_forwards_bulk_nodeport_traffic_to_a_remote_backend_v4_and_v6") {
+        return;
+    }
+    let s = setup("native");
+    for (to, what) in [
+        (format!("{}:30200", node_pair::NODE_A_V4), "IPv4 native"),
+        (format!("[{}]:30201", node_pair::NODE_A_V6), "IPv6 native"),
+    ] {
+        let before = counts(&s.pair);
+        echo(&s, &to, 40, 64 * 1024);
+        let after = counts(&s.pair);
+        assert_mostly_xdp(&before, &after, what);
+    }
+    let log = s.agent.child.stderr();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("XDP fast path attached") && l.contains("native")),
+        "the log names the mode:\n{log}"
+    );
 }
