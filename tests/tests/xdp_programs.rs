@@ -441,3 +441,26 @@ fn xdp_drops_sources_outside_load_balancer_source_ranges() {
     let stats = maps.service_stats(svc.service_id).expect("service stats");
     assert_eq!(stats.drops, 1, "the LoadBalancer's drop counter");
 }
+
+/// The benchmark's XDP rows measure what they say: `lb_xdp` returns XDP_TX on the established remote-backend flow
+/// (the bench checks it before timing and between chunks, and fails the row otherwise) and XDP_PASS on new flows.
+/// Only that the rows were produced is asserted; their numbers belong to `cargo xtask bench`.
+#[test]
+fn bench_xdp_rows_run_on_a_translated_established_flow() {
+    if !require_root("bench_xdp_rows_run_on_a_translated_established_flow") {
+        return;
+    }
+    let results = lb_tests::bench::packet::run(&[10], 2500);
+    assert!(results.error.is_none(), "{:?}", results.error);
+    let row = &results.rows[0];
+    assert!(row.error.is_none(), "{:?}", row.error);
+    let est = row.xdp_established_ns.expect("the XDP established row");
+    let new = row.xdp_new_flow_ns.expect("the XDP new-flow row");
+    assert_eq!((est.n, new.n), (2500, 2500), "every run timed");
+    eprintln!(
+        "p50 ns: tc established {:?}, xdp new flow {}, xdp established {}",
+        row.established_ns.map(|s| s.p50),
+        new.p50,
+        est.p50
+    );
+}
