@@ -141,7 +141,7 @@ impl XdpAgent {
         std::fs::create_dir_all(&dir).expect("agent directory");
         let manifest = dir.join("services.yaml");
         std::fs::write(&manifest, MANIFEST).expect("writing the manifest");
-        let child = Self::launch(pair, &manifest, mode);
+        let child = Self::launch(pair, &manifest, Some(mode));
         let mut agent = XdpAgent {
             child,
             manifest,
@@ -152,7 +152,12 @@ impl XdpAgent {
         agent
     }
 
-    fn launch(pair: &NodePair, manifest: &std::path::Path, mode: &str) -> Child {
+    /// `mode` None: without `--xdp`.
+    fn launch(pair: &NodePair, manifest: &std::path::Path, mode: Option<&str>) -> Child {
+        let xdp: &[&str] = match mode {
+            Some(m) => &["--xdp", "--xdp-mode", m],
+            None => &[],
+        };
         Cmd::new(agent_bin!())
             .arg("run")
             .arg("--manifests")
@@ -164,7 +169,7 @@ impl XdpAgent {
             .arg(pair.bpf_dir().path())
             .args(["--devices", &pair.node_a_devices().join(",")])
             .args(["--node-address", node_pair::NODE_A_V4])
-            .args(["--xdp", "--xdp-mode", mode])
+            .args(xdp)
             .args(["--health-addr", "127.0.0.1:0"])
             .args(["--metrics-addr", "127.0.0.1:0"])
             .args(["--health-check-node-port-addresses", "127.0.0.1"])
@@ -178,8 +183,29 @@ impl XdpAgent {
     /// `kill -9` and start again on the same pins.
     fn restart(&mut self, pair: &NodePair) {
         self.child.kill();
-        self.child = Self::launch(pair, &self.manifest, self.mode);
+        self.child = Self::launch(pair, &self.manifest, Some(self.mode));
         self.wait_attached(pair);
+    }
+
+    /// `kill -9` and start again without `--xdp`; waits for the first sync.
+    fn restart_without_xdp(&mut self, pair: &NodePair) {
+        self.child.kill();
+        self.child = Self::launch(pair, &self.manifest, None);
+        let deadline = Instant::now() + SYNC;
+        while !self.child.stderr().contains("initial sync done") {
+            let exited = self.child.try_wait().expect("polling the agent");
+            assert!(
+                exited.is_none(),
+                "lb-agent exited:\n{}",
+                self.child.stderr()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "lb-agent never synced:\n{}",
+                self.child.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn wait_attached(&mut self, pair: &NodePair) {
@@ -379,6 +405,49 @@ fn xdp_shown(pair: &NodePair, dev: &str) -> bool {
     out.contains("prog/xdp") || out.contains("xdpgeneric")
 }
 
+/// Waits until no interface of node A shows an XDP program.
+fn wait_no_xdp(pair: &NodePair, after: &str) {
+    // The kernel releases an unpinned link from a workqueue (bpf_link_put_deferred): wait for it.
+    let deadline = Instant::now() + SYNC;
+    for dev in pair.node_a_devices() {
+        while xdp_shown(pair, &dev) {
+            assert!(
+                Instant::now() < deadline,
+                "XDP still attached to {dev} after {after}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn an_agent_restarted_without_xdp_detaches_it_and_traffic_goes_on_through_tc() {
+    if !require_root("an_agent_restarted_without_xdp_detaches_it_and_traffic_goes_on_through_tc") {
+        return;
+    }
+    let mut s = setup("generic");
+    for dev in s.pair.node_a_devices() {
+        assert!(
+            xdp_shown(&s.pair, &dev),
+            "XDP is attached to {dev} at first"
+        );
+    }
+    s.agent.restart_without_xdp(&s.pair);
+    wait_no_xdp(&s.pair, "a restart without --xdp");
+    let before = counts(&s.pair);
+    echo(&s, &format!("{}:30200", node_pair::NODE_A_V4), 4, 16 * 1024);
+    let after = counts(&s.pair);
+    assert_eq!(
+        delta(&before, &after, reason::XDP_FORWARD),
+        0,
+        "no XDP forwarding without --xdp"
+    );
+    assert!(
+        delta(&before, &after, reason::CONNTRACK) > 0,
+        "tc carried the flow"
+    );
+}
+
 #[test]
 fn xdp_established_connection_survives_kill_9_and_cleanup_detaches_xdp() {
     if !require_root("xdp_established_connection_survives_kill_9_and_cleanup_detaches_xdp") {
@@ -430,17 +499,7 @@ fn xdp_established_connection_survives_kill_9_and_cleanup_detaches_xdp() {
         .run(RUN)
         .expect("lb-agent cleanup");
     assert!(out.status.success(), "cleanup failed: {}", out.stderr);
-    // The kernel releases an unpinned link from a workqueue (bpf_link_put_deferred): wait for it.
-    let deadline = Instant::now() + SYNC;
-    for dev in &devices {
-        while xdp_shown(&s.pair, dev) {
-            assert!(
-                Instant::now() < deadline,
-                "XDP still attached to {dev} after cleanup"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
+    wait_no_xdp(&s.pair, "cleanup");
 }
 
 #[test]
