@@ -87,6 +87,7 @@ pub mod map_names {
     /// The cluster's service CIDRs (ServiceCIDR objects, or `--service-cidrs`); 15 characters at most, as every
     /// kernel map name.
     pub const SVC_CIDRS: &str = "LB_SVC_CIDRS";
+    pub const XDP_L2: &str = "LB_XDP_L2";
     /// Kubernetes names of the service ids, for operators; created by the agent, not by the object.
     pub const SVC_NAMES: &str = "LB_SVC_NAMES";
     /// Maps the agent creates and pins itself (no program uses them), so the loader does not know them.
@@ -109,6 +110,7 @@ pub mod map_names {
         TRACE,
         FRAGMENTS,
         SVC_CIDRS,
+        XDP_L2,
     ];
 }
 
@@ -126,6 +128,9 @@ pub mod prog_names {
     /// DNAT of replies from local backends).
     pub const TC_INGRESS: &str = "lb_tc_ingress";
     pub const TC_EGRESS: &str = "lb_tc_egress";
+    /// The XDP fast path on the same interfaces (`--xdp`): early source-range drops and established remote-backend
+    /// flows translated and sent back out without the stack.
+    pub const XDP: &str = "lb_xdp";
     pub const SOCK_ALL: [&str; 8] = [
         CONNECT4,
         CONNECT6,
@@ -542,6 +547,33 @@ pub const CONFIG_FLAG_LOCALHOST_NODEPORTS: u32 = 2;
 /// looks up any `127.0.0.0/8` destination of a host socket under it.
 pub const LOCALHOST_NODEPORT_ADDR: [u8; 4] = [127, 0, 0, 1];
 
+/// `ConfigValue.flags`: the XDP fast path is attached (`--xdp`), so tc egress records the Ethernet header of the
+/// SNATed flows' packets in `LB_XDP_L2`; without it tc egress skips that work.
+pub const CONFIG_FLAG_XDP: u32 = 4;
+
+/// How long (nanoseconds) a learned L2 header (`LB_XDP_L2`) may be used by XDP after tc egress recorded it. Past
+/// that, XDP passes the flow's next packet to tc, whose egress records the header again: a changed neighbour (new
+/// MAC, new route) is picked up within this time.
+pub const XDP_L2_FRESH_NS: u64 = 10_000_000_000;
+/// tc egress rewrites an unchanged `LB_XDP_L2` entry only when it is older than this, so a slow-path flow costs
+/// one map update per second rather than one per packet.
+pub const XDP_L2_REFRESH_NS: u64 = 1_000_000_000;
+
+/// `LB_XDP_L2` value: the Ethernet header and interface a SNATed flow's packets left with, as tc egress saw them
+/// (the neighbour subsystem filled it in). Key: the `CtKey` tc egress used for the packet: the `CT_DIR_SNAT` key
+/// for the client -> backend leg, the `CT_DIR_REPLY` key for the backend -> client leg.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct XdpL2Value {
+    /// `bpf_ktime_get_ns()` when tc egress recorded it; XDP uses it for `XDP_L2_FRESH_NS`.
+    pub learned_ns: u64,
+    /// The egress interface's index.
+    pub ifindex: u32,
+    /// Destination and source MAC, as on the wire.
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+}
+
 /// `LB_LOCAL_NETS` (LPM trie, key data: a 16-byte address; the prefix length counts its bits, 96 + n for an IPv4
 /// /n) value kinds: a pod CIDR of this node, or one of its own addresses.
 pub const LOCAL_NET_POD: u8 = 1;
@@ -608,8 +640,13 @@ pub mod reason {
     /// Rule 8: the destination is inside a service CIDR but no Service holds it (kube-proxy nftables'
     /// "Drop traffic to unallocated ClusterIPs").
     pub const UNALLOCATED_CLUSTER_IP: u32 = 16;
+    /// XDP translated a packet of an established remote-backend flow (client -> backend: DNAT + SNAT) and sent it
+    /// out itself (XDP_TX / redirect), without the stack or tc.
+    pub const XDP_FORWARD: u32 = 17;
+    /// XDP translated a reply of such a flow (backend -> client: both reverse translations) and sent it out.
+    pub const XDP_REPLY: u32 = 18;
     /// Number of reasons (size of `LB_DROP_STATS`).
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 19;
 
     /// The name `lb-agent trace` prints.
     pub const fn name(reason: u32) -> &'static str {
@@ -630,6 +667,8 @@ pub mod reason {
             REJECT_FAILED => "reject-failed",
             FRAGMENT_FOLLOWED => "fragment-followed",
             UNALLOCATED_CLUSTER_IP => "unallocated-cluster-ip",
+            XDP_FORWARD => "xdp-forward",
+            XDP_REPLY => "xdp-reply",
             _ => "not-a-service",
         }
     }
@@ -723,6 +762,7 @@ mod pod {
     unsafe impl aya::Pod for ServiceNameValue {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for XdpL2Value {}
 }
 
 #[cfg(test)]
@@ -750,6 +790,7 @@ mod tests {
         assert_eq!(size_of::<ServiceNameValue>(), 152);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<FragValue>(), 56);
+        assert_eq!(size_of::<XdpL2Value>(), 24);
     }
 
     #[test]

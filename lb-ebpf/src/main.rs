@@ -1,5 +1,5 @@
 //! lb's kernel side: the socket load balancer (eight cgroup sock_addr programs) and the per-packet datapath (tc
-//! ingress/egress on the node's external interfaces, `tc`, `packet`, `reject`). The socket forward hooks (connect,
+//! ingress/egress on the node's external interfaces, `tc`, `packet`, `reject`; the XDP fast path in front of it, `xdp`). The socket forward hooks (connect,
 //! sendmsg) turn a Service VIP into a backend before the socket ever sends a packet; the reverse hooks (recvmsg,
 //! getpeername) show the application the VIP again. Maps in `maps`, the two cores in `sock`, backend choice in
 //! `select`, counters in `stats`; this file only attaches.
@@ -23,6 +23,19 @@ mod sock;
 mod stats;
 #[cfg(any(target_arch = "bpf", clippy))]
 mod tc;
+#[cfg(any(target_arch = "bpf", clippy))]
+mod xdp;
+
+/// The XDP fast path on the same interfaces (`--xdp`); the core is in `xdp`.
+#[cfg(any(target_arch = "bpf", clippy))]
+mod xdp_programs {
+    use aya_ebpf::{macros::xdp, programs::XdpContext};
+
+    #[xdp]
+    pub fn lb_xdp(ctx: XdpContext) -> u32 {
+        crate::xdp::run(&ctx)
+    }
+}
 
 /// The per-packet programs on the node's external interfaces (tcx or clsact); the cores are in `tc`.
 #[cfg(any(target_arch = "bpf", clippy))]

@@ -14,7 +14,7 @@ use lb_common::{
     DEFAULT_MAX_FRAGMENTS, DEFAULT_MAX_LOCAL_NETS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REVNAT,
     DEFAULT_MAX_SRC_RANGES, DEFAULT_MAX_SVC_CIDRS, DEFAULT_MAX_VIPS, FragKey, FragValue,
     ServiceKey, ServiceStats, ServiceValue, SockRevNatKey, SockRevNatValue, SrcRangeData,
-    TraceValue, reason,
+    TraceValue, XdpL2Value, reason,
 };
 
 /// One service's lookup table, the `LB_MAGLEV` inner map: element `LUT_LEN_INDEX` (0) holds the table length L,
@@ -148,3 +148,17 @@ pub static LB_CRC_STEP: Array<[u32; 2], 1> = Array::new();
 #[btf_map]
 pub static LB_SCRATCH: PerCpuArray<crate::tc::Scratch, { crate::tc::SCRATCH_SLOTS }> =
     PerCpuArray::new();
+
+/// `CtKey` (the `CT_DIR_SNAT` key of a flow's client -> backend leg, or the `CT_DIR_REPLY` key of its backend ->
+/// client leg) -> `XdpL2Value` {egress interface, MACs, learned at}: the Ethernet header the leg's packets left
+/// with. Written by tc egress (only with `CONFIG_FLAG_XDP`, only for SNATed flows); read by `lb_xdp`'s fast path.
+/// LRU: an evicted entry only sends the flow's packets through tc until it is learned again.
+#[btf_map]
+pub static LB_XDP_L2: LruHashMap<CtKey, XdpL2Value, { (DEFAULT_MAX_CONNTRACK / 2) as usize }> =
+    LruHashMap::new();
+
+/// 0 -> `xdp::Scratch`, per CPU: one `lb_xdp` run's working state. Its own map, not a slot of `LB_SCRATCH`: XDP
+/// and tc run back to back on the same packet and CPU (generic XDP even inside the same receive call), and sharing
+/// a value would let one program's leftovers be read as the other's state. Never pinned.
+#[btf_map]
+pub static LB_XDP_SCRATCH: PerCpuArray<crate::xdp::Scratch, 1> = PerCpuArray::new();

@@ -42,18 +42,18 @@ use aya_ebpf::{
 };
 use lb_common::{
     ALG_MAGLEV, AffinityKey, AffinityValue, BACKEND_FLAG_LOCAL, BackendValue, CONFIG_FLAG_TRACE,
-    CT_DIR_FWD, CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_CLOSING, CT_FLAG_SNAT,
-    CT_LIFETIME_CLOSING_S, CT_LIFETIME_OTHER_S, CT_LIFETIME_SYN_S, CT_LIFETIME_TCP_S, ConfigValue,
-    CtKey, CtValue, FRAG_FLAG_COUNTED, FRAG_HOOK_EGRESS, FRAG_HOOK_INGRESS, FRAG_LIFETIME_S,
-    FragKey, FragValue, PROTO_SCTP, PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    CONFIG_FLAG_XDP, CT_DIR_FWD, CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_CLOSING,
+    CT_FLAG_SNAT, CT_LIFETIME_CLOSING_S, CT_LIFETIME_OTHER_S, CT_LIFETIME_SYN_S, CT_LIFETIME_TCP_S,
+    ConfigValue, CtKey, CtValue, FRAG_FLAG_COUNTED, FRAG_HOOK_EGRESS, FRAG_HOOK_INGRESS,
+    FRAG_LIFETIME_S, FragKey, FragValue, PROTO_SCTP, PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL,
     SVC_FLAG_DROP_NO_BACKEND, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, SrcRangeData,
     TraceValue, VERDICT_DROP, VERDICT_FORWARD, VERDICT_PASS, VERDICT_REJECT, VIP_FLAG_CLUSTER_IP,
-    is_v4_mapped, reason,
+    XDP_L2_REFRESH_NS, XdpL2Value, is_v4_mapped, reason,
 };
 
 use crate::maps::{
     LB_AFFINITY, LB_CONFIG, LB_CONNTRACK, LB_FRAGMENTS, LB_LOCAL_NETS, LB_SCRATCH, LB_SERVICES,
-    LB_SRC_RANGES, LB_SVC_CIDRS, LB_TRACE, LB_VIPS,
+    LB_SRC_RANGES, LB_SVC_CIDRS, LB_TRACE, LB_VIPS, LB_XDP_L2,
 };
 use crate::packet::{
     self, FRAG_FIRST, FRAG_NONE, NOT_PARSED_FRAGMENT, NOT_PARSED_OTHER, Nat, PARSED, Packet,
@@ -117,6 +117,8 @@ pub struct Scratch {
     /// The fragment entry being looked up or written (first fragments and later fragments only).
     fkey: FragKey,
     fval: FragValue,
+    /// The learned L2 header being written (egress, `CONFIG_FLAG_XDP` only).
+    l2: XdpL2Value,
     /// `FRAG_HOOK_INGRESS` or `FRAG_HOOK_EGRESS`: which program runs, for the fragment keys.
     hook: u8,
 }
@@ -215,6 +217,7 @@ fn egress_packet(ctx: &TcContext, s: &mut Scratch) -> u32 {
         // Source only: the destination is already the backend.
         src_nat(&mut s.nat, &s.pkt, &s.ct);
         let _ = apply(ctx, s, reason::CONNTRACK);
+        let _ = learn_l2(ctx, s);
         return s.out.reason;
     }
     set_ct_key(&mut s.key, &s.pkt, CT_DIR_REPLY);
@@ -223,9 +226,50 @@ fn egress_packet(ctx: &TcContext, s: &mut Scratch) -> u32 {
         let _ = touch(ptr, s);
         src_nat(&mut s.nat, &s.pkt, &s.ct);
         let _ = apply(ctx, s, reason::REPLY);
+        let _ = learn_l2(ctx, s);
         return s.out.reason;
     }
     s.out.reason
+}
+
+/// With the XDP fast path on (`CONFIG_FLAG_XDP`): records the Ethernet header and interface a translated packet of
+/// an SNATed flow leaves with, under the conntrack key just used (`s.key`: `CT_DIR_SNAT` or `CT_DIR_REPLY`), for
+/// `lb_xdp` (see xdp.rs, "Learned L2"). An unchanged entry is rewritten only once `XDP_L2_REFRESH_NS` old.
+/// Returns 0.
+#[inline(never)]
+fn learn_l2(ctx: &TcContext, s: &mut Scratch) -> u32 {
+    if s.cfg.flags & CONFIG_FLAG_XDP == 0
+        || s.out.verdict != VERDICT_FORWARD
+        || s.ct.flags & CT_FLAG_SNAT == 0
+        || s.pkt.frag != FRAG_NONE
+    {
+        return 0;
+    }
+    let Ok(macs) = ctx.load::<[u8; 12]>(0) else {
+        return 0;
+    };
+    // SAFETY: reads the context's own ifindex field (at egress: the device the packet leaves through).
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: no argument, no precondition.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let l = &mut s.l2;
+    l.ifindex = ifindex;
+    l.dmac = [macs[0], macs[1], macs[2], macs[3], macs[4], macs[5]];
+    l.smac = [macs[6], macs[7], macs[8], macs[9], macs[10], macs[11]];
+    if let Some(old) = LB_XDP_L2.get_ptr(&s.key) {
+        // SAFETY: read at once, by value, from a successful lookup.
+        let old = unsafe { old.read() };
+        if old.ifindex == l.ifindex
+            && old.dmac == l.dmac
+            && old.smac == l.smac
+            && now.saturating_sub(old.learned_ns) < XDP_L2_REFRESH_NS
+        {
+            return 0;
+        }
+    }
+    l.learned_ns = now;
+    let _ = LB_XDP_L2.insert(&s.key, &s.l2, 0);
+    0
 }
 
 /// Ingress, in order: a reply to the SNAT address, a reply to a client on this node, an established flow, and

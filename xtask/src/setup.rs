@@ -22,6 +22,7 @@ pub const PACKAGES: &[&str] = &[
     "iputils-ping",
     // The per-packet tests read the agent's /metrics inside a namespace with it.
     "curl",
+    "ethtool",
 ];
 
 /// The rustc that can build `core` for bpfel (rustup's toolchains have no rust-src here).

@@ -103,6 +103,15 @@ pub struct RunArgs {
     /// attaches nothing.
     #[arg(long, env = "LB_DEVICES", value_delimiter = ',')]
     devices: Vec<String>,
+    /// Attach the XDP fast path (`lb_xdp`) to the same devices: loadBalancerSourceRanges drops before the stack,
+    /// and established NodePort/LoadBalancer/externalIP flows to remote backends (DNAT + SNAT) translated and sent
+    /// back out by XDP; everything else, and every new flow's first packets, still goes through tc. Needs a restart.
+    #[arg(long, env = "LB_XDP")]
+    xdp: bool,
+    /// XDP attach mode: auto (native where the driver supports it, else generic; the log says which per device),
+    /// native (driver mode or fail), generic (SKB mode).
+    #[arg(long, value_enum, default_value = "auto", env = "LB_XDP_MODE")]
+    xdp_mode: crate::datapath::xdp_attach::XdpModeChoice,
     /// Seconds between conntrack garbage collections (expired entries, entries of deleted services).
     #[arg(long, default_value_t = 30)]
     conntrack_gc_interval: u64,
@@ -340,6 +349,23 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         &pins,
         args.tc_attach,
     )?;
+    let xdp = args.xdp && !devices.is_empty();
+    if xdp {
+        crate::datapath::xdp_attach::attach_xdp(
+            &mut datapath.ebpf,
+            &devices,
+            args.xdp_mode,
+            &pins,
+        )?;
+    } else {
+        let removed = crate::datapath::xdp_attach::detach_xdp(&pins)?;
+        if removed > 0 {
+            tracing::info!(
+                links = removed,
+                "XDP fast path off: removed the XDP links of a previous agent"
+            );
+        }
+    }
 
     let mut reconciler = Reconciler::restore(
         &datapath.maps,
@@ -361,6 +387,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 tracing::warn!(error = %e, "cannot read this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): localhost:nodePort is not served")
             }
         }
+    }
+    if xdp {
+        // tc egress then records the L2 headers the XDP fast path sends with.
+        reconciler.set_config_flags(lb_common::CONFIG_FLAG_XDP);
     }
     tracing::info!(
         services = reconciler.programmed_services(),

@@ -12,3 +12,4 @@ pub mod pins;
 pub mod reconcile;
 pub mod sock_destroy;
 pub mod tc_attach;
+pub mod xdp_attach;

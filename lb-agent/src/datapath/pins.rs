@@ -11,7 +11,7 @@ use aya::maps::{MapInfo, MapType};
 use lb_common::{
     AffinityKey, AffinityValue, BackendStats, BackendValue, ConfigValue, CtKey, CtValue, FragKey,
     FragValue, ServiceKey, ServiceStats, ServiceValue, SockRevNatKey, SockRevNatValue,
-    SrcRangeData, TraceValue, map_names,
+    SrcRangeData, TraceValue, XdpL2Value, map_names,
 };
 
 /// Configured map capacities (`max_entries`).
@@ -176,6 +176,14 @@ impl Capacities {
                 size::<u32>() + 16,
                 size::<u8>(),
                 lb_common::DEFAULT_MAX_SVC_CIDRS,
+            ),
+            // Two learned headers per SNATed flow (forward and reply leg), which holds four conntrack entries.
+            spec(
+                map_names::XDP_L2,
+                MapType::LruHash,
+                size::<CtKey>(),
+                size::<XdpL2Value>(),
+                (self.conntrack / 2).max(1),
             ),
         ]
     }

@@ -208,9 +208,10 @@ impl Reconciler {
         })
     }
 
-    /// Flags or-ed into `LB_CONFIG` at every sync (`lb_common::CONFIG_FLAG_*`).
+    /// Adds `flags` (`lb_common::CONFIG_FLAG_*`) to those written into `LB_CONFIG` (features are switched on independently: trace, XDP,
+    /// `localhost:nodePort`).
     pub fn set_config_flags(&mut self, flags: u32) {
-        self.config_flags = flags;
+        self.config_flags |= flags;
     }
 
     /// The host's network namespace cookie written into `LB_CONFIG` at every sync (`localhost:nodePort`).

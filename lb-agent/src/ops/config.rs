@@ -371,6 +371,33 @@ mod tests {
     }
 
     #[test]
+    fn xdp_settings_are_config_file_keys_of_the_real_command() {
+        use crate::datapath::xdp_attach::XdpModeChoice;
+        let run = |yaml: &str| {
+            let file = parse(Path::new("lb.yaml"), yaml).expect("parse");
+            check_keys(&file).expect("known keys");
+            apply_file_defaults(crate::cli::command(), &file)
+                .expect("defaults")
+                .try_get_matches_from(["lb-agent", "run", "--manifests", "/dev/null"])
+                .expect("matches")
+        };
+        let m = run("xdp: true\nxdp-mode: generic\n");
+        let r = m.subcommand_matches("run").expect("run");
+        assert!(r.get_flag("xdp"));
+        assert_eq!(
+            r.get_one::<XdpModeChoice>("xdp_mode"),
+            Some(&XdpModeChoice::Generic)
+        );
+        let m = run("");
+        let r = m.subcommand_matches("run").expect("run");
+        assert!(!r.get_flag("xdp"), "off by default");
+        assert_eq!(
+            r.get_one::<XdpModeChoice>("xdp_mode"),
+            Some(&XdpModeChoice::Auto)
+        );
+    }
+
+    #[test]
     fn env_beats_file() {
         // SAFETY: set_var is unsafe in edition 2024 because other threads may read the environment; this variable
         // is read only by this test's parse.

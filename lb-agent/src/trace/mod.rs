@@ -209,6 +209,40 @@ impl Tracer {
         Ok(set.into_iter().collect())
     }
 
+    /// Sets `CONFIG_FLAG_XDP` next to the trace flag, as `lb-agent run --xdp` does: tc egress then records the L2
+    /// headers `lb_xdp` sends with.
+    pub fn enable_xdp_learning(&mut self) -> anyhow::Result<()> {
+        let mut config = self.datapath.maps.packet.config()?;
+        config.flags |= lb_common::CONFIG_FLAG_XDP;
+        self.datapath.maps.packet.put_config(&config)?;
+        Ok(())
+    }
+
+    /// Runs `lb_xdp` (loaded on first use) on `frame`: the XDP action and the frame after the program.
+    pub fn run_xdp_frame(&mut self, frame: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        let name = prog_names::XDP;
+        let prog: &mut aya::programs::Xdp = self
+            .datapath
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("{name} missing"))?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()
+                .with_context(|| format!("loading {name} (verifier)"))?;
+        }
+        let mut out = vec![0u8; frame.len() + 256];
+        let res = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .with_context(|| format!("BPF_PROG_TEST_RUN on {name}"))?;
+        out.truncate(res.data_size_out as usize);
+        Ok((res.return_value, out))
+    }
+
     /// The maps, for fixtures that inspect conntrack or counters.
     pub fn maps(&mut self) -> &mut crate::datapath::maps::PinnedMaps {
         &mut self.datapath.maps

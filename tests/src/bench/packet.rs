@@ -1,5 +1,5 @@
-//! Per-packet cost of `lb_tc_ingress` through BPF_PROG_TEST_RUN, next to `lb_noop` (an empty classifier, the
-//! floor), with 10 to 100k services of 10 backends programmed by the real model and reconciler into a privately
+//! Per-packet cost of `lb_tc_ingress` and `lb_xdp` through BPF_PROG_TEST_RUN, next to `lb_noop` (an empty
+//! classifier, the floor), with 10 to 100k services of 10 backends programmed by the real model and reconciler into a privately
 //! loaded object (nothing attached anywhere).
 //!
 //! Why one run per syscall: BPF_PROG_TEST_RUN with `repeat` runs the program again on the same skb, which the
@@ -8,11 +8,17 @@
 //! that one run), over many fresh copies: distinct source ports for new flows, the same established flow for the
 //! conntrack hit. The floor is measured both ways (`repeat = 1` per syscall, like lb's rows, and one syscall with
 //! `repeat = 1e6`).
+//!
+//! XDP rows: a new flow (a SYN, which `lb_xdp` passes to tc: the cost it adds in front of tc) and a packet of an
+//! established flow to a remote backend (a NodePort with its endpoints on another node, DNAT + SNAT), which XDP
+//! translates and returns as `XDP_TX`. That flow is established through the tc programs first, as on a node
+//! (ingress, egress with `CONFIG_FLAG_XDP` so tc learns the L2 header, the reply, the client's ACK); the header is
+//! learned again between chunks of runs, since XDP uses it for 10 s only.
 
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context, Result};
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use lb_agent::datapath::loader::{self, PinDir};
 use lb_agent::datapath::pins::Capacities;
 use lb_agent::datapath::reconcile::{ReconcileConfig, Reconciler};
@@ -47,6 +53,10 @@ pub struct PacketRow {
     pub services: usize,
     pub syn_ns: Option<Summary>,
     pub established_ns: Option<Summary>,
+    /// `lb_xdp` on a new flow's SYN (passed on to tc: XDP's cost in front of it).
+    pub xdp_new_flow_ns: Option<Summary>,
+    /// `lb_xdp` on an established remote-backend flow (translated, XDP_TX).
+    pub xdp_established_ns: Option<Summary>,
     pub error: Option<String>,
 }
 
@@ -71,6 +81,8 @@ fn run_inner(counts: &[usize], runs: usize, out: &mut PacketResults) -> Result<(
                 services: n,
                 syn_ns: None,
                 established_ns: None,
+                xdp_new_flow_ns: None,
+                xdp_established_ns: None,
                 error: Some(format!("{e:#}")),
             },
         };
@@ -129,7 +141,8 @@ fn one_count(object: &[u8], n: usize, runs: usize, out: &mut PacketResults) -> R
     // One NodePort among ClusterIPs: the lookup is one hash probe whatever the other entries are, and distinct
     // NodePorts run out at 2768.
     svcs[n / 2].node_port = Some(NODE_PORT);
-    let (objects, diags) = lb_agent::manifest::parse_manifests("bench", &workload::manifest(&svcs));
+    let text = format!("{}{XDP_SERVICE}", workload::manifest(&svcs));
+    let (objects, diags) = lb_agent::manifest::parse_manifests("bench", &text);
     if !diags.is_empty() {
         anyhow::bail!("manifest diagnostics: {:?}", &diags[..diags.len().min(3)]);
     }
@@ -183,12 +196,115 @@ fn one_count(object: &[u8], n: usize, runs: usize, out: &mut PacketResults) -> R
     let ack = frame(0, packet::TCP_ACK);
     per_run(prog, 1, |_| syn(0))?;
     let established_ns = per_run(prog, runs, |_| ack.clone())?;
+    let (xdp_new_flow_ns, xdp_established_ns) = xdp_rows(&mut dp, runs)?;
     Ok(PacketRow {
         services: n,
         syn_ns: Some(syn_ns),
         established_ns: Some(established_ns),
+        xdp_new_flow_ns: Some(xdp_new_flow_ns),
+        xdp_established_ns: Some(xdp_established_ns),
         error: None,
     })
+}
+
+/// The XDP rows' Service: a NodePort whose 10 endpoints are on another node (DNAT + SNAT, Cluster policy).
+const XDP_NODE_PORT: u16 = 30081;
+const XDP_SERVICE: &str = "---\napiVersion: v1\nkind: Service\nmetadata: {name: xdp-remote, namespace: bench}\n\
+spec: {type: NodePort, clusterIP: 10.96.255.250, ports: [{name: p, protocol: TCP, port: 80, targetPort: 8080, \
+nodePort: 30081}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: xdp-remote-x, \
+namespace: bench, labels: {kubernetes.io/service-name: xdp-remote}}\naddressType: IPv4\nports: [{name: p, protocol: \
+TCP, port: 8080}]\nendpoints: [{addresses: [10.250.0.1], conditions: {ready: true}, nodeName: bench-remote}, \
+{addresses: [10.250.0.2], conditions: {ready: true}, nodeName: bench-remote}]\n";
+const XDP_TX: u32 = 3;
+const XDP_PASS: u32 = 2;
+/// Runs between two re-learnings of the L2 header (well inside its 10 s).
+const XDP_CHUNK: usize = 2000;
+
+/// Runs `name` (a tc program) once on `frame`; its output frame.
+fn tc_once(dp: &mut loader::Datapath, name: &str, frame: &[u8]) -> Result<Vec<u8>> {
+    let prog: &mut SchedClassifier = dp
+        .ebpf
+        .program_mut(name)
+        .with_context(|| format!("{name} missing"))?
+        .try_into()?;
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .with_context(|| format!("BPF_PROG_TEST_RUN on {name}"))?;
+    out.truncate(r.data_size_out as usize);
+    Ok(out)
+}
+
+/// The client's packet through tc ingress and egress (what leaves towards the backend).
+fn through_tc(dp: &mut loader::Datapath, frame: &[u8]) -> Result<packet::Parsed> {
+    let inner = tc_once(dp, prog_names::TC_INGRESS, frame)?;
+    let out = tc_once(dp, prog_names::TC_EGRESS, &inner)?;
+    packet::parse(&out).context("tc's output frame does not parse")
+}
+
+fn xdp_rows(dp: &mut loader::Datapath, runs: usize) -> Result<(Summary, Summary)> {
+    let mut config = dp.maps.packet.config()?;
+    config.flags |= lb_common::CONFIG_FLAG_XDP;
+    dp.maps.packet.put_config(&config)?;
+    let client = SocketAddr::new(IpAddr::from([198, 51, 100, 250]), 40000);
+    let vip = SocketAddr::new(IpAddr::V4(workload::NODE_IP), XDP_NODE_PORT);
+    let first = through_tc(
+        dp,
+        &packet::build(Protocol::Tcp, client, vip, packet::TCP_SYN, b""),
+    )?;
+    if first.src.ip() != IpAddr::V4(workload::NODE_IP) {
+        anyhow::bail!("the XDP rows' flow was not SNATed by tc ({first:?}); not timed");
+    }
+    let (snat, backend) = (first.src, first.dst);
+    through_tc(
+        dp,
+        &packet::build(Protocol::Tcp, backend, snat, packet::TCP_ACK, b""),
+    )?;
+    let ack = packet::build(Protocol::Tcp, client, vip, packet::TCP_ACK, b"");
+    through_tc(dp, &ack)?;
+    let prog: &mut Xdp = dp
+        .ebpf
+        .program_mut(prog_names::XDP)
+        .context("lb_xdp missing")?
+        .try_into()?;
+    prog.load().context("loading lb_xdp (verifier)")?;
+    let check = |prog: &mut Xdp, frame: &[u8], want: u32, what: &str| -> Result<()> {
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ..TestRunOptions::default()
+            })
+            .context("BPF_PROG_TEST_RUN on lb_xdp")?;
+        if r.return_value != want {
+            anyhow::bail!(
+                "lb_xdp returned {} on {what}, not {want}; not timed",
+                r.return_value
+            );
+        }
+        Ok(())
+    };
+    check(prog, &syn(0), XDP_PASS, "a new flow's SYN")?;
+    let new_flow = per_run(prog, runs, syn)?;
+    let mut ns = Vec::with_capacity(runs);
+    let mut done = 0;
+    while done < runs {
+        let n = XDP_CHUNK.min(runs - done);
+        // Learned again (tc egress rewrites an entry older than 1 s), so every run below finds a fresh header.
+        through_tc(dp, &ack)?;
+        let prog: &mut Xdp = dp
+            .ebpf
+            .program_mut(prog_names::XDP)
+            .context("lb_xdp missing")?
+            .try_into()?;
+        check(prog, &ack, XDP_TX, "the established flow")?;
+        ns.extend(per_run_raw(prog, n, |_| ack.clone())?);
+        done += n;
+    }
+    Ok((new_flow, summarize(&mut ns)))
 }
 
 /// Flow `i`: distinct up to 60000 x 200 flows (source port, then source address).
@@ -206,11 +322,24 @@ fn syn(i: usize) -> Vec<u8> {
 }
 
 /// Runs `prog` once per syscall on `runs` frames, each a fresh copy; the kernel's time of each run, in ns.
-fn per_run(
-    prog: &mut SchedClassifier,
+fn per_run<
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
+>(
+    prog: &mut P,
     runs: usize,
     frame: impl Fn(usize) -> Vec<u8>,
 ) -> Result<Summary> {
+    let mut ns = per_run_raw(prog, runs, frame)?;
+    Ok(summarize(&mut ns))
+}
+
+fn per_run_raw<
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
+>(
+    prog: &mut P,
+    runs: usize,
+    frame: impl Fn(usize) -> Vec<u8>,
+) -> Result<Vec<f64>> {
     let mut ns = Vec::with_capacity(runs);
     let mut out = vec![0u8; 512];
     for i in 0..runs {
@@ -224,5 +353,5 @@ fn per_run(
             .context("BPF_PROG_TEST_RUN")?;
         ns.push(r.duration.as_secs_f64() * 1e9);
     }
-    Ok(summarize(&mut ns))
+    Ok(ns)
 }

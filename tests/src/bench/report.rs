@@ -440,8 +440,10 @@ fn packet_section(md: &mut String, r: &Results, plots: &Path) -> Result<()> {
          established flow (conntrack hit), with N ClusterIP services x 10 backends programmed (Maglev tables at the \
          smallest size, 251: a lookup is one array index whatever the size). Each packet is its own \
          BPF_PROG_TEST_RUN with repeat 1 ({} runs per cell; `repeat` would rerun the already rewritten skb), the \
-         kernel's time of that run; `lb_noop` (an empty classifier) run the same way is the floor. XDP: lb has no XDP \
-         program yet.\n",
+         kernel's time of that run; `lb_noop` (an empty classifier) run the same way is the floor. XDP: `lb_xdp` on \
+         a new flow's SYN (it passes it to tc: the cost XDP adds in front of tc) and on an established flow to a \
+         remote backend (a NodePort with endpoints on another node: DNAT + SNAT, sent with XDP_TX), the flow \
+         established through the tc programs first.\n",
         p.runs
     );
     if let Some(fl) = &p.floor_ns {
@@ -463,26 +465,34 @@ fn packet_section(md: &mut String, r: &Results, plots: &Path) -> Result<()> {
     if p.rows.iter().any(|r| r.syn_ns.is_some()) {
         let _ = writeln!(
             md,
-            "| services | SYN ns p50 / p99 | SYN / floor | established ns p50 / p99 | established / floor |"
+            "| services | SYN ns p50 / p99 | SYN / floor | established ns p50 / p99 | established / floor | \
+             XDP new flow (passes to tc) ns p50 / p99 | XDP established remote ns p50 / p99 | XDP established / floor |"
         );
-        let _ = writeln!(md, "|---:|---:|---:|---:|---:|");
+        let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|");
         for row in &p.rows {
             match (&row.syn_ns, &row.established_ns) {
                 (Some(s), Some(e)) => {
+                    let xdp =
+                        |v: &Option<Summary>| v.as_ref().map(p50_99).unwrap_or_else(|| "-".into());
                     let _ = writeln!(
                         md,
-                        "| {} | {} | {} | {} | {} |",
+                        "| {} | {} | {} | {} | {} | {} | {} | {} |",
                         row.services,
                         p50_99(s),
                         ratio(s.p50, floor),
                         p50_99(e),
-                        ratio(e.p50, floor)
+                        ratio(e.p50, floor),
+                        xdp(&row.xdp_new_flow_ns),
+                        xdp(&row.xdp_established_ns),
+                        row.xdp_established_ns
+                            .map(|x| ratio(x.p50, floor))
+                            .unwrap_or_else(|| "-".into())
                     );
                 }
                 _ => {
                     let _ = writeln!(
                         md,
-                        "| {} | not measured: {} | | | |",
+                        "| {} | not measured: {} | | | | | | |",
                         row.services,
                         row.error.as_deref().unwrap_or("?")
                     );

@@ -10,6 +10,15 @@
 //!   TCP: reads up to the first newline, 1 KiB or EOF; a request starting with "GET " gets an HTTP/1.0 200 with body
 //!   "<ID>\n", anything else gets "<ID>\n"; then the server closes. UDP: each datagram gets "<ID>" back.
 //!
+//! lb-probe serve ... [--echo-port P]...
+//!   Also: TCP ports that echo every byte back until the client closes (bulk transfers through the datapath).
+//!
+//! lb-probe echo --to <IP:PORT> [--rounds N] [--size S] [--pause-ms X] [--timeout-ms 5000]
+//!   One TCP connection: N rounds of sending S bytes (a pattern that differs per round and offset) and reading the
+//!   S bytes back, compared byte for byte, pausing X ms between rounds. One line at the end:
+//!   {"ok":true,"i":<rounds done>,"local":"<getsockname()>"} or {"ok":false,"i":<round>,"error":...,"stage":...}
+//!   (stage `verify` when the bytes came back different).
+//!
 //! lb-probe tcp --to <IP:PORT> [--count N] [--hold-ms X] [--timeout-ms 2000]
 //!   N sequential connections: connect, hold X ms, send "lb-probe\n", read the reply to EOF. Per connection:
 //!   {"ok":true,"i":n,"backend":"<ID>","peer":"<getpeername()>","local":"<getsockname()>"}
@@ -85,6 +94,8 @@ enum Command {
     SctpServe(SctpServeArgs),
     /// Send SCTP INIT packets on a raw socket and report who answered.
     Sctp(SctpArgs),
+    /// Send data over one TCP connection to an echo port and check that it comes back unchanged.
+    Echo(EchoArgs),
 }
 
 #[derive(Args)]
@@ -109,6 +120,22 @@ struct SctpArgs {
 }
 
 #[derive(Args)]
+struct EchoArgs {
+    #[arg(long)]
+    to: SocketAddr,
+    #[arg(long, default_value_t = 10)]
+    rounds: usize,
+    /// Bytes per round.
+    #[arg(long, default_value_t = 65536)]
+    size: usize,
+    /// Pause between rounds.
+    #[arg(long, default_value_t = 0)]
+    pause_ms: u64,
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+}
+
+#[derive(Args)]
 struct ServeArgs {
     /// The identity to answer with.
     #[arg(long)]
@@ -117,6 +144,9 @@ struct ServeArgs {
     tcp_ports: Vec<u16>,
     #[arg(long = "udp-port")]
     udp_ports: Vec<u16>,
+    /// TCP ports that echo everything back until EOF.
+    #[arg(long = "echo-port")]
+    echo_ports: Vec<u16>,
     /// Address to bind; `::` also accepts IPv4 (IPV6_V6ONLY is turned off).
     #[arg(long, default_value = "::")]
     addr: IpAddr,
@@ -333,6 +363,10 @@ fn main() {
             sctp(args);
             Ok(())
         }
+        Command::Echo(args) => {
+            echo(args);
+            Ok(())
+        }
     };
     if let Err(e) = result {
         eprintln!("lb-probe: {e:#}");
@@ -343,8 +377,8 @@ fn main() {
 // ---- serve ----
 
 fn serve(args: ServeArgs) -> Result<()> {
-    if args.tcp_ports.is_empty() && args.udp_ports.is_empty() {
-        bail!("give at least one --tcp-port or --udp-port");
+    if args.tcp_ports.is_empty() && args.udp_ports.is_empty() && args.echo_ports.is_empty() {
+        bail!("give at least one --tcp-port, --udp-port or --echo-port");
     }
     let id: Arc<str> = Arc::from(args.id.as_str());
     // Bind everything before reporting ready, so that a test that waited for "ready" never gets ECONNREFUSED.
@@ -362,6 +396,25 @@ fn serve(args: ServeArgs) -> Result<()> {
         Line {
             event: Some("listening"),
             proto: Some("tcp"),
+            port: Some(port),
+            ..Line::default()
+        }
+        .print();
+    }
+    let mut echo = Vec::new();
+    for &port in &args.echo_ports {
+        let addr = SocketAddr::new(args.addr, port);
+        let fd = bound_socket(addr, libc::SOCK_STREAM)
+            .with_context(|| format!("cannot bind tcp {addr}"))?;
+        // SAFETY: fd is a bound stream socket we own.
+        if unsafe { libc::listen(fd.as_raw_fd(), 1024) } != 0 {
+            return Err(io::Error::last_os_error())
+                .with_context(|| format!("cannot listen on {addr}"));
+        }
+        echo.push(TcpListener::from(fd));
+        Line {
+            event: Some("listening"),
+            proto: Some("echo"),
             port: Some(port),
             ..Line::default()
         }
@@ -394,6 +447,9 @@ fn serve(args: ServeArgs) -> Result<()> {
         threads.push(std::thread::spawn(move || {
             accept_loop(port, &listener, &id)
         }));
+    }
+    for listener in echo {
+        threads.push(std::thread::spawn(move || echo_accept_loop(&listener)));
     }
     for (port, socket) in udp {
         let id = id.clone();
@@ -1257,4 +1313,96 @@ fn sctp_once(
         let backend = init_ack_cookie(&packet[SCTP_COMMON_HEADER..]).unwrap_or_default();
         return Ok((backend, SocketAddr::new(from, src), dst));
     }
+}
+
+// ---- echo ----
+
+fn echo_accept_loop(listener: &TcpListener) -> Result<()> {
+    loop {
+        let (stream, _) = listener.accept().context("accept on an echo port")?;
+        std::thread::spawn(move || {
+            let _ = echo_copy(stream);
+        });
+    }
+}
+
+fn echo_copy(mut stream: TcpStream) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return stream.shutdown(Shutdown::Write);
+        }
+        stream.write_all(&buf[..n])?;
+    }
+}
+
+/// The byte at `offset` of round `round`: differs per round and position, so a misplaced or stale segment shows.
+fn pattern(round: usize, offset: usize) -> u8 {
+    (offset.wrapping_mul(31).wrapping_add(round.wrapping_mul(7)) % 251) as u8
+}
+
+fn echo(args: EchoArgs) {
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let fail = |i: usize, f: Failure| {
+        Line {
+            i: Some(i),
+            ..Line::default()
+        }
+        .failure(&f)
+        .print()
+    };
+    let stream = match TcpStream::connect_timeout(&args.to, timeout) {
+        Ok(s) => s,
+        Err(e) => return fail(0, Failure::new("connect", &e)),
+    };
+    let _ = stream.set_read_timeout(Some(timeout));
+    let _ = stream.set_write_timeout(Some(timeout));
+    let local = stream.local_addr().ok().map(|a| canonical(a).to_string());
+    let mut reader = match stream.try_clone() {
+        Ok(r) => r,
+        Err(e) => return fail(0, Failure::new("socket", &e)),
+    };
+    for round in 0..args.rounds {
+        if round > 0 && args.pause_ms > 0 {
+            std::thread::sleep(Duration::from_millis(args.pause_ms));
+        }
+        let data: Vec<u8> = (0..args.size).map(|o| pattern(round, o)).collect();
+        // Written from another thread while this one reads: a large round would otherwise fill both directions'
+        // buffers and stall.
+        let mut writer = match stream.try_clone() {
+            Ok(w) => w,
+            Err(e) => return fail(round, Failure::new("socket", &e)),
+        };
+        let sender = std::thread::spawn(move || writer.write_all(&data));
+        let mut back = vec![0u8; args.size];
+        let read = reader.read_exact(&mut back);
+        let sent = sender
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("sender panicked")));
+        if let Err(e) = sent {
+            return fail(round, Failure::new("send", &e));
+        }
+        if let Err(e) = read {
+            return fail(round, Failure::new("recv", &e));
+        }
+        if let Some(o) = (0..args.size).find(|&o| back[o] != pattern(round, o)) {
+            return fail(
+                round,
+                Failure {
+                    stage: "verify",
+                    error: format!("byte {o} of round {round} came back different"),
+                    errno: 0,
+                },
+            );
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+    Line {
+        ok: Some(true),
+        i: Some(args.rounds),
+        local,
+        ..Line::default()
+    }
+    .print();
 }

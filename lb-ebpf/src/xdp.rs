@@ -1,0 +1,558 @@
+//! The XDP fast path (`lb_xdp`, attached with `--xdp` on the same interfaces as the tc programs). It runs before
+//! tc ingress and handles only what it can finish on its own; everything else returns `XDP_PASS`, and tc handles
+//! the packet exactly as without XDP.
+//!
+//! What it does, in order (katran's `process_packet` shape: each step "done, or continue"):
+//! 1. parse: Ethernet, IPv4 without options or IPv6 without extension headers, TCP or UDP, not a fragment;
+//!    anything else passes (fragments, extension headers, SCTP, ICMP and non-IP are tc's);
+//! 2. a reply of an SNATed flow (backend -> node SNAT address:port, `CT_DIR_SNAT_REPLY`) with a learned L2 header
+//!    for its reply leg: both reverse translations (destination back to the client, source back to the VIP), TTL /
+//!    hop limit down, MACs from the learned header, out through `XDP_TX` or `bpf_redirect` (`reason::XDP_REPLY`);
+//! 3. an established flow (`CT_DIR_FWD`) with SNAT (a remote backend under the Cluster policy, rule 6) whose
+//!    backend still exists (rule 12) and whose forward leg has a learned L2 header: DNAT to the backend and SNAT
+//!    to the node address and port of its `CT_DIR_SNAT` entry, the same rewrite tc ingress + tc egress make
+//!    (`reason::XDP_FORWARD`, counted in the service's and backend's packet counters as tc counts them);
+//! 4. no conntrack entry: a packet to a frontend with `loadBalancerSourceRanges` from a source outside them is
+//!    dropped here (rule 9, `reason::SOURCE_RANGE` and the service's drop counter, as tc counts it);
+//! 5. everything else passes.
+//!
+//! **Learned L2** (the object is Apache-2.0, so the GPL-only `bpf_fib_lookup` is not available): tc egress sees
+//! every SNATed packet leave with its final Ethernet header, filled in by the kernel's neighbour subsystem, and
+//! records it in `LB_XDP_L2` under the conntrack key it used (`CT_DIR_SNAT` for the forward leg, `CT_DIR_REPLY`
+//! for the reply leg) when `CONFIG_FLAG_XDP` is set. A new flow's first packets (the SYN, the SYN-ACK and the first
+//! packet of each direction after them, until its TCP entries are established and its headers learned) therefore
+//! take the tc path, which is what teaches XDP the headers. A header is used for `XDP_L2_FRESH_NS`; after that the
+//! flow's next packet goes through tc again (XDP-sent packets skip tc egress), which records it anew, so a changed
+//! neighbour or route is followed within that time.
+//!
+//! **Conntrack** stays tc's: XDP only reads entries and refreshes `last_seen_ns` on both entries it used, as tc
+//! does for a packet it follows. It takes TCP packets only from flows in the established lifetime and without
+//! SYN, FIN or RST: every lifetime change (SYN -> established, FIN/RST -> closing) happens in tc, in one place.
+//!
+//! **Checksums:** XDP has no `bpf_l3/l4_csum_replace`, so the IPv4 header checksum and the TCP/UDP checksum
+//! (pseudo-header included) are updated incrementally (RFC 1624: `HC' = ~(~HC + ~m + m')` per changed 16-bit
+//! word), over the words as they sit in memory; the one's complement sum does not depend on byte order as long as
+//! every word is read and the result written the same way. This assumes a complete checksum in the packet, which
+//! is what a NIC delivers. A generic-mode (SKB) frame larger than `MAX_FRAME` is a GRO aggregate (its checksum
+//! field holds only the pseudo-header sum, CHECKSUM_PARTIAL, and it would not fit the egress MTU as one frame):
+//! those pass to tc.
+//!
+//! **Scratch:** per-packet state lives in `LB_XDP_SCRATCH`, a per-CPU map of its own (see `maps.rs` for why not a
+//! slot of tc's `LB_SCRATCH`).
+
+#![allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "keys and values are passed to the map helpers as references into the scratch map value, as in tc.rs"
+)]
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    helpers::{bpf_ktime_get_ns, bpf_redirect},
+    programs::XdpContext,
+};
+use lb_common::{
+    CT_DIR_FWD, CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_CLOSING, CT_FLAG_SNAT,
+    CT_LIFETIME_TCP_S, CtKey, CtValue, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
+    SVC_FLAG_SOURCE_RANGES, ServiceKey, SrcRangeData, XDP_L2_FRESH_NS, XdpL2Value, reason,
+    v4_mapped,
+};
+
+use crate::maps::{LB_CONNTRACK, LB_SERVICES, LB_SRC_RANGES, LB_XDP_L2, LB_XDP_SCRATCH};
+use crate::packet::{ETH_HLEN, TCP_FIN, TCP_RST, TCP_SYN};
+use crate::select::lookup_backend;
+use crate::stats;
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+/// Where the L4 header starts: IPv4 without options, IPv6 without extension headers (anything else passes).
+const L4_V4: usize = ETH_HLEN + 20;
+const L4_V6: usize = ETH_HLEN + 40;
+/// The largest frame XDP translates: a 1500-byte MTU plus the Ethernet header. Larger frames in generic mode are
+/// GRO aggregates (see the module doc); with jumbo frames those flows simply stay on the tc path.
+const MAX_FRAME: usize = 1514;
+
+/// [`parse`]'s results.
+const PARSED: u32 = 0;
+const NOT_PARSED: u32 = 1;
+
+/// The packet as XDP reads it (a small subset of `packet::Packet`: fixed header offsets only).
+#[repr(C)]
+pub struct Pkt {
+    /// 1 for IPv4, 0 for IPv6 (an integer: this is part of a map value's BTF).
+    v4: u32,
+    proto: u8,
+    tcp_flags: u8,
+    /// Ports, host byte order.
+    sport: u16,
+    dport: u16,
+    _pad: u16,
+    /// Addresses in lb's 16-byte form (IPv4-mapped for IPv4).
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+}
+
+/// The rewrite to apply: new addresses (16-byte form) and ports (host order).
+#[repr(C)]
+pub struct XNat {
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    sport: u16,
+    dport: u16,
+    _pad: u32,
+}
+
+/// One `lb_xdp` run's working state (a per-CPU map value: see the module doc).
+#[repr(C)]
+pub struct Scratch {
+    pkt: Pkt,
+    /// The first entry's key (`CT_DIR_SNAT_REPLY` or `CT_DIR_FWD`) and the second one's (`CT_DIR_REPLY` or
+    /// `CT_DIR_SNAT`), which is also the `LB_XDP_L2` key.
+    key: CtKey,
+    other: CtKey,
+    ct: CtValue,
+    ct2: CtValue,
+    l2: XdpL2Value,
+    nat: XNat,
+    svc_key: ServiceKey,
+    range: SrcRangeData,
+}
+
+#[inline(always)]
+fn scratch() -> Option<&'static mut Scratch> {
+    let ptr = LB_XDP_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU array slot is valid for the whole program run, and only this program uses this map; an XDP
+    // program is not preempted by another run of itself on the same CPU.
+    Some(unsafe { &mut *ptr })
+}
+
+/// The XDP entry point's core. Returns the XDP action.
+#[inline(always)]
+pub fn run(ctx: &XdpContext) -> u32 {
+    let Some(s) = scratch() else {
+        return XDP_PASS;
+    };
+    if parse(ctx, &mut s.pkt) != PARSED {
+        return XDP_PASS;
+    }
+    let action = fast_path(ctx, s);
+    if action != XDP_PASS {
+        return action;
+    }
+    source_range(s)
+}
+
+/// Reads a `T` at `off` of the frame, bounds-checked for the verifier.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+#[inline(always)]
+fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
+    // SAFETY: `ptr_at` checked that the frame holds a `T` at `off`; unaligned read.
+    ptr_at::<T>(ctx, off).map(|p| unsafe { p.read_unaligned() })
+}
+
+/// Fills `p` from the frame; `NOT_PARSED` for anything the fast path does not handle (it then passes).
+///
+/// Every step that touches the frame is inlined into the entry point: as an argument of a BPF-to-BPF call, LLVM
+/// passes the context's 32-bit `data` / `data_end` fields already loaded and zero-extends them in the callee with
+/// shifts, which kernel 6.18 refuses ("R2 pointer arithmetic on pkt_end prohibited").
+#[inline(always)]
+fn parse(ctx: &XdpContext, p: &mut Pkt) -> u32 {
+    match parse_inner(ctx, p) {
+        Some(()) => PARSED,
+        None => NOT_PARSED,
+    }
+}
+
+#[inline(always)]
+fn parse_inner(ctx: &XdpContext, p: &mut Pkt) -> Option<()> {
+    let eth_proto = u16::from_be(read::<u16>(ctx, 12)?);
+    let l4 = match eth_proto {
+        ETH_P_IP => {
+            let ip = ptr_at::<[u8; 20]>(ctx, ETH_HLEN)?.cast::<u8>();
+            // SAFETY: `ptr_at` checked that the 20-byte header is inside the frame.
+            unsafe {
+                // Version 4, no options.
+                if *ip != 0x45 {
+                    return None;
+                }
+                // Any fragment (MF set or a non-zero offset): tc's fragment handling.
+                if u16::from_be(ip.add(6).cast::<u16>().read_unaligned()) & 0x3fff != 0 {
+                    return None;
+                }
+                // The datagram must be all there (a cut frame is the stack's to drop, never forwarded).
+                let total = usize::from(u16::from_be(ip.add(2).cast::<u16>().read_unaligned()));
+                if total < 28 || ETH_HLEN + total > ctx.data_end() - ctx.data() {
+                    return None;
+                }
+                p.v4 = 1;
+                p.proto = *ip.add(9);
+                p.saddr = v4_mapped(ip.add(12).cast::<[u8; 4]>().read_unaligned());
+                p.daddr = v4_mapped(ip.add(16).cast::<[u8; 4]>().read_unaligned());
+            }
+            L4_V4
+        }
+        ETH_P_IPV6 => {
+            let ip = ptr_at::<[u8; 40]>(ctx, ETH_HLEN)?.cast::<u8>();
+            // SAFETY: `ptr_at` checked that the 40-byte header is inside the frame.
+            unsafe {
+                if *ip >> 4 != 6 {
+                    return None;
+                }
+                let payload = usize::from(u16::from_be(ip.add(4).cast::<u16>().read_unaligned()));
+                if payload < 8 || L4_V6 + payload > ctx.data_end() - ctx.data() {
+                    return None;
+                }
+                p.v4 = 0;
+                // The next header must be the upper layer itself: extension headers are tc's.
+                p.proto = *ip.add(6);
+                p.saddr = ip.add(8).cast::<[u8; 16]>().read_unaligned();
+                p.daddr = ip.add(24).cast::<[u8; 16]>().read_unaligned();
+            }
+            L4_V6
+        }
+        _ => return None,
+    };
+    // The whole fixed header (TCP: 20 bytes, UDP: 8), so the checksum can be rewritten later.
+    let th = if p.proto == PROTO_TCP {
+        ptr_at::<[u8; 20]>(ctx, l4)?.cast::<u8>()
+    } else if p.proto == PROTO_UDP {
+        ptr_at::<[u8; 8]>(ctx, l4)?.cast::<u8>()
+    } else {
+        return None;
+    };
+    // SAFETY: the header's first 8 bytes (and for TCP 20) are inside the frame, checked above.
+    unsafe {
+        p.sport = u16::from_be(th.cast::<u16>().read_unaligned());
+        p.dport = u16::from_be(th.add(2).cast::<u16>().read_unaligned());
+        p.tcp_flags = if p.proto == PROTO_TCP { *th.add(13) } else { 0 };
+    }
+    p._pad = 0;
+    Some(())
+}
+
+/// Steps 2 and 3 of the module doc. Returns `XDP_TX` / `XDP_REDIRECT` when the packet was translated and sent,
+/// `XDP_PASS` otherwise (including a hit that cannot take the fast path: tc follows it).
+#[inline(always)]
+fn fast_path(ctx: &XdpContext, s: &mut Scratch) -> u32 {
+    if ctx.data_end() - ctx.data() > MAX_FRAME {
+        return XDP_PASS;
+    }
+    // A reply to this node's SNAT address and port.
+    set_key(&mut s.key, &s.pkt, CT_DIR_SNAT_REPLY);
+    if let Some(first) = ct_lookup(&s.key, &mut s.ct) {
+        if !usable(&s.ct, &s.pkt) {
+            return XDP_PASS;
+        }
+        // The reply leg's entry, as tc egress would look it up after tc ingress restored the client as
+        // destination: (backend, client) -> source back to the VIP.
+        let k = &mut s.other;
+        k.saddr = s.pkt.saddr;
+        k.daddr = s.ct.new_daddr;
+        k.sport = s.pkt.sport;
+        k.dport = s.ct.new_dport;
+        k.proto = s.pkt.proto;
+        k.dir = CT_DIR_REPLY;
+        k._pad = [0; 2];
+        let Some(second) = ct_lookup(&s.other, &mut s.ct2) else {
+            return XDP_PASS;
+        };
+        if !usable(&s.ct2, &s.pkt) {
+            return XDP_PASS;
+        }
+        let n = &mut s.nat;
+        n.saddr = s.ct2.new_saddr;
+        n.sport = s.ct2.new_sport;
+        n.daddr = s.ct.new_daddr;
+        n.dport = s.ct.new_dport;
+        n._pad = 0;
+        return send(ctx, s, first, second, reason::XDP_REPLY);
+    }
+    // An established flow of a remote backend.
+    set_key(&mut s.key, &s.pkt, CT_DIR_FWD);
+    let Some(first) = ct_lookup(&s.key, &mut s.ct) else {
+        return XDP_PASS;
+    };
+    if s.ct.flags & CT_FLAG_SNAT == 0 || !usable(&s.ct, &s.pkt) {
+        return XDP_PASS;
+    }
+    // Rule 12: a flow whose backend is gone is tc's to end (RST).
+    let alive = lookup_backend(s.ct.backend_id)
+        .is_some_and(|b| b.value.addr == s.ct.new_daddr && b.value.port == s.ct.new_dport);
+    if !alive {
+        return XDP_PASS;
+    }
+    // The forward leg's SNAT entry, keyed by the DNATed packet as tc egress sees it.
+    let k = &mut s.other;
+    k.saddr = s.pkt.saddr;
+    k.daddr = s.ct.new_daddr;
+    k.sport = s.pkt.sport;
+    k.dport = s.ct.new_dport;
+    k.proto = s.pkt.proto;
+    k.dir = CT_DIR_SNAT;
+    k._pad = [0; 2];
+    let Some(second) = ct_lookup(&s.other, &mut s.ct2) else {
+        return XDP_PASS;
+    };
+    if !usable(&s.ct2, &s.pkt) {
+        return XDP_PASS;
+    }
+    let n = &mut s.nat;
+    n.saddr = s.ct2.new_saddr;
+    n.sport = s.ct2.new_sport;
+    n.daddr = s.ct.new_daddr;
+    n.dport = s.ct.new_dport;
+    n._pad = 0;
+    send(ctx, s, first, second, reason::XDP_FORWARD)
+}
+
+/// Whether an entry lets the packet take the fast path: TCP only between the handshake and the first FIN/RST
+/// (tc owns every lifetime change, see the module doc).
+#[inline(always)]
+fn usable(ct: &CtValue, p: &Pkt) -> bool {
+    if ct.flags & CT_FLAG_CLOSING != 0 {
+        return false;
+    }
+    if p.proto == PROTO_TCP {
+        return p.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
+            && ct.lifetime_s == CT_LIFETIME_TCP_S;
+    }
+    true
+}
+
+/// With the learned L2 header of `s.other`'s leg: rewrites the packet by `s.nat`, refreshes both entries, counts,
+/// and returns the action that sends it; `XDP_PASS` when the header is unknown or stale, or the TTL runs out.
+#[inline(always)]
+fn send(
+    ctx: &XdpContext,
+    s: &mut Scratch,
+    first: *mut CtValue,
+    second: *mut CtValue,
+    why: u32,
+) -> u32 {
+    let Some(l2) = LB_XDP_L2.get_ptr(&s.other) else {
+        return XDP_PASS;
+    };
+    // SAFETY: read at once, by value, from a successful lookup.
+    s.l2 = unsafe { l2.read() };
+    // SAFETY: no argument, no precondition.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(s.l2.learned_ns) >= XDP_L2_FRESH_NS || s.l2.ifindex == 0 {
+        return XDP_PASS;
+    }
+    if rewrite(ctx, s) != 0 {
+        // Nothing was written before the checks that fail (TTL, bounds): the packet is intact for tc.
+        return XDP_PASS;
+    }
+    // SAFETY: both pointers come from lookups in this run; a racing LRU eviction can only make the write land in
+    // a recycled entry, which its own next lookup re-validates (as in tc.rs's `touch`).
+    unsafe {
+        (*first).last_seen_ns = now;
+        (*second).last_seen_ns = now;
+    }
+    if why == reason::XDP_FORWARD {
+        stats::count_packet(
+            s.ct.service_id,
+            s.ct.backend_id,
+            (ctx.data_end() - ctx.data()) as u32,
+        );
+    }
+    stats::count_reason(why);
+    if s.l2.ifindex == ingress_ifindex(ctx) {
+        XDP_TX
+    } else {
+        // SAFETY: no pointer arguments; flags 0.
+        unsafe { bpf_redirect(s.l2.ifindex, 0) as u32 }
+    }
+}
+
+#[inline(always)]
+fn ingress_ifindex(ctx: &XdpContext) -> u32 {
+    ctx.ingress_ifindex() as u32
+}
+
+/// Rewrites addresses, ports, TTL / hop limit, checksums and MACs. Returns 0, or -1 with the packet untouched
+/// (too short, TTL would expire: the stack answers that one with an ICMP error).
+#[inline(always)]
+fn rewrite(ctx: &XdpContext, s: &mut Scratch) -> i32 {
+    match rewrite_inner(ctx, s) {
+        Some(()) => 0,
+        None => -1,
+    }
+}
+
+#[inline(always)]
+fn rewrite_inner(ctx: &XdpContext, s: &mut Scratch) -> Option<()> {
+    let p = &s.pkt;
+    let n = &s.nat;
+    let eth = ptr_at::<[u8; 12]>(ctx, 0)?;
+    let l4 = if p.v4 != 0 { L4_V4 } else { L4_V6 };
+    let csum_off = if p.proto == PROTO_TCP {
+        l4 + 16
+    } else {
+        l4 + 6
+    };
+    let ports = ptr_at::<[u16; 2]>(ctx, l4)?;
+    let csum = ptr_at::<u16>(ctx, csum_off)?;
+    let new_sport = n.sport.to_be();
+    let new_dport = n.dport.to_be();
+    // The L4 checksum's change: addresses (pseudo-header) and ports. For IPv4 the 16-byte forms share the mapped
+    // prefix, whose words cancel.
+    let mut delta = sum_diff16(&p.saddr, &n.saddr) + sum_diff16(&p.daddr, &n.daddr);
+    // SAFETY: bounds checked by `ptr_at`.
+    let [old_sport, old_dport] = unsafe { ports.read_unaligned() };
+    delta += word_diff(old_sport, new_sport) + word_diff(old_dport, new_dport);
+    if p.v4 != 0 {
+        let ip = ptr_at::<[u8; 20]>(ctx, ETH_HLEN)?.cast::<u8>();
+        // SAFETY: bounds checked by `ptr_at` (20 bytes from `ip`).
+        unsafe {
+            if *ip.add(8) <= 1 {
+                return None;
+            }
+            // TTL and protocol share a word; only the TTL changes.
+            let ttl_word = ip.add(8).cast::<u16>();
+            let old_ttl = ttl_word.read_unaligned();
+            *ip.add(8) -= 1;
+            let mut ip_delta = word_diff(old_ttl, ttl_word.read_unaligned());
+            let saddr = ip.add(12).cast::<[u16; 2]>();
+            let daddr = ip.add(16).cast::<[u16; 2]>();
+            let [s0, s1] = saddr.read_unaligned();
+            let [d0, d1] = daddr.read_unaligned();
+            ip_delta += word_diff(s0, word(&n.saddr, 12)) + word_diff(s1, word(&n.saddr, 14));
+            ip_delta += word_diff(d0, word(&n.daddr, 12)) + word_diff(d1, word(&n.daddr, 14));
+            let check = ip.add(10).cast::<u16>();
+            check.write_unaligned(apply_delta(check.read_unaligned(), ip_delta));
+            saddr.write_unaligned([word(&n.saddr, 12), word(&n.saddr, 14)]);
+            daddr.write_unaligned([word(&n.daddr, 12), word(&n.daddr, 14)]);
+        }
+    } else {
+        let ip = ptr_at::<[u8; 40]>(ctx, ETH_HLEN)?.cast::<u8>();
+        // SAFETY: bounds checked by `ptr_at` (40 bytes from `ip`).
+        unsafe {
+            if *ip.add(7) <= 1 {
+                return None;
+            }
+            *ip.add(7) -= 1;
+            ip.add(8).cast::<[u8; 16]>().write_unaligned(n.saddr);
+            ip.add(24).cast::<[u8; 16]>().write_unaligned(n.daddr);
+        }
+    }
+    // SAFETY: bounds checked by `ptr_at`.
+    unsafe {
+        let old = csum.read_unaligned();
+        // An IPv4 UDP datagram without a checksum (0) keeps none.
+        if !(p.proto == PROTO_UDP && old == 0) {
+            let mut new = apply_delta(old, delta);
+            // A computed 0 is sent as 0xffff for UDP (0 means "none" for IPv4 and is invalid for IPv6).
+            if p.proto == PROTO_UDP && new == 0 {
+                new = 0xffff;
+            }
+            csum.write_unaligned(new);
+        }
+        ports.write_unaligned([new_sport, new_dport]);
+        let mac = eth.cast::<u8>();
+        mac.cast::<[u8; 6]>().write_unaligned(s.l2.dmac);
+        mac.add(6).cast::<[u8; 6]>().write_unaligned(s.l2.smac);
+    }
+    Some(())
+}
+
+/// The 16-bit word at `off` of an address, as it sits in memory.
+#[inline(always)]
+fn word(a: &[u8; 16], off: usize) -> u16 {
+    // SAFETY: every caller passes an even `off` <= 14, so both bytes lie inside the array; unaligned read.
+    unsafe { a.as_ptr().add(off).cast::<u16>().read_unaligned() }
+}
+
+/// `~old + new` of one 16-bit word (RFC 1624's `~m + m'`).
+#[inline(always)]
+fn word_diff(old: u16, new: u16) -> u64 {
+    u64::from(!old) + u64::from(new)
+}
+
+/// The change of two 16-byte addresses, word by word.
+#[inline(always)]
+fn sum_diff16(old: &[u8; 16], new: &[u8; 16]) -> u64 {
+    let mut d = 0;
+    let mut i = 0;
+    while i < 16 {
+        d += word_diff(word(old, i), word(new, i));
+        i += 2;
+    }
+    d
+}
+
+/// RFC 1624 eqn. 3: the new checksum field from the old one and the sum of `~m + m'` over the changed words.
+#[inline(always)]
+fn apply_delta(old: u16, delta: u64) -> u16 {
+    let mut sum = u64::from(!old) + delta;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Step 4: a new flow to a frontend with source ranges, from outside them, drops here (rule 9), counted as tc
+/// counts it. Everything else passes.
+#[inline(never)]
+fn source_range(s: &mut Scratch) -> u32 {
+    let p = &s.pkt;
+    s.svc_key.addr = p.daddr;
+    s.svc_key.port = p.dport;
+    s.svc_key.proto = p.proto;
+    s.svc_key.scope = SCOPE_EXTERNAL;
+    let Some(svc) = LB_SERVICES.get_ptr(&s.svc_key) else {
+        return XDP_PASS;
+    };
+    // SAFETY: read at once, by value (LB_SERVICES is BPF_F_NO_PREALLOC: see maps.rs).
+    let (flags, service_id) = unsafe { ((*svc).flags, (*svc).service_id) };
+    if flags & SVC_FLAG_SOURCE_RANGES == 0 {
+        return XDP_PASS;
+    }
+    s.range.service_id = service_id.to_be_bytes();
+    s.range.addr = p.saddr;
+    if LB_SRC_RANGES
+        .get(&aya_ebpf::maps::lpm_trie::Key::new(32 + 128, s.range))
+        .is_some()
+    {
+        return XDP_PASS;
+    }
+    stats::count_reason(reason::SOURCE_RANGE);
+    stats::count_service_drop(service_id);
+    XDP_DROP
+}
+
+#[inline(always)]
+fn set_key(k: &mut CtKey, p: &Pkt, dir: u8) {
+    k.saddr = p.saddr;
+    k.daddr = p.daddr;
+    k.sport = p.sport;
+    k.dport = p.dport;
+    k.proto = p.proto;
+    k.dir = dir;
+    k._pad = [0; 2];
+}
+
+/// A live (unexpired) entry: copied into `out`, and a pointer for the refresh (as tc.rs's `ct_lookup`).
+#[inline(always)]
+fn ct_lookup(key: &CtKey, out: &mut CtValue) -> Option<*mut CtValue> {
+    let ptr = LB_CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: from a successful lookup, read at once by value (see tc.rs's `ct_lookup` for concurrent eviction).
+    *out = unsafe { ptr.read() };
+    // SAFETY: no argument, no precondition.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(out.last_seen_ns) > u64::from(out.lifetime_s) * NS_PER_SEC {
+        return None;
+    }
+    Some(ptr)
+}
