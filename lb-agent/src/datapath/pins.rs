@@ -302,3 +302,23 @@ pub fn prepare(dir: &Path, specs: &[MapSpec]) -> Result<Migration, PinError> {
     }
     Ok(migration)
 }
+
+/// An interface name as it may appear in a pin name. bpffs refuses names containing a dot (EPERM), and VLAN
+/// devices are named `eth0.100`; a colon is never part of an interface name (the kernel's `dev_valid_name` refuses
+/// it), so mapping `.` to `:` keeps every device's pin distinct.
+pub fn device_pin_name(dev: &str) -> String {
+    dev.replace('.', ":")
+}
+
+#[cfg(test)]
+mod device_pin_name_tests {
+    use super::device_pin_name;
+
+    #[test]
+    fn dots_become_colons_and_names_stay_distinct() {
+        assert_eq!(device_pin_name("eth0"), "eth0");
+        assert_eq!(device_pin_name("eth0.100"), "eth0:100");
+        assert!(!device_pin_name("bond0.2.3").contains('.'));
+        assert_ne!(device_pin_name("eth0.100"), device_pin_name("eth0_100"));
+    }
+}

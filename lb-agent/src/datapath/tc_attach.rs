@@ -66,7 +66,8 @@ pub fn attach_tc_programs(
                 .with_context(|| format!("program {name} missing"))?
                 .try_into()
                 .with_context(|| format!("program {name} is not a tc classifier"))?;
-            let pin = link_dir.join(format!("tc-{tag}-{dev}"));
+            let pin_dev = super::pins::device_pin_name(dev);
+            let pin = link_dir.join(format!("tc-{tag}-{pin_dev}"));
             // None: not tried (`--tc-attach clsact`).
             let tcx = (mode != TcAttachMode::Clsact).then(|| {
                 prog.attach_with_options(
@@ -85,7 +86,7 @@ pub fn attach_tc_programs(
                             format!("the tcx link of {name} on {dev} is not a bpf_link")
                         })?;
                     // bpffs refuses names with a dot (EPERM), hence ':new'.
-                    let fresh = link_dir.join(format!("tc-{tag}-{dev}:new"));
+                    let fresh = link_dir.join(format!("tc-{tag}-{pin_dev}:new"));
                     let _ = fs::remove_file(&fresh);
                     drop(
                         link.pin(&fresh)

@@ -53,7 +53,11 @@ fn tag(mode: XdpMode) -> (&'static str, &'static str) {
 const PIN_PREFIX: &str = "xdp-";
 
 fn pin_name(mode: XdpMode, dev: &str) -> String {
-    format!("{PIN_PREFIX}{}-{dev}", tag(mode).0)
+    format!(
+        "{PIN_PREFIX}{}-{}",
+        tag(mode).0,
+        super::pins::device_pin_name(dev)
+    )
 }
 
 /// Attaches `lb_xdp` to every device in `devices` in the chosen mode, replacing what a previous agent pinned.
