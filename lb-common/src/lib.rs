@@ -93,7 +93,7 @@ pub mod map_names {
     /// Maps the agent creates and pins itself (no program uses them), so the loader does not know them.
     pub const AGENT_CREATED: [&str; 1] = [SVC_NAMES];
     /// Every map the agent pins, in the order it creates them.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
