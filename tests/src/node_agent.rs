@@ -39,6 +39,7 @@ pub struct NodeAgent {
     manifest: PathBuf,
     dir: PathBuf,
     pins: PathBuf,
+    devices: Vec<String>,
     extra: Vec<String>,
 }
 
@@ -46,34 +47,54 @@ impl NodeAgent {
     /// Writes `manifest` and starts the agent with `extra` flags after the usual ones; waits for its initial sync
     /// and for the tc programs on both devices.
     pub fn start(bin: &Path, pair: &NodePair, manifest: &str, extra: &[&str]) -> NodeAgent {
+        Self::start_on_devices(bin, pair, manifest, &pair.node_a_devices(), extra)
+    }
+
+    /// [`NodeAgent::start`] with `--devices` naming `devices` (interfaces of node A, such as a VLAN the test added)
+    /// instead of [`NodePair::node_a_devices`]; kept across [`NodeAgent::restart`].
+    pub fn start_on_devices(
+        bin: &Path,
+        pair: &NodePair,
+        manifest: &str,
+        devices: &[String],
+        extra: &[&str],
+    ) -> NodeAgent {
         let dir = std::env::temp_dir().join(format!("lb-tests-node-agent-{}", pair.token()));
         std::fs::create_dir_all(&dir).expect("agent directory");
         let path = dir.join("services.yaml");
         std::fs::write(&path, manifest).expect("writing the manifest");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let child = Self::launch(bin, pair, &path, &extra);
+        let devices = devices.to_vec();
+        let child = Self::launch(bin, pair, &path, &devices, &extra);
         let mut agent = NodeAgent {
             child,
             bin: bin.to_path_buf(),
             manifest: path,
             dir,
             pins: pair.bpf_dir().path().to_path_buf(),
+            devices,
             extra,
         };
         agent.wait_for_log("initial sync done");
         let log = agent.child.stderr();
-        for dev in pair.node_a_devices() {
+        for dev in &agent.devices {
             assert!(
                 log.lines()
-                    .any(|l| l.contains("tc programs attached") && l.contains(&dev)),
+                    .any(|l| l.contains("tc programs attached") && l.contains(dev.as_str())),
                 "the agent did not attach the tc programs to {dev}:\n{log}"
             );
         }
         agent
     }
 
-    fn launch(bin: &Path, pair: &NodePair, path: &Path, extra: &[String]) -> Child {
-        let devices = pair.node_a_devices().join(",");
+    fn launch(
+        bin: &Path,
+        pair: &NodePair,
+        path: &Path,
+        devices: &[String],
+        extra: &[String],
+    ) -> Child {
+        let devices = devices.join(",");
         // Inside node A's namespace: `--devices` names node A's own interfaces, never the host's.
         Cmd::new(bin)
             .arg("run")
@@ -101,7 +122,7 @@ impl NodeAgent {
     /// initial sync.
     pub fn restart(&mut self, pair: &NodePair) {
         self.child.kill();
-        self.child = Self::launch(&self.bin, pair, &self.manifest, &self.extra);
+        self.child = Self::launch(&self.bin, pair, &self.manifest, &self.devices, &self.extra);
         self.wait_for_log("initial sync done");
     }
 
