@@ -1,6 +1,6 @@
-//! BENCHMARKS.md and its plots, from the results of one run. Plots are drawn without text (plotters' font
-//! support needs fontconfig or a font file, which a bare machine lacks); the Markdown beside each one says what
-//! its axes and colours are, and the tables hold every number.
+//! BENCHMARKS.md and its plots, from the results of one run. The plots' text is drawn with DejaVu Sans embedded in
+//! the binary (`tests/fonts/`, plotters' `ab_glyph` backend), so no fontconfig or system font is needed; the
+//! tables hold every number.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -18,7 +18,6 @@ const COLORS: [RGBColor; 5] = [
     RGBColor(255, 127, 14),  // orange
     RGBColor(110, 110, 110), // grey
 ];
-const COLOR_NAMES: [&str; 5] = ["blue", "red", "green", "orange", "grey"];
 
 fn f(v: f64) -> String {
     if v >= 100.0 {
@@ -351,31 +350,34 @@ fn traffic_section(md: &mut String, r: &Results, plots: &Path) -> Result<()> {
         }
     }
     let counts: Vec<usize> = r.plan.traffic_counts.clone();
-    let series: Vec<Vec<(f64, f64)>> = MODES
+    let series: Vec<(&str, Vec<(f64, f64)>)> = MODES
         .iter()
         .map(|m| {
-            counts
+            let points = counts
                 .iter()
                 .filter_map(|&n| rate(n, m).map(|v| (n as f64, v)))
-                .collect()
+                .collect();
+            (*m, points)
         })
         .collect();
-    plot(&plots.join("crr.png"), &series)?;
+    plot(
+        &plots.join("crr.png"),
+        &Labels {
+            title: "TCP_CRR to a ClusterIP",
+            x: "services installed (log scale)",
+            y: "connections per second",
+        },
+        &series,
+    )?;
     let _ = writeln!(
         md,
         "\n![connections per second over service count](bench/results/crr.png)\n\nx: services installed (log scale, {}), \
-         y: connections per second (from 0). {}.\n",
+         y: connections per second (from 0).\n",
         counts
             .iter()
             .map(|c| c.to_string())
             .collect::<Vec<_>>()
             .join(", "),
-        MODES
-            .iter()
-            .zip(COLOR_NAMES)
-            .map(|(m, c)| format!("{c}: {m}"))
-            .collect::<Vec<_>>()
-            .join(", ")
     );
 
     let _ = writeln!(
@@ -500,11 +502,23 @@ fn packet_section(md: &mut String, r: &Results, plots: &Path) -> Result<()> {
             .filter_map(|r| r.established_ns.map(|s| (r.services as f64, s.p50)))
             .collect();
         let fl: Vec<(f64, f64)> = p.rows.iter().map(|r| (r.services as f64, floor)).collect();
-        plot(&plots.join("per_packet.png"), &[syn, est, fl])?;
+        plot(
+            &plots.join("per_packet.png"),
+            &Labels {
+                title: "lb_tc_ingress per packet (BPF_PROG_TEST_RUN, p50)",
+                x: "services x 10 backends (log scale)",
+                y: "ns per packet",
+            },
+            &[
+                ("SYN (new flow)", syn),
+                ("established", est),
+                ("floor (lb_noop)", fl),
+            ],
+        )?;
         let _ = writeln!(
             md,
             "\n![ns per packet over service count](bench/results/per_packet.png)\n\nx: services (log scale), y: ns per \
-             packet (p50, from 0). blue: SYN, red: established, green: floor. The curve should be flat.\n"
+             packet (p50, from 0). The curve should be flat.\n"
         );
     } else {
         let _ = writeln!(
@@ -515,12 +529,63 @@ fn packet_section(md: &mut String, r: &Results, plots: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Lines over a log-scale x axis from 0 on y; no text (see the module doc).
-fn plot(path: &Path, series: &[Vec<(f64, f64)>]) -> Result<()> {
-    let points: Vec<&(f64, f64)> = series.iter().flatten().collect();
-    if points.is_empty() {
+/// DejaVu Sans (Bitstream Vera licence, `tests/fonts/LICENSE`), embedded so that a bare machine draws text too.
+static FONT: &[u8] = include_bytes!("../../fonts/DejaVuSans.ttf");
+
+fn register_font() -> Result<()> {
+    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *REGISTERED.get_or_init(|| {
+        plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok()
+    });
+    anyhow::ensure!(ok, "the embedded DejaVu Sans did not parse as a font");
+    Ok(())
+}
+
+/// What a plot says about itself: its title and axes.
+struct Labels<'a> {
+    title: &'a str,
+    x: &'a str,
+    y: &'a str,
+}
+
+/// 10 -> "10", 10000 -> "10k": the service counts on the log-scale x axis.
+fn count_label(x: f64) -> String {
+    if x >= 1000.0 {
+        format!("{}k", x / 1000.0)
+    } else {
+        format!("{x}")
+    }
+}
+
+/// The size of every plot, in pixels.
+const PLOT_SIZE: (u32, u32) = (840, 480);
+/// The legend's column, right of the chart.
+const LEGEND_WIDTH: u32 = 170;
+
+/// Writes [`draw`]'s plot to a PNG file; nothing when there is no point to draw.
+fn plot(path: &Path, labels: &Labels<'_>, series: &[(&str, Vec<(f64, f64)>)]) -> Result<()> {
+    if series.iter().all(|(_, s)| s.is_empty()) {
         return Ok(());
     }
+    draw(
+        BitMapBackend::new(path, PLOT_SIZE).into_drawing_area(),
+        labels,
+        series,
+    )
+    .with_context(|| format!("drawing {}", path.display()))
+}
+
+/// Lines over a log-scale x axis, y from 0, with axis labels and a legend naming each series.
+fn draw<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    labels: &Labels<'_>,
+    series: &[(&str, Vec<(f64, f64)>)],
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    register_font()?;
+    let points: Vec<&(f64, f64)> = series.iter().flat_map(|(_, s)| s).collect();
     let xmin = points
         .iter()
         .map(|p| p.0)
@@ -531,42 +596,98 @@ fn plot(path: &Path, series: &[Vec<(f64, f64)>]) -> Result<()> {
         .map(|p| p.0)
         .fold(0.0, f64::max)
         .max(xmin * 10.0);
-    let ymax = points.iter().map(|p| p.1).fold(0.0, f64::max).max(1.0) * 1.1;
-    let root = BitMapBackend::new(path, (640, 400)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut chart = ChartBuilder::on(&root)
-        .margin(20)
-        .build_cartesian_2d((xmin..xmax).log_scale(), 0.0..ymax)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    // Grid: a line per decade on x, per tenth of the range on y, drawn by hand (the mesh would draw labels).
-    let grid = RGBColor(225, 225, 225);
-    let mut decade = 10f64.powf(xmin.log10().floor());
-    while decade <= xmax {
-        chart
-            .draw_series(std::iter::once(PathElement::new(
-                vec![(decade, 0.0), (decade, ymax)],
-                grid,
-            )))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        decade *= 10.0;
-    }
-    for k in 0..=10 {
-        let y = ymax * f64::from(k) / 10.0;
-        chart
-            .draw_series(std::iter::once(PathElement::new(
-                vec![(xmin, y), (xmax, y)],
-                grid,
-            )))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-    }
-    for (s, color) in series.iter().zip(COLORS.iter().cycle()) {
+    let ymax = points.iter().map(|p| p.1).fold(0.0, f64::max).max(1.0) * 1.15;
+    let e = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow::anyhow!("{e}");
+    root.fill(&WHITE).map_err(e)?;
+    // The legend gets a column of its own on the right, so it never hides a line.
+    let (area, legend) = root.split_horizontally(PLOT_SIZE.0 - LEGEND_WIDTH);
+    // A little room either side of the outermost points, so their markers are not cut by the frame.
+    let x_range = (xmin / 1.5)..(xmax * 1.5);
+    let mut chart = ChartBuilder::on(&area)
+        .margin(15)
+        .caption(labels.title, ("sans-serif", 22))
+        .x_label_area_size(45)
+        .y_label_area_size(75)
+        .build_cartesian_2d(x_range.log_scale(), 0.0..ymax)
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc(labels.x)
+        .y_desc(labels.y)
+        .x_label_formatter(&|x| count_label(*x))
+        .y_label_formatter(&|y| if *y == 0.0 { "0".into() } else { f(*y) })
+        .label_style(("sans-serif", 15))
+        .axis_desc_style(("sans-serif", 16))
+        .light_line_style(RGBColor(240, 240, 240))
+        .bold_line_style(RGBColor(215, 215, 215))
+        .draw()
+        .map_err(e)?;
+    let mut row = 0;
+    for ((name, s), color) in series.iter().zip(COLORS.iter().cycle()) {
+        if s.is_empty() {
+            continue;
+        }
         chart
             .draw_series(LineSeries::new(s.iter().copied(), color.stroke_width(3)))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            .map_err(e)?;
         chart
             .draw_series(s.iter().map(|&p| Circle::new(p, 5, color.filled())))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            .map_err(e)?;
+        let y = 70 + 26 * row;
+        legend
+            .draw(&PathElement::new(
+                vec![(4, y), (30, y)],
+                color.stroke_width(3),
+            ))
+            .map_err(e)?;
+        legend
+            .draw(&Text::new(
+                name.to_string(),
+                (38, y - 9),
+                ("sans-serif", 15),
+            ))
+            .map_err(e)?;
+        row += 1;
     }
-    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(e)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plots_draw_their_title_in_the_embedded_font() {
+        let (w, h) = PLOT_SIZE;
+        let mut pixels = vec![0u8; (w * h * 3) as usize];
+        let labels = Labels {
+            title: "TCP_CRR to a ClusterIP",
+            x: "services",
+            y: "connections per second",
+        };
+        let series = [
+            ("lb-socket", vec![(10.0, 11000.0), (10_000.0, 10500.0)]),
+            ("iptables", vec![(10.0, 9000.0), (10_000.0, 2000.0)]),
+        ];
+        draw(
+            BitMapBackend::with_buffer(&mut pixels, PLOT_SIZE).into_drawing_area(),
+            &labels,
+            &series,
+        )
+        .expect("draw");
+        // The caption band (above the chart, below the 15-pixel margin) holds nothing but the title's glyphs.
+        let dark = (15..40u32)
+            .flat_map(|y| (0..w).map(move |x| ((y * w + x) * 3) as usize))
+            .filter(|&i| pixels[i..i + 3].iter().all(|&c| c < 100))
+            .count();
+        assert!(dark > 100, "the title drew {dark} dark pixels");
+    }
+
+    #[test]
+    fn service_counts_read_as_thousands() {
+        assert_eq!(count_label(10.0), "10");
+        assert_eq!(count_label(10_000.0), "10k");
+        assert_eq!(count_label(100_000.0), "100k");
+    }
 }
