@@ -45,6 +45,8 @@ pub struct PacketResults {
 #[derive(Debug, Serialize)]
 pub struct PacketRow {
     pub services: usize,
+    /// The reconciler's first sync of the N services into the private maps (what the row's setup costs).
+    pub program_ms: Option<f64>,
     pub syn_ns: Option<Summary>,
     pub established_ns: Option<Summary>,
     pub error: Option<String>,
@@ -69,6 +71,7 @@ fn run_inner(counts: &[usize], runs: usize, out: &mut PacketResults) -> Result<(
             Ok(row) => row,
             Err(e) => PacketRow {
                 services: n,
+                program_ms: None,
                 syn_ns: None,
                 established_ns: None,
                 error: Some(format!("{e:#}")),
@@ -147,7 +150,13 @@ fn one_count(object: &[u8], n: usize, runs: usize, out: &mut PacketResults) -> R
             ..ReconcileConfig::default()
         },
     )?;
+    let t = std::time::Instant::now();
     let report = reconciler.sync(&mut dp.maps, &translation.state);
+    let program_ms = t.elapsed().as_secs_f64() * 1e3;
+    eprintln!(
+        "lb-bench: per-packet, {n} services programmed in {:.1} s",
+        program_ms / 1e3
+    );
     if let Some((f, why)) = report.failed.first() {
         anyhow::bail!(
             "{} frontends not programmed, first {f}: {why}",
@@ -185,6 +194,7 @@ fn one_count(object: &[u8], n: usize, runs: usize, out: &mut PacketResults) -> R
     let established_ns = per_run(prog, runs, |_| ack.clone())?;
     Ok(PacketRow {
         services: n,
+        program_ms: Some(program_ms),
         syn_ns: Some(syn_ns),
         established_ns: Some(established_ns),
         error: None,
