@@ -117,6 +117,8 @@ pub struct RunOptions {
     pub control_services: Option<usize>,
     pub packet_counts: Vec<usize>,
     pub packet_runs: Option<usize>,
+    pub traffic_counts: Vec<usize>,
+    pub crr_seconds: Option<f64>,
 }
 
 pub fn run(opts: &RunOptions) -> Result<()> {
@@ -130,6 +132,12 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     }
     if let Some(n) = opts.packet_runs {
         plan.packet_runs = n;
+    }
+    if !opts.traffic_counts.is_empty() {
+        plan.traffic_counts = opts.traffic_counts.clone();
+    }
+    if let Some(s) = opts.crr_seconds {
+        plan.crr_seconds = s;
     }
     let want = |part: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == part);
     let mut results = Results {

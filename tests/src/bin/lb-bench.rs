@@ -48,6 +48,12 @@ enum Command {
         /// Targeted runs: BPF_PROG_TEST_RUN runs per per-packet cell instead of the plan's.
         #[arg(long)]
         packet_runs: Option<usize>,
+        /// Targeted runs: service counts of the traffic part instead of the plan's (repeatable).
+        #[arg(long = "traffic-count")]
+        traffic_counts: Vec<usize>,
+        /// Targeted runs: seconds per TCP_CRR phase instead of the plan's.
+        #[arg(long)]
+        crr_seconds: Option<f64>,
     },
     /// Worker: serve TCP_CRR, bulk and UDP on a port until killed.
     Serve {
@@ -111,6 +117,8 @@ fn run(command: Command) -> Result<()> {
             control_services,
             packet_counts,
             packet_runs,
+            traffic_counts,
+            crr_seconds,
         } => bench::run(&bench::RunOptions {
             quick,
             agent,
@@ -120,6 +128,8 @@ fn run(command: Command) -> Result<()> {
             control_services,
             packet_counts,
             packet_runs,
+            traffic_counts,
+            crr_seconds,
         }),
         Command::Serve { port, udp_addrs } => load::serve(port, &udp_addrs),
         Command::Crr {
