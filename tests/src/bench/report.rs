@@ -257,9 +257,9 @@ fn control_section(md: &mut String, r: &Results) {
             let _ = writeln!(
                 md,
                 "A tool with a service count beside its name ran on that many services only: iptables-restore's \
-                 nf_tables backend takes much more than linear time in the size of the rule set (on the busy \
-                 development machine, twice the services took about five times as long to load), so {} services \
-                 would not fit in the run's budget. The legacy backend loads the same rules at full size.\n",
+                 nf_tables backend's load time grows much faster than the rule set (compare its row's load time with \
+                 the legacy backend's at their service counts in the table below), so {} services would not fit \
+                 in the run's budget. The legacy backend loads the same rules at full size.\n",
                 c.services
             );
         }
