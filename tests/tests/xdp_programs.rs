@@ -464,3 +464,44 @@ fn bench_xdp_rows_run_on_a_translated_established_flow() {
         est.p50
     );
 }
+
+/// `lb-agent trace --xdp` runs the crafted packet through `lb_xdp` before `lb_tc_ingress`, as a node running with
+/// `--xdp` would: a source outside `loadBalancerSourceRanges` is dropped by XDP (`"stage": "xdp"`), an allowed one
+/// is passed on and forwarded by tc (`"stage": "tc"`). The real CLI, the real programs.
+#[test]
+fn trace_with_xdp_shows_which_program_decided() {
+    if !require_root("trace_with_xdp_shows_which_program_decided") {
+        return;
+    }
+    let manifest = ManifestFile::new();
+    let trace = |src: &str, xdp: bool| -> serde_json::Value {
+        let mut cmd = lb_tests::Cmd::new(lb_tests::agent_bin!())
+            .arg("trace")
+            .arg("--manifests")
+            .arg(&manifest.0)
+            .args(["--node-name", "node-a"]);
+        if xdp {
+            cmd = cmd.arg("--xdp");
+        }
+        let out = cmd
+            .args(["tcp", src, "203.0.113.100:80"])
+            .label("lb-agent-trace")
+            .run(std::time::Duration::from_secs(60))
+            .expect("lb-agent trace");
+        serde_json::from_str(out.stdout.trim())
+            .unwrap_or_else(|e| panic!("trace JSON {:?}: {e}", out.stdout))
+    };
+    let outside = trace("198.18.0.5:43000", true);
+    assert_eq!(outside["verdict"], "drop", "{outside}");
+    assert_eq!(outside["reason"], "source-range", "{outside}");
+    assert_eq!(outside["stage"], "xdp", "{outside}");
+    let inside = trace(&format!("{CLIENT_V4}:43001"), true);
+    assert_eq!(inside["verdict"], "forward", "{inside}");
+    assert_eq!(inside["backend"], "10.244.1.20:8080", "{inside}");
+    assert_eq!(inside["stage"], "tc", "{inside}");
+    // Without --xdp tc drops the same packet itself, and no stage is named.
+    let tc_only = trace("198.18.0.5:43000", false);
+    assert_eq!(tc_only["verdict"], "drop", "{tc_only}");
+    assert_eq!(tc_only["reason"], "source-range", "{tc_only}");
+    assert!(tc_only.get("stage").is_none(), "{tc_only}");
+}

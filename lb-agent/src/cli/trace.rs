@@ -1,4 +1,5 @@
-//! `lb-agent trace`: where would this packet go? Runs the real tc ingress program on a crafted packet (see
+//! `lb-agent trace`: where would this packet go? Runs the real tc ingress program (with `--xdp`, the XDP program
+//! before it) on a crafted packet (see
 //! `crate::trace`) and prints the verdict as JSON.
 
 use std::net::SocketAddr;
@@ -26,6 +27,11 @@ pub struct TraceArgs {
     /// The source is the node itself.
     #[arg(long)]
     from_node: bool,
+    /// Run the packet through the XDP program first, as on a node running `lb-agent run --xdp`: a source outside
+    /// `loadBalancerSourceRanges` then drops there (`"stage": "xdp"`); anything XDP passes goes on to tc
+    /// (`"stage": "tc"`).
+    #[arg(long)]
+    xdp: bool,
     /// eBPF object to load instead of the one embedded at build time.
     #[arg(long, env = "LB_BPF_OBJECT")]
     bpf_object: Option<PathBuf>,
@@ -53,6 +59,7 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<()> {
         Source::Outside
     };
     tracer.add_local_source(args.src.ip(), source)?;
+    tracer.set_xdp_first(args.xdp);
     let mut result = tracer.trace(proto, args.src, args.dst)?.result;
     if let Some(n) = args.sweep {
         let next = SocketAddr::new(args.src.ip(), args.src.port().wrapping_add(1));

@@ -1,5 +1,5 @@
-//! `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH` on `LB_MAGLEV`, issued with bpf(2) directly because aya 0.14 has
-//! no batch operations.
+//! `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH` on `LB_MAGLEV` and on its inner tables (array maps, filled in
+//! one batch each), issued with bpf(2) directly because aya 0.14 has no batch operations.
 //!
 //! Why: every userspace update or delete of a map-of-maps waits for an RCU grace period
 //! (`kernel/bpf/syscall.c` `maybe_wait_bpf_programs()` → `synchronize_rcu()`), ~13 ms each on the machines we
@@ -73,7 +73,8 @@ fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
     }
 }
 
-/// Updates `keys[i]` → `values[i]` in one `BPF_MAP_UPDATE_BATCH` (for a map-of-maps the values are inner map fds).
+/// Updates `keys[i]` → `values[i]` in one `BPF_MAP_UPDATE_BATCH` (for a map-of-maps the values are inner map fds;
+/// for an array the keys are indices).
 pub fn update_u32(map: BorrowedFd<'_>, keys: &[u32], values: &[u32]) -> Result<(), BatchFailure> {
     debug_assert_eq!(keys.len(), values.len());
     let n = keys.len().min(values.len());

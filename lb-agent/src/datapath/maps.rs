@@ -123,6 +123,9 @@ pub struct PinnedMaps {
     maglev_fd: OwnedFd,
     /// Set once the kernel refused a batch command that a single update then accepted: use single updates.
     batch_unsupported: bool,
+    /// The same for filling inner tables (array maps), which is decided separately: the outer hash-of-maps and
+    /// the inner arrays have separate batch implementations.
+    fill_batch_unsupported: bool,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     sock_revnat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
     svc_stats: PerCpuArray<MapData, ServiceStats>,
@@ -199,6 +202,7 @@ impl PinnedMaps {
         Ok(Self {
             maglev_fd,
             batch_unsupported: false,
+            fill_batch_unsupported: false,
             services: HashMap::try_from(services).map_err(layout(map_names::SERVICES))?,
             backends: HashMap::try_from(backends).map_err(layout(map_names::BACKENDS))?,
             maglev,
@@ -219,7 +223,7 @@ impl PinnedMaps {
         let mut ids = Vec::with_capacity(tables.len());
         let mut inners = Vec::with_capacity(tables.len());
         for (id, slots) in tables {
-            match inner_table(slots) {
+            match inner_table(slots, &mut self.fill_batch_unsupported) {
                 Ok(inner) => {
                     ids.push(*id);
                     inners.push(inner);
@@ -349,7 +353,7 @@ impl Maps for PinnedMaps {
     }
 
     fn put_table(&mut self, service_id: u32, slots: &[u32]) -> Result<(), MapsError> {
-        let inner = inner_table(slots)?;
+        let inner = inner_table(slots, &mut self.fill_batch_unsupported)?;
         self.maglev
             .insert(service_id, &inner, 0)
             .map_err(op(map_names::MAGLEV, "update"))
@@ -497,21 +501,54 @@ pub(crate) fn open_pinned(dir: &Path, name: &'static str) -> Result<Map, MapsErr
 const TABLE_BATCH: usize = 1024;
 
 /// A new inner table: element 0 carries the length, so the datapath reads the length and the slots from the same
-/// map and can never pair a new length with an old table.
-fn inner_table(slots: &[u32]) -> Result<Array<MapData, u32>, MapsError> {
+/// map and can never pair a new length with an old table. It is filled completely here, before the caller can
+/// install it in `LB_MAGLEV`, so no packet ever sees a partly filled table.
+///
+/// Filled with one `BPF_MAP_UPDATE_BATCH` (array maps have it since Linux 5.6): a 16381-slot table was 16382
+/// update syscalls, the most of what programming a service cost once the grace periods were batched. A kernel
+/// that refuses the command gets single updates, and `fill_batch_unsupported` remembers that.
+fn inner_table(
+    slots: &[u32],
+    fill_batch_unsupported: &mut bool,
+) -> Result<Array<MapData, u32>, MapsError> {
     let len = u32::try_from(slots.len()).unwrap_or(u32::MAX);
     let mut inner = Array::<MapData, u32>::create(len.saturating_add(1), BPF_F_INNER_MAP)
         .map_err(op(map_names::MAGLEV, "create inner table"))?;
-    inner
-        .set(LUT_LEN_INDEX, len, 0)
-        .map_err(op(map_names::MAGLEV, "fill inner table"))?;
-    for (i, id) in slots.iter().enumerate() {
-        // i < len <= u32::MAX - 1 was checked by the create above.
+    // Index LUT_LEN_INDEX (0) holds the length, indices 1..=len the slots; the create above checked that
+    // len + 1 fits in u32.
+    let mut values = Vec::with_capacity(slots.len() + 1);
+    values.push(len);
+    values.extend_from_slice(slots);
+    debug_assert_eq!(LUT_LEN_INDEX, 0);
+    if !*fill_batch_unsupported {
+        let keys: Vec<u32> = (0..=len).collect();
+        let failure = match map_batch::update_u32(inner.map().fd().as_fd(), &keys, &values) {
+            Ok(()) => return Ok(inner),
+            Err(f) => f,
+        };
+        if failure.applied != 0 || !map_batch::means_unsupported(&failure.error) {
+            return Err(batch_error(
+                "bpf_map_update_batch (inner table)",
+                failure.error,
+            ));
+        }
+        fill_one_by_one(&mut inner, &values)?;
+        tracing::warn!(error = %failure.error, "BPF_MAP_UPDATE_BATCH refused on a Maglev inner table; filling tables one element at a time");
+        *fill_batch_unsupported = true;
+        return Ok(inner);
+    }
+    fill_one_by_one(&mut inner, &values)?;
+    Ok(inner)
+}
+
+fn fill_one_by_one(inner: &mut Array<MapData, u32>, values: &[u32]) -> Result<(), MapsError> {
+    for (i, v) in values.iter().enumerate() {
+        // i <= len <= u32::MAX - 1, checked by the create.
         inner
-            .set(i as u32 + 1, id, 0)
+            .set(i as u32, v, 0)
             .map_err(op(map_names::MAGLEV, "fill inner table"))?;
     }
-    Ok(inner)
+    Ok(())
 }
 
 fn batch_error(call: &'static str, io_error: std::io::Error) -> MapsError {

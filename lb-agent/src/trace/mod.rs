@@ -49,6 +49,9 @@ pub struct TraceResult {
     /// With a sweep: every backend reached.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backends: Option<Vec<String>>,
+    /// With `--xdp`: the program that decided, `xdp` (it dropped the packet) or `tc` (XDP passed it on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<&'static str>,
 }
 
 /// One BPF_PROG_TEST_RUN: the recorded verdict and what the program returned and left in the packet.
@@ -61,10 +64,15 @@ pub struct Run {
     pub output: Vec<u8>,
 }
 
+/// `enum xdp_action` of the kernel's uapi (`linux/bpf.h`), which aya does not re-export.
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
 /// The privately loaded datapath.
 pub struct Tracer {
     datapath: Datapath,
     pin_dir: PathBuf,
+    xdp_first: bool,
 }
 
 impl Tracer {
@@ -91,7 +99,11 @@ impl Tracer {
             ..Capacities::default()
         };
         let datapath = loader::load(object, &pins, &caps)?;
-        let mut tracer = Tracer { datapath, pin_dir };
+        let mut tracer = Tracer {
+            datapath,
+            pin_dir,
+            xdp_first: false,
+        };
         crate::datapath::tc_attach::load_tc_programs(&mut tracer.datapath.ebpf)?;
         let cfg = ModelConfig::default();
         let node = model::node_context(node_name, &objects.nodes, &cfg);
@@ -174,13 +186,15 @@ impl Tracer {
                 snat: fresh && rec.verdict == VERDICT_FORWARD && rec.snat != 0,
                 reason: reason::name(why),
                 backends: None,
+                stage: None,
             },
             retval: res.return_value as i32,
             output: out,
         })
     }
 
-    /// Traces one new flow (a TCP SYN, a UDP datagram, an SCTP packet).
+    /// Traces one new flow (a TCP SYN, a UDP datagram, an SCTP packet); through `lb_xdp` first when
+    /// [`Tracer::set_xdp_first`] asked for it.
     pub fn trace(
         &mut self,
         proto: Protocol,
@@ -188,7 +202,41 @@ impl Tracer {
         dst: SocketAddr,
     ) -> anyhow::Result<Run> {
         let frame = packet::build(proto, src, dst, packet::TCP_SYN, b"lb-trace");
-        self.run_frame(&frame)
+        if !self.xdp_first {
+            return self.run_frame(&frame);
+        }
+        let (action, output) = self.run_xdp_frame(&frame)?;
+        match action {
+            XDP_PASS => {
+                let mut run = self.run_frame(&frame)?;
+                run.result.stage = Some("tc");
+                Ok(run)
+            }
+            // lb_xdp drops only for rule 9 (sources outside `loadBalancerSourceRanges`); a new flow is never
+            // sent by XDP itself (its first packets teach XDP the L2 headers through tc), so any other action
+            // is a bug worth showing as such.
+            XDP_DROP => Ok(Run {
+                result: TraceResult {
+                    verdict: "drop",
+                    backend: None,
+                    snat: false,
+                    reason: reason::name(reason::SOURCE_RANGE),
+                    backends: None,
+                    stage: Some("xdp"),
+                },
+                retval: action as i32,
+                output,
+            }),
+            other => {
+                anyhow::bail!("lb_xdp returned XDP action {other} for a new flow's first packet")
+            }
+        }
+    }
+
+    /// Runs every traced packet through `lb_xdp` before `lb_tc_ingress`, as a node running `lb-agent run --xdp`
+    /// does (`lb-agent trace --xdp`).
+    pub fn set_xdp_first(&mut self, on: bool) {
+        self.xdp_first = on;
     }
 
     /// `--sweep N`: the same flow from N source ports (from `src`'s port on); the set of backends reached.

@@ -72,6 +72,8 @@ pub struct AgentMemory {
 pub struct RuleLoad {
     /// `iptables-restore (nf_tables)`, `iptables-legacy-restore`, `nft -f`.
     pub tool: String,
+    /// Services in the rule set (fewer than the section's for a tool capped by the plan).
+    pub services: usize,
     pub rules_bytes: usize,
     /// Empty namespace -> the whole rule set loaded.
     pub initial_ms: Option<f64>,
@@ -86,6 +88,7 @@ pub fn run(
     e: usize,
     changes: usize,
     iptables_changes: usize,
+    iptables_nft_max_services: usize,
 ) -> ControlResults {
     let svcs = workload::services(n, e, false);
     let yaml = workload::manifest(&svcs);
@@ -120,7 +123,12 @@ pub fn run(
     }
     drop(pins);
     eprintln!("lb-bench: control plane, kube-proxy rule loads at {n} x {e}");
-    out.kube_proxy = kube_proxy_loads(&svcs, iptables_changes, changes.min(100));
+    out.kube_proxy = kube_proxy_loads(
+        &svcs,
+        iptables_changes,
+        changes.min(100),
+        iptables_nft_max_services,
+    );
     out
 }
 
@@ -370,22 +378,31 @@ fn le_u32(bytes: &[serde_json::Value]) -> Option<u64> {
 }
 
 /// The same services as kube-proxy's rule sets, loaded into a fresh network namespace per tool.
-fn kube_proxy_loads(svcs: &[Svc], iptables_changes: usize, nft_changes: usize) -> Vec<RuleLoad> {
+fn kube_proxy_loads(
+    svcs: &[Svc],
+    iptables_changes: usize,
+    nft_changes: usize,
+    iptables_nft_max_services: usize,
+) -> Vec<RuleLoad> {
     let mut out = Vec::new();
     let variant = crate::run_cmd("iptables-restore", &["-V"]).unwrap_or_default();
+    let nf_tables = variant.contains("nf_tables");
     let default_name = format!(
         "iptables-restore ({})",
-        if variant.contains("nf_tables") {
-            "nf_tables"
-        } else {
-            "legacy"
-        }
+        if nf_tables { "nf_tables" } else { "legacy" }
     );
-    for (tool, program) in [
-        (default_name, "iptables-restore"),
+    // See `Plan::iptables_nft_max_services`: the nf_tables backend runs on the first services only.
+    let default_svcs = if nf_tables {
+        &svcs[..svcs.len().min(iptables_nft_max_services)]
+    } else {
+        svcs
+    };
+    for (tool, program, svcs) in [
+        (default_name, "iptables-restore", default_svcs),
         (
             "iptables-legacy-restore".to_owned(),
             "iptables-legacy-restore",
+            svcs,
         ),
     ] {
         if program != "iptables-restore" && which(program).is_none() {
@@ -411,6 +428,7 @@ fn iptables_load(svcs: &[Svc], tool: &str, program: &str, changes: usize) -> Rul
     let rules = kubeproxy::iptables_restore(svcs, &[]);
     let mut r = RuleLoad {
         tool: tool.to_owned(),
+        services: svcs.len(),
         rules_bytes: rules.len(),
         initial_ms: None,
         change_ms: None,
@@ -462,6 +480,7 @@ fn nft_load(svcs: &[Svc], changes: usize) -> RuleLoad {
     let rules = kubeproxy::nft_ruleset(svcs);
     let mut r = RuleLoad {
         tool: "nft -f".to_owned(),
+        services: svcs.len(),
         rules_bytes: rules.len(),
         initial_ms: None,
         change_ms: None,
@@ -501,20 +520,33 @@ fn nft_load(svcs: &[Svc], changes: usize) -> RuleLoad {
     r
 }
 
+/// The iptables-restore the traffic benchmark loads kube-proxy's iptables rules with: the legacy (x_tables) one
+/// when the machine has it, because the nf_tables backend cannot load 10k services in the run's budget (see
+/// `Plan::iptables_nft_max_services`). The rules, and the linear walk of `KUBE-SERVICES` per new connection, are
+/// the same with either backend.
+pub fn traffic_iptables_restore() -> &'static str {
+    if which("iptables-legacy-restore").is_some() {
+        "iptables-legacy-restore"
+    } else {
+        "iptables-restore"
+    }
+}
+
 /// Loads a rule set into `ns` (used by the traffic benchmark to put kube-proxy's rules on the path).
 pub fn load_rules(ns: &NetNs, kind: RulesKind, svcs: &[Svc]) -> Result<Duration> {
     match kind {
         RulesKind::Iptables => {
+            let program = traffic_iptables_restore();
             kubeproxy::timed_load(
                 ns.name(),
-                "iptables-restore",
+                program,
                 &["--noflush"],
                 &kubeproxy::iptables_base(),
                 LOAD_TIMEOUT,
             )?;
             kubeproxy::timed_load(
                 ns.name(),
-                "iptables-restore",
+                program,
                 &["--noflush"],
                 &kubeproxy::iptables_restore(svcs, &[]),
                 LOAD_TIMEOUT,
@@ -535,7 +567,7 @@ pub fn flush_rules(ns: &NetNs, kind: RulesKind) -> Result<()> {
     let (program, input) = match kind {
         // Default policies, empty chains: what a fresh namespace has.
         RulesKind::Iptables => (
-            "iptables-restore",
+            traffic_iptables_restore(),
             "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n",
         ),
         RulesKind::Nft => ("nft", "flush ruleset\n"),

@@ -26,6 +26,8 @@ pub struct Plan {
     pub control_services: usize,
     pub control_changes: usize,
     pub iptables_changes: usize,
+    /// `iptables-restore` with the nf_tables backend runs at no more services than this (see [`Plan::new`]).
+    pub iptables_nft_max_services: usize,
     pub traffic_counts: Vec<usize>,
     pub crr_seconds: f64,
     pub throughput_seconds: f64,
@@ -39,11 +41,12 @@ impl Plan {
             Plan {
                 quick,
                 maglev_repeats: 3,
-                // 1k, not 10k: programming 10k services (and running the agent on them for its RSS) takes a couple
-                // of minutes here (see BENCHMARKS.md, section 2), which would break the 5-minute budget.
+                // 1k, not 10k: the kube-proxy rule loads at 10k alone take minutes (nft -f ~140 s, see the
+                // full plan), which would break the 5-minute budget.
                 control_services: 1000,
                 control_changes: 100,
                 iptables_changes: 3,
+                iptables_nft_max_services: 1000,
                 traffic_counts: vec![10, 1000],
                 crr_seconds: 2.0,
                 throughput_seconds: 2.0,
@@ -56,14 +59,19 @@ impl Plan {
                 maglev_repeats: 10,
                 control_services: 10_000,
                 control_changes: 1000,
-                // A full iptables-restore (nf_tables backend) took 6 s at 1k services here; each one at 10k is long.
+                // Each full iptables-restore is a change here; at 10k services one takes ~10 s (legacy).
                 iptables_changes: 3,
+                // iptables-restore's nf_tables backend grows much faster than linearly with the rule set: on the
+                // busy 2-core development machine 1000 services loaded in 5-10 s and 2000 in 50 s (a reload 63 s),
+                // so 10k would take far beyond this run's 30 minutes (and the 600 s load timeout). The legacy
+                // backend and nft load 10k (~10 s and ~140 s there).
+                iptables_nft_max_services: 1000,
                 traffic_counts: vec![10, 1000, 10_000],
                 crr_seconds: 10.0,
                 throughput_seconds: 5.0,
-                // Not 100k: programming 200k Maglev tables alone takes an estimated 8 minutes here (section 2's
-                // rate), more than the full run's budget leaves.
-                packet_counts: vec![10, 1000, 10_000],
+                // 100k: 200k Maglev tables (at the smallest size, 251) took 21 s to program on the busy
+                // development machine once inner tables were filled by one batch each; 1e6 runs per cell ~5 s.
+                packet_counts: vec![10, 1000, 10_000, 100_000],
                 packet_runs: 1_000_000,
             }
         }
@@ -94,6 +102,8 @@ pub struct Results {
     pub control: Option<control::ControlResults>,
     pub traffic: Option<traffic::TrafficResults>,
     pub packet: Option<packet::PacketResults>,
+    /// Wall-clock time of each part that ran, in run order (what a full run's budget is planned from).
+    pub part_seconds: Vec<(String, f64)>,
 }
 
 pub struct RunOptions {
@@ -103,11 +113,32 @@ pub struct RunOptions {
     pub command: String,
     /// Only these parts (maglev, control, traffic, packet); all when empty.
     pub only: Vec<String>,
+    /// Overrides of the plan's sizes, for targeted runs (the report says what was run).
+    pub control_services: Option<usize>,
+    pub packet_counts: Vec<usize>,
+    pub packet_runs: Option<usize>,
+    pub traffic_counts: Vec<usize>,
+    pub crr_seconds: Option<f64>,
 }
 
 pub fn run(opts: &RunOptions) -> Result<()> {
     let started = Instant::now();
-    let plan = Plan::new(opts.quick);
+    let mut plan = Plan::new(opts.quick);
+    if let Some(n) = opts.control_services {
+        plan.control_services = n;
+    }
+    if !opts.packet_counts.is_empty() {
+        plan.packet_counts = opts.packet_counts.clone();
+    }
+    if let Some(n) = opts.packet_runs {
+        plan.packet_runs = n;
+    }
+    if !opts.traffic_counts.is_empty() {
+        plan.traffic_counts = opts.traffic_counts.clone();
+    }
+    if let Some(s) = opts.crr_seconds {
+        plan.crr_seconds = s;
+    }
     let want = |part: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == part);
     let mut results = Results {
         command: opts.command.clone(),
@@ -123,6 +154,18 @@ pub fn run(opts: &RunOptions) -> Result<()> {
         control: None,
         traffic: None,
         packet: None,
+        part_seconds: Vec::new(),
+    };
+    let mut part = Instant::now();
+    let mut lap = |results: &mut Results, name: &str| {
+        results
+            .part_seconds
+            .push((name.to_owned(), part.elapsed().as_secs_f64()));
+        eprintln!(
+            "lb-bench: {name} took {:.0} s",
+            part.elapsed().as_secs_f64()
+        );
+        part = Instant::now();
     };
     if want("maglev") {
         eprintln!("lb-bench: maglev");
@@ -130,6 +173,7 @@ pub fn run(opts: &RunOptions) -> Result<()> {
             Ok(rows) => results.maglev = Some(rows),
             Err(e) => results.maglev_error = Some(format!("{e:#}")),
         }
+        lap(&mut results, "maglev");
     }
     if want("control") {
         results.control = Some(control::run(
@@ -138,10 +182,13 @@ pub fn run(opts: &RunOptions) -> Result<()> {
             10,
             plan.control_changes,
             plan.iptables_changes,
+            plan.iptables_nft_max_services,
         ));
+        lap(&mut results, "control");
     }
     if want("packet") {
         results.packet = Some(packet::run(&plan.packet_counts, plan.packet_runs));
+        lap(&mut results, "packet");
     }
     if want("traffic") {
         results.traffic = Some(traffic::run(&traffic::TrafficConfig {
@@ -150,6 +197,7 @@ pub fn run(opts: &RunOptions) -> Result<()> {
             throughput_duration: Duration::from_secs_f64(plan.throughput_seconds),
             agent_bin: opts.agent.clone(),
         }));
+        lap(&mut results, "traffic");
     }
     results.seconds = started.elapsed().as_secs_f64();
     let dir = opts.out.join("bench/results");

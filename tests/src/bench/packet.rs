@@ -51,6 +51,8 @@ pub struct PacketResults {
 #[derive(Debug, Serialize)]
 pub struct PacketRow {
     pub services: usize,
+    /// The reconciler's first sync of the N services into the private maps (what the row's setup costs).
+    pub program_ms: Option<f64>,
     pub syn_ns: Option<Summary>,
     pub established_ns: Option<Summary>,
     /// `lb_xdp` on a new flow's SYN (passed on to tc: XDP's cost in front of it).
@@ -79,6 +81,7 @@ fn run_inner(counts: &[usize], runs: usize, out: &mut PacketResults) -> Result<(
             Ok(row) => row,
             Err(e) => PacketRow {
                 services: n,
+                program_ms: None,
                 syn_ns: None,
                 established_ns: None,
                 xdp_new_flow_ns: None,
@@ -160,7 +163,13 @@ fn one_count(object: &[u8], n: usize, runs: usize, out: &mut PacketResults) -> R
             ..ReconcileConfig::default()
         },
     )?;
+    let t = std::time::Instant::now();
     let report = reconciler.sync(&mut dp.maps, &translation.state);
+    let program_ms = t.elapsed().as_secs_f64() * 1e3;
+    eprintln!(
+        "lb-bench: per-packet, {n} services programmed in {:.1} s",
+        program_ms / 1e3
+    );
     if let Some((f, why)) = report.failed.first() {
         anyhow::bail!(
             "{} frontends not programmed, first {f}: {why}",
@@ -199,6 +208,7 @@ fn one_count(object: &[u8], n: usize, runs: usize, out: &mut PacketResults) -> R
     let (xdp_new_flow_ns, xdp_established_ns) = xdp_rows(&mut dp, runs)?;
     Ok(PacketRow {
         services: n,
+        program_ms: Some(program_ms),
         syn_ns: Some(syn_ns),
         established_ns: Some(established_ns),
         xdp_new_flow_ns: Some(xdp_new_flow_ns),

@@ -52,6 +52,8 @@ pub struct TrafficResults {
     pub crr: Vec<CrrRow>,
     pub throughput: Vec<ThroughputRow>,
     pub error: Option<String>,
+    /// What loaded kube-proxy's iptables rules for (c) (see `control::traffic_iptables_restore`).
+    pub iptables_program: String,
 }
 
 pub struct TrafficConfig {
@@ -196,7 +198,10 @@ impl Mode {
 }
 
 pub fn run(cfg: &TrafficConfig) -> TrafficResults {
-    let mut out = TrafficResults::default();
+    let mut out = TrafficResults {
+        iptables_program: control::traffic_iptables_restore().to_owned(),
+        ..TrafficResults::default()
+    };
     if let Err(e) = run_inner(cfg, &mut out) {
         out.error = Some(format!("{e:#}"));
     }

@@ -39,6 +39,21 @@ enum Command {
         /// Only these parts: maglev, control, packet, traffic (repeatable).
         #[arg(long)]
         only: Vec<String>,
+        /// Targeted runs: services in the control-plane part instead of the plan's.
+        #[arg(long)]
+        control_services: Option<usize>,
+        /// Targeted runs: service counts of the per-packet part instead of the plan's (repeatable).
+        #[arg(long = "packet-count")]
+        packet_counts: Vec<usize>,
+        /// Targeted runs: BPF_PROG_TEST_RUN runs per per-packet cell instead of the plan's.
+        #[arg(long)]
+        packet_runs: Option<usize>,
+        /// Targeted runs: service counts of the traffic part instead of the plan's (repeatable).
+        #[arg(long = "traffic-count")]
+        traffic_counts: Vec<usize>,
+        /// Targeted runs: seconds per TCP_CRR phase instead of the plan's.
+        #[arg(long)]
+        crr_seconds: Option<f64>,
     },
     /// Worker: serve TCP_CRR, bulk and UDP on a port until killed.
     Serve {
@@ -99,12 +114,22 @@ fn run(command: Command) -> Result<()> {
             out,
             command,
             only,
+            control_services,
+            packet_counts,
+            packet_runs,
+            traffic_counts,
+            crr_seconds,
         } => bench::run(&bench::RunOptions {
             quick,
             agent,
             out,
             command,
             only,
+            control_services,
+            packet_counts,
+            packet_runs,
+            traffic_counts,
+            crr_seconds,
         }),
         Command::Serve { port, udp_addrs } => load::serve(port, &udp_addrs),
         Command::Crr {

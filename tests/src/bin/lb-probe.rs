@@ -1338,7 +1338,7 @@ fn echo_copy(mut stream: TcpStream) -> io::Result<()> {
 }
 
 /// The byte at `offset` of round `round`: differs per round and position, so a misplaced or stale segment shows.
-fn echo_byte(round: usize, offset: usize) -> u8 {
+fn echo_pattern(round: usize, offset: usize) -> u8 {
     (offset.wrapping_mul(31).wrapping_add(round.wrapping_mul(7)) % 251) as u8
 }
 
@@ -1367,7 +1367,7 @@ fn echo(args: EchoArgs) {
         if round > 0 && args.pause_ms > 0 {
             std::thread::sleep(Duration::from_millis(args.pause_ms));
         }
-        let data: Vec<u8> = (0..args.size).map(|o| echo_byte(round, o)).collect();
+        let data: Vec<u8> = (0..args.size).map(|o| echo_pattern(round, o)).collect();
         // Written from another thread while this one reads: a large round would otherwise fill both directions'
         // buffers and stall.
         let mut writer = match stream.try_clone() {
@@ -1386,7 +1386,7 @@ fn echo(args: EchoArgs) {
         if let Err(e) = read {
             return fail(round, Failure::new("recv", &e));
         }
-        if let Some(o) = (0..args.size).find(|&o| back[o] != echo_byte(round, o)) {
+        if let Some(o) = (0..args.size).find(|&o| back[o] != echo_pattern(round, o)) {
             return fail(
                 round,
                 Failure {
