@@ -126,6 +126,12 @@ impl NodeAgent {
         self.wait_for_log("initial sync done");
     }
 
+    /// [`NodeAgent::restart`] with `--devices` naming `devices` from now on (an operator changing the flag).
+    pub fn restart_on_devices(&mut self, pair: &NodePair, devices: &[String]) {
+        self.devices = devices.to_vec();
+        self.restart(pair);
+    }
+
     /// `kill -9` the agent (the pinned datapath stays).
     pub fn kill(&mut self) {
         self.child.kill();

@@ -49,6 +49,9 @@ pub fn attach_tc_programs(
     pins: &PinDir,
     mode: TcAttachMode,
 ) -> anyhow::Result<()> {
+    // A device dropped from `--devices` (or all of them, `--devices none`) must stop translating, not keep the
+    // previous agent's programs until `lb-agent cleanup`.
+    detach_from_other_devices(pins, devices)?;
     if devices.is_empty() {
         tracing::info!("no external devices: the per-packet programs are not attached");
         return Ok(());
@@ -141,6 +144,61 @@ pub fn attach_tc_programs(
         tracing::info!(device = %dev, "tc programs attached (ingress and egress)");
     }
     Ok(())
+}
+
+/// Removes what a previous agent attached to interfaces that are not in `devices`: its pinned tcx links (unpinning
+/// a link no process holds detaches it) and lb's clsact filters. Returns the interfaces it detached from.
+pub fn detach_from_other_devices(pins: &PinDir, devices: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut detached = Vec::new();
+    let link_dir = pins.links();
+    if link_dir.exists() {
+        let keep: Vec<String> = devices
+            .iter()
+            .flat_map(|d| {
+                let d = super::pins::device_pin_name(d);
+                [format!("tc-in-{d}"), format!("tc-eg-{d}")]
+            })
+            .collect();
+        for entry in
+            fs::read_dir(&link_dir).with_context(|| format!("reading {}", link_dir.display()))?
+        {
+            let entry = entry.with_context(|| format!("reading {}", link_dir.display()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(dev) = name
+                .strip_prefix("tc-in-")
+                .or_else(|| name.strip_prefix("tc-eg-"))
+            else {
+                continue;
+            };
+            if keep.contains(&name) {
+                continue;
+            }
+            fs::remove_file(entry.path())
+                .with_context(|| format!("removing {}", entry.path().display()))?;
+            tracing::info!(pin = %name, "device no longer in --devices: removed its pinned tc link");
+            let dev = dev.trim_end_matches(":new").replace(':', ".");
+            if !detached.contains(&dev) {
+                detached.push(dev);
+            }
+        }
+    }
+    for dev in interface_names() {
+        if devices.contains(&dev) {
+            continue;
+        }
+        for (name, attach_type) in [
+            (prog_names::TC_INGRESS, TcAttachType::Ingress),
+            (prog_names::TC_EGRESS, TcAttachType::Egress),
+        ] {
+            if tc::qdisc_detach_program(&dev, attach_type, name).is_ok() {
+                tracing::info!(device = %dev, program = name, "device no longer in --devices: removed its clsact filter");
+                if !detached.contains(&dev) {
+                    detached.push(dev.clone());
+                }
+            }
+        }
+    }
+    Ok(detached)
 }
 
 /// The interfaces that carry any of `addresses` (the node's InternalIP/ExternalIP), by name.
