@@ -11,17 +11,16 @@ use crate::util::{exec, workspace_root};
 
 #[derive(clap::Args, Default)]
 pub struct Options {
-    /// Build with the release profile (what the tests and the demo use).
-    #[arg(long)]
+    /// Accepted for older scripts; the object is always built with the release profile. A debug build is of no
+    /// use here: core's debug assertions push `lb_xdp` over the 512-byte BPF stack, and its unoptimised panic
+    /// paths are static functions libbpf and aya cannot load.
+    #[arg(long, hide = true)]
     pub release: bool,
 }
 
 /// Where the object lands; lb-agent's build script looks here to embed it.
-pub fn object_path(release: bool) -> PathBuf {
-    workspace_root()
-        .join("target/ebpf/bpfel-unknown-none")
-        .join(if release { "release" } else { "debug" })
-        .join("lb-ebpf")
+pub fn object_path() -> PathBuf {
+    workspace_root().join("target/ebpf/bpfel-unknown-none/release/lb-ebpf")
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
@@ -47,11 +46,10 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         .env_remove("RUSTFLAGS")
         .env_remove("RUSTC_WRAPPER")
         .env_remove("RUSTC_WORKSPACE_WRAPPER");
-    if opts.release {
-        cmd.arg("--release");
-    }
+    let _ = opts.release;
+    cmd.arg("--release");
     exec(&mut cmd)?;
-    let obj = object_path(opts.release);
+    let obj = object_path();
     let meta =
         std::fs::metadata(&obj).with_context(|| format!("expected object at {}", obj.display()))?;
     eprintln!("build-ebpf: {} ({} bytes)", obj.display(), meta.len());
