@@ -128,6 +128,10 @@ struct Programmed {
     value: ServiceValue,
     /// Backend ids and algorithm the table was built from; `None` after a restart until rebuilt once.
     inputs: Option<(Algorithm, Vec<u32>, u32)>,
+    /// The desired entry `value` and `inputs` were computed from, `None` until then and after the table size
+    /// bounds change. An equal desired entry plans to exactly the same writes (none), so the sync skips it without
+    /// looking up its backends: the backend ids it names stay allocated because every sync marks them used.
+    entry: Option<ServiceEntry>,
 }
 
 /// Phase 1's verdict on one frontend.
@@ -150,6 +154,37 @@ struct Pending {
     previous_ids: Option<Vec<u32>>,
     /// The programmed entry, `None` for a new frontend (whose id goes back to the pool on failure).
     previous: Option<ServiceValue>,
+    /// The desired entry this was planned from, remembered once written.
+    entry: ServiceEntry,
+}
+
+/// A set of backend ids as a bitmap: a sync marks every used id (all backends of all frontends), which a hash set
+/// made a large part of a sync's cost.
+#[derive(Default)]
+struct IdSet(Vec<u64>);
+
+impl IdSet {
+    fn insert(&mut self, id: u32) {
+        let (word, bit) = (id as usize / 64, id % 64);
+        if word >= self.0.len() {
+            self.0.resize(word + 1, 0);
+        }
+        self.0[word] |= 1 << bit;
+    }
+
+    fn contains(&self, id: u32) -> bool {
+        self.0
+            .get(id as usize / 64)
+            .is_some_and(|w| w & (1 << (id % 64)) != 0)
+    }
+}
+
+impl Extend<u32> for IdSet {
+    fn extend<I: IntoIterator<Item = u32>>(&mut self, ids: I) {
+        for id in ids {
+            self.insert(id);
+        }
+    }
 }
 
 pub struct Reconciler {
@@ -179,6 +214,7 @@ impl Reconciler {
                 Programmed {
                     value,
                     inputs: None,
+                    entry: None,
                 },
             );
         }
@@ -246,6 +282,10 @@ impl Reconciler {
         if let Some(max) = max {
             self.cfg.maglev_max_size = max;
         }
+        // Table sizes derive from these bounds: every frontend is planned again at the next sync.
+        for p in self.services.values_mut() {
+            p.entry = None;
+        }
     }
 
     /// Makes the maps match `desired`. Errors on single frontends are collected in the report and do not stop the
@@ -262,13 +302,23 @@ impl Reconciler {
         let mut report = SyncReport::default();
         let mut stale_affinity = StaleAffinity::default();
         let mut wanted_keys = HashSet::with_capacity(desired.services.len());
-        let mut used_backends: HashSet<u32> = HashSet::new();
+        let mut used_backends = IdSet::default();
 
         // Phase 1: backends written, tables built, nothing else touched yet.
         let mut pending: Vec<Pending> = Vec::new();
         for (frontend, entry) in &desired.services {
             let key = service_key(frontend);
             wanted_keys.insert(key);
+            if let Some(Programmed {
+                inputs: Some((_, ids, _)),
+                entry: Some(programmed),
+                ..
+            }) = self.services.get(&key)
+                && programmed == entry
+            {
+                used_backends.extend(ids.iter().copied());
+                continue;
+            }
             match self.plan_service(maps, frontend, &key, entry, &mut report) {
                 Ok(Planned::Unchanged(ids)) => used_backends.extend(ids),
                 Ok(Planned::Write(p)) => pending.push(p),
@@ -338,6 +388,7 @@ impl Reconciler {
                 Programmed {
                     value: p.value,
                     inputs: Some(p.inputs),
+                    entry: Some(p.entry),
                 },
             );
         }
@@ -396,8 +447,17 @@ impl Reconciler {
             }
         }
 
-        // Resolved before stale backends are forgotten below.
-        let values: HashMap<u32, BackendValue> = self.backends();
+        // Resolved before stale backends are forgotten below; only the departed ids are looked up.
+        let departed_ids: HashSet<u32> = stale_affinity.pairs.iter().map(|(_, b)| *b).collect();
+        let values: HashMap<u32, BackendValue> = if departed_ids.is_empty() {
+            HashMap::new()
+        } else {
+            self.backend_ids
+                .iter()
+                .filter(|(_, id)| departed_ids.contains(id))
+                .map(|(v, id)| (*id, *v))
+                .collect()
+        };
         report.departed = stale_affinity
             .pairs
             .iter()
@@ -407,7 +467,7 @@ impl Reconciler {
         let stale_backends: Vec<(BackendValue, u32)> = self
             .backend_ids
             .iter()
-            .filter(|(_, id)| !used_backends.contains(id))
+            .filter(|(_, id)| !used_backends.contains(**id))
             .map(|(v, id)| (*v, *id))
             .collect();
         for (value, id) in stale_backends {
@@ -435,7 +495,7 @@ impl Reconciler {
 
     /// A frontend that could not be (re)programmed keeps whatever it had before, its backends included: a failed
     /// update must not take down a working service.
-    fn keep_previous(&self, key: &ServiceKey, used_backends: &mut HashSet<u32>) {
+    fn keep_previous(&self, key: &ServiceKey, used_backends: &mut IdSet) {
         if let Some(p) = self.services.get(key) {
             used_backends.extend(self.backend_ids_of(p));
         }
@@ -503,7 +563,8 @@ impl Reconciler {
                 });
             }
         }
-        for e in want.difference(&self.node_entries.clone()) {
+        let added: Vec<NodeEntry> = want.difference(&self.node_entries).copied().collect();
+        for e in &added {
             match maps.put_node_entry(e) {
                 Ok(()) => {
                     self.node_entries.insert(*e);
@@ -569,7 +630,12 @@ impl Reconciler {
             ids.push(id);
         }
 
-        let previous = self.services.get(key).cloned();
+        // The remembered entry is not needed here (and cloning it is not free).
+        let previous = self.services.get(key).map(|p| Programmed {
+            value: p.value,
+            inputs: p.inputs.clone(),
+            entry: None,
+        });
         let inputs = (
             entry.algorithm,
             ids.clone(),
@@ -617,6 +683,7 @@ impl Reconciler {
         if previous.as_ref().is_some_and(|p| p.value == value) {
             if let Some(p) = self.services.get_mut(key) {
                 p.inputs = Some(inputs);
+                p.entry = Some(entry.clone());
             }
             return Ok(Planned::Unchanged(ids));
         }
@@ -658,6 +725,7 @@ impl Reconciler {
             table,
             previous_ids,
             previous: previous.map(|p| p.value),
+            entry: entry.clone(),
         }))
     }
 
@@ -716,6 +784,15 @@ impl Reconciler {
             .get(key)
             .map(|p| self.backend_ids_of(p))
             .unwrap_or_default()
+    }
+
+    /// Forgets the remembered desired entries, so the next sync plans every frontend in full (the reference the
+    /// skip of unchanged entries is tested against).
+    #[cfg(test)]
+    fn forget_entries(&mut self) {
+        for p in self.services.values_mut() {
+            p.entry = None;
+        }
     }
 
     /// Backend id → backend, for listings.
@@ -1209,5 +1286,92 @@ mod tests {
         assert_eq!(a.allocate(), Some(4));
         assert_eq!(a.allocate(), Some(1), "wraps around to the freed id");
         assert_eq!(a.allocate(), None);
+    }
+
+    /// The skip of unchanged entries must be invisible: over random changes (backends in and out, algorithm,
+    /// affinity, drop flag, frontends added and deleted, table bounds changed, capacities exceeded so that some
+    /// writes fail), a reconciler that remembers its entries writes exactly what one planning everything in full
+    /// writes, in the same order, and reports the same.
+    #[test]
+    fn skipping_unchanged_entries_writes_what_a_full_plan_writes() {
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let cfg = ReconcileConfig {
+            max_services: 8,
+            max_backends: 12,
+            maglev_min_size: 251,
+            maglev_max_size: 1021,
+        };
+        let mut fast_maps = FakeMaps::default();
+        let mut full_maps = FakeMaps::default();
+        let mut fast = Reconciler::restore(&fast_maps, cfg.clone()).expect("restore");
+        let mut full = Reconciler::restore(&full_maps, cfg).expect("restore");
+        let mut desired: BTreeMap<Frontend, ServiceEntry> = BTreeMap::new();
+        let mut skipped_some = false;
+        for step in 0..2000 {
+            let f = frontend(&format!("10.96.0.{}", 1 + next(9)), 80);
+            match next(8) {
+                0 => {
+                    desired.remove(&f);
+                }
+                1 => {
+                    if let Some(e) = desired.get_mut(&f) {
+                        e.algorithm = match e.algorithm {
+                            Algorithm::Maglev => Algorithm::Random,
+                            Algorithm::Random => Algorithm::Maglev,
+                        };
+                    }
+                }
+                2 => {
+                    if let Some(e) = desired.get_mut(&f) {
+                        e.affinity_timeout = [None, Some(10800), Some(60)][next(3) as usize];
+                        e.drop_if_empty = next(2) == 0;
+                    }
+                }
+                3 => {
+                    let (min, max) = [(251, 1021), (509, 509), (251, 251)][next(3) as usize];
+                    fast.set_maglev_sizes(Some(min), Some(max));
+                    full.set_maglev_sizes(Some(min), Some(max));
+                }
+                _ => {
+                    let e = desired
+                        .entry(f)
+                        .or_insert_with(|| entry(&[], Algorithm::Maglev));
+                    let b = Backend {
+                        addr: format!("10.1.0.{}", 1 + next(16)).parse().expect("ip"),
+                        port: 8080,
+                        weight: 1,
+                        local: next(2) == 0,
+                    };
+                    match e.backends.binary_search(&b) {
+                        Ok(i) => {
+                            e.backends.remove(i);
+                        }
+                        Err(i) => e.backends.insert(i, b),
+                    }
+                }
+            }
+            let state = DesiredState {
+                services: desired.clone(),
+                ..DesiredState::default()
+            };
+            let skippable = fast.services.values().filter(|p| p.entry.is_some()).count();
+            skipped_some |= skippable > 0 && !fast_maps.log.is_empty();
+            full.forget_entries();
+            let fast_report = fast.sync(&mut fast_maps, &state);
+            let full_report = full.sync(&mut full_maps, &state);
+            assert_eq!(fast_report, full_report, "step {step}");
+            assert_eq!(fast_maps.log, full_maps.log, "step {step}");
+            assert_eq!(fast_maps.services, full_maps.services, "step {step}");
+            assert_eq!(fast_maps.backends, full_maps.backends, "step {step}");
+            assert_eq!(fast_maps.tables, full_maps.tables, "step {step}");
+            assert_eq!(fast.service_ids(), full.service_ids(), "step {step}");
+        }
+        assert!(skipped_some, "the skip was never exercised");
     }
 }
