@@ -138,7 +138,7 @@ struct Programmed {
 enum Planned {
     /// Nothing to write; the backend ids it uses.
     Unchanged(Vec<u32>),
-    Write(Pending),
+    Write(Box<Pending>),
 }
 
 /// A frontend whose backends are written and whose table is built, waiting for phases 2 and 3 of a sync.
@@ -321,7 +321,7 @@ impl Reconciler {
             }
             match self.plan_service(maps, frontend, &key, entry, &mut report) {
                 Ok(Planned::Unchanged(ids)) => used_backends.extend(ids),
-                Ok(Planned::Write(p)) => pending.push(p),
+                Ok(Planned::Write(p)) => pending.push(*p),
                 Err(reason) => {
                     self.keep_previous(&key, &mut used_backends);
                     report.failed.push((*frontend, reason));
@@ -716,7 +716,7 @@ impl Reconciler {
         } else {
             None
         };
-        Ok(Planned::Write(Pending {
+        Ok(Planned::Write(Box::new(Pending {
             frontend: *frontend,
             key: *key,
             value,
@@ -726,7 +726,7 @@ impl Reconciler {
             previous_ids,
             previous: previous.map(|p| p.value),
             entry: entry.clone(),
-        }))
+        })))
     }
 
     fn table_size(&self, algorithm: Algorithm, backends: usize) -> u32 {
