@@ -80,6 +80,14 @@ impl NetNs {
         )?;
         Ok(())
     }
+
+    /// `ethtool -K <dev> <settings>` inside the namespace (offloads, GRO; `cargo xtask setup` installs ethtool).
+    pub fn ethtool(&self, dev: &str, settings: &[&str]) -> Result<()> {
+        let mut args = vec!["netns", "exec", &self.name, "ethtool", "-K", dev];
+        args.extend_from_slice(settings);
+        run_cmd("ip", &args)?;
+        Ok(())
+    }
 }
 
 impl Drop for NetNs {

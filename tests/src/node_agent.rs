@@ -1,5 +1,4 @@
-//! The real agent inside node A of a [`NodePair`], for the per-packet datapath tests that came after
-//! `tests/tc_nodeport.rs` (which keeps its own copy of this helper): start with extra `run` flags, edit the
+//! The real agent inside node A of a [`NodePair`], for the per-packet datapath tests: start with extra `run` flags, edit the
 //! manifest, read the pinned maps through the agent's own CLI (`conntrack`, `stats`, `backends` as JSON).
 
 use std::net::SocketAddr;
@@ -129,6 +128,12 @@ impl NodeAgent {
     /// [`NodeAgent::restart`] with `--devices` naming `devices` from now on (an operator changing the flag).
     pub fn restart_on_devices(&mut self, pair: &NodePair, devices: &[String]) {
         self.devices = devices.to_vec();
+        self.restart(pair);
+    }
+
+    /// [`NodeAgent::restart`] with `extra` as the `run` flags from now on (an operator changing them).
+    pub fn restart_with_flags(&mut self, pair: &NodePair, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
         self.restart(pair);
     }
 
@@ -263,6 +268,15 @@ pub struct CtRow {
     pub flags: Vec<String>,
     pub idle_seconds: f64,
     pub lifetime_seconds: u32,
+}
+
+/// Whether `ip -d link show <dev>` in node A shows an XDP program.
+pub fn xdp_shown(pair: &NodePair, dev: &str) -> bool {
+    let out = pair
+        .node_a
+        .ip(&["-d", "link", "show", dev])
+        .expect("ip link show");
+    out.contains("prog/xdp") || out.contains("xdpgeneric")
 }
 
 pub fn sa(ip: &str, port: u16) -> SocketAddr {

@@ -3,17 +3,11 @@
 //! ([`lb_tests::topology::NodePair`]). Backends are `lb-probe serve` in a pod namespace on node A and one on node B;
 //! the servers print the peer they see. Every packet stays inside the namespaces the test creates.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use lb_agent::datapath::inspect;
-use lb_agent::datapath::maps::PinnedMaps;
+use lb_tests::node_agent::{NODE_A, NodeAgent, RUN, client, peers_seen, sa};
 use lb_tests::topology::{NodePair, node_pair};
-use lb_tests::{Child, Cmd, Probe, ProbeLine, agent_bin, probe, require_root};
-
-const RUN: Duration = Duration::from_secs(30);
-const SYNC: Duration = Duration::from_secs(20);
+use lb_tests::{Child, Probe, ProbeLine, agent_bin, probe, require_root};
 const TCP_PORT: u16 = 8080;
 const UDP_PORT: u16 = 5353;
 
@@ -70,18 +64,6 @@ endpoints:
 {eps}"#
     )
 }
-
-const NODE: &str = r#"apiVersion: v1
-kind: Node
-metadata:
-  name: node-a
-spec:
-  podCIDRs: [10.244.1.0/24, "fd00:244:1::/64"]
-status:
-  addresses:
-    - {type: InternalIP, address: 192.0.2.10}
-    - {type: InternalIP, address: "2001:db8:1::10"}
-"#;
 
 /// An externalIP and two LoadBalancer IPs (in the client's route to node A, `node_pair::EXTERNAL_NET`), all to
 /// pod A: `lb-in` allows the client's network, `lb-out` does not (rule 9).
@@ -148,164 +130,6 @@ endpoints:
         .collect()
 }
 
-/// The agent, run inside node A's namespace; killed on drop (before the pair's namespaces go: declare it after the
-/// pair).
-struct NodeAgent {
-    child: Child,
-    manifest: PathBuf,
-    dir: PathBuf,
-    pins: PathBuf,
-}
-
-impl NodeAgent {
-    fn start(pair: &NodePair, manifest: &str) -> NodeAgent {
-        let dir = std::env::temp_dir().join(format!("lb-tests-node-agent-{}", pair.token()));
-        std::fs::create_dir_all(&dir).expect("agent directory");
-        let path = dir.join("services.yaml");
-        std::fs::write(&path, manifest).expect("writing the manifest");
-        let child = Self::launch(pair, &path);
-        let mut agent = NodeAgent {
-            child,
-            manifest: path,
-            dir,
-            pins: pair.bpf_dir().path().to_path_buf(),
-        };
-        agent.wait_for_attached(pair);
-        agent
-    }
-
-    /// `kill -9` the agent and start a new one on the same manifest, pins and devices.
-    fn restart(&mut self, pair: &NodePair) {
-        self.child.kill();
-        self.child = Self::launch(pair, &self.manifest);
-        self.wait_for_attached(pair);
-    }
-
-    fn launch(pair: &NodePair, path: &std::path::Path) -> Child {
-        let devices = pair.node_a_devices().join(",");
-        // Inside node A's namespace: `--devices` names node A's own interfaces, never the host's.
-        let cmd = Cmd::new(agent_bin!())
-            .arg("run")
-            .arg("--manifests")
-            .arg(path)
-            .args(["--node-name", "node-a"])
-            .arg("--cgroup")
-            .arg(pair.cgroup().path())
-            .arg("--bpffs")
-            .arg(pair.bpf_dir().path())
-            .args(["--devices", &devices])
-            .args(["--node-address", node_pair::NODE_A_V4])
-            .args(["--health-addr", "127.0.0.1:0"])
-            .args(["--metrics-addr", "127.0.0.1:0"])
-            .args(["--health-check-node-port-addresses", "127.0.0.1"])
-            .env("LB_LOG", "info")
-            .label("lb-agent-node-a")
-            .netns(&pair.node_a);
-        cmd.spawn().expect("starting lb-agent in node A")
-    }
-
-    fn wait_for_attached(&mut self, pair: &NodePair) {
-        self.wait_for_log("initial sync done");
-        let log = self.child.stderr();
-        for dev in pair.node_a_devices() {
-            assert!(
-                log.lines()
-                    .any(|l| l.contains("tc programs attached") && l.contains(&dev)),
-                "the agent did not attach the tc programs to {dev}:\n{log}"
-            );
-        }
-    }
-
-    fn wait_for_log(&mut self, needle: &str) {
-        let deadline = Instant::now() + SYNC;
-        loop {
-            let exited = self.child.try_wait().expect("polling the agent");
-            let log = self.child.stderr();
-            if log.contains(needle) {
-                return;
-            }
-            assert!(
-                exited.is_none(),
-                "lb-agent exited before {needle:?}:\n{log}"
-            );
-            assert!(
-                Instant::now() < deadline,
-                "lb-agent did not log {needle:?}:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Replaces the manifest (renamed over, as editors do) and waits until `frontend`'s TCP backends are `want`.
-    fn update(&self, manifest: &str, frontend: &str, want: &[&str]) {
-        let tmp = self.dir.join(".services.yaml.tmp");
-        std::fs::write(&tmp, manifest).expect("writing the manifest");
-        std::fs::rename(&tmp, &self.manifest).expect("renaming the manifest");
-        let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
-        want.sort();
-        let deadline = Instant::now() + SYNC;
-        loop {
-            let maps = PinnedMaps::open(&self.pins).expect("opening the pinned maps");
-            let list = inspect::services(&maps).expect("reading the services");
-            let mut have: Vec<String> = list
-                .iter()
-                .filter(|s| s.frontend == frontend && s.protocol == "TCP")
-                .flat_map(|s| s.backends.iter().map(|b| b.address.clone()))
-                .collect();
-            have.sort();
-            have.dedup();
-            if have == want {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{frontend} never reached backends {want:?} (has {have:?}):\n{}",
-                self.child.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for NodeAgent {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- lb-agent (node A) log ---\n{}", self.child.stderr());
-        }
-        self.child.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn sa(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse().expect("address"), port)
-}
-
-/// Runs an `lb-probe` client in the client namespace and returns its lines.
-fn client(pair: &NodePair, cmd: Cmd) -> Vec<ProbeLine> {
-    cmd.netns(&pair.client)
-        .run(RUN)
-        .expect("running the client probe")
-        .probe_lines()
-        .expect("client probe lines")
-}
-
-/// The peers a `serve` child saw, from its per-exchange lines.
-fn peers_seen(server: &Child, proto: &str) -> Vec<String> {
-    server
-        .probe_lines()
-        .expect("server lines")
-        .into_iter()
-        .filter(|l| l.event.as_deref() == Some(proto))
-        .filter_map(|l| l.peer)
-        .map(|p| {
-            p.parse::<SocketAddr>()
-                .map(|a| a.ip().to_string())
-                .unwrap_or(p)
-        })
-        .collect()
-}
-
 struct Setup {
     // Declared first: dropped before the pair.
     agent: NodeAgent,
@@ -326,7 +150,7 @@ fn setup(services: &str) -> Setup {
         .serve_cmd("pod-b", &[TCP_PORT], &[UDP_PORT])
         .netns(&pair.pod_b);
     let pod_b = pair.serve(cmd).expect("serving in pod B");
-    let agent = NodeAgent::start(&pair, &format!("{NODE}{services}"));
+    let agent = NodeAgent::start(&agent_bin!(), &pair, &format!("{NODE_A}{services}"), &[]);
     Setup {
         agent,
         pair,
@@ -581,9 +405,10 @@ fn established_connection_survives_backend_changes() {
     let held_pid = held.pid();
     wait_for_connections(s.pair.child(s.pod_a), 1);
     s.agent.update(
-        &format!("{NODE}{both}"),
+        &format!("{NODE_A}{both}"),
         &frontend,
         &[&format!("{a}:{TCP_PORT}"), &format!("{b}:{TCP_PORT}")],
+        false,
     );
     let lines = wait_probe(&mut s.pair, held_pid);
     assert!(
@@ -633,9 +458,10 @@ fn established_connection_survives_backend_changes() {
     };
     let remaining = service("hold", "IPv4", (30087, 30088), "Cluster", &[keep]);
     s.agent.update(
-        &format!("{NODE}{remaining}"),
+        &format!("{NODE_A}{remaining}"),
         &frontend,
         &[&format!("{}:{TCP_PORT}", keep.0)],
+        false,
     );
     let lines = wait_probe(&mut s.pair, held_pid);
     assert!(

@@ -14,7 +14,9 @@
 
 use std::time::{Duration, Instant};
 
-use lb_tests::node_agent::{NODE_A, NodeAgent, RUN, Stats, client, peers_seen, sa, service};
+use lb_tests::node_agent::{
+    NODE_A, NodeAgent, RUN, Stats, client, peers_seen, sa, service, xdp_shown,
+};
 use lb_tests::topology::{NodePair, node_pair};
 use lb_tests::{Cmd, NetNs, Probe, agent_bin, probe, require_root};
 
@@ -48,21 +50,6 @@ fn add_dotted(ns: &NetNs, parent: &str, name: &str, addr: &str) {
     }
 }
 
-/// `ethtool -K` inside a namespace.
-fn ethtool(ns: &NetNs, dev: &str, settings: &[&str]) {
-    let mut args = vec!["netns", "exec", ns.name(), "ethtool", "-K", dev];
-    args.extend_from_slice(settings);
-    let out = std::process::Command::new("ip")
-        .args(&args)
-        .output()
-        .expect("running ethtool (cargo xtask setup installs it)");
-    assert!(
-        out.status.success(),
-        "ethtool {settings:?} on {dev}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// The link pins (`links/`) of the agent, by name.
 fn link_pins(agent: &NodeAgent) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(agent.pins().join("links"))
@@ -74,15 +61,6 @@ fn link_pins(agent: &NodeAgent) -> Vec<String> {
         .unwrap_or_default();
     names.sort();
     names
-}
-
-/// Whether `ip -d link show <dev>` in node A shows an XDP program.
-fn xdp_shown(pair: &NodePair, dev: &str) -> bool {
-    let out = pair
-        .node_a
-        .ip(&["-d", "link", "show", dev])
-        .expect("ip link show");
-    out.contains("prog/xdp") || out.contains("xdpgeneric")
 }
 
 fn reason_delta(before: &Stats, after: &Stats, reason: &str) -> u64 {
@@ -192,9 +170,13 @@ fn setup() -> Setup {
         .expect("routing the node address through the dotted device");
     // Full checksums and no segmentation offload, as in `xdp_nodeport.rs`: XDP updates checksums incrementally.
     let off = ["tx", "off", "tso", "off", "gso", "off"];
-    ethtool(&pair.client, &format!("cl-{t}"), &off);
-    ethtool(&pair.client, &dotted, &off);
-    ethtool(&pair.pod_b, &format!("pb-{t}"), &off);
+    pair.client
+        .ethtool(&format!("cl-{t}"), &off)
+        .expect("ethtool");
+    pair.client.ethtool(&dotted, &off).expect("ethtool");
+    pair.pod_b
+        .ethtool(&format!("pb-{t}"), &off)
+        .expect("ethtool");
 
     let cmds = [
         probe.serve_cmd("pod-a", &[8080], &[]).netns(&pair.pod_a),

@@ -9,13 +9,13 @@
 //! partial checksum (CHECKSUM_PARTIAL) that nothing ever verifies, and a wrong XDP checksum update would go
 //! unnoticed. With full checksums the receiving stacks verify every segment, so a bad update breaks the transfer.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use lb_agent::datapath::packet_maps::PacketMaps;
 use lb_common::reason;
+use lb_tests::node_agent::{NodeAgent, xdp_shown};
 use lb_tests::topology::{NodePair, node_pair};
-use lb_tests::{Child, Cmd, Probe, ProbeLine, agent_bin, probe, require_root};
+use lb_tests::{Cmd, Probe, ProbeLine, agent_bin, probe, require_root};
 
 const RUN: Duration = Duration::from_secs(60);
 const SYNC: Duration = Duration::from_secs(20);
@@ -127,138 +127,33 @@ endpoints:
   - {addresses: [10.244.2.2], conditions: {ready: true}, nodeName: node-b}
 "#;
 
-/// The agent in node A with `--xdp --xdp-mode <mode>`; killed on drop (declare it after the pair).
-struct XdpAgent {
-    child: Child,
-    manifest: PathBuf,
-    dir: PathBuf,
-    mode: &'static str,
+/// Starts the agent in node A with `--xdp --xdp-mode <mode>` and checks its log says XDP took every device.
+fn start_xdp_agent(pair: &NodePair, mode: &str) -> NodeAgent {
+    let agent = NodeAgent::start(
+        &agent_bin!(),
+        pair,
+        MANIFEST,
+        &["--xdp", "--xdp-mode", mode],
+    );
+    assert_xdp_attached(&agent, pair);
+    agent
 }
 
-impl XdpAgent {
-    fn start(pair: &NodePair, mode: &'static str) -> XdpAgent {
-        let dir = std::env::temp_dir().join(format!("lb-tests-xdp-agent-{}", pair.token()));
-        std::fs::create_dir_all(&dir).expect("agent directory");
-        let manifest = dir.join("services.yaml");
-        std::fs::write(&manifest, MANIFEST).expect("writing the manifest");
-        let child = Self::launch(pair, &manifest, Some(mode));
-        let mut agent = XdpAgent {
-            child,
-            manifest,
-            dir,
-            mode,
-        };
-        agent.wait_attached(pair);
-        agent
-    }
-
-    /// `mode` None: without `--xdp`.
-    fn launch(pair: &NodePair, manifest: &std::path::Path, mode: Option<&str>) -> Child {
-        let xdp: &[&str] = match mode {
-            Some(m) => &["--xdp", "--xdp-mode", m],
-            None => &[],
-        };
-        Cmd::new(agent_bin!())
-            .arg("run")
-            .arg("--manifests")
-            .arg(manifest)
-            .args(["--node-name", "node-a"])
-            .arg("--cgroup")
-            .arg(pair.cgroup().path())
-            .arg("--bpffs")
-            .arg(pair.bpf_dir().path())
-            .args(["--devices", &pair.node_a_devices().join(",")])
-            .args(["--node-address", node_pair::NODE_A_V4])
-            .args(xdp)
-            .args(["--health-addr", "127.0.0.1:0"])
-            .args(["--metrics-addr", "127.0.0.1:0"])
-            .args(["--health-check-node-port-addresses", "127.0.0.1"])
-            .env("LB_LOG", "info")
-            .label("lb-agent-xdp")
-            .netns(&pair.node_a)
-            .spawn()
-            .expect("starting lb-agent in node A")
-    }
-
-    /// `kill -9` and start again on the same pins.
-    fn restart(&mut self, pair: &NodePair) {
-        self.child.kill();
-        self.child = Self::launch(pair, &self.manifest, Some(self.mode));
-        self.wait_attached(pair);
-    }
-
-    /// `kill -9` and start again without `--xdp`; waits for the first sync.
-    fn restart_without_xdp(&mut self, pair: &NodePair) {
-        self.child.kill();
-        self.child = Self::launch(pair, &self.manifest, None);
-        let deadline = Instant::now() + SYNC;
-        while !self.child.stderr().contains("initial sync done") {
-            let exited = self.child.try_wait().expect("polling the agent");
-            assert!(
-                exited.is_none(),
-                "lb-agent exited:\n{}",
-                self.child.stderr()
-            );
-            assert!(
-                Instant::now() < deadline,
-                "lb-agent never synced:\n{}",
-                self.child.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn wait_attached(&mut self, pair: &NodePair) {
-        let deadline = Instant::now() + SYNC;
-        loop {
-            let exited = self.child.try_wait().expect("polling the agent");
-            let log = self.child.stderr();
-            if log.contains("initial sync done") {
-                for dev in pair.node_a_devices() {
-                    assert!(
-                        log.lines()
-                            .any(|l| l.contains("XDP fast path attached") && l.contains(&dev)),
-                        "no XDP on {dev}:\n{log}"
-                    );
-                }
-                return;
-            }
-            assert!(exited.is_none(), "lb-agent exited:\n{log}");
-            assert!(Instant::now() < deadline, "lb-agent never synced:\n{log}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for XdpAgent {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- lb-agent (node A) log ---\n{}", self.child.stderr());
-        }
-        self.child.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
+fn assert_xdp_attached(agent: &NodeAgent, pair: &NodePair) {
+    let log = agent.log();
+    for dev in pair.node_a_devices() {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("XDP fast path attached") && l.contains(&dev)),
+            "no XDP on {dev}:\n{log}"
+        );
     }
 }
 
 struct Setup {
-    agent: XdpAgent,
+    agent: NodeAgent,
     pair: NodePair,
     probe: Probe,
-}
-
-/// `ethtool -K` inside a namespace.
-fn ethtool(ns: &lb_tests::NetNs, dev: &str, settings: &[&str]) {
-    let mut args = vec!["netns", "exec", ns.name(), "ethtool", "-K", dev];
-    args.extend_from_slice(settings);
-    let out = std::process::Command::new("ip")
-        .args(&args)
-        .output()
-        .expect("running ethtool (cargo xtask setup installs it)");
-    assert!(
-        out.status.success(),
-        "ethtool {settings:?} on {dev}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn setup(mode: &'static str) -> Setup {
@@ -267,13 +162,21 @@ fn setup(mode: &'static str) -> Setup {
     let t = pair.token().to_owned();
     // Full checksums from both ends (see the module doc), no segmentation offload.
     let off = ["tx", "off", "tso", "off", "gso", "off"];
-    ethtool(&pair.client, &format!("cl-{t}"), &off);
-    ethtool(&pair.pod_b, &format!("pb-{t}"), &off);
+    pair.client
+        .ethtool(&format!("cl-{t}"), &off)
+        .expect("ethtool");
+    pair.pod_b
+        .ethtool(&format!("pb-{t}"), &off)
+        .expect("ethtool");
     if mode == "native" {
         // veth's native XDP_TX / redirect put frames on the peer's NAPI queue, which exists only with XDP or GRO
         // on the peer: the client's end (replies redirected out of the uplink) and node B's end of the link.
-        ethtool(&pair.client, &format!("cl-{t}"), &["gro", "on"]);
-        ethtool(&pair.node_b, &format!("ba-{t}"), &["gro", "on"]);
+        pair.client
+            .ethtool(&format!("cl-{t}"), &["gro", "on"])
+            .expect("ethtool");
+        pair.node_b
+            .ethtool(&format!("ba-{t}"), &["gro", "on"])
+            .expect("ethtool");
     }
     let serve = probe
         .serve_cmd("pod-b", &[HTTP_PORT], &[])
@@ -281,7 +184,7 @@ fn setup(mode: &'static str) -> Setup {
         .arg(ECHO_PORT.to_string())
         .netns(&pair.pod_b);
     pair.serve(serve).expect("serving in pod B");
-    let agent = XdpAgent::start(&pair, mode);
+    let agent = start_xdp_agent(&pair, mode);
     Setup { agent, pair, probe }
 }
 
@@ -349,7 +252,7 @@ fn xdp_generic_forwards_bulk_nodeport_traffic_to_a_remote_backend_v4_and_v6() {
         let after = counts(&s.pair);
         assert_mostly_xdp(&before, &after, what);
     }
-    let log = s.agent.child.stderr();
+    let log = s.agent.log();
     assert!(
         log.lines()
             .any(|l| l.contains("XDP fast path attached") && l.contains("generic")),
@@ -396,15 +299,6 @@ fn xdp_drops_sources_outside_ranges_and_passes_allowed_ones() {
     );
 }
 
-/// Whether `ip -d link show <dev>` in node A shows an XDP program.
-fn xdp_shown(pair: &NodePair, dev: &str) -> bool {
-    let out = pair
-        .node_a
-        .ip(&["-d", "link", "show", dev])
-        .expect("ip link show");
-    out.contains("prog/xdp") || out.contains("xdpgeneric")
-}
-
 /// Waits until no interface of node A shows an XDP program.
 fn wait_no_xdp(pair: &NodePair, after: &str) {
     // The kernel releases an unpinned link from a workqueue (bpf_link_put_deferred): wait for it.
@@ -432,7 +326,7 @@ fn an_agent_restarted_without_xdp_detaches_it_and_traffic_goes_on_through_tc() {
             "XDP is attached to {dev} at first"
         );
     }
-    s.agent.restart_without_xdp(&s.pair);
+    s.agent.restart_with_flags(&s.pair, &[]);
     wait_no_xdp(&s.pair, "a restart without --xdp");
     let before = counts(&s.pair);
     echo(&s, &format!("{}:30200", node_pair::NODE_A_V4), 4, 16 * 1024);
@@ -465,6 +359,7 @@ fn xdp_established_connection_survives_kill_9_and_cleanup_detaches_xdp() {
     let pid = s.pair.spawn(cmd).expect("echo client").pid();
     std::thread::sleep(Duration::from_millis(1500));
     s.agent.restart(&s.pair);
+    assert_xdp_attached(&s.agent, &s.pair);
     let after_restart = counts(&s.pair);
     let child = s.pair.child_by_pid(pid).expect("the echo child");
     child
@@ -517,7 +412,7 @@ fn xdp_native_forwards_bulk_nodeport_traffic_to_a_remote_backend_v4_and_v6() {
         let after = counts(&s.pair);
         assert_mostly_xdp(&before, &after, what);
     }
-    let log = s.agent.child.stderr();
+    let log = s.agent.log();
     assert!(
         log.lines()
             .any(|l| l.contains("XDP fast path attached") && l.contains("native")),
