@@ -52,11 +52,25 @@ struct SliceInfo {
     endpoints: Vec<SliceEndpoint>,
 }
 
+/// One valid slice as kept by the index: its Service and its content.
+#[derive(Clone, Debug)]
+pub(crate) struct IndexedSlice {
+    service: String,
+    info: SliceInfo,
+}
+
+impl IndexedSlice {
+    /// The Service this slice belongs to (its `kubernetes.io/service-name` label).
+    pub(crate) fn service(&self) -> &str {
+        &self.service
+    }
+}
+
 /// Every usable slice, by the Service it belongs to.
 #[derive(Debug, Default)]
 pub(crate) struct SliceIndex {
-    /// (namespace, Service name) -> slices in slice-name order.
-    by_service: BTreeMap<(String, String), Vec<SliceInfo>>,
+    /// (namespace, Service name) -> slices by slice name (the order makes duplicate addresses resolve the same way).
+    by_service: BTreeMap<(String, String), BTreeMap<String, SliceInfo>>,
     node_name: String,
 }
 
@@ -96,21 +110,43 @@ impl SliceIndex {
             }
         }
 
-        let mut index = SliceIndex {
-            by_service: BTreeMap::new(),
-            node_name: node_name.to_owned(),
-        };
+        let mut index = SliceIndex::new(node_name);
         for ((namespace, name), slice) in by_name {
-            let object = object_label("EndpointSlice", Some(&namespace), Some(&name));
-            if let Some((service, info)) = slice_info(slice, &object, diagnostics) {
-                index
-                    .by_service
-                    .entry((namespace, service))
-                    .or_default()
-                    .push(info);
+            if let Some(indexed) = index_slice(slice, &namespace, &name, diagnostics) {
+                index.insert(&namespace, &name, indexed);
             }
         }
         index
+    }
+
+    pub(crate) fn new(node_name: &str) -> Self {
+        SliceIndex {
+            by_service: BTreeMap::new(),
+            node_name: node_name.to_owned(),
+        }
+    }
+
+    /// Adds slice `namespace/name` (replacing nothing: remove its previous version first).
+    pub(crate) fn insert(&mut self, namespace: &str, name: &str, slice: IndexedSlice) {
+        self.by_service
+            .entry((namespace.to_owned(), slice.service))
+            .or_default()
+            .insert(name.to_owned(), slice.info);
+    }
+
+    /// Removes slice `namespace/name` from Service `service`'s slices.
+    pub(crate) fn remove(&mut self, namespace: &str, name: &str, service: &str) {
+        let key = (namespace.to_owned(), service.to_owned());
+        if let Some(slices) = self.by_service.get_mut(&key) {
+            slices.remove(name);
+            if slices.is_empty() {
+                self.by_service.remove(&key);
+            }
+        }
+    }
+
+    pub(crate) fn set_node_name(&mut self, node_name: &str) {
+        node_name.clone_into(&mut self.node_name);
     }
 
     /// The endpoints of one service port for one family: kube-proxy's `endpointInfoByServicePort` and
@@ -130,7 +166,7 @@ impl SliceIndex {
             return Vec::new();
         };
         let mut set: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
-        for slice in slices.iter().filter(|s| s.family == family) {
+        for slice in slices.values().filter(|s| s.family == family) {
             for port in slice
                 .ports
                 .iter()
@@ -159,6 +195,17 @@ impl SliceIndex {
         }
         set.into_values().collect()
     }
+}
+
+/// Checks slice `namespace/name`: its Service and usable content, or `None` (with diagnostics) if it is unusable.
+pub(crate) fn index_slice(
+    slice: &EndpointSlice,
+    namespace: &str,
+    name: &str,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<IndexedSlice> {
+    let object = object_label("EndpointSlice", Some(namespace), Some(name));
+    slice_info(slice, &object, diagnostics).map(|(service, info)| IndexedSlice { service, info })
 }
 
 /// Checks one slice; returns the Service it belongs to and its usable content, or `None` if it is unusable.
@@ -305,11 +352,12 @@ fn slice_info(
     ))
 }
 
-/// Every address listed by any slice, whatever its conditions or Service (see `DesiredState::endpoint_addresses`).
-pub(crate) fn listed_addresses(slices: &[EndpointSlice]) -> BTreeSet<IpAddr> {
-    slices
+/// Every address one slice lists, whatever its conditions or Service (see `DesiredState::endpoint_addresses`).
+pub(crate) fn listed_addresses(slice: &EndpointSlice) -> Vec<IpAddr> {
+    slice
+        .endpoints
         .iter()
-        .flat_map(|s| s.endpoints.iter().flatten())
+        .flatten()
         .flat_map(|e| e.addresses.iter())
         .filter_map(|a| parse_ip_sloppy(a))
         .collect()

@@ -9,7 +9,8 @@
 //! - `frontends`: one [`ServiceEntry`](crate::state::ServiceEntry) per VIP, port and scope (what the nftables
 //!   proxier's `syncProxyRules` writes into its maps);
 //! - `node`: this node's addresses and zone;
-//! - `service_cidrs`: the ServiceCIDRs, whose unallocated addresses drop (rule 8).
+//! - `service_cidrs`: the ServiceCIDRs, whose unallocated addresses drop (rule 8);
+//! - `translator`: the same translation kept across syncs, rebuilding only the Services a change touches.
 //!
 //! Nothing here touches the system or logs above `debug` (except [`node_context`] saying it fell back to the
 //! given addresses): problems come back as [`Diagnostic`]s for the caller to report, so the same input always gives
@@ -28,10 +29,10 @@ mod ip;
 mod node;
 mod service_cidrs;
 mod service_ports;
+mod translator;
 #[cfg(test)]
 mod test_support;
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 pub use endpoints::Eligibility;
@@ -41,6 +42,7 @@ pub use explain::{
 pub use health::ServiceHealth;
 pub use node::node_context;
 pub use service_cidrs::parse_service_cidr;
+pub use translator::{ObjectRef, Translator};
 
 use crate::manifest::{ClusterObjects, Diagnostic};
 use crate::state::{Algorithm, DesiredState};
@@ -82,58 +84,11 @@ pub struct Translation {
     pub health: Vec<ServiceHealth>,
 }
 
-/// Computes this node's desired datapath state from the cluster objects. Pure: same input, same output.
+/// Computes this node's desired datapath state from the cluster objects. Pure: same input, same output. The agent
+/// keeps a [`Translator`] instead, which gives the same result for a fraction of the work per change.
 pub fn translate(objects: &ClusterObjects, node: &NodeContext, cfg: &ModelConfig) -> Translation {
-    let mut diagnostics = Vec::new();
-    let slices =
-        endpoint_slices::SliceIndex::build(&objects.endpoint_slices, &node.name, &mut diagnostics);
-
-    // Services in namespace/name order, so frontend conflicts always resolve the same way. A Service given twice
-    // (two manifests, or a file edited into a duplicate) is taken from its last definition, as `kubectl apply`
-    // of the files in order would leave it.
-    let mut services = BTreeMap::new();
-    for svc in &objects.services {
-        let namespace = svc
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| crate::manifest::DEFAULT_NAMESPACE.to_owned());
-        let name = svc.metadata.name.clone().unwrap_or_default();
-        if name.is_empty() {
-            // Reported (and skipped) by the validation; nothing to key it by.
-            let skipped = service_ports::service_info(svc, cfg, &mut diagnostics);
-            debug_assert!(skipped.is_none(), "an unnamed Service passed validation");
-            continue;
-        }
-        if services
-            .insert((namespace.clone(), name.clone()), svc)
-            .is_some()
-        {
-            diagnostics.push(Diagnostic::new(
-                crate::manifest::object_label("Service", Some(&namespace), Some(&name)),
-                None,
-                "defined more than once; the last definition is used",
-            ));
-        }
-    }
-
-    let mut state = frontends::StateBuilder::default();
-    state.localhost_nodeports = cfg.localhost_nodeports;
-    let mut health = Vec::new();
-    for svc in services.values() {
-        if let Some(info) = service_ports::service_info(svc, cfg, &mut diagnostics) {
-            state.add_service(&info, &slices, node);
-            health.extend(health::service_health(svc, &info, &slices));
-        }
-    }
-    let (mut state, conflicts) = state.finish();
-    state.node = node::node_nets(&objects.nodes, node);
-    state.endpoint_addresses = endpoint_slices::listed_addresses(&objects.endpoint_slices);
-    state.service_cidrs = service_cidrs::service_cidrs(objects, cfg, &mut diagnostics);
-    diagnostics.extend(conflicts);
-    Translation {
-        state,
-        diagnostics,
-        health,
-    }
+    let mut translator = Translator::new(cfg.clone(), node.clone());
+    translator.replace_all(objects);
+    translator.translate();
+    translator.into_translation()
 }

@@ -13,7 +13,9 @@
 
 use std::net::IpAddr;
 
-use crate::manifest::{ClusterObjects, Diagnostic, object_label};
+use k8s_openapi::api::networking::v1::ServiceCIDR;
+
+use crate::manifest::{Diagnostic, object_label};
 
 use super::ModelConfig;
 use super::ip::parse_cidr_sloppy;
@@ -22,12 +24,12 @@ use super::ip::parse_cidr_sloppy;
 /// every ServiceCIDR object, else `cfg.fallback_service_cidrs`. An unreadable CIDR is a diagnostic and is skipped
 /// (the API server validates them, so this only happens with hand-written manifests).
 pub(crate) fn service_cidrs(
-    objects: &ClusterObjects,
+    objects: &[ServiceCIDR],
     cfg: &ModelConfig,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Vec<(IpAddr, u8)> {
     let mut out = Vec::new();
-    for obj in &objects.service_cidrs {
+    for obj in objects {
         let cidrs = obj
             .spec
             .as_ref()
@@ -45,7 +47,7 @@ pub(crate) fn service_cidrs(
             }
         }
     }
-    if objects.service_cidrs.is_empty() {
+    if objects.is_empty() {
         out.extend(cfg.fallback_service_cidrs.iter().map(|&n| network(n)));
     }
     out.sort();
@@ -109,7 +111,7 @@ mod tests {
         for (yaml, want, want_diags) in cases {
             let objects = parse(yaml);
             let mut diags = Vec::new();
-            let got = service_cidrs(&objects, &cfg, &mut diags);
+            let got = service_cidrs(&objects.service_cidrs, &cfg, &mut diags);
             assert_eq!(got, cidrs(want), "{yaml}");
             assert_eq!(diags.len(), *want_diags, "{yaml}: {diags:?}");
         }
