@@ -29,9 +29,9 @@ mod ip;
 mod node;
 mod service_cidrs;
 mod service_ports;
-mod translator;
 #[cfg(test)]
 mod test_support;
+mod translator;
 
 use std::net::IpAddr;
 

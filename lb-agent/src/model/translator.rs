@@ -347,8 +347,11 @@ impl Translator {
         }
         if self.cidrs_dirty {
             let mut diagnostics = Vec::new();
-            self.out.state.service_cidrs =
-                service_cidrs::service_cidrs(&self.service_cidr_objects, &self.cfg, &mut diagnostics);
+            self.out.state.service_cidrs = service_cidrs::service_cidrs(
+                &self.service_cidr_objects,
+                &self.cfg,
+                &mut diagnostics,
+            );
             self.cidr_diagnostics = diagnostics;
         }
         self.out.health = self
@@ -392,8 +395,16 @@ impl Translator {
     /// frontend a later Service could not have.
     fn diagnostics(&self) -> Vec<Diagnostic> {
         let mut out = self.input_diagnostics.clone();
-        out.extend(self.slices.values().flat_map(|r| r.diagnostics.iter().cloned()));
-        out.extend(self.parts.values().flat_map(|p| p.diagnostics.iter().cloned()));
+        out.extend(
+            self.slices
+                .values()
+                .flat_map(|r| r.diagnostics.iter().cloned()),
+        );
+        out.extend(
+            self.parts
+                .values()
+                .flat_map(|p| p.diagnostics.iter().cloned()),
+        );
         out.extend(self.cidr_diagnostics.iter().cloned());
         for f in &self.contested {
             let Some(claimants) = self.claims.get(f) else {
@@ -492,7 +503,10 @@ mod tests {
         let kind = rng.below(3);
         if kind > 0 {
             for (n, p) in ports.iter_mut().enumerate() {
-                p.insert_str(p.len() - 1, &format!(", nodePort: {}", 30000 + i * 10 + n as u64));
+                p.insert_str(
+                    p.len() - 1,
+                    &format!(", nodePort: {}", 30000 + i * 10 + n as u64),
+                );
             }
         }
         let mut spec = format!("clusterIP: {cluster_ip}, ports: [{}]", ports.join(", "));
@@ -557,6 +571,43 @@ mod tests {
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: e{i}, namespace: {ns}{labels}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}, {{name: dns, port: 5353, protocol: UDP}}]\nendpoints: [{}]\n",
             endpoints.join(", ")
         )
+    }
+
+    /// The translation as it was written before the [`Translator`]: one pass over every object with one
+    /// `StateBuilder`, kept here as an independent reference for the conflict and ordering rules.
+    fn one_pass(objects: &ClusterObjects, node: &NodeContext, cfg: &ModelConfig) -> Translation {
+        let mut diagnostics = Vec::new();
+        let slices = SliceIndex::build(&objects.endpoint_slices, &node.name, &mut diagnostics);
+        let mut services = BTreeMap::new();
+        for svc in &objects.services {
+            let namespace = namespace_of(svc.metadata.namespace.as_deref());
+            let name = svc.metadata.name.clone().unwrap_or_default();
+            services.insert((namespace, name), svc);
+        }
+        let mut state = frontends::StateBuilder::default();
+        state.localhost_nodeports = cfg.localhost_nodeports;
+        let mut health = Vec::new();
+        for svc in services.values() {
+            if let Some(info) = service_ports::service_info(svc, cfg, &mut diagnostics) {
+                state.add_service(&info, &slices, node);
+                health.extend(health::service_health(svc, &info, &slices));
+            }
+        }
+        let (mut state, conflicts) = state.finish();
+        state.node = node::node_nets(&objects.nodes, node);
+        state.endpoint_addresses = objects
+            .endpoint_slices
+            .iter()
+            .flat_map(listed_addresses)
+            .collect();
+        state.service_cidrs =
+            service_cidrs::service_cidrs(&objects.service_cidrs, cfg, &mut diagnostics);
+        diagnostics.extend(conflicts);
+        Translation {
+            state,
+            diagnostics,
+            health,
+        }
     }
 
     fn sorted(mut d: Vec<Diagnostic>) -> Vec<(String, Option<String>, String)> {
@@ -645,7 +696,16 @@ mod tests {
                 .chain(slices.values())
                 .map(String::as_str)
                 .collect();
-            let full = translate(&parse(&yaml.join("---\n")), &node, &cfg);
+            let objects = parse(&yaml.join("---\n"));
+            let full = translate(&objects, &node, &cfg);
+            let reference = one_pass(&objects, &node, &cfg);
+            assert_eq!(full.state, reference.state, "step {step}");
+            assert_eq!(full.health, reference.health, "step {step}");
+            assert_eq!(
+                sorted(full.diagnostics.clone()),
+                sorted(reference.diagnostics),
+                "step {step}"
+            );
             let incremental = translator.translation();
             assert_eq!(incremental.state, full.state, "step {step}");
             assert_eq!(incremental.health, full.health, "step {step}");
@@ -678,17 +738,28 @@ mod tests {
                 .state
                 .services
                 .iter()
-                .find(|(f, _)| f.addr == ip("203.0.113.5") && f.scope == crate::state::Scope::External)
+                .find(|(f, _)| {
+                    f.addr == ip("203.0.113.5") && f.scope == crate::state::Scope::External
+                })
                 .map(|(_, e)| e.service.name.clone())
         };
         assert_eq!(external(&t), Some("a".into()));
-        assert_eq!(t.translation().diagnostics.len(), 2, "{:?}", t.translation().diagnostics);
+        assert_eq!(
+            t.translation().diagnostics.len(),
+            2,
+            "{:?}",
+            t.translation().diagnostics
+        );
 
         t.remove_service(&("ns".into(), "a".into()));
         let changed = t.translate();
         assert_eq!(external(&t), Some("b".into()));
         assert!(changed.iter().any(|f| f.addr == ip("203.0.113.5")));
-        assert!(t.translation().diagnostics.is_empty(), "{:?}", t.translation().diagnostics);
+        assert!(
+            t.translation().diagnostics.is_empty(),
+            "{:?}",
+            t.translation().diagnostics
+        );
     }
 
     #[test]
