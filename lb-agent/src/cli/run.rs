@@ -164,6 +164,8 @@ impl SourceChoice {
 struct Syncer {
     node_name: String,
     model: ModelConfig,
+    /// The translation kept across syncs: a change costs the work of the Services it touches.
+    translator: model::Translator,
     reconciler: Reconciler,
     /// Health, metrics, names map, config reload.
     ops: crate::ops::Ops,
@@ -181,8 +183,41 @@ impl Syncer {
                 return false;
             }
         };
-        self.apply(maps, &objects, &diagnostics, started);
+        self.translator.replace_all(&objects);
+        self.program(maps, &diagnostics, started);
         true
+    }
+
+    /// Programs what a kube source snapshot says: everything, or only what changed.
+    fn apply_snapshot(&mut self, maps: &mut PinnedMaps, snapshot: crate::source::kube::Snapshot) {
+        use crate::source::kube::Contents;
+        let started = Instant::now();
+        match snapshot.contents {
+            Contents::Full(objects) => self.translator.replace_all(&objects),
+            Contents::Changes(delta) => {
+                for (key, svc) in delta.services {
+                    let key = (key.namespace, key.name);
+                    match svc {
+                        Some(svc) => self.translator.upsert_service(key, svc),
+                        None => self.translator.remove_service(&key),
+                    }
+                }
+                for (key, slice) in delta.endpoint_slices {
+                    let key = (key.namespace, key.name);
+                    match slice {
+                        Some(slice) => self.translator.upsert_slice(key, slice),
+                        None => self.translator.remove_slice(&key),
+                    }
+                }
+                if let Some(nodes) = delta.nodes {
+                    self.translator.set_nodes(&nodes);
+                }
+                if let Some(cidrs) = delta.service_cidrs {
+                    self.translator.set_service_cidrs(&cidrs);
+                }
+            }
+        }
+        self.program(maps, &snapshot.diagnostics, started);
     }
 
     /// Re-reads the config file and applies its live settings; true when the maps need a resync.
@@ -219,11 +254,11 @@ impl Syncer {
         }
     }
 
-    /// Translates `objects` and programs the maps: the one path from any source to the datapath.
-    fn apply(
+    /// Translates what changed in the translator's inputs and programs the maps: the one path from any source to
+    /// the datapath.
+    fn program(
         &mut self,
         maps: &mut PinnedMaps,
-        objects: &manifest::ClusterObjects,
         diagnostics: &[manifest::Diagnostic],
         started: Instant,
     ) {
@@ -231,20 +266,24 @@ impl Syncer {
         for d in diagnostics {
             tracing::warn!(event = "Warning", reason = "InvalidObject", object = %d.object, field = d.field.as_deref().unwrap_or(""), "skipped: {}", d.message);
         }
-        let node = model::node_context(&self.node_name, &objects.nodes, &self.model);
-        let translation = model::translate(objects, &node, &self.model);
+        let node = model::node_context(&self.node_name, self.translator.nodes(), &self.model);
+        self.translator.set_config(&self.model);
+        self.translator.set_node(&node);
+        let changed = self.translator.translate();
+        let translation = self.translator.translation();
         for d in &translation.diagnostics {
             tracing::warn!(event = "Warning", reason = "InvalidObject", object = %d.object, field = d.field.as_deref().unwrap_or(""), "skipped: {}", d.message);
         }
         let report = self.reconciler.sync(maps, &translation.state);
         self.ops
-            .sync_finished(&translation, &report, &self.reconciler, started);
+            .sync_finished(translation, &report, &self.reconciler, started);
         self.ops.note_source_diagnostics(diagnostics);
         for (frontend, reason) in &report.failed {
             tracing::error!(%frontend, %reason, "frontend not programmed; the others are");
         }
         tracing::info!(
             frontends = translation.state.services.len(),
+            changed = changed.len(),
             written = report.services_written,
             deleted = report.services_deleted,
             tables = report.tables_written,
@@ -397,15 +436,20 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         backends = reconciler.programmed_backends(),
         "adopted the pinned state"
     );
+    let model = ModelConfig {
+        default_algorithm: args.algorithm,
+        service_proxy_name: args.service_proxy_name.clone(),
+        fallback_node_addresses,
+        fallback_service_cidrs: args.service_cidrs.clone(),
+        localhost_nodeports: args.localhost_nodeports,
+    };
     let mut syncer = Syncer {
+        translator: model::Translator::new(
+            model.clone(),
+            model::node_context(&node_name, &[], &model),
+        ),
         node_name,
-        model: ModelConfig {
-            default_algorithm: args.algorithm,
-            service_proxy_name: args.service_proxy_name.clone(),
-            fallback_node_addresses,
-            fallback_service_cidrs: args.service_cidrs.clone(),
-            localhost_nodeports: args.localhost_nodeports,
-        },
+        model,
         reconciler,
         ops,
     };
@@ -452,9 +496,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                     anyhow::bail!("the Kubernetes watchers stopped");
                 };
                 syncer.ops.change_seen_at(snapshot.first_event.unwrap_or_else(Instant::now));
-                syncer.apply(&mut maps, &snapshot.objects, &snapshot.diagnostics, Instant::now());
+                let initial = snapshot.initial;
+                syncer.apply_snapshot(&mut maps, snapshot);
                 finish_migration(&mut migration, true)?;
-                if snapshot.initial {
+                if initial {
                     // The readiness moment: every kind listed and programmed once (tests wait for this line).
                     tracing::info!("initial sync done");
                     syncer.ops.set_ready();
@@ -510,12 +555,7 @@ fn resync(
         }
         (SourceChoice::Kube(_), Some(kube)) => {
             if let Some(snapshot) = kube.current() {
-                syncer.apply(
-                    maps,
-                    &snapshot.objects,
-                    &snapshot.diagnostics,
-                    Instant::now(),
-                );
+                syncer.apply_snapshot(maps, snapshot);
             }
         }
         (SourceChoice::Kube(_), None) => {}

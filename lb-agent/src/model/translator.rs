@@ -127,6 +127,11 @@ impl Translator {
         }
     }
 
+    /// The Node objects last given (this node's, for the caller's [`node_context`](super::node_context)).
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
     pub fn set_nodes(&mut self, nodes: &[Node]) {
         if nodes != self.nodes.as_slice() {
             self.nodes = nodes.to_vec();

@@ -34,7 +34,7 @@ use tokio::task::JoinHandle;
 
 use crate::manifest::{self, ClusterObjects, Diagnostic};
 use tracker::{Change, ObjectKey, Parsed, Update};
-pub use tracker::{Kind, Snapshot, Tracker};
+pub use tracker::{Contents, Delta, Kind, Snapshot, Tracker};
 
 /// How long the source waits without new events before handing out a batch.
 pub const QUIET: Duration = Duration::from_millis(30);
@@ -441,7 +441,13 @@ mod tests {
         }
         let burst = source.next().await.expect("burst snapshot");
         assert_eq!(
-            (burst.changes, burst.objects.endpoint_slices.len()),
+            (
+                burst.changes,
+                match &burst.contents {
+                    Contents::Changes(d) => d.endpoint_slices.len(),
+                    Contents::Full(_) => 0,
+                }
+            ),
             (50, 50)
         );
         let quiet = tokio::time::timeout(Duration::from_millis(300), source.next()).await;

@@ -196,6 +196,15 @@ impl<T: Clone + PartialEq> Store<T> {
         }
         out
     }
+
+    /// A diagnostic for each unreadable object (no copy of the readable ones).
+    fn unreadable(&self, diagnostics: &mut Vec<Diagnostic>) {
+        diagnostics.extend(
+            self.current
+                .values()
+                .filter_map(|o| o.as_ref().err().cloned()),
+        );
+    }
 }
 
 /// Merges one object's change into the pending set (kube-proxy's `ServiceChangeTracker.Update`): the first
@@ -221,10 +230,11 @@ fn record<T: Clone + PartialEq>(
 }
 
 /// The objects to sync, taken from the tracker.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Snapshot {
-    pub objects: ClusterObjects,
-    /// Objects that could not be read, one diagnostic each.
+    pub contents: Contents,
+    /// Every object that currently cannot be read, one diagnostic each (reported at every sync, as a malformed
+    /// manifest is).
     pub diagnostics: Vec<Diagnostic>,
     /// The first snapshot: every kind has been listed once and nothing was synced before.
     pub initial: bool,
@@ -233,6 +243,36 @@ pub struct Snapshot {
     /// When the first event of the batch that produced this snapshot arrived (set by the source), so the
     /// network-programming latency includes the batching delay.
     pub first_event: Option<std::time::Instant>,
+}
+
+/// What a snapshot carries: everything, or only what changed. Handing out changes keeps a one-object change
+/// from costing a copy of the whole cluster.
+#[derive(Clone, Debug)]
+pub enum Contents {
+    /// Every readable object (the first snapshot, and [`Tracker::current`]).
+    Full(ClusterObjects),
+    /// The objects that changed since the previous snapshot.
+    Changes(Delta),
+}
+
+/// Objects changed since the previous snapshot: the current version of each, `None` when it is gone or can no
+/// longer be read. Nodes and ServiceCIDRs are few and come whole when any of them changed.
+#[derive(Clone, Debug, Default)]
+pub struct Delta {
+    pub services: Vec<(ObjectKey, Option<Service>)>,
+    pub endpoint_slices: Vec<(ObjectKey, Option<EndpointSlice>)>,
+    pub nodes: Option<Vec<Node>>,
+    pub service_cidrs: Option<Vec<ServiceCIDR>>,
+}
+
+impl Snapshot {
+    /// The snapshot's objects, when it carries all of them.
+    pub fn full(&self) -> Option<&ClusterObjects> {
+        match &self.contents {
+            Contents::Full(objects) => Some(objects),
+            Contents::Changes(_) => None,
+        }
+    }
 }
 
 /// The three stores and the changes not yet synced.
@@ -293,8 +333,8 @@ impl Tracker {
             + self.pending_service_cidrs.len()
     }
 
-    /// The whole current state when it is worth a sync: never before [`Tracker::ready`], then once for the
-    /// initial sync and afterwards only when some object really changed. Clears the pending changes.
+    /// What to sync, when it is worth a sync: never before [`Tracker::ready`], then everything once for the
+    /// initial sync, and afterwards the objects that really changed. Clears the pending changes.
     pub fn take(&mut self) -> Option<Snapshot> {
         if !self.ready() {
             return None;
@@ -303,15 +343,32 @@ impl Tracker {
         if self.synced_once && changes == 0 {
             return None;
         }
-        let mut snapshot = self.current()?;
-        snapshot.initial = !self.synced_once;
-        snapshot.changes = changes;
+        let initial = !self.synced_once;
         self.synced_once = true;
+        let contents = if initial {
+            Contents::Full(self.objects())
+        } else {
+            let mut diagnostics = Vec::new();
+            Contents::Changes(Delta {
+                services: latest(std::mem::take(&mut self.pending_services)),
+                endpoint_slices: latest(std::mem::take(&mut self.pending_slices)),
+                nodes: (!self.pending_nodes.is_empty())
+                    .then(|| self.nodes.objects(&mut diagnostics)),
+                service_cidrs: (!self.pending_service_cidrs.is_empty())
+                    .then(|| self.service_cidrs.objects(&mut diagnostics)),
+            })
+        };
         self.pending_services.clear();
         self.pending_slices.clear();
         self.pending_nodes.clear();
         self.pending_service_cidrs.clear();
-        Some(snapshot)
+        Some(Snapshot {
+            contents,
+            diagnostics: self.unreadable(),
+            initial,
+            changes,
+            first_event: None,
+        })
     }
 
     /// The whole current state whatever changed (for a forced resync), `None` before [`Tracker::ready`]. Leaves
@@ -320,21 +377,42 @@ impl Tracker {
         if !self.ready() {
             return None;
         }
-        let mut diagnostics = Vec::new();
-        let objects = ClusterObjects {
-            services: self.services.objects(&mut diagnostics),
-            endpoint_slices: self.slices.objects(&mut diagnostics),
-            nodes: self.nodes.objects(&mut diagnostics),
-            service_cidrs: self.service_cidrs.objects(&mut diagnostics),
-        };
         Some(Snapshot {
-            objects,
-            diagnostics,
+            contents: Contents::Full(self.objects()),
+            diagnostics: self.unreadable(),
             initial: false,
             changes: 0,
             first_event: None,
         })
     }
+
+    fn objects(&self) -> ClusterObjects {
+        let mut ignored = Vec::new();
+        ClusterObjects {
+            services: self.services.objects(&mut ignored),
+            endpoint_slices: self.slices.objects(&mut ignored),
+            nodes: self.nodes.objects(&mut ignored),
+            service_cidrs: self.service_cidrs.objects(&mut ignored),
+        }
+    }
+
+    /// A diagnostic for every object that cannot be read.
+    fn unreadable(&self) -> Vec<Diagnostic> {
+        let mut out = Vec::new();
+        self.services.unreadable(&mut out);
+        self.slices.unreadable(&mut out);
+        self.nodes.unreadable(&mut out);
+        self.service_cidrs.unreadable(&mut out);
+        out
+    }
+}
+
+/// The current version of every pending object (`None`: gone or unreadable).
+fn latest<T>(pending: BTreeMap<ObjectKey, Pending<T>>) -> Vec<(ObjectKey, Option<T>)> {
+    pending
+        .into_iter()
+        .map(|(key, p)| (key, p.current.and_then(Result::ok)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -405,12 +483,26 @@ mod tests {
         t
     }
 
-    fn service_names(s: &Snapshot) -> Vec<String> {
-        s.objects
+    /// The Services the tracker holds after a snapshot.
+    fn service_names(t: &Tracker) -> Vec<String> {
+        t.current()
+            .and_then(|s| s.full().cloned())
+            .expect("a full current state")
             .services
             .iter()
             .map(|s| s.metadata.name.clone().unwrap_or_default())
             .collect()
+    }
+
+    fn delta(s: &Snapshot) -> &Delta {
+        match &s.contents {
+            Contents::Changes(d) => d,
+            Contents::Full(_) => panic!("a full snapshot where changes were expected"),
+        }
+    }
+
+    fn full(s: &Snapshot) -> &ClusterObjects {
+        s.full().expect("a full snapshot")
     }
 
     #[test]
@@ -440,7 +532,7 @@ mod tests {
         );
         let s = t.take().expect("ready");
         assert!(s.initial);
-        assert_eq!(s.objects.endpoint_slices.len(), 1);
+        assert_eq!(full(&s).endpoint_slices.len(), 1);
         assert!(t.take().is_none(), "nothing changed since");
     }
 
@@ -471,7 +563,7 @@ mod tests {
         let mut t = ready_tracker();
         assert!(t.unlisted().is_empty());
         let first = t.take().expect("ready without ServiceCIDRs");
-        assert!(first.initial && first.objects.service_cidrs.is_empty());
+        assert!(first.initial && full(&first).service_cidrs.is_empty());
         // A half-done ServiceCIDR list changes nothing; its completion is one change.
         t.apply(Update::ServiceCidr(Change::Init));
         let (k, o) = service_cidr("kubernetes", "10.96.0.0/16");
@@ -480,13 +572,14 @@ mod tests {
         t.apply(Update::ServiceCidr(Change::InitDone));
         let s = t.take().expect("the listed ServiceCIDR is a change");
         assert_eq!((s.initial, s.changes), (false, 1));
-        assert_eq!(s.objects.service_cidrs.len(), 1);
+        assert_eq!(delta(&s).service_cidrs.as_ref().map(Vec::len), Some(1));
         // Deleted: the next snapshot holds none.
         t.apply(Update::ServiceCidr(Change::Delete(ObjectKey {
             namespace: String::new(),
             name: "kubernetes".into(),
         })));
-        assert!(t.take().expect("deletion").objects.service_cidrs.is_empty());
+        let s = t.take().expect("deletion");
+        assert_eq!(delta(&s).service_cidrs.as_ref().map(Vec::len), Some(0));
     }
 
     #[test]
@@ -496,7 +589,7 @@ mod tests {
         list::<EndpointSlice>(&mut t, Update::EndpointSlice, vec![]);
         list::<Node>(&mut t, Update::Node, vec![]);
         let s = t.take().expect("an empty cluster is still a known cluster");
-        assert!(s.initial && s.objects.services.is_empty());
+        assert!(s.initial && full(&s).services.is_empty());
     }
 
     #[test]
@@ -526,7 +619,13 @@ mod tests {
         let s = t.take().expect("the vanished service is a change");
         assert!(!s.initial);
         assert_eq!(s.changes, 1);
-        assert_eq!(service_names(&s), ["web"]);
+        let d = delta(&s);
+        assert_eq!(d.services.len(), 1);
+        assert_eq!(
+            (d.services[0].0.name.as_str(), d.services[0].1.is_none()),
+            ("old", true)
+        );
+        assert_eq!(service_names(&t), ["web"]);
     }
 
     #[test]
@@ -591,7 +690,9 @@ mod tests {
         assert!(t.take().is_none(), "added and deleted: no-op");
         t.apply(Update::Service(Change::Delete(key("web"))));
         let s = t.take().expect("deleted");
-        assert!(s.objects.services.is_empty());
+        assert_eq!(delta(&s).services.len(), 1);
+        assert!(delta(&s).services[0].1.is_none());
+        assert!(service_names(&t).is_empty());
     }
 
     #[test]
@@ -606,7 +707,8 @@ mod tests {
             )),
         )));
         let s = t.take().expect("initial");
-        assert_eq!(service_names(&s), ["web"]);
+        assert_eq!(service_names(&t), ["web"]);
+        assert_eq!(full(&s).services.len(), 1);
         assert_eq!(s.diagnostics.len(), 1);
         assert_eq!(s.diagnostics[0].object, "Service default/bad");
     }
