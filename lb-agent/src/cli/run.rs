@@ -172,9 +172,10 @@ struct Syncer {
 }
 
 impl Syncer {
-    /// Reads the manifests and programs the maps. An unreadable source changes nothing: the datapath keeps serving
-    /// what it had rather than flushing everything on a transient error.
-    fn sync(&mut self, maps: &mut PinnedMaps, manifests: &std::path::Path) -> bool {
+    /// Reads the manifests and programs the maps (`full`: every frontend, not only those that changed). An
+    /// unreadable source changes nothing: the datapath keeps serving what it had rather than flushing everything
+    /// on a transient error.
+    fn sync(&mut self, maps: &mut PinnedMaps, manifests: &std::path::Path, full: bool) -> bool {
         let started = Instant::now();
         let (objects, diagnostics) = match manifest::load_path(manifests) {
             Ok(loaded) => loaded,
@@ -184,12 +185,17 @@ impl Syncer {
             }
         };
         self.translator.replace_all(&objects);
-        self.program(maps, &diagnostics, started);
+        self.program(maps, &diagnostics, started, full);
         true
     }
 
     /// Programs what a kube source snapshot says: everything, or only what changed.
-    fn apply_snapshot(&mut self, maps: &mut PinnedMaps, snapshot: crate::source::kube::Snapshot) {
+    fn apply_snapshot(
+        &mut self,
+        maps: &mut PinnedMaps,
+        snapshot: crate::source::kube::Snapshot,
+        full: bool,
+    ) {
         use crate::source::kube::Contents;
         let started = Instant::now();
         match snapshot.contents {
@@ -217,7 +223,7 @@ impl Syncer {
                 }
             }
         }
-        self.program(maps, &snapshot.diagnostics, started);
+        self.program(maps, &snapshot.diagnostics, started, full);
     }
 
     /// Re-reads the config file and applies its live settings; true when the maps need a resync.
@@ -255,12 +261,14 @@ impl Syncer {
     }
 
     /// Translates what changed in the translator's inputs and programs the maps: the one path from any source to
-    /// the datapath.
+    /// the datapath. Only the frontends whose entries changed are visited, unless `full` (a resync asked for by
+    /// the operator or a config reload) revisits everything.
     fn program(
         &mut self,
         maps: &mut PinnedMaps,
         diagnostics: &[manifest::Diagnostic],
         started: Instant,
+        full: bool,
     ) {
         self.ops.sync_started();
         for d in diagnostics {
@@ -275,8 +283,13 @@ impl Syncer {
             tracing::warn!(event = "Warning", reason = "InvalidObject", object = %d.object, field = d.field.as_deref().unwrap_or(""), "skipped: {}", d.message);
         }
         let report = self.reconciler.sync(maps, &translation.state);
-        self.ops
-            .sync_finished(translation, &report, &self.reconciler, started);
+        self.ops.sync_finished(
+            translation,
+            (!full).then_some(&changed),
+            &report,
+            &self.reconciler,
+            started,
+        );
         self.ops.note_source_diagnostics(diagnostics);
         for (frontend, reason) in &report.failed {
             tracing::error!(%frontend, %reason, "frontend not programmed; the others are");
@@ -467,7 +480,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let mut migration = Some(migration);
     let (_file_watcher, mut changes, _no_file_changes) = match &source {
         SourceChoice::Manifests(path) => {
-            let synced = syncer.sync(&mut maps, path);
+            let synced = syncer.sync(&mut maps, path, true);
             finish_migration(&mut migration, synced)?;
             tracing::info!("initial sync done");
             syncer.ops.set_ready();
@@ -497,7 +510,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 };
                 syncer.ops.change_seen_at(snapshot.first_event.unwrap_or_else(Instant::now));
                 let initial = snapshot.initial;
-                syncer.apply_snapshot(&mut maps, snapshot);
+                syncer.apply_snapshot(&mut maps, snapshot, false);
                 finish_migration(&mut migration, true)?;
                 if initial {
                     // The readiness moment: every kind listed and programmed once (tests wait for this line).
@@ -509,7 +522,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 syncer.ops.change_seen();
                 // Writers often touch a file several times in a row; wait for the burst to end (bounded) and sync once.
                 debounce(&mut changes, Duration::from_millis(100), Duration::from_secs(1)).await;
-                resync(&mut syncer, &mut maps, &source, kube_source.as_ref());
+                if let SourceChoice::Manifests(path) = &source {
+                    syncer.sync(&mut maps, path, false);
+                }
             }
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: reloading the config file and resyncing");
@@ -551,11 +566,11 @@ fn resync(
 ) {
     match (source, kube) {
         (SourceChoice::Manifests(path), _) => {
-            syncer.sync(maps, path);
+            syncer.sync(maps, path, true);
         }
         (SourceChoice::Kube(_), Some(kube)) => {
             if let Some(snapshot) = kube.current() {
-                syncer.apply_snapshot(maps, snapshot);
+                syncer.apply_snapshot(maps, snapshot, true);
             }
         }
         (SourceChoice::Kube(_), None) => {}

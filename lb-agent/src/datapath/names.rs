@@ -5,7 +5,7 @@
 //! no agent runs. No program reads it, so the agent creates it itself (aya's standalone maps) instead of adding it
 //! to the eBPF object; `lb-agent cleanup` removes it with the rest (`map_names::AGENT_CREATED`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use aya::maps::{HashMap, MapData, MapError};
@@ -147,9 +147,27 @@ pub fn kind_name(kind: u8) -> &'static str {
 }
 
 /// Keeps `LB_SVC_NAMES` equal to the programmed services' names, writing only differences (like the reconciler).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct NameWriter {
     written: BTreeMap<u32, ServiceNameValue>,
+    /// The id each named frontend was written under.
+    by_frontend: BTreeMap<Frontend, u32>,
+    /// Desired frontends that had no service id (not programmed) when last visited: visited again at every sync,
+    /// since a retry by the reconciler may have programmed them.
+    unnamed: BTreeSet<Frontend>,
+    /// The next sync must visit every frontend: nothing synced yet, or a write failed part way.
+    needs_full: bool,
+}
+
+impl Default for NameWriter {
+    fn default() -> Self {
+        NameWriter {
+            written: BTreeMap::new(),
+            by_frontend: BTreeMap::new(),
+            unnamed: BTreeSet::new(),
+            needs_full: true,
+        }
+    }
 }
 
 impl NameWriter {
@@ -157,6 +175,7 @@ impl NameWriter {
     pub fn restore(store: &impl NameStore) -> Result<Self, MapsError> {
         Ok(Self {
             written: store.names()?.into_iter().collect(),
+            ..Self::default()
         })
     }
 
@@ -168,13 +187,22 @@ impl NameWriter {
         desired: &DesiredState,
         id_of: impl Fn(&Frontend) -> Option<u32>,
     ) -> Result<usize, MapsError> {
+        self.needs_full = true;
         let mut want = BTreeMap::new();
+        self.by_frontend.clear();
+        self.unnamed.clear();
         for (frontend, entry) in &desired.services {
-            if let Some(id) = id_of(frontend) {
-                want.insert(
-                    id,
-                    ServiceNameValue::new(&entry.service.to_string(), kind_number(entry.kind)),
-                );
+            match id_of(frontend) {
+                Some(id) => {
+                    want.insert(
+                        id,
+                        ServiceNameValue::new(&entry.service.to_string(), kind_number(entry.kind)),
+                    );
+                    self.by_frontend.insert(*frontend, id);
+                }
+                None => {
+                    self.unnamed.insert(*frontend);
+                }
             }
         }
         let mut changed = 0;
@@ -196,7 +224,66 @@ impl NameWriter {
             self.written.remove(&id);
             changed += 1;
         }
+        self.needs_full = false;
         Ok(changed)
+    }
+
+    /// As [`NameWriter::sync`], visiting only `changed` frontends (those whose desired entry changed since the
+    /// previous sync) and those that had no id last time; the same result when `desired` differs from the previous
+    /// sync's only there. Falls back to a full sync when the last one did not complete.
+    pub fn sync_changed(
+        &mut self,
+        store: &mut impl NameStore,
+        desired: &DesiredState,
+        changed: &BTreeSet<Frontend>,
+        id_of: impl Fn(&Frontend) -> Option<u32>,
+    ) -> Result<usize, MapsError> {
+        if self.needs_full {
+            return self.sync(store, desired, id_of);
+        }
+        self.needs_full = true;
+        let visit: BTreeSet<Frontend> = changed.union(&self.unnamed).copied().collect();
+        // Ids can move from a deleted frontend to a new one within one sync: collect both sides before writing.
+        let mut released = BTreeSet::new();
+        let mut want = BTreeMap::new();
+        for frontend in &visit {
+            if let Some(old) = self.by_frontend.remove(frontend) {
+                released.insert(old);
+            }
+            self.unnamed.remove(frontend);
+            let Some(entry) = desired.services.get(frontend) else {
+                continue;
+            };
+            match id_of(frontend) {
+                Some(id) => {
+                    want.insert(
+                        id,
+                        ServiceNameValue::new(&entry.service.to_string(), kind_number(entry.kind)),
+                    );
+                    self.by_frontend.insert(*frontend, id);
+                }
+                None => {
+                    self.unnamed.insert(*frontend);
+                }
+            }
+        }
+        let mut count = 0;
+        for (id, value) in &want {
+            if self.written.get(id) != Some(value) {
+                store.put_name(*id, value)?;
+                self.written.insert(*id, *value);
+                count += 1;
+            }
+        }
+        for id in released {
+            if !want.contains_key(&id) && self.written.contains_key(&id) {
+                store.delete_name(id)?;
+                self.written.remove(&id);
+                count += 1;
+            }
+        }
+        self.needs_full = false;
+        Ok(count)
     }
 }
 
@@ -274,5 +361,67 @@ mod tests {
         let s = state(&[("10.96.0.1", "web")]);
         assert_eq!(w.sync(&mut store, &s, |_| None).expect("sync"), 0);
         assert!(store.names.is_empty());
+    }
+
+    #[test]
+    fn visiting_only_changed_frontends_writes_what_a_full_sync_writes() {
+        // Random names, ids handed out and freed as the reconciler does (the smallest free id first, so ids move
+        // between frontends), and frontends that fail to program now and then.
+        let mut seed: u64 = 0x6e61_6d65;
+        let mut rng = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let names = ["web", "db", "api", "dns"];
+        let mut full_store = FakeNames::default();
+        let mut delta_store = FakeNames::default();
+        let mut full = NameWriter::default();
+        let mut delta = NameWriter::default();
+        let mut ids: BTreeMap<Frontend, u32> = BTreeMap::new();
+        let mut desired = DesiredState::default();
+        for step in 0..2000 {
+            let previous = desired.clone();
+            for _ in 0..1 + rng(3) {
+                let ip = format!("10.96.0.{}", rng(12));
+                let s = state(&[(ip.as_str(), names[rng(4) as usize])]);
+                let (f, e) = s.services.into_iter().next().expect("one");
+                if rng(3) == 0 {
+                    desired.services.remove(&f);
+                } else {
+                    desired.services.insert(f, e);
+                }
+            }
+            // Programming: a removed frontend's id is freed; unprogrammed frontends get the smallest free id,
+            // unless they fail this time.
+            ids.retain(|f, _| desired.services.contains_key(f));
+            for f in desired.services.keys() {
+                if !ids.contains_key(f) && rng(5) != 0 {
+                    let used: BTreeSet<u32> = ids.values().copied().collect();
+                    let id = (1..).find(|i| !used.contains(i)).expect("an id");
+                    ids.insert(*f, id);
+                }
+            }
+            let changed: BTreeSet<Frontend> = desired
+                .services
+                .keys()
+                .chain(previous.services.keys())
+                .filter(|f| desired.services.get(f) != previous.services.get(f))
+                .copied()
+                .collect();
+            full.sync(&mut full_store, &desired, |f| ids.get(f).copied())
+                .expect("sync");
+            delta
+                .sync_changed(&mut delta_store, &desired, &changed, |f| {
+                    ids.get(f).copied()
+                })
+                .expect("sync");
+            assert_eq!(delta_store.names, full_store.names, "step {step}");
+        }
+        assert!(
+            delta_store.writes < full_store.writes * 2,
+            "sanity: both wrote"
+        );
     }
 }

@@ -10,6 +10,7 @@ pub mod health;
 pub mod http;
 pub mod metrics;
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use anyhow::Context;
 use crate::datapath::names::{NameWriter, PinnedNames};
 use crate::datapath::reconcile::{Reconciler, SyncReport, service_key};
 use crate::model::Translation;
+use crate::state::Frontend;
 use health::{HealthState, ServiceHealthServers};
 use metrics::{Metrics, PinnedCounters};
 
@@ -149,14 +151,16 @@ impl Ops {
     }
 
     /// Everything that follows a sync: names map, health check servers, metrics, the health timestamps.
+    /// `changed` names the frontends whose desired entry changed when the sync visited only those (`None`: all).
     pub fn sync_finished(
         &mut self,
         translation: &Translation,
+        changed: Option<&BTreeSet<Frontend>>,
         report: &SyncReport,
         reconciler: &Reconciler,
         started: Instant,
     ) {
-        self.write_names(translation, reconciler);
+        self.write_names(translation, changed, reconciler);
         self.service_health.sync(&translation.health);
         let agent = &self.metrics.agent;
         agent.sync_duration.observe(started.elapsed().as_secs_f64());
@@ -190,7 +194,12 @@ impl Ops {
         }
     }
 
-    fn write_names(&mut self, translation: &Translation, reconciler: &Reconciler) {
+    fn write_names(
+        &mut self,
+        translation: &Translation,
+        changed: Option<&BTreeSet<Frontend>>,
+        reconciler: &Reconciler,
+    ) {
         if self.names.is_none() {
             match PinnedNames::open_or_create(&self.pins, self.max_services)
                 .and_then(|store| NameWriter::restore(&store).map(|w| (store, w)))
@@ -202,10 +211,12 @@ impl Ops {
                 }
             }
         }
+        let id_of = |f: &Frontend| reconciler.service_id(&service_key(f));
         if let Some((store, writer)) = self.names.as_mut()
-            && let Err(e) = writer.sync(store, &translation.state, |f| {
-                reconciler.service_id(&service_key(f))
-            })
+            && let Err(e) = match changed {
+                Some(changed) => writer.sync_changed(store, &translation.state, changed, id_of),
+                None => writer.sync(store, &translation.state, id_of),
+            }
         {
             tracing::warn!(error = %e, "cannot update the service names map");
         }

@@ -154,7 +154,10 @@ fn lb_control(yaml: &str, changes: usize, pins: &Path) -> Result<LbControl> {
     let cfg = ModelConfig::default();
     let t = Instant::now();
     let node = model::node_context(workload::NODE_NAME, &objects.nodes, &cfg);
-    let translation = model::translate(&objects, &node, &cfg);
+    // The agent's own path: a Translator fed the whole set once, then one changed slice at a time.
+    let mut translator = model::Translator::new(cfg.clone(), node);
+    translator.replace_all(&objects);
+    translator.translate();
     let translate_ms = ms(t.elapsed());
 
     let mut maps = PinnedMaps::open(pins).context("opening the agent's pinned maps")?;
@@ -164,7 +167,7 @@ fn lb_control(yaml: &str, changes: usize, pins: &Path) -> Result<LbControl> {
     };
     let t = Instant::now();
     let mut reconciler = Reconciler::restore(&maps, rcfg)?;
-    let report = reconciler.sync(&mut maps, &translation.state);
+    let report = reconciler.sync(&mut maps, &translator.translation().state);
     let adopt_ms = ms(t.elapsed());
     if let Some((f, why)) = report.failed.first() {
         bail!("{} frontends failed, first {f}: {why}", report.failed.len());
@@ -180,10 +183,20 @@ fn lb_control(yaml: &str, changes: usize, pins: &Path) -> Result<LbControl> {
         let j = k % eps.len().max(1);
         let ep = eps.get_mut(j).context("a slice without endpoints")?;
         ep.addresses = vec![changed_address(k).to_string()];
+        let key = (
+            slice.metadata.namespace.clone().unwrap_or_default(),
+            slice.metadata.name.clone().unwrap_or_default(),
+        );
+        // What the kube source hands the run loop: the one changed object, copied out of its store.
+        let changed_slice = slice.clone();
         let t = Instant::now();
-        let translation = model::translate(&objects, &node, &cfg);
+        translator.upsert_slice(key, changed_slice);
+        let changed = translator.translate();
+        if changed.is_empty() {
+            bail!("endpoint change {k} changed no frontend");
+        }
         let t_sync = Instant::now();
-        let report = reconciler.sync(&mut maps, &translation.state);
+        let report = reconciler.sync(&mut maps, &translator.translation().state);
         change_sync.push(ms(t_sync.elapsed()));
         change.push(ms(t.elapsed()));
         if !report.failed.is_empty() || report.tables_written == 0 {
@@ -195,7 +208,7 @@ fn lb_control(yaml: &str, changes: usize, pins: &Path) -> Result<LbControl> {
         translate_ms,
         adopt_ms,
         adopt_writes,
-        frontends: translation.state.services.len(),
+        frontends: translator.translation().state.services.len(),
         backends: reconciler.programmed_backends(),
         change_ms: summarize(&mut change),
         change_sync_ms: summarize(&mut change_sync),
