@@ -12,9 +12,11 @@
 //! are deleted like any other change. Nothing is handed out before Services, EndpointSlices and the Node have each
 //! been listed once.
 //!
-//! **Batching:** bursts of events (a rollout touches many slices) are applied together: after the first event the
-//! source waits for [`QUIET`] without events, but never longer than [`MAX_BATCH`], so a lone endpoint change is
-//! programmed within tens of milliseconds.
+//! **Batching:** a change that arrives after a quiet spell (nothing handed out for [`MAX_BATCH`]) is handed out at
+//! once, with whatever else is already queued, so a lone endpoint change costs no waiting. Changes that follow
+//! closely (a rollout touches many slices) are applied together: the source waits for [`QUIET`] without events,
+//! but never longer than [`MAX_BATCH`]. This is kube-proxy's `BoundedFrequencyRunner` shape: run at once when the
+//! last run is long enough ago, otherwise coalesce.
 
 pub mod tracker;
 
@@ -102,6 +104,8 @@ pub struct KubeSource {
     events: mpsc::UnboundedReceiver<Update>,
     tracker: Tracker,
     tasks: Vec<JoinHandle<()>>,
+    /// When the last snapshot was handed out.
+    last_handed_out: Option<tokio::time::Instant>,
 }
 
 impl KubeSource {
@@ -154,6 +158,7 @@ impl KubeSource {
             events,
             tracker: Tracker::default(),
             tasks,
+            last_handed_out: None,
         }
     }
 
@@ -165,8 +170,15 @@ impl KubeSource {
             let first = self.events.recv().await?;
             let first_at = std::time::Instant::now();
             self.apply(first);
+            // Everything already queued belongs to this batch whatever happens next.
+            while let Ok(update) = self.events.try_recv() {
+                self.apply(update);
+            }
+            let idle = self
+                .last_handed_out
+                .is_none_or(|at| at.elapsed() >= MAX_BATCH);
             let deadline = tokio::time::Instant::now() + MAX_BATCH;
-            loop {
+            while !idle {
                 let now = tokio::time::Instant::now();
                 if now >= deadline {
                     break;
@@ -179,6 +191,7 @@ impl KubeSource {
             }
             if let Some(mut snapshot) = self.tracker.take() {
                 snapshot.first_event = Some(first_at);
+                self.last_handed_out = Some(tokio::time::Instant::now());
                 return Some(snapshot);
             }
         }
@@ -452,5 +465,31 @@ mod tests {
         );
         let quiet = tokio::time::timeout(Duration::from_millis(300), source.next()).await;
         assert!(quiet.is_err(), "the burst was handed out once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_change_after_a_quiet_spell_goes_out_at_once_and_a_close_follower_is_batched() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut source = KubeSource::from_events(rx, Vec::new());
+        send_list(&tx);
+        source.next().await.expect("initial snapshot");
+        tokio::time::advance(MAX_BATCH).await;
+
+        let (key, obj) = slice("lone");
+        tx.send(Update::EndpointSlice(Change::Apply(key, obj)))
+            .expect("send");
+        let started = tokio::time::Instant::now();
+        let lone = source.next().await.expect("the lone change");
+        assert_eq!(lone.changes, 1);
+        assert_eq!(started.elapsed(), Duration::ZERO, "a lone change waited");
+
+        // Right after a sync: the next change waits for a quiet spell, so a burst coalesces.
+        let (key, obj) = slice("follower");
+        tx.send(Update::EndpointSlice(Change::Apply(key, obj)))
+            .expect("send");
+        let started = tokio::time::Instant::now();
+        let follower = source.next().await.expect("the follower");
+        assert_eq!(follower.changes, 1);
+        assert_eq!(started.elapsed(), QUIET);
     }
 }
