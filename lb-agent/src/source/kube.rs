@@ -177,8 +177,10 @@ impl KubeSource {
             let idle = self
                 .last_handed_out
                 .is_none_or(|at| at.elapsed() >= MAX_BATCH);
-            let deadline = tokio::time::Instant::now() + MAX_BATCH;
-            while !idle {
+            // Idle: no waiting at all (the deadline has passed already).
+            let deadline =
+                tokio::time::Instant::now() + if idle { Duration::ZERO } else { MAX_BATCH };
+            loop {
                 let now = tokio::time::Instant::now();
                 if now >= deadline {
                     break;
