@@ -271,6 +271,15 @@ impl PinnedMaps {
         failed
     }
 
+    /// One frontend's entry in `LB_SERVICES`, `None` when it has none.
+    pub fn service(&self, key: &ServiceKey) -> Result<Option<ServiceValue>, MapsError> {
+        match self.services.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(op(map_names::SERVICES, "lookup")(e)),
+        }
+    }
+
     /// Sums a service's per-CPU counters.
     pub fn service_stats(&self, service_id: u32) -> Result<ServiceStats, MapsError> {
         let per_cpu = self

@@ -11,7 +11,7 @@ use lb_agent::datapath::maps::PinnedMaps;
 use lb_agent::datapath::reconcile::{ReconcileConfig, Reconciler};
 use lb_agent::manifest;
 use lb_agent::model::{self, ModelConfig};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::kubeproxy;
 use super::stats::{Summary, summarize};
@@ -29,7 +29,21 @@ pub struct ControlResults {
     pub lb_error: Option<String>,
     pub agent: Option<AgentMemory>,
     pub agent_error: Option<String>,
+    /// The real agent watching an API server: one EndpointSlice update to its service entry switched.
+    #[serde(default)]
+    pub kube: Option<KubeLatency>,
+    #[serde(default)]
+    pub kube_error: Option<String>,
     pub kube_proxy: Vec<RuleLoad>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct KubeLatency {
+    /// Agent start to "initial sync done" against the API server (list, translate, program).
+    pub start_to_programmed_ms: f64,
+    /// One EndpointSlice updated through the API server → the service entry in the pinned maps switched.
+    pub change_ms: Summary,
+    pub changes: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -122,6 +136,14 @@ pub fn run(
         out.lb_error = Some("not run: the agent did not program the maps".into());
     }
     drop(pins);
+    let kube_changes = changes.min(50);
+    eprintln!(
+        "lb-bench: control plane, the agent on an API server: {kube_changes} EndpointSlice updates"
+    );
+    match kube_latency(agent_bin, &svcs, &yaml, kube_changes) {
+        Ok(r) => out.kube = Some(r),
+        Err(err) => out.kube_error = Some(format!("{err:#}")),
+    }
     eprintln!("lb-bench: control plane, kube-proxy rule loads at {n} x {e}");
     out.kube_proxy = kube_proxy_loads(
         &svcs,
@@ -305,6 +327,135 @@ fn agent_memory(agent_bin: &Path, yaml: &str, pins: &BpfDir) -> Result<AgentMemo
         inner_table_memlock_bytes: inner,
         inner_tables,
         inner_error,
+    })
+}
+
+/// Runs the real agent against the in-process API server holding the same objects, then updates one
+/// EndpointSlice at a time through the API and measures until the changed service's entry in the pinned
+/// `LB_SERVICES` has switched (its table fingerprint changes with its backends): watch delivery, batching,
+/// translation and the reconciler's writes, everything a user waits for. Changes are spaced beyond the source's
+/// batching window, as lone changes are.
+fn kube_latency(agent_bin: &Path, svcs: &[Svc], yaml: &str, changes: usize) -> Result<KubeLatency> {
+    use lb_agent::datapath::reconcile::service_key;
+    use lb_agent::state::{Frontend, Protocol, Scope};
+
+    let (mut objects, diags) = manifest::parse_manifests("bench", yaml);
+    if !diags.is_empty() {
+        bail!(
+            "the generated manifest has diagnostics: {:?}",
+            &diags[..diags.len().min(3)]
+        );
+    }
+    let api = crate::ApiServer::start()?;
+    for node in &objects.nodes {
+        api.apply(node)?;
+    }
+    for svc in &objects.services {
+        api.apply(svc)?;
+    }
+    for slice in &objects.endpoint_slices {
+        api.apply(slice)?;
+    }
+    let token = unique_token();
+    let dir = std::env::temp_dir().join(format!("lb-bench-kube-{token}"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _cleanup = RemoveDir(dir.clone());
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let pins = BpfDir::new(&format!("lb-bench-kube-{token}"))?;
+    let cgroup = Cgroup::new(&format!("lb-bench-kube-{token}"))?;
+    let started = Instant::now();
+    let mut child = Cmd::new(agent_bin)
+        .arg("run")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["--node-name", workload::NODE_NAME])
+        .arg("--cgroup")
+        .arg(cgroup.path())
+        .arg("--bpffs")
+        .arg(pins.path())
+        // Root namespace: never attach the per-packet programs to the host's interfaces.
+        .args(["--devices", "none"])
+        .args([
+            "--health-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--health-check-node-port-addresses", "127.0.0.1"])
+        .args(["--max-backends", &MAX_BACKENDS.to_string()])
+        .env("LB_LOG", "info")
+        .label("lb-agent")
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !child.stderr().contains("initial sync done") {
+        if let Some(status) = child.try_wait()? {
+            bail!("lb-agent exited ({status}): {}", tail(&child.stderr()));
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "lb-agent did not finish its first sync in 600 s: {}",
+                tail(&child.stderr())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let start_to_programmed_ms = ms(started.elapsed());
+    let maps = PinnedMaps::open(pins.path()).context("opening the agent's pinned maps")?;
+
+    let mut change = Vec::with_capacity(changes);
+    for k in 0..changes {
+        let i = k * 7919 % objects.endpoint_slices.len();
+        let svc = &svcs[i];
+        let key = service_key(&Frontend {
+            addr: svc.vip.into(),
+            port: svc.port,
+            proto: match svc.proto {
+                workload::Proto::Tcp => Protocol::Tcp,
+                workload::Proto::Udp => Protocol::Udp,
+            },
+            scope: Scope::Internal,
+        });
+        let before = maps
+            .service(&key)?
+            .context("the changed service is not programmed")?;
+        let slice = &mut objects.endpoint_slices[i];
+        let eps = slice.endpoints.get_or_insert_with(Vec::new);
+        let j = k % eps.len().max(1);
+        eps.get_mut(j)
+            .context("a slice without endpoints")?
+            .addresses = vec![changed_address(k).to_string()];
+        // Beyond the source's batching window: this is a lone change.
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        api.apply(&*slice)?;
+        let give_up = t + Duration::from_secs(10);
+        loop {
+            if maps.service(&key)? != Some(before) {
+                break;
+            }
+            if Instant::now() > give_up {
+                bail!(
+                    "EndpointSlice update {k} was not programmed within 10 s: {}",
+                    tail(&child.stderr())
+                );
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        change.push(ms(t.elapsed()));
+    }
+    child.terminate(Duration::from_secs(5))?;
+    drop(child);
+    // The agent left its pins; remove what it attached and pinned.
+    let _ = Cmd::new(agent_bin)
+        .arg("cleanup")
+        .arg("--bpffs")
+        .arg(pins.path())
+        .output(Duration::from_secs(30));
+    Ok(KubeLatency {
+        start_to_programmed_ms,
+        change_ms: summarize(&mut change),
+        changes,
     })
 }
 
