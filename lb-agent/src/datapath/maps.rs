@@ -2,11 +2,12 @@
 //! to the kernel, [`FakeMaps`] is an in-memory stand-in for the reconciler's unit tests. The reconciler is the only
 //! writer.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 
 use super::map_batch;
+use super::packet_maps::NodeEntry;
 use aya::maps::{
     Array, HashMap, HashOfMaps, IterableMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
 };
@@ -93,7 +94,7 @@ pub trait Maps {
     fn purge_affinity(&mut self, stale: &StaleAffinity) -> Result<usize, MapsError>;
 
     // The per-packet datapath's node-level maps (`packet_maps`). The defaults keep nothing, for maps without a
-    // per-packet datapath (the in-memory fake).
+    // per-packet datapath.
 
     /// The `LB_CONFIG` record.
     fn config(&self) -> Result<lb_common::ConfigValue, MapsError> {
@@ -590,6 +591,18 @@ pub struct FakeMaps {
     pub max_services: Option<usize>,
     /// Service ids whose table installs fail (as a kernel error would).
     pub fail_tables: HashSet<u32>,
+    /// Service ids whose entry delete fails, service ids whose (existing) table's delete fails, backend ids whose
+    /// delete fails.
+    pub fail_service_deletes: HashSet<u32>,
+    pub fail_table_deletes: HashSet<u32>,
+    pub fail_backend_deletes: HashSet<u32>,
+    /// `LB_CONFIG` and the node-level maps (`packet_maps`), kept like the rest.
+    pub config: lb_common::ConfigValue,
+    pub node: BTreeSet<NodeEntry>,
+    /// Node-level writes in order (kept apart from `log`, whose tests predate them).
+    pub node_log: Vec<String>,
+    /// Node entries whose write or delete fails.
+    pub fail_node_entries: HashSet<NodeEntry>,
 }
 
 fn fake_failure(op: &'static str) -> MapsError {
@@ -626,8 +639,12 @@ impl Maps for FakeMaps {
         Ok(())
     }
     fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapsError> {
-        if let Some(v) = self.services.remove(key) {
+        if let Some(v) = self.services.get(key) {
+            if self.fail_service_deletes.contains(&v.service_id) {
+                return Err(fake_failure("delete"));
+            }
             self.log.push(format!("delete_service {}", v.service_id));
+            self.services.remove(key);
         }
         Ok(())
     }
@@ -640,6 +657,9 @@ impl Maps for FakeMaps {
         Ok(())
     }
     fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
+        if self.fail_backend_deletes.contains(&id) {
+            return Err(fake_failure("delete"));
+        }
         self.log.push(format!("delete_backend {id}"));
         self.backends.remove(&id);
         Ok(())
@@ -670,10 +690,15 @@ impl Maps for FakeMaps {
     fn delete_tables(&mut self, service_ids: &[u32]) -> Vec<(u32, MapsError)> {
         let ids: Vec<String> = service_ids.iter().map(u32::to_string).collect();
         self.log.push(format!("delete_tables {}", ids.join(",")));
+        let mut failed = Vec::new();
         for id in service_ids {
-            self.tables.remove(id);
+            if self.fail_table_deletes.contains(id) && self.tables.contains_key(id) {
+                failed.push((*id, fake_failure("delete")));
+            } else {
+                self.tables.remove(id);
+            }
         }
-        Vec::new()
+        failed
     }
     fn table(&self, service_id: u32) -> Result<Option<Vec<u32>>, MapsError> {
         Ok(self.tables.get(&service_id).cloned())
@@ -690,5 +715,34 @@ impl Maps for FakeMaps {
         let before = self.affinity.len();
         self.affinity.retain(|(k, v)| !stale.covers(k, v));
         Ok(before - self.affinity.len())
+    }
+    fn config(&self) -> Result<lb_common::ConfigValue, MapsError> {
+        Ok(self.config)
+    }
+    fn put_config(&mut self, value: &lb_common::ConfigValue) -> Result<(), MapsError> {
+        self.node_log.push("put_config".to_string());
+        self.config = *value;
+        Ok(())
+    }
+    fn node_entries(&self) -> Result<Vec<NodeEntry>, MapsError> {
+        Ok(self.node.iter().copied().collect())
+    }
+    fn put_node_entry(&mut self, e: &NodeEntry) -> Result<(), MapsError> {
+        if self.fail_node_entries.contains(e) {
+            return Err(fake_failure("update"));
+        }
+        self.node_log.push(format!("put {e:?}"));
+        // One map slot per key: a new value replaces the old.
+        self.node.retain(|o| !o.same_key(e));
+        self.node.insert(*e);
+        Ok(())
+    }
+    fn delete_node_entry(&mut self, e: &NodeEntry) -> Result<(), MapsError> {
+        if self.fail_node_entries.contains(e) {
+            return Err(fake_failure("delete"));
+        }
+        self.node_log.push(format!("delete {e:?}"));
+        self.node.retain(|o| !o.same_key(e));
+        Ok(())
     }
 }
