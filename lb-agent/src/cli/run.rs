@@ -282,7 +282,12 @@ impl Syncer {
         for d in &translation.diagnostics {
             tracing::warn!(event = "Warning", reason = "InvalidObject", object = %d.object, field = d.field.as_deref().unwrap_or(""), "skipped: {}", d.message);
         }
-        let report = self.reconciler.sync(maps, &translation.state);
+        let report = if full {
+            self.reconciler.sync(maps, &translation.state)
+        } else {
+            self.reconciler
+                .sync_changed(maps, &translation.state, &changed)
+        };
         self.ops.sync_finished(
             translation,
             (!full).then_some(&changed),

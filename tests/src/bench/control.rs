@@ -218,7 +218,7 @@ fn lb_control(yaml: &str, changes: usize, pins: &Path) -> Result<LbControl> {
             bail!("endpoint change {k} changed no frontend");
         }
         let t_sync = Instant::now();
-        let report = reconciler.sync(&mut maps, &translator.translation().state);
+        let report = reconciler.sync_changed(&mut maps, &translator.translation().state, &changed);
         change_sync.push(ms(t_sync.elapsed()));
         change.push(ms(t.elapsed()));
         if !report.failed.is_empty() || report.tables_written == 0 {
