@@ -184,7 +184,7 @@ impl Syncer {
                 return false;
             }
         };
-        self.translator.replace_all(&objects);
+        self.translator.replace_all(objects);
         self.program(maps, &diagnostics, started, full);
         true
     }
@@ -199,7 +199,7 @@ impl Syncer {
         use crate::source::kube::Contents;
         let started = Instant::now();
         match snapshot.contents {
-            Contents::Full(objects) => self.translator.replace_all(&objects),
+            Contents::Full(objects) => self.translator.replace_all(objects),
             Contents::Changes(delta) => {
                 for (key, svc) in delta.services {
                     let key = (key.namespace, key.name);

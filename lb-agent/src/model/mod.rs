@@ -88,7 +88,7 @@ pub struct Translation {
 /// keeps a [`Translator`] instead, which gives the same result for a fraction of the work per change.
 pub fn translate(objects: &ClusterObjects, node: &NodeContext, cfg: &ModelConfig) -> Translation {
     let mut translator = Translator::new(cfg.clone(), node.clone());
-    translator.replace_all(objects);
+    translator.replace_all(objects.clone());
     translator.translate();
     translator.into_translation()
 }

@@ -37,7 +37,9 @@ struct Part {
 /// One EndpointSlice as last seen, with what it contributed.
 #[derive(Debug)]
 struct SliceRecord {
-    object: EndpointSlice,
+    /// The object's JSON: enough to tell a real change from a repeat, at a fraction of the typed object's memory
+    /// (its parsed content is in the index).
+    fingerprint: Vec<u8>,
     /// The Service it is indexed under; `None` when it is unusable.
     service: Option<String>,
     diagnostics: Vec<Diagnostic>,
@@ -166,7 +168,14 @@ impl Translator {
     }
 
     pub fn upsert_slice(&mut self, key: ObjectRef, slice: EndpointSlice) {
-        if self.slices.get(&key).is_some_and(|r| r.object == slice) {
+        // Serializing a typed object only fails for maps with non-string keys, which these do not have; an empty
+        // fingerprint then just means "always changed".
+        let fingerprint = serde_json::to_vec(&slice).unwrap_or_default();
+        if self
+            .slices
+            .get(&key)
+            .is_some_and(|r| !fingerprint.is_empty() && r.fingerprint == fingerprint)
+        {
             return;
         }
         self.remove_slice(&key);
@@ -192,7 +201,7 @@ impl Translator {
         self.slices.insert(
             key,
             SliceRecord {
-                object: slice,
+                fingerprint,
                 service,
                 diagnostics,
                 addresses,
@@ -222,17 +231,18 @@ impl Translator {
 
     /// Makes the inputs equal `objects` (a whole snapshot, e.g. re-read manifests): only what differs from the
     /// previous inputs is marked for rebuilding. A Service or slice given twice is taken from its last definition,
-    /// as `kubectl apply` of the files in order would leave it.
-    pub fn replace_all(&mut self, objects: &ClusterObjects) {
+    /// as `kubectl apply` of the files in order would leave it. Takes the objects by value: at 10k Services a copy
+    /// would be tens of megabytes.
+    pub fn replace_all(&mut self, objects: ClusterObjects) {
         let mut diagnostics = Vec::new();
 
-        let mut services: BTreeMap<ObjectRef, &Service> = BTreeMap::new();
-        for svc in &objects.services {
+        let mut services: BTreeMap<ObjectRef, Service> = BTreeMap::new();
+        for svc in objects.services {
             let namespace = namespace_of(svc.metadata.namespace.as_deref());
             let name = svc.metadata.name.clone().unwrap_or_default();
             if name.is_empty() {
                 // The validation reports it; there is nothing to key it by.
-                let skipped = service_ports::service_info(svc, &self.cfg, &mut diagnostics);
+                let skipped = service_ports::service_info(&svc, &self.cfg, &mut diagnostics);
                 debug_assert!(skipped.is_none(), "an unnamed Service passed validation");
                 continue;
             }
@@ -257,13 +267,11 @@ impl Translator {
             self.remove_service(key);
         }
         for (key, svc) in services {
-            if self.services.get(&key) != Some(svc) {
-                self.upsert_service(key, svc.clone());
-            }
+            self.upsert_service(key, svc);
         }
 
-        let mut slices: BTreeMap<ObjectRef, &EndpointSlice> = BTreeMap::new();
-        for slice in &objects.endpoint_slices {
+        let mut slices: BTreeMap<ObjectRef, EndpointSlice> = BTreeMap::new();
+        for slice in objects.endpoint_slices {
             let namespace = namespace_of(slice.metadata.namespace.as_deref());
             let Some(name) = slice.metadata.name.clone().filter(|n| !n.is_empty()) else {
                 diagnostics.push(Diagnostic::new(
@@ -294,9 +302,7 @@ impl Translator {
             self.remove_slice(key);
         }
         for (key, slice) in slices {
-            if self.slices.get(&key).is_none_or(|r| r.object != *slice) {
-                self.upsert_slice(key, slice.clone());
-            }
+            self.upsert_slice(key, slice);
         }
 
         self.set_nodes(&objects.nodes);
@@ -787,9 +793,9 @@ mod tests {
         let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: ns}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
         let objects = parse(yaml);
         let mut t = Translator::new(ModelConfig::default(), worker());
-        t.replace_all(&objects);
+        t.replace_all(objects.clone());
         assert_eq!(t.translate().len(), 2, "one ClusterIP port, two scopes");
-        t.replace_all(&objects);
+        t.replace_all(objects.clone());
         assert!(t.translate().is_empty());
         t.upsert_service(("ns".into(), "a".into()), objects.services[0].clone());
         assert!(t.translate().is_empty());
