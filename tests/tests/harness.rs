@@ -453,6 +453,12 @@ fn veth_ends_report_their_index_and_mac_and_sysctls_apply_inside_the_namespace()
     let mac = veth.b().mac().expect("backend end MAC");
     assert_eq!(mac.split(':').count(), 6, "a MAC address: {mac}");
 
+    // A new namespace may start from the host's value (net.core.devconf_inherit_init_net), and a host with
+    // podman or Kubernetes forwards: set both ends explicitly.
+    topo.backend(0)
+        .ns()
+        .sysctl("net.ipv4.ip_forward", "0")
+        .expect("set a sysctl in the backend");
     topo.client()
         .sysctl("net.ipv4.ip_forward", "1")
         .expect("set a sysctl in the client");
