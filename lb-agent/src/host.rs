@@ -119,22 +119,6 @@ pub fn missing_datapath_capabilities(effective: u64) -> Vec<&'static str> {
     .collect()
 }
 
-/// Adds to a failed datapath step which capabilities the process lacks, if any: the kernel only says EPERM or
-/// EACCES (or a verifier rejection that reads like a bug in the program).
-pub fn explain_datapath_error(e: anyhow::Error) -> anyhow::Error {
-    let missing = effective_capabilities()
-        .map(missing_datapath_capabilities)
-        .unwrap_or_default();
-    if missing.is_empty() {
-        return e;
-    }
-    e.context(format!(
-        "the agent lacks {}: it needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (or CAP_SYS_ADMIN) to load its \
-         programs (deploy/README.md)",
-        missing.join(", ")
-    ))
-}
-
 #[cfg(test)]
 mod capability_tests {
     use super::*;

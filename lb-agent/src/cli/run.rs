@@ -314,6 +314,22 @@ fn end_stale_sockets(
     );
 }
 
+/// Adds to a failed datapath step which capabilities the process lacks, if any: the kernel only says EPERM or
+/// EACCES (or a verifier rejection that reads like a bug in the program).
+fn explain_datapath_error(e: anyhow::Error) -> anyhow::Error {
+    let missing = crate::host::effective_capabilities()
+        .map(crate::host::missing_datapath_capabilities)
+        .unwrap_or_default();
+    if missing.is_empty() {
+        return e;
+    }
+    e.context(format!(
+        "the agent lacks {}: it needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (or CAP_SYS_ADMIN) to load its \
+         programs (deploy/README.md)",
+        missing.join(", ")
+    ))
+}
+
 async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let node_name = match &args.node_name {
         Some(n) => n.clone(),
@@ -347,7 +363,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         conntrack: args.max_conntrack,
         fragments: args.max_fragments,
     };
-    let explain = crate::host::explain_datapath_error;
+    let explain = explain_datapath_error;
     let mut datapath = loader::load(&object, &pins, &caps).map_err(explain)?;
     let cgroup = match &args.cgroup {
         Some(c) => c.clone(),
