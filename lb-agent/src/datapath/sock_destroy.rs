@@ -19,7 +19,7 @@ use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use lb_common::{BackendValue, PROTO_TCP, PROTO_UDP, SockRevNatKey, SockRevNatValue, addr_bytes};
 
@@ -186,7 +186,7 @@ pub fn destroy(cookies: &HashMap<u64, BackendValue>) -> DestroyReport {
         return report;
     }
     let protos: BTreeSet<u8> = cookies.values().map(|b| b.proto).collect();
-    let own = ns_id(&PathBuf::from("/proc/thread-self/ns/net"));
+    let own = ns_id(Path::new("/proc/thread-self/ns/net"));
     for ns in network_namespaces() {
         report.namespaces += 1;
         let cookies = cookies.clone();
@@ -226,7 +226,7 @@ struct Namespace {
     id: (u64, u64),
 }
 
-fn ns_id(path: &PathBuf) -> Option<(u64, u64)> {
+fn ns_id(path: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
