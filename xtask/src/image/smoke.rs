@@ -224,7 +224,7 @@ pub fn run(podman: &Podman, tag: &str) -> anyhow::Result<()> {
     run.arg("--network").arg(format!("ns:/run/netns/{node}"));
     confined(&mut run);
     run.arg("-v")
-        .arg(format!("{}:/sys/fs/cgroup", cgroup_root.display()))
+        .arg(format!("{}:/sys/fs/cgroup:ro", cgroup_root.display()))
         .args(["-v", "/run/netns:/run/netns:ro,rslave"])
         .arg("-v")
         .arg(format!("{}:/etc/lb/services.yaml:ro", manifest.display()))
