@@ -130,7 +130,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     exec(&mut build)?;
     let build_time = t.elapsed();
     let mut version = podman.cmd();
-    version.args(["run", "--rm", "--runtime", "runc"]);
+    // No network: podman's default bridge (netavark) would switch on the host's ip_forward and add iptables chains.
+    version.args(["run", "--rm", "--runtime", "runc", "--network", "none"]);
     podman.ulimits(&mut version);
     exec(version.args([&opts.tag, "--version"]))?;
     exec(podman.cmd().args(["images", &opts.tag]))?;
