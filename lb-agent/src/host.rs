@@ -79,3 +79,72 @@ pub fn netns_cookie() -> std::io::Result<u64> {
     }
     Ok(cookie)
 }
+
+/// Capability numbers (linux/capability.h) the datapath's kernel checks name.
+pub mod cap {
+    pub const NET_ADMIN: u32 = 12;
+    pub const SYS_ADMIN: u32 = 21;
+    pub const PERFMON: u32 = 38;
+    pub const BPF: u32 = 39;
+}
+
+/// This process's effective capability set (`CapEff` of /proc/self/status), as a bit mask by capability number.
+pub fn effective_capabilities() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_cap_eff(&status)
+}
+
+fn parse_cap_eff(status: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+/// The capabilities loading and attaching lb's programs needs that `effective` lacks, by the kernel's rules:
+/// bpf() itself wants `CAP_BPF`, networking program types (sock_addr, tc, XDP) `CAP_NET_ADMIN`, and the verifier
+/// applies its unprivileged rules (pointer arithmetic on map values, speculation masking) without `CAP_PERFMON`.
+/// `CAP_SYS_ADMIN` stands in for all three (the kernel's `bpf_capable()`, `bpf_net_capable()`, `perfmon_capable()`).
+pub fn missing_datapath_capabilities(effective: u64) -> Vec<&'static str> {
+    let has = |c: u32| effective & (1u64 << c) != 0;
+    if has(cap::SYS_ADMIN) {
+        return Vec::new();
+    }
+    [
+        (cap::BPF, "CAP_BPF"),
+        (cap::NET_ADMIN, "CAP_NET_ADMIN"),
+        (cap::PERFMON, "CAP_PERFMON"),
+    ]
+    .into_iter()
+    .filter(|(c, _)| !has(*c))
+    .map(|(_, name)| name)
+    .collect()
+}
+
+#[cfg(test)]
+mod capability_tests {
+    use super::*;
+
+    #[test]
+    fn cap_eff_is_read_as_hex() {
+        let status = "Name:\tx\nCapPrm:\t0000000000000001\nCapEff:\t000000c000001000\n";
+        assert_eq!(
+            parse_cap_eff(status),
+            Some((1 << cap::BPF) | (1 << cap::PERFMON) | (1 << cap::NET_ADMIN))
+        );
+        assert_eq!(parse_cap_eff("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn sys_admin_stands_in_for_the_bpf_capabilities() {
+        assert!(missing_datapath_capabilities(1 << cap::SYS_ADMIN).is_empty());
+        let all = (1 << cap::BPF) | (1 << cap::PERFMON) | (1 << cap::NET_ADMIN);
+        assert!(missing_datapath_capabilities(all).is_empty());
+        assert_eq!(
+            missing_datapath_capabilities(all & !(1 << cap::PERFMON)),
+            ["CAP_PERFMON"]
+        );
+        assert_eq!(
+            missing_datapath_capabilities(0),
+            ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"]
+        );
+    }
+}

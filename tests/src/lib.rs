@@ -25,6 +25,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod bench;
 pub mod bpffs;
+pub mod caps;
 pub mod cgroup;
 pub mod netns;
 pub mod node_agent;

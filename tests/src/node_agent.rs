@@ -40,6 +40,8 @@ pub struct NodeAgent {
     pins: PathBuf,
     devices: Vec<String>,
     extra: Vec<String>,
+    /// A command the agent runs under (e.g. [`crate::caps::container_prefix`]); empty: run it directly.
+    prefix: Vec<String>,
 }
 
 impl NodeAgent {
@@ -58,13 +60,29 @@ impl NodeAgent {
         devices: &[String],
         extra: &[&str],
     ) -> NodeAgent {
+        Self::try_start_under(bin, pair, manifest, devices, extra, &[])
+            .unwrap_or_else(|log| panic!("lb-agent exited before its initial sync:\n{log}"))
+    }
+
+    /// [`NodeAgent::start`] with the agent running under `prefix` (a command and its arguments, the agent's
+    /// command line appended; kept across restarts). Returns the agent's log instead if it exits before its
+    /// initial sync, for tests of how it fails.
+    pub fn try_start_under(
+        bin: &Path,
+        pair: &NodePair,
+        manifest: &str,
+        devices: &[String],
+        extra: &[&str],
+        prefix: &[String],
+    ) -> Result<NodeAgent, String> {
         let dir = std::env::temp_dir().join(format!("lb-tests-node-agent-{}", pair.token()));
         std::fs::create_dir_all(&dir).expect("agent directory");
         let path = dir.join("services.yaml");
         std::fs::write(&path, manifest).expect("writing the manifest");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let devices = devices.to_vec();
-        let child = Self::launch(bin, pair, &path, &devices, &extra);
+        let prefix = prefix.to_vec();
+        let child = Self::launch(bin, pair, &path, &devices, &extra, &prefix);
         let mut agent = NodeAgent {
             child,
             bin: bin.to_path_buf(),
@@ -73,8 +91,9 @@ impl NodeAgent {
             pins: pair.bpf_dir().path().to_path_buf(),
             devices,
             extra,
+            prefix,
         };
-        agent.wait_for_log("initial sync done");
+        agent.try_wait_for_log("initial sync done")?;
         let log = agent.child.stderr();
         for dev in &agent.devices {
             assert!(
@@ -83,7 +102,7 @@ impl NodeAgent {
                 "the agent did not attach the tc programs to {dev}:\n{log}"
             );
         }
-        agent
+        Ok(agent)
     }
 
     fn launch(
@@ -92,11 +111,15 @@ impl NodeAgent {
         path: &Path,
         devices: &[String],
         extra: &[String],
+        prefix: &[String],
     ) -> Child {
         let devices = devices.join(",");
+        let cmd = match prefix.split_first() {
+            Some((program, args)) => Cmd::new(program).args(args).arg(bin),
+            None => Cmd::new(bin),
+        };
         // Inside node A's namespace: `--devices` names node A's own interfaces, never the host's.
-        Cmd::new(bin)
-            .arg("run")
+        cmd.arg("run")
             .arg("--manifests")
             .arg(path)
             .args(["--node-name", "node-a"])
@@ -121,7 +144,14 @@ impl NodeAgent {
     /// initial sync.
     pub fn restart(&mut self, pair: &NodePair) {
         self.child.kill();
-        self.child = Self::launch(&self.bin, pair, &self.manifest, &self.devices, &self.extra);
+        self.child = Self::launch(
+            &self.bin,
+            pair,
+            &self.manifest,
+            &self.devices,
+            &self.extra,
+            &self.prefix,
+        );
         self.wait_for_log("initial sync done");
     }
 
@@ -172,23 +202,34 @@ impl NodeAgent {
 
     /// Waits until the log contains `needle`; panics with the log if the agent exits or it takes too long.
     pub fn wait_for_log(&mut self, needle: &str) {
+        if let Err(log) = self.try_wait_for_log(needle) {
+            panic!("lb-agent exited before {needle:?}:\n{log}");
+        }
+    }
+
+    /// Waits until the log contains `needle`; returns the log if the agent exits first. Panics if it takes too long.
+    pub fn try_wait_for_log(&mut self, needle: &str) -> Result<(), String> {
         let deadline = Instant::now() + SYNC;
         loop {
             let exited = self.child.try_wait().expect("polling the agent");
             let log = self.child.stderr();
             if log.contains(needle) {
-                return;
+                return Ok(());
             }
-            assert!(
-                exited.is_none(),
-                "lb-agent exited before {needle:?}:\n{log}"
-            );
+            if exited.is_some() {
+                return Err(log);
+            }
             assert!(
                 Instant::now() < deadline,
                 "lb-agent did not log {needle:?}:\n{log}"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The pid of the process started for the agent (under a prefix, the prefix's).
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
     }
 
     /// Replaces the manifest (renamed over, as editors do) and waits until the services at `frontend` (any

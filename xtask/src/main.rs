@@ -4,6 +4,7 @@
 mod bench;
 mod build_ebpf;
 mod demo;
+mod image;
 mod setup;
 mod test;
 mod util;
@@ -29,6 +30,8 @@ enum Command {
     Demo,
     /// Benchmarks side by side with kube-proxy's iptables and nftables datapaths; writes BENCHMARKS.md.
     Bench(bench::Options),
+    /// Build deploy/Dockerfile into an image: docker if an engine answers, else podman on debootstrapped base images.
+    Image(image::Options),
 }
 
 fn main() -> std::process::ExitCode {
@@ -50,5 +53,6 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Test(opts) => test::run(&opts),
         Command::Demo => demo::run(),
         Command::Bench(opts) => bench::run(&opts),
+        Command::Image(opts) => image::run(&opts),
     }
 }

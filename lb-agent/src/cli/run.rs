@@ -339,8 +339,28 @@ fn end_stale_sockets(
         return;
     }
     let result = sock_destroy::destroy(&cookies);
+    let mut denied: std::collections::BTreeMap<&str, (usize, String)> = Default::default();
     for e in &result.errors {
-        tracing::debug!(error = %e, "a namespace could not be searched for stale sockets");
+        match e.missing_capability() {
+            Some(cap) => {
+                let entry = denied.entry(cap).or_insert((0, e.to_string()));
+                entry.0 += 1;
+            }
+            // Processes and namespaces come and go while they are searched.
+            None => {
+                tracing::debug!(error = %e, "a namespace could not be searched for stale sockets")
+            }
+        }
+    }
+    // The deployment left out a capability: say which (once per sync, not per namespace), since those sockets
+    // stay stale until it is granted.
+    for (cap, (namespaces, example)) in denied {
+        tracing::warn!(
+            capability = cap,
+            namespaces,
+            error = %example,
+            "cannot end stale sockets: the agent lacks {cap} (see deploy/README.md)"
+        );
     }
     tracing::info!(
         backends = targets.len(),
@@ -349,6 +369,22 @@ fn end_stale_sockets(
         namespaces = result.namespaces,
         "ended sockets connected to departed backends"
     );
+}
+
+/// Adds to a failed datapath step which capabilities the process lacks, if any: the kernel only says EPERM or
+/// EACCES (or a verifier rejection that reads like a bug in the program).
+fn explain_datapath_error(e: anyhow::Error) -> anyhow::Error {
+    let missing = crate::host::effective_capabilities()
+        .map(crate::host::missing_datapath_capabilities)
+        .unwrap_or_default();
+    if missing.is_empty() {
+        return e;
+    }
+    e.context(format!(
+        "the agent lacks {}: it needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (or CAP_SYS_ADMIN) to load its \
+         programs (deploy/README.md)",
+        missing.join(", ")
+    ))
 }
 
 async fn run_async(args: RunArgs) -> anyhow::Result<()> {
@@ -384,12 +420,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         conntrack: args.max_conntrack,
         fragments: args.max_fragments,
     };
-    let mut datapath = loader::load(&object, &pins, &caps)?;
+    let explain = explain_datapath_error;
+    let mut datapath = loader::load(&object, &pins, &caps).map_err(explain)?;
     let cgroup = match &args.cgroup {
         Some(c) => c.clone(),
         None => loader::cgroup2_root()?,
     };
-    loader::attach_sock_programs(&mut datapath.ebpf, &cgroup, &pins)?;
+    loader::attach_sock_programs(&mut datapath.ebpf, &cgroup, &pins).map_err(explain)?;
     tracing::info!(cgroup = %cgroup.display(), pins = %pins.dir.display(), "socket load balancing attached");
     let devices: Vec<String> = if args.devices.is_empty() {
         crate::datapath::tc_attach::devices_with_addresses(&fallback_node_addresses)
@@ -405,15 +442,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         &devices,
         &pins,
         args.tc_attach,
-    )?;
+    )
+    .map_err(explain)?;
     let xdp = args.xdp && !devices.is_empty();
     if xdp {
-        crate::datapath::xdp_attach::attach_xdp(
-            &mut datapath.ebpf,
-            &devices,
-            args.xdp_mode,
-            &pins,
-        )?;
+        crate::datapath::xdp_attach::attach_xdp(&mut datapath.ebpf, &devices, args.xdp_mode, &pins)
+            .map_err(explain)?;
     } else {
         let removed = crate::datapath::xdp_attach::detach_xdp(&pins)?;
         if removed > 0 {

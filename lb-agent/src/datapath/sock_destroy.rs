@@ -7,6 +7,11 @@
 //! namespace. Which sockets to end is decided from lb's own records: `LB_SOCK_REVNAT` holds the cookie of every
 //! socket the socket LB translated, with the backend it chose, and sock_diag reports each socket's cookie. A socket
 //! is destroyed only if both its cookie is lb's and its destination is the departed backend.
+//!
+//! The namespaces searched are those of the processes in `/proc` and those pinned under [`NETNS_DIR`]: in a pod
+//! without `hostPID` (deploy/daemonset.yaml) `/proc` shows only the agent's own processes, while containerd and
+//! CRI-O pin every pod's network namespace there. Entering another namespace (`setns`) needs `CAP_SYS_ADMIN`,
+//! `SOCK_DESTROY` needs `CAP_NET_ADMIN`; the agent's own namespace is searched without `setns`.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
@@ -14,7 +19,7 @@ use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use lb_common::{BackendValue, PROTO_TCP, PROTO_UDP, SockRevNatKey, SockRevNatValue, addr_bytes};
 
@@ -81,21 +86,51 @@ pub struct Target {
     pub service_ids: BTreeSet<u32>,
 }
 
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// Where `ip netns`, containerd and CRI-O pin network namespaces (the node's, mounted into the agent's pod).
+pub const NETNS_DIR: &str = "/run/netns";
+
+#[derive(Debug, Default)]
 pub struct DestroyReport {
     pub namespaces: usize,
     pub destroyed: usize,
-    /// Namespaces that could not be searched (a process exited meanwhile, ...), with the reason.
-    pub errors: Vec<String>,
+    /// Namespaces that could not be searched (a process exited meanwhile, a capability is missing, ...).
+    pub errors: Vec<SockDestroyError>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SockDestroyError {
+    #[error("entering {namespace}: {source}")]
+    Enter {
+        namespace: String,
+        source: io::Error,
+    },
     #[error("sock_diag in {namespace}: {source}")]
     Netlink {
         namespace: String,
         source: io::Error,
     },
+    #[error("{namespace}: search thread panicked")]
+    Panicked { namespace: String },
+}
+
+impl SockDestroyError {
+    /// The capability whose absence explains this error, when the kernel said EPERM: `setns` into another network
+    /// namespace checks `CAP_SYS_ADMIN`, sock_diag's `SOCK_DESTROY` checks `CAP_NET_ADMIN`.
+    pub fn missing_capability(&self) -> Option<&'static str> {
+        match self {
+            SockDestroyError::Enter { source, .. }
+                if source.raw_os_error() == Some(libc::EPERM) =>
+            {
+                Some("CAP_SYS_ADMIN")
+            }
+            SockDestroyError::Netlink { source, .. }
+                if source.raw_os_error() == Some(libc::EPERM) =>
+            {
+                Some("CAP_NET_ADMIN")
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Which (service, backend) departures end sockets: connected UDP sockets always (a UDP "connection" has no end
@@ -151,52 +186,74 @@ pub fn destroy(cookies: &HashMap<u64, BackendValue>) -> DestroyReport {
         return report;
     }
     let protos: BTreeSet<u8> = cookies.values().map(|b| b.proto).collect();
+    let own = ns_id(Path::new("/proc/thread-self/ns/net"));
     for ns in network_namespaces() {
         report.namespaces += 1;
         let cookies = cookies.clone();
         let protos = protos.clone();
-        let path = ns.clone();
+        let path = ns.path.clone();
+        // A new thread starts in this thread's namespace; the agent's own needs no setns (and so no CAP_SYS_ADMIN).
+        let enter = Some(ns.id) != own;
         // setns affects only the calling thread, so each namespace gets a short-lived thread of its own.
         let result = std::thread::spawn(move || -> Result<usize, SockDestroyError> {
-            enter_netns(&path).map_err(|source| SockDestroyError::Netlink {
-                namespace: path.display().to_string(),
-                source,
-            })?;
+            let namespace = || path.display().to_string();
+            if enter {
+                enter_netns(&path).map_err(|source| SockDestroyError::Enter {
+                    namespace: namespace(),
+                    source,
+                })?;
+            }
             destroy_here(&cookies, &protos).map_err(|source| SockDestroyError::Netlink {
-                namespace: path.display().to_string(),
+                namespace: namespace(),
                 source,
             })
         })
         .join();
         match result {
             Ok(Ok(n)) => report.destroyed += n,
-            Ok(Err(e)) => report.errors.push(e.to_string()),
-            Err(_) => report
-                .errors
-                .push(format!("{}: search thread panicked", ns.display())),
+            Ok(Err(e)) => report.errors.push(e),
+            Err(_) => report.errors.push(SockDestroyError::Panicked {
+                namespace: ns.path.display().to_string(),
+            }),
         }
     }
     report
 }
 
-/// One path per distinct network namespace that has a process (sockets belong to processes).
-fn network_namespaces() -> Vec<PathBuf> {
+/// A network namespace found on the host, and its identity (nsfs device and inode).
+struct Namespace {
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+fn ns_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// One path per distinct network namespace that has a process (sockets belong to processes) or is pinned under
+/// [`NETNS_DIR`].
+fn network_namespaces() -> Vec<Namespace> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let name = entry.file_name();
-        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let path = entry.path().join("ns/net");
+    let mut add = |path: PathBuf| {
         // The process may exit at any moment; a namespace it alone held goes with it.
-        if let Ok(meta) = std::fs::metadata(&path)
-            && seen.insert((meta.dev(), meta.ino()))
+        if let Some(id) = ns_id(&path)
+            && seen.insert(id)
         {
-            out.push(path);
+            out.push(Namespace { path, id });
+        }
+    };
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            if name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                add(entry.path().join("ns/net"));
+            }
+        }
+    }
+    if let Ok(dir) = std::fs::read_dir(NETNS_DIR) {
+        for entry in dir.flatten() {
+            add(entry.path());
         }
     }
     out
