@@ -2,6 +2,7 @@
 //! attached), the real agent's memory, and kube-proxy's rule loads for the same services.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -249,44 +250,8 @@ fn agent_memory(agent_bin: &Path, yaml: &str, pins: &BpfDir) -> Result<AgentMemo
     std::fs::write(&manifest, yaml).context("writing the manifest")?;
     let cgroup = Cgroup::new(&format!("lb-bench-{token}"))?;
     let started = Instant::now();
-    let mut child = Cmd::new(agent_bin)
-        .arg("run")
-        .arg("--manifests")
-        .arg(&manifest)
-        .args(["--node-name", workload::NODE_NAME])
-        .arg("--cgroup")
-        .arg(cgroup.path())
-        .arg("--bpffs")
-        .arg(pins.path())
-        // Root namespace: never attach the per-packet programs to the host's interfaces.
-        .args(["--devices", "none"])
-        .args([
-            "--health-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ])
-        .args(["--health-check-node-port-addresses", "127.0.0.1"])
-        .args(["--max-backends", &MAX_BACKENDS.to_string()])
-        .env("LB_LOG", "info")
-        .label("lb-agent")
-        .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        if child.stderr().contains("initial sync done") {
-            break;
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!("lb-agent exited ({status}): {}", tail(&child.stderr()));
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "lb-agent did not finish its first sync in 600 s: {}",
-                tail(&child.stderr())
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let source = [OsStr::new("--manifests"), manifest.as_os_str()];
+    let mut child = start_agent(agent_bin, &source, pins.path(), &cgroup)?;
     let start_to_programmed_ms = ms(started.elapsed());
     let pid = child.pid();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -365,41 +330,8 @@ fn kube_latency(agent_bin: &Path, svcs: &[Svc], yaml: &str, changes: usize) -> R
     let pins = BpfDir::new(&format!("lb-bench-kube-{token}"))?;
     let cgroup = Cgroup::new(&format!("lb-bench-kube-{token}"))?;
     let started = Instant::now();
-    let mut child = Cmd::new(agent_bin)
-        .arg("run")
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .args(["--node-name", workload::NODE_NAME])
-        .arg("--cgroup")
-        .arg(cgroup.path())
-        .arg("--bpffs")
-        .arg(pins.path())
-        // Root namespace: never attach the per-packet programs to the host's interfaces.
-        .args(["--devices", "none"])
-        .args([
-            "--health-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ])
-        .args(["--health-check-node-port-addresses", "127.0.0.1"])
-        .args(["--max-backends", &MAX_BACKENDS.to_string()])
-        .env("LB_LOG", "info")
-        .label("lb-agent")
-        .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while !child.stderr().contains("initial sync done") {
-        if let Some(status) = child.try_wait()? {
-            bail!("lb-agent exited ({status}): {}", tail(&child.stderr()));
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "lb-agent did not finish its first sync in 600 s: {}",
-                tail(&child.stderr())
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let source = [OsStr::new("--kubeconfig"), kubeconfig.as_os_str()];
+    let mut child = start_agent(agent_bin, &source, pins.path(), &cgroup)?;
     let start_to_programmed_ms = ms(started.elapsed());
     let maps = PinnedMaps::open(pins.path()).context("opening the agent's pinned maps")?;
 
@@ -457,6 +389,52 @@ fn kube_latency(agent_bin: &Path, svcs: &[Svc], yaml: &str, changes: usize) -> R
         change_ms: summarize(&mut change),
         changes,
     })
+}
+
+/// Starts the real agent on `source` (`--manifests <file>` or `--kubeconfig <file>`) in the root namespace with
+/// nothing attached to any interface (`--devices none`; socket programs on the empty test cgroup) and waits for its
+/// "initial sync done" line.
+fn start_agent(
+    agent_bin: &Path,
+    source: &[&OsStr],
+    pins: &Path,
+    cgroup: &Cgroup,
+) -> Result<crate::Child> {
+    let mut child = Cmd::new(agent_bin)
+        .arg("run")
+        .args(source)
+        .args(["--node-name", workload::NODE_NAME])
+        .arg("--cgroup")
+        .arg(cgroup.path())
+        .arg("--bpffs")
+        .arg(pins)
+        // Root namespace: never attach the per-packet programs to the host's interfaces.
+        .args(["--devices", "none"])
+        .args([
+            "--health-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--health-check-node-port-addresses", "127.0.0.1"])
+        .args(["--max-backends", &MAX_BACKENDS.to_string()])
+        .env("LB_LOG", "info")
+        .label("lb-agent")
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !child.stderr().contains("initial sync done") {
+        if let Some(status) = child.try_wait()? {
+            bail!("lb-agent exited ({status}): {}", tail(&child.stderr()));
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "lb-agent did not finish its first sync in 600 s: {}",
+                tail(&child.stderr())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child)
 }
 
 struct RemoveDir(std::path::PathBuf);
