@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 
-use crate::util::{exec, is_root, succeeds, workspace_root};
+use crate::util::{exec, install_packages, is_root, succeeds, workspace_root};
 
 mod smoke;
 
@@ -100,7 +100,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         );
     }
     eprintln!("image: no Docker engine (or --podman): podman with local base images");
-    install_packages()?;
+    install_packages("image", PACKAGES)?;
     let podman = Podman::new(&opts.cache_dir)?;
     base_images(&podman, &opts.cache_dir)?;
     let t = Instant::now();
@@ -154,35 +154,6 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         eprintln!("image: smoke run passed in {:.0?}", t.elapsed());
     }
     Ok(())
-}
-
-fn missing_packages() -> Vec<&'static str> {
-    PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| {
-            let out = Command::new("dpkg-query")
-                .args(["-W", "-f=${Status}", p])
-                .output();
-            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        })
-        .collect()
-}
-
-fn install_packages() -> anyhow::Result<()> {
-    let missing = missing_packages();
-    if missing.is_empty() {
-        eprintln!("image: podman, runc and debootstrap present");
-        return Ok(());
-    }
-    eprintln!("image: installing Debian packages: {}", missing.join(" "));
-    exec(Command::new("apt-get").args(["update", "-q"]))?;
-    exec(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
 }
 
 /// podman with its own store under the cache directory, so nothing touches a system-wide container store.

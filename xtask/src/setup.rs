@@ -6,7 +6,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
-use crate::util::{exec, is_root, succeeds};
+use crate::util::{exec, install_packages, is_root, missing_packages, succeeds};
 
 /// Debian packages: the eBPF compiler (rustc-web 1.96 on LLVM 22 with core's sources), LLVM 22 for bpf-linker,
 /// bpftool, and the network tools the tests, demo and benchmarks use.
@@ -33,7 +33,8 @@ pub fn run() -> anyhow::Result<()> {
     if !is_root() {
         bail!("cargo xtask setup installs Debian packages and mounts bpffs: run it as root");
     }
-    install_packages()?;
+    // Exactly the verified recipe (../shared/TOOLCHAIN.md).
+    install_packages("setup", PACKAGES)?;
     install_bpf_linker()?;
     mount_bpffs()?;
     eprintln!("setup: done");
@@ -42,35 +43,7 @@ pub fn run() -> anyhow::Result<()> {
 
 /// True when everything setup provides is already there (so `demo` and `test` can skip it).
 pub fn is_complete() -> bool {
-    missing_packages().is_empty() && bpf_linker_ok() && bpffs_mounted()
-}
-
-fn missing_packages() -> Vec<&'static str> {
-    PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| {
-            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
-            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        })
-        .collect()
-}
-
-fn install_packages() -> anyhow::Result<()> {
-    let missing = missing_packages();
-    if missing.is_empty() {
-        eprintln!("setup: Debian packages present");
-        return Ok(());
-    }
-    eprintln!("setup: installing Debian packages: {}", missing.join(" "));
-    exec(Command::new("apt-get").args(["update", "-q"]))?;
-    exec(
-        Command::new("apt-get")
-            // Exactly the verified recipe (../shared/TOOLCHAIN.md), recommended packages included.
-            .args(["install", "-y", "-q"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    missing_packages(PACKAGES).is_empty() && bpf_linker_ok() && bpffs_mounted()
 }
 
 fn bpf_linker_ok() -> bool {

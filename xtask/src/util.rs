@@ -49,3 +49,35 @@ unsafe extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
 }
+
+/// The Debian packages of `packages` that are not installed.
+pub fn missing_packages(packages: &[&'static str]) -> Vec<&'static str> {
+    packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output();
+            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect()
+}
+
+/// Installs whichever of `packages` are missing with apt-get (recommended packages included), saying so under
+/// `verb`'s name.
+pub fn install_packages(verb: &str, packages: &[&'static str]) -> anyhow::Result<()> {
+    let missing = missing_packages(packages);
+    if missing.is_empty() {
+        eprintln!("{verb}: Debian packages present ({})", packages.join(" "));
+        return Ok(());
+    }
+    eprintln!("{verb}: installing Debian packages: {}", missing.join(" "));
+    exec(Command::new("apt-get").args(["update", "-q"]))?;
+    exec(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}

@@ -358,6 +358,7 @@ impl Tracker {
                     .then(|| self.service_cidrs.objects(&mut diagnostics)),
             })
         };
+        // The changes went into `contents` (services and slices were taken there; the initial snapshot has them all).
         self.pending_services.clear();
         self.pending_slices.clear();
         self.pending_nodes.clear();
