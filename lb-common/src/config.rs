@@ -1,0 +1,53 @@
+//! Node-wide settings of the datapath (`LB_CONFIG`) and the L2 headers XDP learns from tc (`LB_XDP_L2`).
+
+/// `LB_CONFIG` value (array of one): node-wide settings of the per-packet datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ConfigValue {
+    /// SNAT addresses per family (rule 6), network byte order; all zero = none (then remote backends drop).
+    pub snat_v4: [u8; 16],
+    pub snat_v6: [u8; 16],
+    /// `CONFIG_FLAG_*`.
+    pub flags: u32,
+    pub _pad: u32,
+    /// The network namespace cookie of the node's own namespace (the agent's; `hostNetwork` in a cluster): the
+    /// socket LB serves `localhost:nodePort` only to sockets of this namespace (rule 14).
+    pub host_netns_cookie: u64,
+}
+
+/// `ConfigValue.flags`: record every verdict in `LB_TRACE` (only `lb-agent trace` sets it, on its private maps).
+pub const CONFIG_FLAG_TRACE: u32 = 1;
+/// `ConfigValue.flags`: `localhost:nodePort` (IPv4 `127.0.0.0/8`) from the host's own namespace reaches the NodePort
+/// Services, as kube-proxy's iptables mode does with `--iptables-localhost-nodeports` (rule 14).
+pub const CONFIG_FLAG_LOCALHOST_NODEPORTS: u32 = 2;
+
+/// The address the agent gives the `localhost:nodePort` frontends (`SCOPE_INTERNAL`, kind NodePort); the socket LB
+/// looks up any `127.0.0.0/8` destination of a host socket under it.
+pub const LOCALHOST_NODEPORT_ADDR: [u8; 4] = [127, 0, 0, 1];
+
+/// `ConfigValue.flags`: the XDP fast path is attached (`--xdp`), so tc egress records the Ethernet header of the
+/// SNATed flows' packets in `LB_XDP_L2`; without it tc egress skips that work.
+pub const CONFIG_FLAG_XDP: u32 = 4;
+
+/// How long (nanoseconds) a learned L2 header (`LB_XDP_L2`) may be used by XDP after tc egress recorded it. Past
+/// that, XDP passes the flow's next packet to tc, whose egress records the header again: a changed neighbour (new
+/// MAC, new route) is picked up within this time.
+pub const XDP_L2_FRESH_NS: u64 = 10_000_000_000;
+/// tc egress rewrites an unchanged `LB_XDP_L2` entry only when it is older than this, so a slow-path flow costs
+/// one map update per second rather than one per packet.
+pub const XDP_L2_REFRESH_NS: u64 = 1_000_000_000;
+
+/// `LB_XDP_L2` value: the Ethernet header and interface a SNATed flow's packets left with, as tc egress saw them
+/// (the neighbour subsystem filled it in). Key: the `CtKey` tc egress used for the packet: the `CT_DIR_SNAT` key
+/// for the client -> backend leg, the `CT_DIR_REPLY` key for the backend -> client leg.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct XdpL2Value {
+    /// `bpf_ktime_get_ns()` when tc egress recorded it; XDP uses it for `XDP_L2_FRESH_NS`.
+    pub learned_ns: u64,
+    /// The egress interface's index.
+    pub ifindex: u32,
+    /// Destination and source MAC, as on the wire.
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+}

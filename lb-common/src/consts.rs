@@ -1,0 +1,58 @@
+//! Protocol numbers, scopes, algorithms, service and backend flags, and default map capacities.
+
+/// `IPPROTO_TCP`.
+pub const PROTO_TCP: u8 = 6;
+/// `IPPROTO_UDP`.
+pub const PROTO_UDP: u8 = 17;
+/// `IPPROTO_SCTP`.
+pub const PROTO_SCTP: u8 = 132;
+
+/// Traffic that arrives from outside this node (tc / XDP): NodePort, LoadBalancer, externalIPs, ClusterIP from the
+/// wire. Uses the external traffic policy's endpoint set.
+pub const SCOPE_EXTERNAL: u8 = 0;
+/// Traffic from this node's own pods and processes (socket LB). Uses the internal traffic policy's set for
+/// ClusterIPs and the whole cluster set for external VIPs (kube-proxy short-circuits those for local clients).
+pub const SCOPE_INTERNAL: u8 = 1;
+
+/// Pick a backend by Maglev consistent hashing of the flow.
+pub const ALG_MAGLEV: u8 = 0;
+/// Pick a backend uniformly at random (weighted by the table's contents).
+pub const ALG_RANDOM: u8 = 1;
+
+/// Service flag: endpoints exist but none may be used from this scope (a `Local` policy with no local endpoint):
+/// drop rather than reject (SEMANTICS.md rule 8).
+pub const SVC_FLAG_DROP_NO_BACKEND: u8 = 1;
+
+/// Service flag: the frontend has `loadBalancerSourceRanges`; sources outside `LB_SRC_RANGES` for its id drop
+/// (SEMANTICS.md rule 9). Set only on `SCOPE_EXTERNAL` LoadBalancer frontends.
+pub const SVC_FLAG_SOURCE_RANGES: u8 = 2;
+
+/// Backend flag: the endpoint runs on this node (its `nodeName` is this node's name). A remote backend reached from
+/// outside the node needs SNAT (SEMANTICS.md rule 6).
+pub const BACKEND_FLAG_LOCAL: u8 = 1;
+
+/// Map capacities compiled into the object. The agent overrides them from its configuration at load time
+/// (`EbpfLoader::set_max_entries`), so these only need to be sane defaults.
+pub const DEFAULT_MAX_SERVICES: u32 = 65536;
+pub const DEFAULT_MAX_BACKENDS: u32 = 65536;
+pub const DEFAULT_MAX_AFFINITY: u32 = 65536;
+pub const DEFAULT_MAX_SOCK_REVNAT: u32 = 262144;
+/// Conntrack entries (two per flow: forward and reply).
+pub const DEFAULT_MAX_CONNTRACK: u32 = 262144;
+/// Local networks (pod CIDRs and node addresses) and source ranges.
+pub const DEFAULT_MAX_LOCAL_NETS: u32 = 1024;
+pub const DEFAULT_MAX_SRC_RANGES: u32 = 16384;
+pub const DEFAULT_MAX_VIPS: u32 = 65536;
+/// Service CIDRs (`LB_SVC_CIDRS`): a cluster has a handful of ServiceCIDR objects, each with at most two CIDRs.
+pub const DEFAULT_MAX_SVC_CIDRS: u32 = 256;
+/// Fragmented datagrams in flight whose first fragment was translated (`LB_FRAGMENTS`, LRU).
+pub const DEFAULT_MAX_FRAGMENTS: u32 = 8192;
+
+/// `BPF_F_INNER_MAP`: lets inner arrays of one map-of-maps differ in `max_entries`, so each service's lookup table
+/// is exactly as large as it needs to be. Inner maps must carry the same flag as the template.
+pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+/// `BPF_F_NO_PREALLOC`: required for hash-of-maps updates to be atomic with respect to readers.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Index of the table length inside a lookup table (`LB_MAGLEV` inner array); slots follow from index 1.
+pub const LUT_LEN_INDEX: u32 = 0;
