@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use crate::datapath::listings::{self, BackendRow};
 use crate::datapath::maps::PinnedMaps;
 
-use super::{OutputFormat, PinArgs, open_maps};
+use super::args::{OutputFormat, PinArgs, open_maps};
 
 #[derive(clap::Args)]
 pub struct BackendsArgs {
@@ -19,7 +19,7 @@ pub struct BackendsArgs {
 pub fn run(args: &BackendsArgs) -> anyhow::Result<()> {
     let maps: PinnedMaps = open_maps(&args.pins)?;
     let rows = listings::backends(&maps)?;
-    let names = listings::service_names(&args.pins.bpffs);
+    let names = crate::datapath::names::service_names(&args.pins.bpffs);
     match args.output {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
         OutputFormat::Table => print!("{}", render(&rows, &names)),

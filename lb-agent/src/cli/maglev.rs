@@ -6,7 +6,7 @@ use anyhow::bail;
 
 use crate::datapath::listings::{self, TableView};
 
-use super::{OutputFormat, PinArgs, open_maps};
+use super::args::{OutputFormat, PinArgs, open_maps};
 
 #[derive(clap::Args)]
 pub struct MaglevArgs {
@@ -29,7 +29,7 @@ pub fn run(args: &MaglevArgs) -> anyhow::Result<()> {
             args.service
         );
     }
-    let names = listings::service_names(&args.pins.bpffs);
+    let names = crate::datapath::names::service_names(&args.pins.bpffs);
     let views = found
         .iter()
         .map(|(k, v)| listings::table(&maps, &names, k, v))

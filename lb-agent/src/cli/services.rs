@@ -1,7 +1,7 @@
 use crate::datapath::{inspect, maps::PinnedMaps};
 use anyhow::Context;
 
-use super::{OutputFormat, PinArgs};
+use super::args::{OutputFormat, PinArgs};
 
 #[derive(clap::Args)]
 pub struct ServicesArgs {

@@ -5,10 +5,10 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::datapath::counters::SERVICE_COUNTERS;
 use crate::datapath::listings::{self, StatsRow};
-use crate::ops::metrics::SERVICE_COUNTERS;
 
-use super::{OutputFormat, PinArgs, open_maps};
+use super::args::{OutputFormat, PinArgs, open_maps};
 
 #[derive(clap::Args)]
 pub struct StatsArgs {

@@ -4,10 +4,13 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use lb_common::{BackendValue, ServiceKey, ServiceValue, addr_from_bytes};
+use lb_common::{BackendValue, ServiceKey, ServiceValue};
 use serde::Serialize;
 
-use super::maps::{Maps, MapsError, PinnedMaps};
+use super::display::show_addr;
+use super::map_error::MapsError;
+use super::maps::{Maps, PinnedMaps};
+use super::names::service_names;
 use crate::state::{Algorithm, Protocol, Scope};
 
 #[derive(Debug, Serialize)]
@@ -35,13 +38,6 @@ pub struct ServiceListing {
     pub backends: Vec<BackendListing>,
     pub connections: u64,
     pub rejects: u64,
-}
-
-pub fn show_addr(bytes: [u8; 16], port: u16) -> String {
-    match addr_from_bytes(bytes) {
-        std::net::IpAddr::V4(a) => format!("{a}:{port}"),
-        std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
-    }
 }
 
 /// Every programmed service with its backends, in frontend order.
@@ -105,7 +101,7 @@ pub fn services(maps: &PinnedMaps) -> Result<Vec<ServiceListing>, MapsError> {
 
 /// Fills in the Kubernetes names from the names map pinned in `dir` (absent with an agent that predates it).
 pub fn with_names(mut list: Vec<ServiceListing>, dir: &std::path::Path) -> Vec<ServiceListing> {
-    let names = super::listings::service_names(dir);
+    let names = service_names(dir);
     for s in &mut list {
         if let Some(n) = names.get(&s.id) {
             s.service = n.name().to_owned();

@@ -8,30 +8,12 @@ use std::path::Path;
 use lb_common::{ServiceKey, ServiceNameValue, ServiceValue, map_names};
 use serde::Serialize;
 
-use super::inspect::show_addr;
-use super::maps::{Maps, MapsError, PinnedMaps};
-use super::names::{NameStore, PinnedNames, kind_name};
-use crate::state::{Algorithm, Protocol, Scope};
-
-pub fn proto_name(proto: u8) -> String {
-    Protocol::from_number(proto).map_or_else(|| proto.to_string(), |p| p.to_string())
-}
-
-pub fn scope_name(scope: u8) -> String {
-    match Scope::from_number(scope) {
-        Some(Scope::Internal) => "internal".into(),
-        Some(Scope::External) => "external".into(),
-        None => scope.to_string(),
-    }
-}
-
-/// Service names by id, from `LB_SVC_NAMES`; empty when the map does not exist (an agent that predates it).
-pub fn service_names(dir: &Path) -> HashMap<u32, ServiceNameValue> {
-    PinnedNames::open(dir)
-        .and_then(|n| n.names())
-        .map(|v| v.into_iter().collect())
-        .unwrap_or_default()
-}
+use super::counters::SERVICE_COUNTERS;
+use super::display::{proto_name, scope_name, show_addr};
+use super::map_error::MapsError;
+use super::maps::{Maps, PinnedMaps};
+use super::names::{NameStore, PinnedNames, kind_name, service_names};
+use crate::state::Algorithm;
 
 /// Entries in each pinned map that lb can count, and its capacity.
 pub fn map_fill(dir: &Path) -> Vec<(&'static str, u64, u64)> {
@@ -244,7 +226,7 @@ pub fn stats(maps: &PinnedMaps, dir: &Path) -> Result<Vec<StatsRow>, MapsError> 
                 frontend: show_addr(k.addr, k.port),
                 protocol: proto_name(k.proto),
                 scope: scope_name(k.scope),
-                counters: crate::ops::metrics::SERVICE_COUNTERS
+                counters: SERVICE_COUNTERS
                     .iter()
                     .map(|(name, _, read)| (*name, read(&s)))
                     .collect(),

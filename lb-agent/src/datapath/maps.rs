@@ -7,6 +7,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 
 use super::map_batch;
+use super::map_error::{MapsError, open_pinned};
 use super::packet_maps::NodeEntry;
 use aya::maps::{
     Array, HashMap, HashOfMaps, IterableMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
@@ -16,29 +17,6 @@ use lb_common::{
     AffinityKey, AffinityValue, BPF_F_INNER_MAP, BackendStats, BackendValue, LUT_LEN_INDEX,
     ServiceKey, ServiceStats, ServiceValue, SockRevNatKey, SockRevNatValue, map_names,
 };
-
-#[derive(Debug, thiserror::Error)]
-pub enum MapsError {
-    #[error("opening pinned map {path}: {source}")]
-    Open { path: String, source: MapError },
-    #[error("map {map} is missing from the loaded object")]
-    Missing { map: &'static str },
-    #[error("map {map} has an unexpected type or layout: {source}")]
-    Layout { map: &'static str, source: MapError },
-    #[error("{op} on {map}: {source}")]
-    Op {
-        map: &'static str,
-        op: &'static str,
-        source: MapError,
-    },
-    #[error("counting CPUs: {0}")]
-    Cpus(String),
-    #[error("duplicating the fd of {map}: {source}")]
-    Fd {
-        map: &'static str,
-        source: std::io::Error,
-    },
-}
 
 fn op(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapsError {
     move |source| MapsError::Op { map, op, source }
@@ -495,16 +473,6 @@ impl Maps for PinnedMaps {
     fn delete_node_entry(&mut self, e: &super::packet_maps::NodeEntry) -> Result<(), MapsError> {
         self.packet.delete_node_entry(e)
     }
-}
-
-/// Opens the map pinned as `dir/name`, checking that it is a map aya understands.
-pub(crate) fn open_pinned(dir: &Path, name: &'static str) -> Result<Map, MapsError> {
-    let path = dir.join(name);
-    let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
-        path: path.display().to_string(),
-        source,
-    })?;
-    Map::from_map_data(data).map_err(|source| MapsError::Layout { map: name, source })
 }
 
 /// Tables per `BPF_MAP_UPDATE_BATCH`: bounds the open inner-map fds and the memory of one batch.

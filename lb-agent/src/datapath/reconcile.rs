@@ -27,7 +27,8 @@ use lb_common::{
     VIP_FLAG_CLUSTER_IP, addr_bytes,
 };
 
-use super::maps::{Maps, MapsError, StaleAffinity};
+use super::map_error::MapsError;
+use super::maps::{Maps, StaleAffinity};
 use super::packet_maps::{NodeEntry, lpm_prefix};
 use crate::maglev;
 use crate::state::{Algorithm, DesiredState, Frontend, Protocol, Scope, ServiceEntry, VipKind};
