@@ -2,7 +2,8 @@
 //! source's changes, config reloads, signals and the conntrack garbage collector until SIGTERM.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
@@ -15,29 +16,66 @@ use crate::datapath::maps::PinnedMaps;
 use crate::datapath::packet_maps;
 use crate::datapath::pins::Migration;
 use crate::model::{self, ModelConfig};
-use crate::ops::Ops;
+use crate::ops::status::{AgentReport, SourceReport};
+use crate::ops::{Ops, OpsInputs};
+use crate::source::kube::api_metrics::ApiMetrics;
 use crate::source::kube::{KubeSource, Snapshot};
 
 pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    let agent_started = SystemTime::now();
     let node_name = startup::node_name(&config)?;
     let fallback_node_addresses = startup::fallback_node_addresses(&config);
     // The watchers start before the datapath loads, so the lists are under way meanwhile; a bad kubeconfig fails
     // here, before anything is attached.
-    let mut kube_source = match &config.source {
+    let api = Arc::new(ApiMetrics::default());
+    let (mut kube_source, source) = match &config.source {
         SourceConfig::Kube(connection) => {
-            let client = crate::source::kube::client(connection).await?;
-            tracing::info!(source = %crate::source::kube::describe(connection), node = %node_name, "watching the API server");
-            Some(KubeSource::start(client, &node_name))
+            let client = crate::source::kube::connect(connection, Some(api.clone())).await?;
+            let via = crate::source::kube::describe(connection);
+            tracing::info!(server = %client.server, source = %via, node = %node_name, "watching the API server");
+            let location = format!("{} ({via})", client.server);
+            (
+                Some(KubeSource::start(client, &node_name)),
+                SourceReport {
+                    kind: "kubernetes".into(),
+                    location,
+                    api: None,
+                },
+            )
         }
-        SourceConfig::Manifests(_) => None,
+        SourceConfig::Manifests(path) => (
+            None,
+            SourceReport {
+                kind: "manifests".into(),
+                location: path.display().to_string(),
+                api: None,
+            },
+        ),
     };
     let object = loader::object_bytes(config.bpf_object.as_deref())?;
     let pins = PinDir::new(&config.pins);
     // Before loading, so /healthz answers (and /readyz says "not yet") while the datapath loads.
-    let ops = Ops::start(&config.ops, &pins.dir)?;
-    let (datapath, xdp) =
+    let ops = Ops::start(
+        &config.ops,
+        &pins.dir,
+        OpsInputs {
+            api,
+            watches: kube_source.as_ref().map(KubeSource::health),
+            report: AgentReport {
+                build: crate::ops::build_info(),
+                pid: std::process::id(),
+                started_unix_ms: crate::ops::status::now_ms(),
+                node: node_name.clone(),
+                service_metrics: config.ops.service_metrics.to_string(),
+                source,
+                ..AgentReport::default()
+            },
+        },
+    )?;
+    let (datapath, xdp, mut setup) =
         startup::load_and_attach(&object, &config, &pins, &fallback_node_addresses)?;
-    let reconciler = startup::adopt(&datapath.maps, &config, xdp)?;
+    let reconciler = startup::adopt(&datapath.maps, &config, xdp, &mut setup)?;
+    ops.set_datapath(setup);
     let model = ModelConfig {
         default_algorithm: config.algorithm,
         service_proxy_name: config.service_proxy_name.clone(),
@@ -55,6 +93,8 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
         reconciler,
         names: Names::new(&pins.dir, config.capacities.services),
         ops,
+        agent_started,
+        synced_once: false,
     };
     let (_config_watcher, mut config_changes) = config_watch(syncer.ops.config_path())?;
     let loader::Datapath {

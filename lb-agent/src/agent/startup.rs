@@ -10,6 +10,7 @@ use crate::datapath::loader::{self, Datapath, PinDir};
 use crate::datapath::maps::PinnedMaps;
 use crate::datapath::reconcile::{ReconcileConfig, Reconciler};
 use crate::datapath::{tc_attach, xdp_attach};
+use crate::ops::status::{DatapathSetup, DeviceSetup};
 
 /// The node name: as configured, else the hostname.
 pub(super) fn node_name(config: &AgentConfig) -> anyhow::Result<String> {
@@ -35,13 +36,14 @@ fn hostname() -> anyhow::Result<String> {
 }
 
 /// Loads the object (maps pinned, old pins migrated) and attaches its programs: socket LB to the cgroup, tc to the
-/// devices, XDP when asked (else removes a previous agent's XDP links). Returns the datapath and whether XDP is on.
+/// devices, XDP when asked (else removes a previous agent's XDP links). Returns the datapath, whether XDP is on,
+/// and what was attached where (for the status).
 pub(super) fn load_and_attach(
     object: &[u8],
     config: &AgentConfig,
     pins: &PinDir,
     node_addresses: &[IpAddr],
-) -> anyhow::Result<(Datapath, bool)> {
+) -> anyhow::Result<(Datapath, bool, DatapathSetup)> {
     let explain = explain_datapath_error;
     let mut datapath = loader::load(object, pins, &config.capacities).map_err(explain)?;
     let cgroup = match &config.cgroup {
@@ -54,12 +56,43 @@ pub(super) fn load_and_attach(
         None => tc_attach::devices_with_addresses(node_addresses),
         Some(devices) => devices.clone(),
     };
-    tc_attach::attach_tc_programs(&mut datapath.ebpf, &devices, pins, config.tc_attach)
+    let tc = tc_attach::attach_tc_programs(&mut datapath.ebpf, &devices, pins, config.tc_attach)
         .map_err(explain)?;
     let xdp = config.xdp && !devices.is_empty();
+    let mut setup = DatapathSetup {
+        pins: pins.dir.display().to_string(),
+        kernel: crate::host::kernel_release(),
+        cgroup: cgroup.display().to_string(),
+        devices: tc
+            .iter()
+            .map(|(name, mode)| DeviceSetup {
+                name: name.clone(),
+                tc: (*mode).to_owned(),
+                xdp: None,
+            })
+            .collect(),
+        features: vec!["cgroup sock_addr hooks (pinned bpf_links)".to_owned()],
+    };
+    for kind in ["tcx", "clsact"] {
+        if tc.iter().any(|(_, m)| *m == kind) {
+            setup.features.push(match kind {
+                "tcx" => "tcx links".to_owned(),
+                _ => "clsact qdisc filters (netlink)".to_owned(),
+            });
+        }
+    }
     if xdp {
-        xdp_attach::attach_xdp(&mut datapath.ebpf, &devices, config.xdp_mode, pins)
+        let modes = xdp_attach::attach_xdp(&mut datapath.ebpf, &devices, config.xdp_mode, pins)
             .map_err(explain)?;
+        for (dev, mode) in modes {
+            if let Some(d) = setup.devices.iter_mut().find(|d| d.name == dev) {
+                d.xdp = Some(mode.to_owned());
+            }
+            let feature = format!("XDP {mode} mode (bpf_link)");
+            if !setup.features.contains(&feature) {
+                setup.features.push(feature);
+            }
+        }
     } else {
         let removed = xdp_attach::detach_xdp(pins)?;
         if removed > 0 {
@@ -69,14 +102,16 @@ pub(super) fn load_and_attach(
             );
         }
     }
-    Ok((datapath, xdp))
+    Ok((datapath, xdp, setup))
 }
 
-/// The reconciler, rebuilt from what the pinned maps hold, with the node-wide flags set.
+/// The reconciler, rebuilt from what the pinned maps hold, with the node-wide flags set (and the features they
+/// use added to `setup`).
 pub(super) fn adopt(
     maps: &PinnedMaps,
     config: &AgentConfig,
     xdp: bool,
+    setup: &mut DatapathSetup,
 ) -> anyhow::Result<Reconciler> {
     let mut reconciler = Reconciler::restore(
         maps,
@@ -93,6 +128,9 @@ pub(super) fn adopt(
             Ok(cookie) => {
                 reconciler.set_config_flags(lb_common::CONFIG_FLAG_LOCALHOST_NODEPORTS);
                 reconciler.set_host_netns_cookie(cookie);
+                setup
+                    .features
+                    .push("SO_NETNS_COOKIE (localhost:nodePort)".to_owned());
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): localhost:nodePort is not served")

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::datapath::counters::SERVICE_COUNTERS;
 use crate::datapath::listings::{self, StatsRow};
+use crate::datapath::map_fill::{MapFill, map_fill};
 
 use super::args::{OutputFormat, PinArgs, open_maps};
 
@@ -27,14 +28,7 @@ struct Stats {
     services: Vec<StatsRow>,
     /// Packets of the per-packet datapath by reason (`LB_DROP_STATS`); empty when this build has no such map.
     packets_by_reason: Vec<(&'static str, u64)>,
-    maps: Vec<MapFillRow>,
-}
-
-#[derive(Serialize)]
-struct MapFillRow {
-    map: &'static str,
-    entries: u64,
-    capacity: u64,
+    maps: Vec<MapFill>,
 }
 
 pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
@@ -46,14 +40,7 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
     let stats = Stats {
         services,
         packets_by_reason: listings::packets_by_reason(&args.pins.bpffs),
-        maps: listings::map_fill(&args.pins.bpffs)
-            .into_iter()
-            .map(|(map, entries, capacity)| MapFillRow {
-                map,
-                entries,
-                capacity,
-            })
-            .collect(),
+        maps: map_fill(&args.pins.bpffs),
     };
     match args.output {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&stats)?),
@@ -105,11 +92,7 @@ fn render(stats: &Stats) -> String {
         "MAP", "ENTRIES", "CAPACITY", "FILL"
     );
     for m in &stats.maps {
-        let fill = if m.capacity == 0 {
-            0.0
-        } else {
-            100.0 * m.entries as f64 / m.capacity as f64
-        };
+        let fill = 100.0 * m.ratio();
         let _ = writeln!(
             s,
             "{:<16} {:>10} {:>10} {:>5.1}%",

@@ -1,6 +1,6 @@
 //! More read-only views of the pinned maps for the operator CLI and the metrics (see `inspect` for `services`):
-//! backends, one service's lookup table, counters, map fill levels. Like `inspect`, they read the maps, not the
-//! agent.
+//! backends, one service's lookup table, counters (map fill levels are `map_fill`'s). Like `inspect`, they read the
+//! maps, not the agent.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -12,43 +12,8 @@ use super::counters::SERVICE_COUNTERS;
 use super::display::{proto_name, scope_name, show_addr};
 use super::map_error::MapsError;
 use super::maps::{Maps, PinnedMaps};
-use super::names::{NameStore, PinnedNames, kind_name, service_names};
+use super::names::{kind_name, service_names};
 use crate::state::Algorithm;
-
-/// Entries in each pinned map that lb can count, and its capacity.
-pub fn map_fill(dir: &Path) -> Vec<(&'static str, u64, u64)> {
-    let capacity = |name: &str| {
-        aya::maps::MapInfo::from_pin(dir.join(name))
-            .map(|i| u64::from(i.max_entries()))
-            .unwrap_or(0)
-    };
-    let mut out = Vec::new();
-    if let Ok(maps) = PinnedMaps::open(dir) {
-        let services = maps.services().unwrap_or_default();
-        let tables = services.iter().filter(|(_, v)| v.backend_count > 0).count() as u64;
-        out.push((map_names::SERVICES, services.len() as u64));
-        out.push((map_names::MAGLEV, tables));
-        out.push((
-            map_names::BACKENDS,
-            maps.backends().map_or(0, |b| b.len() as u64),
-        ));
-        out.push((
-            map_names::AFFINITY,
-            maps.affinity_entries().map_or(0, |a| a.len() as u64),
-        ));
-        out.push((
-            map_names::SOCK_REVNAT,
-            maps.sock_revnat_entries().map_or(0, |a| a.len() as u64),
-        ));
-    }
-    if let Ok(names) = PinnedNames::open(dir) {
-        out.push((
-            map_names::SVC_NAMES,
-            names.names().map_or(0, |n| n.len() as u64),
-        ));
-    }
-    out.into_iter().map(|(m, n)| (m, n, capacity(m))).collect()
-}
 
 #[derive(Debug, Serialize)]
 pub struct BackendRow {

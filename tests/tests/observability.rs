@@ -1,0 +1,528 @@
+//! Observability end to end, through the real binary against a running agent: `lb-agent status` with the agent
+//! and from the pins alone, kube-proxy's metrics (every one kubernetes-mixin's kube-proxy dashboard reads) with
+//! samples from a real agent on the in-process API server, network programming latency from the EndpointSlice's
+//! trigger time, the per-Service change log, and an unreachable API server retried with backoff and named.
+//! HTTP goes to 127.0.0.1 only; nothing here sends Service traffic.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use lb_tests::{Agent, ApiServer, Cmd, Topology, agent_bin, require_root};
+use serde_json::{Value, json};
+
+const VIP: &str = "10.96.0.10";
+
+fn manifest(backends: usize) -> String {
+    let endpoints: String = (0..backends)
+        .map(|i| {
+            format!(
+                "  - addresses: [10.244.{}.2]\n    conditions: {{ready: true}}\n    nodeName: test-node\n",
+                i + 1
+            )
+        })
+        .collect();
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: ClusterIP
+  clusterIP: {VIP}
+  ports: [{{name: http, protocol: TCP, port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{{name: http, protocol: TCP, port: 8080}}]
+endpoints:
+{endpoints}"#
+    )
+}
+
+/// `lb-agent status [-o json] --bpffs <pins>` through the real binary.
+fn status(pins: &std::path::Path, json: bool) -> String {
+    let mut cmd = Cmd::new(agent_bin!()).arg("status");
+    if json {
+        cmd = cmd.args(["-o", "json"]);
+    }
+    let out = cmd
+        .arg("--bpffs")
+        .arg(pins)
+        .label("lb-agent-status")
+        .output(Duration::from_secs(30))
+        .expect("lb-agent status runs");
+    assert!(
+        out.status.success(),
+        "lb-agent status failed:\n{}",
+        out.stderr
+    );
+    out.stdout
+}
+
+fn status_json(pins: &std::path::Path) -> Value {
+    let text = status(pins, true);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("status is not JSON ({e}):\n{text}"))
+}
+
+/// One HTTP GET on loopback: (status, body).
+fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    assert!(addr.ip().is_loopback(), "tests only talk HTTP to loopback");
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let code = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// The value of the first sample of `metric` whose labels contain every `(key, value)`.
+fn sample(text: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(metric) && !l.starts_with('#'))
+        .find(|l| {
+            let rest = &l[metric.len()..];
+            (rest.starts_with('{') || rest.starts_with(' '))
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Polls `/metrics` until `pred` holds; the last scrape.
+fn wait_metrics(
+    addr: SocketAddr,
+    what: &str,
+    log: impl Fn() -> String,
+    pred: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok((200, body)) = get(addr, "/metrics")
+            && pred(&body)
+        {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: /metrics never satisfied it; last:\n{:?}\nagent log:\n{}",
+            get(addr, "/metrics"),
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn status_shows_the_running_agent_and_then_what_the_pins_hold() {
+    if !require_root("status_shows_the_running_agent_and_then_what_the_pins_hold") {
+        return;
+    }
+    let topo = Topology::star(2).expect("topology");
+    let mut agent = Agent::start(&agent_bin!(), &topo, &manifest(2)).expect("agent");
+    let pins = agent.pins().to_path_buf();
+    let cgroup = topo.cgroup().path().display().to_string();
+
+    let s = status_json(&pins);
+    let a = &s["agent"];
+    assert_eq!(a["ready"], true, "{s:#}");
+    assert_eq!(a["node"], "test-node", "{s:#}");
+    assert_eq!(a["pid"].as_u64(), agent.pid().map(u64::from), "{s:#}");
+    assert_eq!(a["source"]["kind"], "manifests", "{s:#}");
+    assert!(
+        a["source"]["location"]
+            .as_str()
+            .is_some_and(|l| l.ends_with("services.yaml")),
+        "{s:#}"
+    );
+    assert_eq!(a["datapath"]["cgroup"], cgroup.as_str(), "{s:#}");
+    assert_eq!(a["datapath"]["devices"], json!([]), "--devices none: {s:#}");
+    assert!(
+        a["datapath"]["kernel"]
+            .as_str()
+            .is_some_and(|k| !k.is_empty()),
+        "{s:#}"
+    );
+    assert!(a["sync"]["syncs"].as_u64().unwrap_or(0) >= 1, "{s:#}");
+    assert_eq!(a["sync"]["services"], 1, "{s:#}");
+    assert_eq!(a["sync"]["backends"], 2, "{s:#}");
+    assert_eq!(
+        s["problems"],
+        json!([]),
+        "a healthy agent has no problems: {s:#}"
+    );
+    let sock = s["pins"]["links"]["sock"].as_array().expect("sock links");
+    assert_eq!(sock.len(), lb_common::prog_names::SOCK_ALL.len(), "{s:#}");
+    assert!(
+        sock.iter().all(|l| l["cgroup"] == cgroup.as_str()),
+        "the links name the topology's cgroup: {s:#}"
+    );
+    let maps = s["pins"]["maps"].as_array().expect("maps");
+    let fill = |name: &str| {
+        maps.iter()
+            .find(|m| m["map"] == name)
+            .map(|m| m["entries"].as_u64())
+    };
+    assert_eq!(fill("LB_BACKENDS"), Some(Some(2)), "{s:#}");
+    assert!(
+        fill("LB_CONNTRACK").is_some() && fill("LB_FRAGMENTS").is_some(),
+        "every map's fill: {s:#}"
+    );
+
+    let table = status(&pins, false);
+    for want in [
+        "Agent:            running",
+        "ready",
+        "Source:           manifests",
+        "Problems:         none",
+    ] {
+        assert!(table.contains(want), "{want:?} missing:\n{table}");
+    }
+
+    // Without the agent: the pins still answer, and the missing agent is the problem.
+    agent.kill();
+    let s = status_json(&pins);
+    assert_eq!(s["agent"], Value::Null, "{s:#}");
+    assert!(
+        s["agent_unreachable"]
+            .as_str()
+            .is_some_and(|w| w.contains("no agent answers")),
+        "{s:#}"
+    );
+    assert_eq!(
+        s["pins"]["links"]["sock"].as_array().map(Vec::len),
+        Some(8),
+        "{s:#}"
+    );
+    assert_eq!(s["pins"]["backends"], 2, "{s:#}");
+    let problems = s["problems"].as_array().expect("problems");
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.as_str().is_some_and(|p| p.contains("follows no change"))),
+        "{s:#}"
+    );
+    assert!(status(&pins, false).contains("NOT RUNNING"));
+}
+
+fn service() -> Service {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"type": "ClusterIP", "clusterIP": VIP, "clusterIPs": [VIP],
+                 "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}]},
+    }))
+    .expect("Service")
+}
+
+/// Slice `web-1` with backends `10.244.<i>.2`, stamped with `trigger` as the EndpointSlice controller does.
+fn slice(backends: &[usize], trigger: &str) -> EndpointSlice {
+    let endpoints: Vec<Value> = backends
+        .iter()
+        .map(|i| json!({"addresses": [format!("10.244.{i}.2")], "conditions": {"ready": true}, "nodeName": "test-node"}))
+        .collect();
+    serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "web-1", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "web"},
+                     "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": trigger}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+        "endpoints": endpoints,
+    }))
+    .expect("EndpointSlice")
+}
+
+/// RFC 3339 for a Unix time, as the EndpointSlice controller writes it.
+fn rfc3339(unix: std::time::SystemTime) -> String {
+    k8s_openapi::jiff::Timestamp::try_from(unix)
+        .expect("time")
+        .to_string()
+}
+
+#[test]
+fn a_kube_agent_serves_kube_proxys_metrics_logs_each_service_change_and_reports_its_watches() {
+    if !require_root(
+        "a_kube_agent_serves_kube_proxys_metrics_logs_each_service_change_and_reports_its_watches",
+    ) {
+        return;
+    }
+    let topo = Topology::star(2).expect("topology");
+    let server = ApiServer::start().expect("api server");
+    server.apply(&service()).expect("service");
+    server
+        .apply(&slice(&[1], &rfc3339(std::time::SystemTime::now())))
+        .expect("slice");
+    let mut agent = Agent::start_kube(&agent_bin!(), &topo, &server).expect("agent");
+    let metrics = agent.metrics_addr().expect("metrics address");
+
+    // An endpoint change the controller stamped 2 s ago: kube-proxy's network programming latency is measured
+    // from that stamp, so the sample is at least 2 s.
+    let stamp = std::time::SystemTime::now() - Duration::from_secs(2);
+    server
+        .apply(&slice(&[1, 2], &rfc3339(stamp)))
+        .expect("slice update");
+    agent
+        .wait_for_log("Service updated", Duration::from_secs(20))
+        .expect("a change line");
+    let log = agent.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("Service updated"))
+        .expect("the change line");
+    for want in [
+        "service=default/web",
+        "backends_added=10.244.2.2:8080",
+        "backends_removed=-",
+        "backends=2",
+    ] {
+        assert!(line.contains(want), "{want} missing from {line:?}");
+    }
+    let text = wait_metrics(
+        metrics,
+        "one network programming sample",
+        || agent.log(),
+        |t| {
+            sample(
+                t,
+                "kubeproxy_network_programming_duration_seconds_count",
+                &[],
+            )
+            .unwrap_or(0.0)
+                >= 1.0
+        },
+    );
+    let sum = sample(
+        &text,
+        "kubeproxy_network_programming_duration_seconds_sum",
+        &[],
+    )
+    .expect("sum");
+    assert!(
+        (2.0..60.0).contains(&sum),
+        "latency from the trigger time: {sum} s\n{text}"
+    );
+    let le1 = sample(
+        &text,
+        "kubeproxy_network_programming_duration_seconds_bucket",
+        &[("le", "1.0")],
+    )
+    .expect("1 s bucket");
+    assert_eq!(le1, 0.0, "a 2 s old change is not under 1 s:\n{text}");
+
+    // Every metric kubernetes-mixin's kube-proxy dashboard and alerts read has samples, with their labels.
+    for (metric, labels, used_by) in lb_agent::ops::metrics::KUBE_PROXY_MIXIN {
+        if lb_agent::ops::metrics::FROM_THE_SCRAPE.contains(metric) {
+            continue;
+        }
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
+            .unwrap_or_else(|| panic!("no sample of {metric} ({used_by}):\n{text}"));
+        for l in *labels {
+            assert!(
+                line.contains(&format!("{l}=\"")),
+                "{metric} without {l}: {line}"
+            );
+        }
+    }
+    assert!(
+        sample(
+            &text,
+            "rest_client_requests_total",
+            &[("code", "200"), ("method", "GET")]
+        )
+        .unwrap_or(0.0)
+            >= 4.0,
+        "the lists of four resources:\n{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+            &[]
+        )
+        .unwrap_or(0.0)
+            >= 2.0,
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "kubeproxy_sync_proxy_rules_service_changes_total",
+            &[]
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            &[]
+        )
+        .unwrap_or(0.0)
+            > 1.0e9,
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds_count",
+            &[]
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "lb_service_sock_connects_total", &[]),
+        None,
+        "per-Service series are off by default"
+    );
+
+    // The status names the server and every watch.
+    let s = status_json(agent.pins());
+    let api = &s["agent"]["source"]["api"];
+    assert_eq!(
+        api["server"].as_str(),
+        Some(format!("{}/", server.url().trim_end_matches('/')).as_str()),
+        "{s:#}"
+    );
+    let watches = api["watches"].as_array().expect("watches");
+    assert_eq!(watches.len(), 4, "{s:#}");
+    for w in watches {
+        assert_eq!(w["failures_in_a_row"], 0, "{s:#}");
+        assert_eq!(w["listed"], true, "{s:#}");
+    }
+    assert_eq!(s["problems"], json!([]), "{s:#}");
+}
+
+#[test]
+fn an_unreachable_api_server_is_retried_with_backoff_named_and_reported() {
+    if !require_root("an_unreachable_api_server_is_retried_with_backoff_named_and_reported") {
+        return;
+    }
+    let topo = Topology::star(1).expect("topology");
+    let dir = std::env::temp_dir().join(format!("lb-tests-obs-{}", topo.token()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let server = format!("http://127.0.0.1:{port}");
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{server}\"}}}}]\n\
+             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n"
+        ),
+    )
+    .expect("kubeconfig");
+    let mut child = Cmd::new(agent_bin!())
+        .args(["run", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .args(["--node-name", "test-node", "--devices", "none"])
+        .arg("--cgroup")
+        .arg(topo.cgroup().path())
+        .arg("--bpffs")
+        .arg(topo.bpf_dir().path())
+        .args([
+            "--health-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .env("LB_LOG", "info")
+        .label("lb-agent-unreachable")
+        .spawn()
+        .expect("agent");
+    let started = Instant::now();
+    // 20 s of an API server that refuses every connection.
+    std::thread::sleep(Duration::from_secs(20));
+    let s = status_json(topo.bpf_dir().path());
+    let log = child.stderr();
+    child.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+    let elapsed = started.elapsed();
+
+    let watches = s["agent"]["source"]["api"]["watches"]
+        .as_array()
+        .expect("watches");
+    assert_eq!(watches.len(), 4, "{s:#}");
+    let attempts: u64 = watches
+        .iter()
+        .map(|w| w["errors_total"].as_u64().unwrap_or(0))
+        .sum();
+    // Backoff 0.8 s doubling (jittered up to half again): about 5 attempts per watch in 20 s. Retrying every
+    // 0.8-1.6 s (kube-runtime's reset backoff) made 13-25 each.
+    assert!(
+        (4..=4 * 7).contains(&attempts),
+        "{attempts} attempts in {elapsed:?} over four watches:\n{s:#}"
+    );
+    for w in watches {
+        assert!(w["failures_in_a_row"].as_u64().unwrap_or(0) >= 3, "{s:#}");
+        assert!(
+            w["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("Connection refused")),
+            "{s:#}"
+        );
+    }
+    let problems = s["problems"].as_array().expect("problems");
+    assert!(
+        problems.iter().any(|p| p
+            .as_str()
+            .is_some_and(|p| p.contains(&server) && p.contains("fails"))),
+        "a problem names the server: {s:#}"
+    );
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("cannot watch the API server"))
+        .collect();
+    assert!(!warnings.is_empty(), "{log}");
+    assert!(
+        warnings
+            .iter()
+            .all(|l| l.contains(&format!("server={server}"))
+                && l.contains("resource=")
+                && l.contains("retry_in=")),
+        "every warning names the server, the resource and the next retry:\n{log}"
+    );
+    // Quiet between doublings: at most the 1st, 2nd and 4th failure of each watch warn in this time.
+    assert!(
+        warnings.len() <= 4 * 3,
+        "{} warnings:\n{log}",
+        warnings.len()
+    );
+    assert!(
+        !log.contains("kube_client"),
+        "kube-rs's unnamed per-request errors are filtered:\n{log}"
+    );
+    assert!(
+        log.lines().count() < 40,
+        "{} log lines:\n{log}",
+        log.lines().count()
+    );
+}
