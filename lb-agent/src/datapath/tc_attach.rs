@@ -145,7 +145,7 @@ pub fn attach_tc_programs(
                 }
             }
         }
-        tracing::info!(device = %dev, mode = how, "tc programs attached (ingress and egress)");
+        tracing::info!(device = %dev, "tc programs attached (ingress and egress)");
         attached.push((dev.clone(), how));
     }
     Ok(attached)
