@@ -528,3 +528,166 @@ fn an_unreachable_api_server_is_retried_with_backoff_named_and_reported() {
         log.lines().count()
     );
 }
+
+/// `lb-agent trace <args> tcp <src> <dst>` through the real binary: its JSON answer.
+fn trace(args: &[&str], src: &str, dst: &str) -> Value {
+    let out = Cmd::new(agent_bin!())
+        .arg("trace")
+        .args(args)
+        .args(["tcp", src, dst])
+        .label("lb-agent-trace")
+        .output(Duration::from_secs(60))
+        .expect("lb-agent trace runs");
+    assert!(
+        out.status.success(),
+        "lb-agent trace {args:?} {dst} failed:\n{}",
+        out.stderr
+    );
+    serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("trace output is not JSON ({e}):\n{}", out.stdout))
+}
+
+/// Conntrack entries, the trace record and the verdict counters of the live pins: what a trace must not touch.
+fn live_runtime_state(pins: &std::path::Path) -> (usize, lb_common::TraceValue, Vec<u64>) {
+    let maps = lb_agent::datapath::packet_maps::PacketMaps::open(pins).expect("live packet maps");
+    let conntrack = lb_agent::datapath::map_fill::map_fill(pins)
+        .into_iter()
+        .find(|m| m.map == lb_common::map_names::CONNTRACK)
+        .map(|m| m.entries as usize)
+        .expect("LB_CONNTRACK");
+    (
+        conntrack,
+        maps.trace_record().expect("trace record"),
+        maps.reason_counts().expect("verdict counters"),
+    )
+}
+
+#[test]
+fn trace_runs_on_the_live_nodes_state_names_the_service_and_touches_nothing_live() {
+    if !require_root(
+        "trace_runs_on_the_live_nodes_state_names_the_service_and_touches_nothing_live",
+    ) {
+        return;
+    }
+    let topo = Topology::star(2).expect("topology");
+    let agent = Agent::start_with_args(
+        &agent_bin!(),
+        &topo,
+        &manifest(2),
+        &["--service-cidrs", "10.96.0.0/16"],
+    )
+    .expect("agent");
+    let pins = agent.pins().to_str().expect("utf-8").to_owned();
+    let before = live_runtime_state(agent.pins());
+    let client = "198.51.100.7:40000";
+
+    // The default source: the node's pins.
+    let t = trace(&["--bpffs", &pins], client, &format!("{VIP}:80"));
+    assert_eq!(t["verdict"], "forward", "{t}");
+    assert_eq!(t["reason"], "new-flow", "{t}");
+    assert_eq!(
+        t["service"], "default/web:http",
+        "the Service and port it matched: {t}"
+    );
+    assert_eq!(t["kind"], "ClusterIP", "{t}");
+    assert!(
+        ["10.244.1.2:8080", "10.244.2.2:8080"].contains(&t["backend"].as_str().unwrap_or("")),
+        "{t}"
+    );
+    assert!(
+        t["source"].as_str().is_some_and(|s| s.contains(&pins)),
+        "{t}"
+    );
+    // An address in the service CIDR that no Service holds: dropped on the node, so in the trace.
+    let t = trace(&["--bpffs", &pins], client, "10.96.0.99:80");
+    assert_eq!(
+        (&t["verdict"], &t["reason"]),
+        (&json!("drop"), &json!("unallocated-cluster-ip")),
+        "{t}"
+    );
+    assert_eq!(t.get("service"), None, "{t}");
+    // A port the Service does not define.
+    let t = trace(&["--bpffs", &pins], client, &format!("{VIP}:81"));
+    assert_eq!(t["reason"], "unknown-port", "{t}");
+    // The node's state changes, the trace follows: one backend left.
+    agent.write_manifest(&manifest(1)).expect("manifest");
+    agent
+        .wait_for_maps(Duration::from_secs(20), |l| {
+            l.iter().all(|s| s.backends.len() == 1)
+        })
+        .expect("one backend");
+    let t = trace(
+        &["--bpffs", &pins, "--sweep", "32"],
+        client,
+        &format!("{VIP}:80"),
+    );
+    assert_eq!(t["backends"], json!(["10.244.1.2:8080"]), "{t}");
+    assert_eq!(
+        live_runtime_state(agent.pins()),
+        before,
+        "conntrack, the trace record and the counters of the node are untouched"
+    );
+
+    // From objects: the same manifest without the service CIDRs passes the unallocated address (what the old
+    // trace said); with `--service-cidrs` it drops, as the node does.
+    let manifests = agent.dir().join("services.yaml");
+    let manifests = manifests.to_str().expect("utf-8");
+    let objects = ["--manifests", manifests, "--node-name", "test-node"];
+    let t = trace(&objects, client, "10.96.0.99:80");
+    assert_eq!(t["verdict"], "pass", "{t}");
+    let t = trace(
+        &[&objects[..], &["--service-cidrs", "10.96.0.0/16"]].concat(),
+        client,
+        "10.96.0.99:80",
+    );
+    assert_eq!(t["reason"], "unallocated-cluster-ip", "{t}");
+    let t = trace(&objects, client, &format!("{VIP}:80"));
+    assert_eq!(
+        (&t["service"], &t["backend"]),
+        (&json!("default/web:http"), &json!("10.244.1.2:8080")),
+        "{t}"
+    );
+}
+
+#[test]
+fn trace_lists_the_objects_from_the_api_server() {
+    if !require_root("trace_lists_the_objects_from_the_api_server") {
+        return;
+    }
+    let topo = Topology::star(1).expect("topology");
+    let server = ApiServer::start().expect("api server");
+    server.apply(&service()).expect("service");
+    server
+        .apply(&slice(&[1, 2], &rfc3339(std::time::SystemTime::now())))
+        .expect("slice");
+    let dir = std::env::temp_dir().join(format!("lb-tests-trace-{}", topo.token()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let kubeconfig = dir.join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let t = trace(
+        &[
+            "--kubeconfig",
+            kubeconfig.to_str().expect("utf-8"),
+            "--node-name",
+            "test-node",
+            "--sweep",
+            "32",
+        ],
+        "198.51.100.7:40000",
+        &format!("{VIP}:80"),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(t["verdict"], "forward", "{t}");
+    assert_eq!(t["service"], "default/web:http", "{t}");
+    assert_eq!(
+        t["backends"],
+        json!(["10.244.1.2:8080", "10.244.2.2:8080"]),
+        "{t}"
+    );
+    assert!(
+        t["source"]
+            .as_str()
+            .is_some_and(|s| s.contains(&server.url().trim_end_matches('/').to_string())),
+        "{t}"
+    );
+}

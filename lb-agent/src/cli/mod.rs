@@ -91,8 +91,9 @@ enum Command {
     Services(services::ServicesArgs),
     /// Remove every program link and map lb pinned (like kube-proxy --cleanup).
     Cleanup(cleanup::CleanupArgs),
-    /// Where would this packet go? Runs the real tc program on a crafted packet (BPF_PROG_TEST_RUN) with maps
-    /// programmed privately from the manifests, and prints the verdict as JSON.
+    /// Where would this packet go? Runs the real tc program on a crafted packet (BPF_PROG_TEST_RUN) in a private
+    /// load holding the node's live service state (or what manifests or the API server say), and prints the
+    /// verdict, the Service port it matched and the backend as JSON.
     Trace(Box<trace::TraceArgs>),
     /// List the programmed backends, the services using each, and their counters.
     Backends(backends::BackendsArgs),
