@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::datapath::maps::PinnedMaps;
+use crate::datapath::maps::{MapsRead, PinnedMaps};
 use crate::datapath::names::{NameWriter, PinnedNames};
 use crate::datapath::reconcile::{Reconciler, SyncReport, service_key};
 use crate::datapath::sock_destroy;

@@ -21,7 +21,7 @@ use prometheus_client::registry::Registry;
 use crate::datapath::counters::{BACKEND_COUNTERS, SERVICE_COUNTERS};
 use crate::datapath::display::{proto_name, scope_name, show_addr};
 use crate::datapath::listings;
-use crate::datapath::maps::{Maps, PinnedMaps};
+use crate::datapath::maps::{MapsRead, PinnedMaps};
 use crate::datapath::names::{kind_name, service_names};
 use crate::datapath::reconcile::SyncReport;
 use crate::model::Diagnostic;

@@ -18,7 +18,7 @@ use lb_common::{
 use serde::Serialize;
 
 use crate::datapath::loader::{self, Datapath, PinDir};
-use crate::datapath::maps::Maps;
+use crate::datapath::maps::{Maps, MapsRead};
 use crate::datapath::packet_maps::{NodeEntry, lpm_prefix};
 use crate::datapath::pins::Capacities;
 use crate::datapath::reconcile::{ReconcileConfig, Reconciler};
