@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use lb_agent::datapath::loader::{self, PinDir};
-use lb_agent::datapath::maps::Maps;
+use lb_agent::datapath::maps::{Maps, MapsRead};
 use lb_agent::datapath::pins::Capacities;
 use lb_agent::datapath::reconcile::{ReconcileConfig, Reconciler};
 use lb_agent::model::{self, ModelConfig};

@@ -6,8 +6,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::datapath::pins::Capacities;
+use crate::datapath::reconcile::ReconcileConfig;
 use crate::datapath::tc_attach::TcAttachMode;
 use crate::datapath::xdp_attach::XdpModeChoice;
+use crate::model::ModelConfig;
 use crate::ops::OpsConfig;
 use crate::source::kube::Connection;
 use crate::state::Algorithm;
@@ -52,4 +54,28 @@ pub struct AgentConfig {
     pub xdp_mode: XdpModeChoice,
     pub conntrack_gc_interval: Duration,
     pub tc_attach: TcAttachMode,
+}
+
+impl AgentConfig {
+    /// The translation's settings. `fallback_node_addresses` stands in for an empty `node_addresses` (the agent
+    /// passes the host's addresses; tests pass fixed ones).
+    pub fn model_config(&self, fallback_node_addresses: Vec<IpAddr>) -> ModelConfig {
+        ModelConfig {
+            default_algorithm: self.algorithm,
+            service_proxy_name: self.service_proxy_name.clone(),
+            fallback_node_addresses,
+            fallback_service_cidrs: self.service_cidrs.clone(),
+            localhost_nodeports: self.localhost_nodeports,
+        }
+    }
+
+    /// The reconciler's settings.
+    pub fn reconcile_config(&self) -> ReconcileConfig {
+        ReconcileConfig {
+            max_services: self.capacities.services,
+            max_backends: self.capacities.backends,
+            maglev_min_size: self.maglev_min_size,
+            maglev_max_size: self.maglev_max_size,
+        }
+    }
 }

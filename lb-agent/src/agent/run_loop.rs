@@ -15,7 +15,7 @@ use crate::datapath::loader::{self, PinDir};
 use crate::datapath::maps::PinnedMaps;
 use crate::datapath::packet_maps;
 use crate::datapath::pins::Migration;
-use crate::model::{self, ModelConfig};
+use crate::model;
 use crate::ops::status::{AgentReport, SourceReport};
 use crate::ops::{Ops, OpsInputs};
 use crate::source::kube::api_metrics::ApiMetrics;
@@ -76,13 +76,7 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
         startup::load_and_attach(&object, &config, &pins, &fallback_node_addresses)?;
     let reconciler = startup::adopt(&datapath.maps, &config, xdp, &mut setup)?;
     ops.set_datapath(setup);
-    let model = ModelConfig {
-        default_algorithm: config.algorithm,
-        service_proxy_name: config.service_proxy_name.clone(),
-        fallback_node_addresses,
-        fallback_service_cidrs: config.service_cidrs.clone(),
-        localhost_nodeports: config.localhost_nodeports,
-    };
+    let model = config.model_config(fallback_node_addresses);
     let mut syncer = Syncer {
         translator: model::Translator::new(
             model.clone(),

@@ -8,7 +8,7 @@ use anyhow::Context;
 use super::config::AgentConfig;
 use crate::datapath::loader::{self, Datapath, PinDir};
 use crate::datapath::maps::PinnedMaps;
-use crate::datapath::reconcile::{ReconcileConfig, Reconciler};
+use crate::datapath::reconcile::Reconciler;
 use crate::datapath::{tc_attach, xdp_attach};
 use crate::ops::status::{DatapathSetup, DeviceSetup};
 
@@ -113,15 +113,7 @@ pub(super) fn adopt(
     xdp: bool,
     setup: &mut DatapathSetup,
 ) -> anyhow::Result<Reconciler> {
-    let mut reconciler = Reconciler::restore(
-        maps,
-        ReconcileConfig {
-            max_services: config.capacities.services,
-            max_backends: config.capacities.backends,
-            maglev_min_size: config.maglev_min_size,
-            maglev_max_size: config.maglev_max_size,
-        },
-    )?;
+    let mut reconciler = Reconciler::restore(maps, config.reconcile_config())?;
     if config.localhost_nodeports {
         // The socket LB compares each socket's namespace with this one: the agent runs in the host's (hostNetwork).
         match crate::host::netns_cookie() {

@@ -8,7 +8,7 @@ use std::time::{Instant, SystemTime};
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::datapath::maps::PinnedMaps;
+use crate::datapath::maps::{MapsRead, PinnedMaps};
 use crate::datapath::names::{NameWriter, PinnedNames};
 use crate::datapath::reconcile::{Reconciler, SyncReport, service_key};
 use crate::datapath::sock_destroy;

@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use crate::datapath::display::show_addr;
-use crate::datapath::maps::{Maps, PinnedMaps};
+use crate::datapath::maps::{MapsRead, PinnedMaps};
 use crate::datapath::reconcile::service_key;
 use crate::model::DEFAULT_NAMESPACE;
 use crate::model::{self, Eligibility, ModelConfig, ServiceExplanation};

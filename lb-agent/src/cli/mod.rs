@@ -156,6 +156,26 @@ pub fn check_config_file(file: &crate::ops::config::ConfigFile) -> Result<(), St
         .map_err(|e| e.to_string())
 }
 
+/// The agent's configuration exactly as `lb-agent run <args>` builds it, with `file`'s settings as defaults (as
+/// `--config` gives them): for tests that drive the agent's parts without starting it. clap's errors come back
+/// as errors here instead of exiting.
+pub fn run_config(
+    args: &[&str],
+    file: Option<&crate::ops::config::ConfigFile>,
+) -> anyhow::Result<crate::agent::AgentConfig> {
+    use clap::FromArgMatches;
+    let mut cmd = command();
+    if let Some(file) = file {
+        cmd = crate::ops::config::apply_file_defaults(cmd, file)?;
+    }
+    let argv = ["lb-agent", "run"].into_iter().chain(args.iter().copied());
+    let matches = cmd.try_get_matches_from(argv)?;
+    match Cli::from_arg_matches(&matches)?.command {
+        Command::Run(args) => run::agent_config(*args),
+        _ => anyhow::bail!("not `lb-agent run`"),
+    }
+}
+
 /// Parses the command line with the config file's values as defaults (flag > env > file > default; see
 /// `ops::config`). clap's own errors (and `--help`) exit here, as `Cli::parse` would.
 fn parse_with_config() -> anyhow::Result<Cli> {

@@ -154,7 +154,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 /// The agent's configuration from the flags. Where the objects come from: `--manifests` or `--kubeconfig` as
 /// given; with neither, the in-cluster config inside a pod (as kube-proxy defaults to it), else an error: the
 /// standalone agent needs to be told what to serve.
-fn agent_config(args: RunArgs) -> anyhow::Result<AgentConfig> {
+pub(super) fn agent_config(args: RunArgs) -> anyhow::Result<AgentConfig> {
     let source = match (args.manifests, args.kubeconfig) {
         (Some(m), None) => SourceConfig::Manifests(m),
         (None, Some(k)) => SourceConfig::Kube(Connection::Kubeconfig(k)),

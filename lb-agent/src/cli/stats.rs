@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::datapath::counters::SERVICE_COUNTERS;
 use crate::datapath::listings::{self, StatsRow};
 use crate::datapath::map_fill::{MapFill, map_fill};
+use crate::datapath::names::service_names;
 
 use super::args::{OutputFormat, PinArgs, open_maps};
 
@@ -33,7 +34,7 @@ struct Stats {
 
 pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
     let maps = open_maps(&args.pins)?;
-    let mut services = listings::stats(&maps, &args.pins.bpffs)?;
+    let mut services = listings::stats(&maps, &service_names(&args.pins.bpffs))?;
     if let Some(filter) = &args.service {
         services.retain(|s| s.service.contains(filter.as_str()));
     }

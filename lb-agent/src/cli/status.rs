@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::datapath::attachments::{self, Attachments};
 use crate::datapath::map_fill::{MapFill, map_fill};
-use crate::datapath::maps::{Maps, PinnedMaps};
+use crate::datapath::maps::{MapsRead, PinnedMaps};
 use crate::datapath::names::service_names;
 use crate::ops::metrics::BuildInfo;
 use crate::ops::status::{AgentReport, STATUS_PATH, now_ms, socket_name};

@@ -113,13 +113,15 @@ pub fn service_names(dir: &Path) -> std::collections::HashMap<u32, ServiceNameVa
         .unwrap_or_default()
 }
 
-/// In-memory names for unit tests.
+/// In-memory names for tests (test builds only, as `maps::FakeMaps`).
+#[cfg(any(test, feature = "test-support"))]
 #[derive(Debug, Default)]
 pub struct FakeNames {
     pub names: BTreeMap<u32, ServiceNameValue>,
     pub writes: usize,
 }
 
+#[cfg(any(test, feature = "test-support"))]
 impl NameStore for FakeNames {
     fn names(&self) -> Result<Vec<(u32, ServiceNameValue)>, MapsError> {
         Ok(self.names.iter().map(|(k, v)| (*k, *v)).collect())

@@ -12,7 +12,7 @@ use std::path::Path;
 use anyhow::Context;
 use lb_common::CONFIG_FLAG_TRACE;
 
-use crate::datapath::maps::{Maps, PinnedMaps};
+use crate::datapath::maps::{Maps, MapsRead, PinnedMaps};
 use crate::datapath::names::{kind_name, service_names};
 
 /// What was copied, for the caller's message.

@@ -22,7 +22,7 @@ use lb_common::{
 use serde::Serialize;
 
 use crate::datapath::loader::{self, Datapath, PinDir};
-use crate::datapath::maps::Maps;
+use crate::datapath::maps::{Maps, MapsRead};
 use crate::datapath::names::{kind_name, kind_number};
 use crate::datapath::packet_maps::{NodeEntry, lpm_prefix};
 use crate::datapath::pins::Capacities;

@@ -22,7 +22,7 @@ use crate::datapath::counters::{BACKEND_COUNTERS, SERVICE_COUNTERS};
 use crate::datapath::display::{proto_name, scope_name, show_addr};
 use crate::datapath::listings;
 use crate::datapath::map_fill::{MapFill, map_fill};
-use crate::datapath::maps::{Maps, PinnedMaps};
+use crate::datapath::maps::{MapsRead, PinnedMaps};
 use crate::datapath::names::{kind_name, service_names};
 
 /// How much per-Service detail the datapath counters are exported with (`lb-agent run --service-metrics`). Each
