@@ -296,8 +296,16 @@ impl Syncer {
             started,
         );
         self.ops.note_source_diagnostics(diagnostics);
-        for (frontend, reason) in &report.failed {
+        // A full map fails every frontend beyond it: the first few say why, the rest are counted.
+        const SHOWN: usize = 10;
+        for (frontend, reason) in report.failed.iter().take(SHOWN) {
             tracing::error!(%frontend, %reason, "frontend not programmed; the others are");
+        }
+        if report.failed.len() > SHOWN {
+            tracing::error!(
+                more = report.failed.len() - SHOWN,
+                "more frontends not programmed (lb_unprogrammed_frontends)"
+            );
         }
         tracing::info!(
             frontends = translation.state.services.len(),
@@ -426,8 +434,6 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         Some(c) => c.clone(),
         None => loader::cgroup2_root()?,
     };
-    loader::attach_sock_programs(&mut datapath.ebpf, &cgroup, &pins).map_err(explain)?;
-    tracing::info!(cgroup = %cgroup.display(), pins = %pins.dir.display(), "socket load balancing attached");
     let devices: Vec<String> = if args.devices.is_empty() {
         crate::datapath::tc_attach::devices_with_addresses(&fallback_node_addresses)
     } else {
@@ -437,25 +443,22 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             .cloned()
             .collect()
     };
-    crate::datapath::tc_attach::attach_tc_programs(
-        &mut datapath.ebpf,
-        &devices,
-        &pins,
-        args.tc_attach,
-    )
-    .map_err(explain)?;
     let xdp = args.xdp && !devices.is_empty();
-    if xdp {
-        crate::datapath::xdp_attach::attach_xdp(&mut datapath.ebpf, &devices, args.xdp_mode, &pins)
-            .map_err(explain)?;
+    let attachment = Attachment {
+        cgroup,
+        devices,
+        pins: pins.clone(),
+        tc_attach: args.tc_attach,
+        xdp,
+        xdp_mode: args.xdp_mode,
+    };
+    // Maps of a new layout start empty: until the first sync has filled them, the programs already attached
+    // (the previous agent's, reading the previous maps) keep serving, so an upgrade refuses no connection.
+    let attach_after_first_sync = !datapath.migration.moved().is_empty();
+    if attach_after_first_sync {
+        tracing::info!(maps = ?datapath.migration.moved(), "maps of a new layout: the programs attached now keep serving until they are filled");
     } else {
-        let removed = crate::datapath::xdp_attach::detach_xdp(&pins)?;
-        if removed > 0 {
-            tracing::info!(
-                links = removed,
-                "XDP fast path off: removed the XDP links of a previous agent"
-            );
-        }
+        attachment.attach(&mut datapath.ebpf)?;
     }
 
     let mut reconciler = Reconciler::restore(
@@ -465,6 +468,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             max_backends: args.max_backends,
             maglev_min_size: args.maglev_min_size,
             maglev_max_size: args.maglev_max_size,
+            ..ReconcileConfig::default()
         },
     )?;
     if args.localhost_nodeports {
@@ -507,10 +511,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     };
     let (_config_watcher, mut config_changes) = syncer.config_watch()?;
     let loader::Datapath {
-        ebpf: _ebpf,
+        mut ebpf,
         mut maps,
         migration,
     } = datapath;
+    let mut pending_attach = attach_after_first_sync.then_some(attachment);
     let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -520,7 +525,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let (_file_watcher, mut changes, _no_file_changes) = match &source {
         SourceChoice::Manifests(path) => {
             let synced = syncer.sync(&mut maps, path, true);
-            finish_migration(&mut migration, synced)?;
+            finish_migration(&mut migration, synced, &mut pending_attach, &mut ebpf)?;
             tracing::info!("initial sync done");
             syncer.ops.set_ready();
             let (watcher, rx) = crate::source::file::watch(path)?;
@@ -550,7 +555,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 syncer.ops.change_seen_at(snapshot.first_event.unwrap_or_else(Instant::now));
                 let initial = snapshot.initial;
                 syncer.apply_snapshot(&mut maps, snapshot, false);
-                finish_migration(&mut migration, true)?;
+                finish_migration(&mut migration, true, &mut pending_attach, &mut ebpf)?;
                 if initial {
                     // The readiness moment: every kind listed and programmed once (tests wait for this line).
                     tracing::info!("initial sync done");
@@ -616,15 +621,21 @@ fn resync(
     }
 }
 
-/// After the first sync: drops the old pins of migrated maps, or puts them back when that sync could not run.
+/// After the first sync: attaches the programs if that waited for the migrated maps to be filled, and drops the
+/// old pins of migrated maps; or puts them back when that sync could not run.
 fn finish_migration(
     migration: &mut Option<crate::datapath::pins::Migration>,
     synced: bool,
+    pending_attach: &mut Option<Attachment>,
+    ebpf: &mut aya::Ebpf,
 ) -> anyhow::Result<()> {
     let Some(migration) = migration.take() else {
         return Ok(());
     };
     if synced {
+        if let Some(attachment) = pending_attach.take() {
+            attachment.attach(ebpf)?;
+        }
         if !migration.moved().is_empty() {
             tracing::info!(maps = ?migration.moved(), "migrated maps refilled; dropping their old pins");
         }
@@ -633,6 +644,45 @@ fn finish_migration(
     } else {
         migration.revert();
         anyhow::bail!("the first sync failed; old pins restored")
+    }
+}
+
+/// Where and how the programs attach: the socket programs to the cgroup, tc (and XDP) to the devices.
+struct Attachment {
+    cgroup: PathBuf,
+    devices: Vec<String>,
+    pins: PinDir,
+    tc_attach: TcAttachMode,
+    xdp: bool,
+    xdp_mode: crate::datapath::xdp_attach::XdpModeChoice,
+}
+
+impl Attachment {
+    /// Attaches every program through pinned links, replacing those of a previous agent.
+    fn attach(&self, ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
+        let explain = explain_datapath_error;
+        loader::attach_sock_programs(ebpf, &self.cgroup, &self.pins).map_err(explain)?;
+        tracing::info!(cgroup = %self.cgroup.display(), pins = %self.pins.dir.display(), "socket load balancing attached");
+        crate::datapath::tc_attach::attach_tc_programs(
+            ebpf,
+            &self.devices,
+            &self.pins,
+            self.tc_attach,
+        )
+        .map_err(explain)?;
+        if self.xdp {
+            crate::datapath::xdp_attach::attach_xdp(ebpf, &self.devices, self.xdp_mode, &self.pins)
+                .map_err(explain)?;
+        } else {
+            let removed = crate::datapath::xdp_attach::detach_xdp(&self.pins)?;
+            if removed > 0 {
+                tracing::info!(
+                    links = removed,
+                    "XDP fast path off: removed the XDP links of a previous agent"
+                );
+            }
+        }
+        Ok(())
     }
 }
 

@@ -52,7 +52,7 @@ pub fn services(maps: &PinnedMaps) -> Result<Vec<ServiceListing>, MapsError> {
     let mut out = Vec::with_capacity(services.len());
     for (key, value) in services {
         let table = if value.backend_count > 0 {
-            maps.table(value.service_id)?.unwrap_or_default()
+            maps.table(&value)?.unwrap_or_default()
         } else {
             Vec::new()
         };

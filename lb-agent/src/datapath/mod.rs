@@ -4,12 +4,15 @@
 pub mod inspect;
 pub mod listings;
 pub mod loader;
+pub mod lut;
 mod map_batch;
 pub mod maps;
 pub mod names;
 pub mod packet_maps;
 pub mod pins;
+mod rcu_fence;
 pub mod reconcile;
+pub mod slot_array;
 pub mod sock_destroy;
 pub mod tc_attach;
 pub mod xdp_attach;
