@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
-use lb_agent::datapath::maps::{Maps, PinnedMaps};
+use lb_agent::datapath::maps::{MapsRead, PinnedMaps};
 use lb_common::{ServiceKey, map_names};
 use lb_tests::{Agent, Topology, agent_bin, probe, require_root};
 

@@ -1,44 +1,26 @@
-//! Access to lb's maps through one trait (as cilium's `pkg/loadbalancer/maps/lbmaps.go` does): [`PinnedMaps`] talks
-//! to the kernel, [`FakeMaps`] is an in-memory stand-in for the reconciler's unit tests. The reconciler is the only
-//! writer.
+//! Access to lb's maps through two traits (as cilium's `pkg/loadbalancer/maps/lbmaps.go` does): [`MapsRead`] for
+//! reading and [`Maps`] for writing. [`PinnedMaps`] talks to the kernel; `FakeMaps` is an in-memory stand-in for
+//! tests, compiled only into test builds (`cfg(test)`, or the `test-support` feature for integration tests). The
+//! reconciler is the only writer.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::HashSet;
+#[cfg(any(test, feature = "test-support"))]
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsFd;
 use std::path::Path;
 
 use super::lut::{self, Layout};
+use super::map_error::{MapsError, open_pinned};
 use super::packet_maps::NodeEntry;
 use super::rcu_fence::Fence;
 use super::slot_array::SlotArray;
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+#[cfg(any(test, feature = "test-support"))]
 use aya::sys::SyscallError;
 use lb_common::{
     AffinityKey, AffinityValue, BackendStats, BackendValue, ServiceKey, ServiceStats, ServiceValue,
     SockRevNatKey, SockRevNatValue, map_names,
 };
-
-#[derive(Debug, thiserror::Error)]
-pub enum MapsError {
-    #[error("opening pinned map {path}: {source}")]
-    Open { path: String, source: MapError },
-    #[error("map {map} is missing from the loaded object")]
-    Missing { map: &'static str },
-    #[error("map {map} has an unexpected type or layout: {source}")]
-    Layout { map: &'static str, source: MapError },
-    #[error("{op} on {map}: {source}")]
-    Op {
-        map: &'static str,
-        op: &'static str,
-        source: MapError,
-    },
-    #[error("counting CPUs: {0}")]
-    Cpus(String),
-    #[error("an RCU fence failed: {0}")]
-    Fence(std::io::Error),
-    /// A failure already reported for another frontend of the same sync (one write covers many tables).
-    #[error("{0}")]
-    Again(String),
-}
 
 fn op(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapsError {
     move |source| MapsError::Op { map, op, source }
@@ -64,28 +46,21 @@ impl StaleAffinity {
     }
 }
 
-/// What the reconciler needs from the datapath maps.
-pub trait Maps {
+/// Reading the maps: what the reconciler adopts at start and the read-only views (`inspect`, `listings`) show. The
+/// views take this trait, not [`PinnedMaps`], so they run on [`FakeMaps`] in tests just as on the pins.
+pub trait MapsRead {
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapsError>;
     /// The service ids of an `LB_SERVICES` of an older layout this start migrates from, by key (`pins`), so that
     /// the frontends keep their ids.
     fn migrated_service_ids(&self) -> Vec<(ServiceKey, u32)> {
         Vec::new()
     }
-    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapsError>;
-    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapsError>;
     fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapsError>;
-    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapsError>;
-    fn delete_backend(&mut self, id: u32) -> Result<(), MapsError>;
+
     // The slot array behind `LB_MAGLEV` (`slot_array`): every service's lookup table is a region of it.
 
     /// Bytes the slot array holds; 0 before it exists.
     fn slot_capacity(&self) -> u64;
-    /// Replaces the slot array with one of at least `bytes` whose first `keep` bytes are the current array's, and
-    /// returns its size. Returns after an RCU grace period, which counts as a fence (see the fence methods).
-    fn grow_slots(&mut self, bytes: u64, keep: u64) -> Result<u64, MapsError>;
-    /// Writes each `(offset, bytes)` into the slot array. The caller writes only regions no entry points at.
-    fn write_slots(&mut self, writes: &[(u64, &[u8])]) -> Result<(), MapsError>;
     /// Reads `len` bytes of the slot array at `offset`.
     fn read_slots(&self, offset: u64, len: u64) -> Result<Vec<u8>, MapsError>;
     /// The backend id of every slot of the table `value` points at; `None` when it has none.
@@ -100,8 +75,54 @@ pub trait Maps {
     // RCU fences (`rcu_fence`): a region freed when `fences_started()` was `s` may be reused once
     // `fences_completed() > s`.
 
-    fn fences_started(&self) -> u64;
-    fn fences_completed(&self) -> u64;
+    fn fences_started(&self) -> u64 {
+        0
+    }
+    fn fences_completed(&self) -> u64 {
+        0
+    }
+
+    /// A service's counters summed over CPUs (zero for maps that keep none).
+    fn service_stats(&self, _service_id: u32) -> Result<ServiceStats, MapsError> {
+        Ok(ServiceStats::default())
+    }
+    /// A backend's counters summed over CPUs (zero for maps that keep none).
+    fn backend_stats(&self, _backend_id: u32) -> Result<BackendStats, MapsError> {
+        Ok(BackendStats::default())
+    }
+    /// Session-affinity entries.
+    fn affinity_entries(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapsError> {
+        Ok(Vec::new())
+    }
+    /// Sockets the socket LB translated and still remembers (for reverse translation).
+    fn sock_revnat_entries(&self) -> Result<Vec<(SockRevNatKey, SockRevNatValue)>, MapsError> {
+        Ok(Vec::new())
+    }
+
+    // The per-packet datapath's node-level maps (`packet_maps`). The defaults keep nothing, for maps without a
+    // per-packet datapath.
+
+    /// The `LB_CONFIG` record.
+    fn config(&self) -> Result<lb_common::ConfigValue, MapsError> {
+        Ok(lb_common::ConfigValue::default())
+    }
+    /// Every entry of `LB_LOCAL_NETS`, `LB_SRC_RANGES`, `LB_VIPS` and `LB_SVC_CIDRS`.
+    fn node_entries(&self) -> Result<Vec<NodeEntry>, MapsError> {
+        Ok(Vec::new())
+    }
+}
+
+/// Writing the maps: what the reconciler needs besides reading them. The reconciler is the only caller.
+pub trait Maps: MapsRead {
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapsError>;
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapsError>;
+    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapsError>;
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapsError>;
+    /// Replaces the slot array with one of at least `bytes` whose first `keep` bytes are the current array's, and
+    /// returns its size. Returns after an RCU grace period, which counts as a fence.
+    fn grow_slots(&mut self, bytes: u64, keep: u64) -> Result<u64, MapsError>;
+    /// Writes each `(offset, bytes)` into the slot array. The caller writes only regions no entry points at.
+    fn write_slots(&mut self, writes: &[(u64, &[u8])]) -> Result<(), MapsError>;
     /// Starts a fence soon, without waiting for it.
     fn request_fence(&mut self) -> Result<(), MapsError>;
     /// Waits until fence `target` has completed.
@@ -117,21 +138,13 @@ pub trait Maps {
     // The per-packet datapath's node-level maps (`packet_maps`). The defaults keep nothing, for maps without a
     // per-packet datapath.
 
-    /// The `LB_CONFIG` record.
-    fn config(&self) -> Result<lb_common::ConfigValue, MapsError> {
-        Ok(lb_common::ConfigValue::default())
-    }
     fn put_config(&mut self, _value: &lb_common::ConfigValue) -> Result<(), MapsError> {
         Ok(())
     }
-    /// Every entry of `LB_LOCAL_NETS`, `LB_SRC_RANGES`, `LB_VIPS` and `LB_SVC_CIDRS`.
-    fn node_entries(&self) -> Result<Vec<super::packet_maps::NodeEntry>, MapsError> {
-        Ok(Vec::new())
-    }
-    fn put_node_entry(&mut self, _e: &super::packet_maps::NodeEntry) -> Result<(), MapsError> {
+    fn put_node_entry(&mut self, _e: &NodeEntry) -> Result<(), MapsError> {
         Ok(())
     }
-    fn delete_node_entry(&mut self, _e: &super::packet_maps::NodeEntry) -> Result<(), MapsError> {
+    fn delete_node_entry(&mut self, _e: &NodeEntry) -> Result<(), MapsError> {
         Ok(())
     }
 }
@@ -145,7 +158,7 @@ pub struct PinnedMaps {
     slots: SlotArray,
     /// Created at the first fence (the CLI, which only reads, never needs one).
     fence: Option<Fence>,
-    /// See [`Maps::migrated_service_ids`].
+    /// See [`MapsRead::migrated_service_ids`].
     migrated_ids: Vec<(ServiceKey, u32)>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     sock_revnat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
@@ -249,9 +262,50 @@ impl PinnedMaps {
             Err(e) => Err(op(map_names::SERVICES, "lookup")(e)),
         }
     }
+}
+
+impl MapsRead for PinnedMaps {
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapsError> {
+        self.services
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(op(map_names::SERVICES, "iterate"))
+    }
+    fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapsError> {
+        self.backends
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(op(map_names::BACKENDS, "iterate"))
+    }
+    fn migrated_service_ids(&self) -> Vec<(ServiceKey, u32)> {
+        self.migrated_ids.clone()
+    }
+
+    fn slot_capacity(&self) -> u64 {
+        self.slots.capacity()
+    }
+
+    fn read_slots(&self, offset: u64, len: u64) -> Result<Vec<u8>, MapsError> {
+        self.slots.read(offset, len)
+    }
+
+    fn fences_started(&self) -> u64 {
+        self.fence.as_ref().map_or(0, Fence::started)
+    }
+
+    fn fences_completed(&self) -> u64 {
+        self.fence.as_ref().map_or(0, Fence::completed)
+    }
+
+    fn config(&self) -> Result<lb_common::ConfigValue, MapsError> {
+        self.packet.config()
+    }
+    fn node_entries(&self) -> Result<Vec<NodeEntry>, MapsError> {
+        self.packet.node_entries()
+    }
 
     /// Sums a service's per-CPU counters.
-    pub fn service_stats(&self, service_id: u32) -> Result<ServiceStats, MapsError> {
+    fn service_stats(&self, service_id: u32) -> Result<ServiceStats, MapsError> {
         let per_cpu = self
             .svc_stats
             .get(&service_id, 0)
@@ -267,7 +321,7 @@ impl PinnedMaps {
     }
 
     /// Sums a backend's per-CPU counters.
-    pub fn backend_stats(&self, backend_id: u32) -> Result<BackendStats, MapsError> {
+    fn backend_stats(&self, backend_id: u32) -> Result<BackendStats, MapsError> {
         let per_cpu = self
             .be_stats
             .get(&backend_id, 0)
@@ -281,14 +335,14 @@ impl PinnedMaps {
     }
 
     /// Sockets the socket LB translated and still remembers (for reverse translation).
-    pub fn sock_revnat_entries(&self) -> Result<Vec<(SockRevNatKey, SockRevNatValue)>, MapsError> {
+    fn sock_revnat_entries(&self) -> Result<Vec<(SockRevNatKey, SockRevNatValue)>, MapsError> {
         self.sock_revnat
             .iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(op(map_names::SOCK_REVNAT, "iterate"))
     }
 
-    pub fn affinity_entries(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapsError> {
+    fn affinity_entries(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapsError> {
         self.affinity
             .iter()
             .collect::<Result<Vec<_>, _>>()
@@ -297,17 +351,6 @@ impl PinnedMaps {
 }
 
 impl Maps for PinnedMaps {
-    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapsError> {
-        self.services
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(op(map_names::SERVICES, "iterate"))
-    }
-
-    fn migrated_service_ids(&self) -> Vec<(ServiceKey, u32)> {
-        self.migrated_ids.clone()
-    }
-
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapsError> {
         self.services
             .insert(key, value, 0)
@@ -318,13 +361,6 @@ impl Maps for PinnedMaps {
         ignore_missing(self.services.remove(key)).map_err(op(map_names::SERVICES, "delete"))
     }
 
-    fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapsError> {
-        self.backends
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(op(map_names::BACKENDS, "iterate"))
-    }
-
     fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapsError> {
         self.backends
             .insert(id, value, 0)
@@ -333,10 +369,6 @@ impl Maps for PinnedMaps {
 
     fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
         ignore_missing(self.backends.remove(&id)).map_err(op(map_names::BACKENDS, "delete"))
-    }
-
-    fn slot_capacity(&self) -> u64 {
-        self.slots.capacity()
     }
 
     fn grow_slots(&mut self, bytes: u64, keep: u64) -> Result<u64, MapsError> {
@@ -351,18 +383,6 @@ impl Maps for PinnedMaps {
 
     fn write_slots(&mut self, writes: &[(u64, &[u8])]) -> Result<(), MapsError> {
         self.slots.write(writes)
-    }
-
-    fn read_slots(&self, offset: u64, len: u64) -> Result<Vec<u8>, MapsError> {
-        self.slots.read(offset, len)
-    }
-
-    fn fences_started(&self) -> u64 {
-        self.fence.as_ref().map_or(0, Fence::started)
-    }
-
-    fn fences_completed(&self) -> u64 {
-        self.fence.as_ref().map_or(0, Fence::completed)
     }
 
     fn request_fence(&mut self) -> Result<(), MapsError> {
@@ -405,31 +425,15 @@ impl Maps for PinnedMaps {
         Ok(stale.len())
     }
 
-    fn config(&self) -> Result<lb_common::ConfigValue, MapsError> {
-        self.packet.config()
-    }
     fn put_config(&mut self, value: &lb_common::ConfigValue) -> Result<(), MapsError> {
         self.packet.put_config(value)
     }
-    fn node_entries(&self) -> Result<Vec<super::packet_maps::NodeEntry>, MapsError> {
-        self.packet.node_entries()
-    }
-    fn put_node_entry(&mut self, e: &super::packet_maps::NodeEntry) -> Result<(), MapsError> {
+    fn put_node_entry(&mut self, e: &NodeEntry) -> Result<(), MapsError> {
         self.packet.put_node_entry(e)
     }
-    fn delete_node_entry(&mut self, e: &super::packet_maps::NodeEntry) -> Result<(), MapsError> {
+    fn delete_node_entry(&mut self, e: &NodeEntry) -> Result<(), MapsError> {
         self.packet.delete_node_entry(e)
     }
-}
-
-/// Opens the map pinned as `dir/name`, checking that it is a map aya understands.
-pub(crate) fn open_pinned(dir: &Path, name: &'static str) -> Result<Map, MapsError> {
-    let path = dir.join(name);
-    let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
-        path: path.display().to_string(),
-        source,
-    })?;
-    Map::from_map_data(data).map_err(|source| MapsError::Layout { map: name, source })
 }
 
 /// Deleting what is already gone is success: the reconciler converges on "absent".
@@ -441,6 +445,7 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
+#[cfg(any(test, feature = "test-support"))]
 /// In-memory maps for unit tests, with optional capacities to exercise the "map full" paths.
 #[derive(Default, Debug)]
 pub struct FakeMaps {
@@ -448,8 +453,6 @@ pub struct FakeMaps {
     pub backends: BTreeMap<u32, BackendValue>,
     /// The slot array (its length is its capacity).
     pub slots: Vec<u8>,
-    /// The slot array may not grow beyond this (to exercise the capacity error).
-    pub max_slot_bytes: Option<u64>,
     /// Fences: started, completed. Requested fences complete at once unless `manual_fences`.
     pub fences: (u64, u64),
     pub manual_fences: bool,
@@ -474,7 +477,26 @@ pub struct FakeMaps {
     pub fail_node_entries: HashSet<NodeEntry>,
 }
 
+#[cfg(any(test, feature = "test-support"))]
 impl FakeMaps {
+    /// Gives the service programmed under `service_id` (already in `services`) a table whose slots are these backend
+    /// ids, appended to the slot array.
+    pub fn set_table(&mut self, service_id: u32, slots: &[u32]) {
+        let table = super::lut::Encoded::plain(slots);
+        let offset = self.slots.len();
+        self.slots.extend_from_slice(&table.bytes);
+        for v in self
+            .services
+            .values_mut()
+            .filter(|v| v.service_id == service_id)
+        {
+            v.table_offset = offset as u32;
+            v.table_size = table.layout.size;
+            v.slot_width = table.layout.width;
+            v.table_hash = table.hash(v.algorithm);
+        }
+    }
+
     /// The backend id of every slot of the table of the service programmed under `service_id`.
     pub fn table_of(&self, service_id: u32) -> Option<Vec<u32>> {
         let value = self
@@ -485,6 +507,7 @@ impl FakeMaps {
     }
 }
 
+#[cfg(any(test, feature = "test-support"))]
 fn fake_failure(op: &'static str) -> MapsError {
     MapsError::Op {
         map: map_names::MAGLEV,
@@ -496,13 +519,46 @@ fn fake_failure(op: &'static str) -> MapsError {
     }
 }
 
-impl Maps for FakeMaps {
+#[cfg(any(test, feature = "test-support"))]
+impl MapsRead for FakeMaps {
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapsError> {
         Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapsError> {
+        Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
     }
     fn migrated_service_ids(&self) -> Vec<(ServiceKey, u32)> {
         self.migrated_ids.clone()
     }
+    fn slot_capacity(&self) -> u64 {
+        self.slots.len() as u64
+    }
+    fn read_slots(&self, offset: u64, len: u64) -> Result<Vec<u8>, MapsError> {
+        let at = offset as usize;
+        self.slots
+            .get(at..at + len as usize)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| fake_failure("read"))
+    }
+    fn fences_started(&self) -> u64 {
+        self.fences.0
+    }
+    fn fences_completed(&self) -> u64 {
+        self.fences.1
+    }
+    fn config(&self) -> Result<lb_common::ConfigValue, MapsError> {
+        Ok(self.config)
+    }
+    fn node_entries(&self) -> Result<Vec<NodeEntry>, MapsError> {
+        Ok(self.node.iter().copied().collect())
+    }
+    fn affinity_entries(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapsError> {
+        Ok(self.affinity.clone())
+    }
+}
+
+#[cfg(any(test, feature = "test-support"))]
+impl Maps for FakeMaps {
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapsError> {
         if let Some(max) = self.max_services
             && !self.services.contains_key(key)
@@ -531,9 +587,6 @@ impl Maps for FakeMaps {
         }
         Ok(())
     }
-    fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapsError> {
-        Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
-    }
     fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapsError> {
         self.log.push(format!("put_backend {id}"));
         self.backends.insert(id, *value);
@@ -547,13 +600,7 @@ impl Maps for FakeMaps {
         self.backends.remove(&id);
         Ok(())
     }
-    fn slot_capacity(&self) -> u64 {
-        self.slots.len() as u64
-    }
     fn grow_slots(&mut self, bytes: u64, keep: u64) -> Result<u64, MapsError> {
-        if self.max_slot_bytes.is_some_and(|max| bytes > max) {
-            return Err(fake_failure("grow"));
-        }
         self.log.push(format!("grow_slots {bytes}"));
         let mut grown = vec![0u8; bytes as usize];
         let keep = keep.min(self.slots.len() as u64) as usize;
@@ -574,19 +621,6 @@ impl Maps for FakeMaps {
             self.slots[at..at + bytes.len()].copy_from_slice(bytes);
         }
         Ok(())
-    }
-    fn read_slots(&self, offset: u64, len: u64) -> Result<Vec<u8>, MapsError> {
-        let at = offset as usize;
-        self.slots
-            .get(at..at + len as usize)
-            .map(<[u8]>::to_vec)
-            .ok_or_else(|| fake_failure("read"))
-    }
-    fn fences_started(&self) -> u64 {
-        self.fences.0
-    }
-    fn fences_completed(&self) -> u64 {
-        self.fences.1
     }
     fn request_fence(&mut self) -> Result<(), MapsError> {
         self.fences.0 += 1;
@@ -613,16 +647,10 @@ impl Maps for FakeMaps {
         self.affinity.retain(|(k, v)| !stale.covers(k, v));
         Ok(before - self.affinity.len())
     }
-    fn config(&self) -> Result<lb_common::ConfigValue, MapsError> {
-        Ok(self.config)
-    }
     fn put_config(&mut self, value: &lb_common::ConfigValue) -> Result<(), MapsError> {
         self.node_log.push("put_config".to_string());
         self.config = *value;
         Ok(())
-    }
-    fn node_entries(&self) -> Result<Vec<NodeEntry>, MapsError> {
-        Ok(self.node.iter().copied().collect())
     }
     fn put_node_entry(&mut self, e: &NodeEntry) -> Result<(), MapsError> {
         if self.fail_node_entries.contains(e) {

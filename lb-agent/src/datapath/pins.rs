@@ -100,19 +100,21 @@ impl Capacities {
                 size::<SockRevNatValue>(),
                 self.sock_revnat,
             ),
+            // Indexed by service id, 1..=services (0 means "no service" to the programs).
             spec(
                 map_names::SVC_STATS,
                 MapType::PerCpuArray,
                 size::<u32>(),
                 size::<ServiceStats>(),
-                self.services,
+                self.services.saturating_add(1),
             ),
+            // Indexed by backend id, 1..=backends.
             spec(
                 map_names::BE_STATS,
                 MapType::PerCpuArray,
                 size::<u32>(),
                 size::<BackendStats>(),
-                self.backends,
+                self.backends.saturating_add(1),
             ),
             spec(
                 map_names::CONNTRACK,

@@ -17,7 +17,7 @@ use aya::maps::{Array, IterableMap, Map, MapData, MapError};
 use lb_common::{BPF_F_INNER_MAP, BPF_F_MMAPABLE, LUT_BLOCK_BYTES, SlotBlock, map_names};
 
 use super::map_batch;
-use super::maps::MapsError;
+use super::map_error::MapsError;
 
 /// The most the agent maps at once.
 const WINDOW: u64 = 4 << 20;

@@ -3,7 +3,7 @@
 //! operator knows what to raise; the frontends that fit are programmed, the others are reported, never dropped
 //! silently.
 
-use super::super::maps::MapsError;
+use super::super::map_error::MapsError;
 use crate::maglev::MaglevError;
 use crate::state::Backend;
 
@@ -11,8 +11,7 @@ use crate::state::Backend;
 pub enum FrontendError {
     /// Every backend id is taken.
     #[error(
-        "LB_BACKENDS is full: --max-backends {} holds {capacity} backends{}; cannot add {backend}",
-        capacity + 1,
+        "LB_BACKENDS is full: --max-backends {capacity} holds {capacity} backends{}; cannot add {backend}",
         needed_note(*needed)
     )]
     BackendCapacity {
@@ -23,8 +22,7 @@ pub enum FrontendError {
     },
     /// Every service id is taken.
     #[error(
-        "LB_SERVICES is full: --max-services {} holds {capacity} frontends{}",
-        capacity + 1,
+        "LB_SERVICES is full: --max-services {capacity} holds {capacity} frontends{}",
         needed_note(*needed)
     )]
     ServiceCapacity {

@@ -13,20 +13,8 @@ use std::sync::Arc;
 use lb_common::{BackendValue, ServiceKey, ServiceValue};
 
 use super::ids::IdAllocator;
-use super::tables::Tables;
-use crate::state::{Algorithm, ServiceEntry};
-
-/// What a frontend's table is built from; equal inputs build equal tables, which are then stored once.
-#[derive(Debug, PartialEq, Eq, Hash)]
-pub(super) struct Inputs {
-    pub(super) algorithm: Algorithm,
-    /// Backend ids in table order.
-    pub(super) ids: Vec<u32>,
-    /// Their Maglev weights, empty when all are 1.
-    pub(super) weights: Vec<u32>,
-    /// Slots.
-    pub(super) size: u32,
-}
+use super::tables::{Inputs, Tables};
+use crate::state::ServiceEntry;
 
 fn table_offset(v: &ServiceValue) -> Option<u64> {
     (v.table_size > 0).then_some(u64::from(v.table_offset))
@@ -89,7 +77,8 @@ impl Ledger {
         migrated: Vec<(ServiceKey, u32)>,
     ) -> Self {
         let tables = Tables::restore(services.iter().map(|(_, v)| v), slot_capacity, fence_epoch);
-        let mut service_ids = IdAllocator::new(max_services);
+        // Ids 1..=max: 0 means "none" to the programs, and the counter maps have one element more.
+        let mut service_ids = IdAllocator::new(max_services.saturating_add(1));
         let mut frontends = BTreeMap::new();
         let mut keys_by_id = HashMap::new();
         for (key, value) in services {
@@ -108,7 +97,7 @@ impl Ledger {
             ids: BTreeMap::new(),
             values: HashMap::new(),
             refs: Vec::new(),
-            alloc: IdAllocator::new(max_backends),
+            alloc: IdAllocator::new(max_backends.saturating_add(1)),
             candidates: Vec::new(),
         };
         for (id, value) in backends {
@@ -119,7 +108,7 @@ impl Ledger {
         let mut reserved = HashMap::new();
         for (key, id) in migrated {
             if id > 0
-                && id < max_services
+                && id <= max_services
                 && !frontends.contains_key(&key)
                 && !keys_by_id.contains_key(&id)
                 && !reserved.values().any(|r| *r == id)

@@ -43,7 +43,8 @@ use std::sync::Arc;
 
 use lb_common::{BackendValue, ServiceKey};
 
-use super::maps::{Maps, MapsError, StaleAffinity};
+use super::map_error::MapsError;
+use super::maps::{Maps, StaleAffinity};
 use super::slot_array;
 use crate::maglev;
 use crate::state::{DesiredState, Frontend};
@@ -58,9 +59,10 @@ use retry::Retry;
 /// Sizes and limits the reconciler works within.
 #[derive(Clone, Debug)]
 pub struct ReconcileConfig {
-    /// Service ids are 1..max_services (the capacity of `LB_SERVICES` and `LB_SVC_STATS`).
+    /// Frontends the maps hold (`LB_SERVICES`); service ids are 1..=max_services (`LB_SVC_STATS` has one element
+    /// more: 0 means "no service" to the programs).
     pub max_services: u32,
-    /// Backend ids are 1..max_backends.
+    /// Backends the maps hold; ids 1..=max_backends.
     pub max_backends: u32,
     pub maglev_min_size: u32,
     pub maglev_max_size: u32,

@@ -16,8 +16,9 @@ use super::super::maps::Maps;
 use super::ReconcileConfig;
 use super::SyncReport;
 use super::error::FrontendError;
-use super::ledger::{Inputs, Ledger, Programmed};
+use super::ledger::{Ledger, Programmed};
 use super::retry::Retry;
+use super::tables::Inputs;
 use crate::maglev;
 use crate::state::{Algorithm, Frontend, ServiceEntry};
 

@@ -12,9 +12,21 @@ use std::sync::Arc;
 
 use lb_common::ServiceValue;
 
-use super::ledger::Inputs;
 use super::regions::Regions;
 use crate::datapath::lut::Layout;
+use crate::state::Algorithm;
+
+/// What a frontend's table is built from; equal inputs build equal tables, which are then stored once.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub(super) struct Inputs {
+    pub(super) algorithm: Algorithm,
+    /// Backend ids in table order.
+    pub(super) ids: Vec<u32>,
+    /// Their Maglev weights, empty when all are 1.
+    pub(super) weights: Vec<u32>,
+    /// Slots.
+    pub(super) size: u32,
+}
 
 /// One table in the slot array.
 #[derive(Debug, PartialEq)]

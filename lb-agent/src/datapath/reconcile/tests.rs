@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use lb_common::{VIP_FLAG_CLUSTER_IP, addr_bytes};
 
 use super::*;
-use crate::datapath::maps::FakeMaps;
+use crate::datapath::maps::{FakeMaps, MapsRead};
 use crate::datapath::packet_maps::{NodeEntry, lpm_prefix};
 use crate::state::{Algorithm, Backend, Protocol, Scope, ServiceEntry, ServicePortName, VipKind};
 
@@ -330,8 +330,12 @@ fn capacity_failure_names_the_frontend_and_keeps_the_rest() {
             .collect(),
     );
     let report = r.sync(&mut maps, &desired);
-    assert_eq!(maps.services.len(), 2, "ids 1 and 2 fit under a limit of 3");
-    assert_eq!(report.failed.len(), 2);
+    assert_eq!(
+        maps.services.len(),
+        3,
+        "--max-services 3 holds three frontends"
+    );
+    assert_eq!(report.failed.len(), 1);
     let why = report.failed[0].1.to_string();
     assert!(
         why.contains("LB_SERVICES") && why.contains("--max-services 3") && why.contains("needs 4"),
