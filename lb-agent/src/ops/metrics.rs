@@ -539,7 +539,7 @@ mod tests {
                     proto: crate::state::Protocol::Tcp,
                     scope: crate::state::Scope::Internal,
                 },
-                "service capacity (15) reached".into(),
+                crate::datapath::reconcile::FrontendError::ServiceCapacity { capacity: 15 },
             )],
             ..Default::default()
         };
