@@ -426,7 +426,7 @@ fn cycles(edges: &BTreeSet<(ModPath, ModPath)>, names: &BTreeMap<ModPath, PathBu
                     .insert(b[depth].clone());
                 witness
                     .entry((a[depth].clone(), b[depth].clone()))
-                    .or_insert((a.clone(), b.clone()));
+                    .or_insert_with(|| (a.clone(), b.clone()));
             }
         }
         for group in tangles(&graph) {

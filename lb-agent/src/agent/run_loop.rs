@@ -152,6 +152,10 @@ fn config_watch(
         None => {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             // Kept alive so recv() pends forever instead of returning None.
+            #[expect(
+                clippy::mem_forget,
+                reason = "a sender that never sends, so recv() pends forever"
+            )]
             std::mem::forget(tx);
             Ok((None, rx))
         }

@@ -254,7 +254,7 @@ fn end_stale_sockets(maps: &PinnedMaps, report: &SyncReport, desired: &DesiredSt
     for e in &result.errors {
         match e.missing_capability() {
             Some(cap) => {
-                let entry = denied.entry(cap).or_insert((0, e.to_string()));
+                let entry = denied.entry(cap).or_insert_with(|| (0, e.to_string()));
                 entry.0 += 1;
             }
             // Processes and namespaces come and go while they are searched.

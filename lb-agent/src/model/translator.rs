@@ -636,9 +636,9 @@ mod tests {
         }
     }
 
-    fn sorted(mut d: Vec<Diagnostic>) -> Vec<(String, Option<String>, String)> {
+    fn sorted(d: Vec<Diagnostic>) -> Vec<(String, Option<String>, String)> {
         let mut v: Vec<_> = d
-            .drain(..)
+            .into_iter()
             .map(|d| (d.object, d.field, d.message))
             .collect();
         v.sort();

@@ -86,7 +86,7 @@ impl HealthState {
             last_sync_ms: self.last_sync_ms.load(Ordering::Relaxed),
             current_time_ms: now_ms(),
         };
-        serde_json::to_string(&body).unwrap_or_default() + "\n"
+        format!("{}\n", serde_json::to_string(&body).unwrap_or_default())
     }
 
     /// The `/healthz` and `/readyz` handler.
@@ -129,7 +129,7 @@ impl HealthState {
                 // Lets weighted load balancers spread by local endpoint count (kube-proxy sets it too).
                 ("X-Load-Balancing-Endpoint-Weight", count.to_string()),
             ],
-            body: body.to_string() + "\n",
+            body: format!("{body}\n"),
         }
     }
 }
