@@ -83,11 +83,11 @@ pub(super) fn choose(ctx: &TcContext, s: &mut TcScratch) -> u32 {
         return 0;
     };
     let p = &s.pkt;
-    if is_v4_mapped(&backend.value.addr) != p.v4 {
+    if is_v4_mapped(&backend.value.addr) != p.is_v4() {
         s.out.drop(reason::NO_BACKEND, svc_id);
         return 0;
     }
-    // SCTP's CRC32c covers the ports; `packet::rewrite` folds a port change into it, which needs the SCTP
+    // SCTP's CRC32c covers the ports; `rewrite::rewrite` folds a port change into it, which needs the SCTP
     // packet's length: a first fragment does not tell it (the datagram ends in a later fragment).
     if p.proto == PROTO_SCTP && p.frag != FRAG_NONE && backend.value.port != p.dport {
         s.out.drop(reason::MALFORMED, svc_id);
