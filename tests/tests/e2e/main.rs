@@ -92,7 +92,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let start = Instant::now();
-    let mut cluster = match Cluster::up(&agent_bin!(), probe!(), 3) {
+    let cluster = match Cluster::up(&agent_bin!(), probe!(), 3) {
         Ok(c) => c,
         Err(e) => {
             say(&format!("e2e: the cluster did not come up: {e:#}"));
