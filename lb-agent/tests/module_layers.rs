@@ -17,8 +17,10 @@ use syn::visit::Visit;
 
 /// lb-agent's top-level modules, lowest first. A module may import from the layers before its own only.
 const LAYERS: &[&[&str]] = &[
-    // Leaves: plain values, pure Maglev, the host's interfaces and capabilities.
-    &["state", "maglev", "host"],
+    // Leaves: plain values, pure Maglev, the host's interfaces and capabilities; the build's identity and the
+    // rendering of the deployment's objects (`build_info`, `install`, from the installation work), which import
+    // nothing of the crate.
+    &["state", "maglev", "host", "build_info", "install"],
     // The pure translation and its vocabulary.
     &["model"],
     // Where objects come from (manifests, the API server), producing the model's vocabulary.
