@@ -1,9 +1,11 @@
 //! lb's node agent as a library: the Kubernetes-to-datapath model, Maglev, the reconciler and map access. The
 //! binary (`main.rs`) is a thin CLI over it; the integration tests use it directly.
 
+pub mod build_info;
 pub mod cli;
 pub mod datapath;
 pub mod host;
+pub mod install;
 pub mod maglev;
 pub mod manifest;
 pub mod model;

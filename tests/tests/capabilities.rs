@@ -1,6 +1,7 @@
-//! The capabilities of `deploy/daemonset.yaml`, proved rather than argued. The real agent runs as the DaemonSet's
+//! The capabilities of the agent's DaemonSet (`lb-agent manifests`, rendered in deploy/lb-agent.yaml), proved rather
+//! than argued. The real agent runs as the DaemonSet's
 //! container runs it (`lb_tests::caps`): root with exactly the capabilities the manifest adds (read from the
-//! manifest, so this fails when the two diverge), `no_new_privs`, and its own PID namespace (the pod has no
+//! generated DaemonSet object, so this fails when the two diverge), `no_new_privs`, and its own PID namespace (the pod has no
 //! `hostPID`, so `/proc` shows only the agent). It runs inside node A of a [`NodePair`] and must program the
 //! datapath that real traffic then takes: a NodePort from the outside client (tc), a ClusterIP from a pod (socket
 //! LB), and a pod's connected UDP sockets ended when their backend leaves (the pod's namespace found under
@@ -291,7 +292,8 @@ fn each_capability_is_enforced(set: &[String]) {
                 {
                     panic!(
                         "{removed} is listed, but the agent needs nothing of it while it holds {rest:?}: \
-                         remove it from deploy/daemonset.yaml and the capability table of deploy/README.md"
+                         remove it from AGENT_CAPABILITIES (lb-agent/src/install/objects.rs) and the table of \
+                         docs/capabilities.md"
                     )
                 }
                 Outcome::Ran(ran) => panic!(
@@ -353,7 +355,7 @@ fn the_daemonsets_capabilities_carry_traffic_and_end_stale_pod_sockets() {
     if !require_root("the_daemonsets_capabilities_carry_traffic_and_end_stale_pod_sockets") {
         return;
     }
-    let ds = caps::daemonset_security().expect("reading deploy/daemonset.yaml");
+    let ds = caps::daemonset_security().expect("the generated DaemonSet");
     // What the simulation stands for must be what the manifest says.
     assert_eq!(
         ds.drop,
@@ -405,11 +407,11 @@ fn each_capability_the_daemonset_adds_is_enforced_by_the_kernel() {
     if !require_root("each_capability_the_daemonset_adds_is_enforced_by_the_kernel") {
         return;
     }
-    let ds = caps::daemonset_security().expect("reading deploy/daemonset.yaml");
+    let ds = caps::daemonset_security().expect("the generated DaemonSet");
     each_capability_is_enforced(&ds.add);
 }
 
-/// The set deploy/README.md offers for nodes that do without CAP_SYS_ADMIN: the datapath and the traffic work;
+/// The set docs/capabilities.md offers for nodes that do without CAP_SYS_ADMIN: the datapath and the traffic work;
 /// only the pods' stale sockets stay open (the agent says why), and each of the three is still enforced.
 #[test]
 fn without_sys_admin_bpf_net_admin_and_perfmon_run_everything_but_ending_pod_sockets() {
