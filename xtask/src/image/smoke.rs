@@ -298,6 +298,14 @@ pub fn run(podman: &Podman, tag: &str) -> anyhow::Result<()> {
         eff.count_ones() as usize == caps.len() && field("NoNewPrivs:") == "1",
         "the agent's capabilities are not exactly {caps:?} with no_new_privs"
     );
+    // The DaemonSet asks for the runtime's default seccomp profile; podman's default applies here (mode 2: a
+    // filter), so the agent is shown to work under such a profile.
+    eprintln!("smoke: the agent's seccomp mode: {}", field("Seccomp:"));
+    ensure!(
+        field("Seccomp:") == "2",
+        "the agent runs without a seccomp filter (Seccomp: {}), unlike the DaemonSet's RuntimeDefault",
+        field("Seccomp:")
+    );
     for cap in &caps {
         ensure!(
             inspect.contains(&format!("CAP_{cap}")),
