@@ -9,6 +9,7 @@ pub mod install;
 pub mod maglev;
 pub mod manifest;
 pub mod model;
+pub mod netfilter_keeper;
 pub mod ops;
 pub mod source;
 pub mod state;

@@ -386,20 +386,120 @@ fn bpffs_cgroup_and_pod_namespaces_are_mounted_from_the_host() {
 }
 
 #[test]
-fn the_config_map_is_a_valid_agent_config() {
+fn the_config_map_holds_valid_agent_configs() {
     for words in [
         DEFAULT,
         &["--api-server", "192.0.2.1:6443", "--metrics"][..],
+        &[
+            "--api-server",
+            "192.0.2.1:6443",
+            "--coexist-with-kube-proxy",
+        ][..],
     ] {
         let d = parse(words);
-        let text = d.config_maps[0]
-            .data
-            .as_ref()
-            .and_then(|m| m.get("config.yaml"))
-            .expect("config.yaml");
-        let file = lb_agent::ops::config::parse(Path::new("config.yaml"), text).expect("parses");
-        lb_agent::ops::config::check_keys(&file).expect("every key is a flag of lb-agent run");
+        for (name, text) in d.config_maps[0].data.iter().flatten() {
+            let file = lb_agent::ops::config::parse(Path::new(name), text)
+                .unwrap_or_else(|e| panic!("{words:?} {name}: {e}"));
+            lb_agent::ops::config::check_keys(&file).unwrap_or_else(|e| {
+                panic!("{words:?} {name}: a key is not a flag of lb-agent run: {e}")
+            });
+        }
     }
+}
+
+/// The config file a DaemonSet's agent reads (its `--config=` argument), parsed.
+fn config_of(d: &Parsed, ds: &DaemonSet) -> Value {
+    let arg = agent_container(ds)
+        .args
+        .iter()
+        .flatten()
+        .find_map(|a| a.strip_prefix("--config=/etc/lb/"))
+        .expect("--config");
+    let text = &d.config_maps[0].data.as_ref().expect("data")[arg];
+    serde_saphyr::from_str(text).expect("YAML")
+}
+
+#[test]
+fn the_migration_runs_a_canary_beside_kube_proxy_and_lb_alone_by_node_label() {
+    let d = parse(&[
+        "--api-server",
+        "192.0.2.1:6443",
+        "--coexist-with-kube-proxy",
+    ]);
+    assert_eq!(d.daemon_sets.len(), 2, "lb alone and the canary");
+    let by_name = |n: &str| {
+        d.daemon_sets
+            .iter()
+            .find(|ds| ds.metadata.name.as_deref() == Some(n))
+            .unwrap_or_else(|| panic!("no DaemonSet {n}"))
+    };
+    let (alone, canary) = (by_name("lb-agent"), by_name("lb-agent-canary"));
+    let label = |ds: &DaemonSet| {
+        pod_spec(ds)
+            .node_selector
+            .as_ref()
+            .and_then(|s| s.get("lb.io/proxy"))
+            .cloned()
+    };
+    assert_eq!(label(alone).as_deref(), Some("lb"));
+    assert_eq!(label(canary).as_deref(), Some("canary"));
+    // A DaemonSet's selector cannot change: lb-agent's is the same with and without the migration, so the last
+    // step (rendering without --coexist-with-kube-proxy) applies over it.
+    let plain = parse(DEFAULT);
+    assert_eq!(alone.spec.selector, plain.daemon_sets[0].spec.selector);
+    // Each selects only its own pods.
+    for (ds, other) in [(alone, canary), (canary, alone)] {
+        let other_labels = other
+            .spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.clone())
+            .expect("labels");
+        let selects_other = ds
+            .spec
+            .selector
+            .match_labels
+            .iter()
+            .flatten()
+            .all(|(k, v)| other_labels.get(k) == Some(v));
+        assert!(
+            !selects_other,
+            "{:?} selects {:?}'s pods",
+            ds.metadata.name, other.metadata.name
+        );
+    }
+    // The canary leaves kube-proxy its port and health check ports; its probes follow its own port.
+    let canary_config = config_of(&d, canary);
+    assert_eq!(
+        canary_config["coexist-with-kube-proxy"].as_bool(),
+        Some(true)
+    );
+    let addr = canary_config["health-addr"].as_str().expect("health-addr");
+    assert!(!addr.ends_with(":10256"), "kube-proxy holds 10256: {addr}");
+    let port: i32 = addr
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .expect("port");
+    for probe in [
+        &agent_container(canary).liveness_probe,
+        &agent_container(canary).readiness_probe,
+    ] {
+        let http = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("http probe");
+        assert_eq!(http.port, IntOrString::Int(port));
+    }
+    // lb alone has kube-proxy's port, and leaves kube-proxy's connections to netfilter until they end.
+    let alone_config = config_of(&d, alone);
+    assert_eq!(alone_config["health-addr"].as_str(), Some("0.0.0.0:10256"));
+    assert_eq!(alone_config["pass-untracked-tcp"].as_bool(), Some(true));
+    assert!(
+        config_of(&plain, &plain.daemon_sets[0])
+            .get("pass-untracked-tcp")
+            .is_none()
+    );
 }
 
 #[test]

@@ -41,14 +41,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    ALG_MAGLEV, AffinityKey, AffinityValue, BACKEND_FLAG_LOCAL, BackendValue, CONFIG_FLAG_TRACE,
-    CONFIG_FLAG_XDP, CT_DIR_FWD, CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_CLOSING,
-    CT_FLAG_SNAT, CT_LIFETIME_CLOSING_S, CT_LIFETIME_OTHER_S, CT_LIFETIME_SYN_S, CT_LIFETIME_TCP_S,
-    ConfigValue, CtKey, CtValue, FRAG_FLAG_COUNTED, FRAG_HOOK_EGRESS, FRAG_HOOK_INGRESS,
-    FRAG_LIFETIME_S, FragKey, FragValue, PROTO_SCTP, PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    SVC_FLAG_DROP_NO_BACKEND, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, SrcRangeData,
-    TraceValue, VERDICT_DROP, VERDICT_FORWARD, VERDICT_PASS, VERDICT_REJECT, VIP_FLAG_CLUSTER_IP,
-    XDP_L2_REFRESH_NS, XdpL2Value, is_v4_mapped, reason,
+    ALG_MAGLEV, AffinityKey, AffinityValue, BACKEND_FLAG_LOCAL, BackendValue,
+    CONFIG_FLAG_PASS_UNTRACKED_TCP, CONFIG_FLAG_TRACE, CONFIG_FLAG_XDP, CT_DIR_FWD, CT_DIR_REPLY,
+    CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_CLOSING, CT_FLAG_SNAT, CT_LIFETIME_CLOSING_S,
+    CT_LIFETIME_OTHER_S, CT_LIFETIME_SYN_S, CT_LIFETIME_TCP_S, ConfigValue, CtKey, CtValue,
+    FRAG_FLAG_COUNTED, FRAG_HOOK_EGRESS, FRAG_HOOK_INGRESS, FRAG_LIFETIME_S, FragKey, FragValue,
+    PROTO_SCTP, PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_DROP_NO_BACKEND,
+    SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, SrcRangeData, TraceValue, VERDICT_DROP,
+    VERDICT_FORWARD, VERDICT_PASS, VERDICT_REJECT, VIP_FLAG_CLUSTER_IP, XDP_L2_REFRESH_NS,
+    XdpL2Value, is_v4_mapped, reason,
 };
 
 use crate::maps::{
@@ -566,6 +567,15 @@ fn choose(ctx: &TcContext, s: &mut Scratch) -> u32 {
     }
     if !found {
         unknown_vip(ctx, s);
+        return 0;
+    }
+    // Beside kube-proxy: a mid-stream TCP packet of a flow lb does not track is one netfilter translated before lb
+    // started; taking it over would send it to lb's choice of backend, which resets it.
+    if s.cfg.flags & CONFIG_FLAG_PASS_UNTRACKED_TCP != 0
+        && s.pkt.proto == PROTO_TCP
+        && s.pkt.tcp_flags & TCP_SYN == 0
+    {
+        s.out.pass(reason::UNTRACKED_TCP);
         return 0;
     }
     let svc_id = s.svc.service_id;

@@ -25,6 +25,14 @@ pub fn run(args: &CleanupArgs) -> anyhow::Result<()> {
     for filter in crate::datapath::tc_attach::detach_clsact_filters() {
         tracing::info!(filter = %filter, "removed the clsact filter");
     }
+    match crate::netfilter_keeper::release() {
+        Ok(true) => tracing::info!(
+            table = crate::netfilter_keeper::TABLE,
+            "removed the conntrack keeper table"
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::debug!(error = %e, "cannot check for the conntrack keeper table"),
+    }
     for path in &removed {
         tracing::info!(path = %path.display(), "removed");
     }

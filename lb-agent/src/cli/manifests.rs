@@ -38,6 +38,14 @@ pub struct ManifestsArgs {
     /// `--metrics`, plus a headless Service and a prometheus-operator ServiceMonitor.
     #[arg(long = "servicemonitor")]
     service_monitor: bool,
+    /// The node-by-node migration from kube-proxy (docs/install.md): two DaemonSets chosen by the node label
+    /// `lb.io/proxy`: `canary` runs lb beside kube-proxy (health on --canary-health-port, kube-proxy's connections
+    /// left to it, new ones through lb), `lb` runs lb alone once kube-proxy is kept off the node.
+    #[arg(long)]
+    coexist_with_kube_proxy: bool,
+    /// With --coexist-with-kube-proxy: the canary's health port (kube-proxy holds 10256).
+    #[arg(long, default_value_t = install::objects::CANARY_HEALTH_PORT, requires = "coexist_with_kube_proxy")]
+    canary_health_port: u16,
     /// Print the cleanup instead: a DaemonSet whose pods run `lb-agent cleanup` on every node (after kube-proxy
     /// answers there), then stay Running to show it is done. Apply it after deleting the agent's DaemonSet.
     #[arg(long)]
@@ -119,6 +127,8 @@ pub fn render(args: &ManifestsArgs, api_server: ApiServer) -> anyhow::Result<Str
             node_selector,
             metrics: args.metrics,
             service_monitor: args.service_monitor,
+            coexist_with_kube_proxy: args.coexist_with_kube_proxy,
+            canary_health_port: args.canary_health_port,
         };
         (
             install::objects::Install::new(&opts).documents(),
@@ -147,6 +157,15 @@ fn command_line(args: &ManifestsArgs) -> String {
     }
     for (k, v) in &args.node_selector {
         s.push_str(&format!(" --node-selector {k}={v}"));
+    }
+    if args.coexist_with_kube_proxy {
+        s.push_str(" --coexist-with-kube-proxy");
+        if args.canary_health_port != install::objects::CANARY_HEALTH_PORT {
+            s.push_str(&format!(
+                " --canary-health-port {}",
+                args.canary_health_port
+            ));
+        }
     }
     for (on, flag) in [
         (args.metrics, " --metrics"),

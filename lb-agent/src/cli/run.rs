@@ -120,6 +120,18 @@ pub struct RunArgs {
     /// tcx works: for hosts whose tooling expects them, and to exercise the fallback).
     #[arg(long, env = "LB_TC_ATTACH", value_enum, default_value_t = TcAttachMode::Auto)]
     tc_attach: TcAttachMode,
+    /// kube-proxy also runs on this node (a canary during the migration, or on the way back): leave the
+    /// `healthCheckNodePort`s to it (both cannot listen there), and `--pass-untracked-tcp`. Give `--health-addr`
+    /// another port than kube-proxy's 10256. Needs a restart.
+    #[arg(long, env = "LB_COEXIST_WITH_KUBE_PROXY")]
+    coexist_with_kube_proxy: bool,
+    /// At tc ingress, leave a TCP packet to a Service alone when it is not a SYN and lb tracks no flow for it: it
+    /// belongs to a connection netfilter translated (kube-proxy, before lb ran on this node), which lb would
+    /// otherwise send to its own choice of backend and so reset. Only lb's own flows and new connections are
+    /// balanced. UDP cannot be told apart: a datagram of such a flow is balanced by lb like a new one. Needs a
+    /// restart.
+    #[arg(long, env = "LB_PASS_UNTRACKED_TCP")]
+    pass_untracked_tcp: bool,
 }
 
 /// Parses one `--service-cidrs` value.
@@ -411,7 +423,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let object = loader::object_bytes(args.bpf_object.as_deref())?;
     let pins = PinDir::new(&args.pins.bpffs);
     // Before loading, so /healthz answers (and /readyz says "not yet") while the datapath loads.
-    let ops = crate::ops::Ops::start(&args.ops, &pins.dir, args.max_services)?;
+    let mut ops_args = args.ops.clone();
+    if args.coexist_with_kube_proxy {
+        // kube-proxy serves the healthCheckNodePorts (and would make every bind fail).
+        ops_args.health_check_node_port_addresses.clear();
+    }
+    let ops = crate::ops::Ops::start(&ops_args, &pins.dir, args.max_services)?;
     let caps = Capacities {
         services: args.max_services,
         backends: args.max_backends,
@@ -482,6 +499,33 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     if xdp {
         // tc egress then records the L2 headers the XDP fast path sends with.
         reconciler.set_config_flags(lb_common::CONFIG_FLAG_XDP);
+    }
+    if args.pass_untracked_tcp || args.coexist_with_kube_proxy {
+        reconciler.set_config_flags(lb_common::CONFIG_FLAG_PASS_UNTRACKED_TCP);
+        tracing::info!(
+            coexist_with_kube_proxy = args.coexist_with_kube_proxy,
+            "TCP packets of flows lb does not track pass to netfilter (kube-proxy's connections keep their backend)"
+        );
+        match crate::netfilter_keeper::keep() {
+            Ok(()) => tracing::info!(
+                table = crate::netfilter_keeper::TABLE,
+                "keeping netfilter's conntrack and NAT running for kube-proxy's connections"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot keep netfilter's conntrack running: kube-proxy's connections end when its rules are removed, \
+                 unless other rules on the node use conntrack"
+            ),
+        }
+    } else {
+        match crate::netfilter_keeper::release() {
+            Ok(true) => tracing::info!(
+                table = crate::netfilter_keeper::TABLE,
+                "removed the conntrack keeper table"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::debug!(error = %e, "cannot check for the conntrack keeper table"),
+        }
     }
     tracing::info!(
         services = reconciler.programmed_services(),

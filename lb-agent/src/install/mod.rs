@@ -14,6 +14,9 @@ pub use api_server::ApiServer;
 
 /// The image `cargo xtask image` builds by default, and what the manifests name unless `--image` says otherwise.
 pub const DEFAULT_IMAGE: &str = concat!("localhost/lb-agent:", env!("CARGO_PKG_VERSION"));
+/// The node label that moves a node through the migration: `canary` (lb beside kube-proxy), `lb` (lb alone). The
+/// kube-proxy DaemonSet is kept off `lb` nodes by a node affinity (docs/install.md).
+pub const PROXY_LABEL: &str = "lb.io/proxy";
 /// kube-proxy's namespace: the one where `system-node-critical` is always admitted.
 pub const DEFAULT_NAMESPACE: &str = "kube-system";
 
@@ -30,6 +33,11 @@ pub struct Options {
     pub metrics: bool,
     /// Also a headless Service and a prometheus-operator `ServiceMonitor` (implies `metrics`).
     pub service_monitor: bool,
+    /// The node-by-node migration from kube-proxy: two DaemonSets chosen by the node label [`PROXY_LABEL`], the
+    /// canary beside kube-proxy (`canary`) and lb alone (`lb`).
+    pub coexist_with_kube_proxy: bool,
+    /// The canary's health port (kube-proxy holds 10256).
+    pub canary_health_port: u16,
 }
 
 impl Options {
@@ -41,6 +49,8 @@ impl Options {
             node_selector: BTreeMap::new(),
             metrics: false,
             service_monitor: false,
+            coexist_with_kube_proxy: false,
+            canary_health_port: objects::CANARY_HEALTH_PORT,
         }
     }
 }

@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{ApiServer, Document, Options, UninstallOptions};
+use super::{ApiServer, Document, Options, PROXY_LABEL, UninstallOptions};
 
 pub const AGENT: &str = "lb-agent";
 pub const CLEANUP: &str = "lb-cleanup";
@@ -26,6 +26,13 @@ pub const CLEANUP: &str = "lb-cleanup";
 /// `externalTrafficPolicy: Cluster` Services.
 pub const HEALTH_PORT: u16 = 10256;
 pub const METRICS_PORT: u16 = 9402;
+/// The canary's health port: kube-proxy holds 10256 on the nodes where the canary runs. Not a port Kubernetes'
+/// components use (kubelet 10248/10250/10255, kube-proxy 10249/10256, controller-manager 10257, cloud controller
+/// 10258, scheduler 10259).
+pub const CANARY_HEALTH_PORT: u16 = 10266;
+pub const CANARY: &str = "lb-agent-canary";
+/// The pods' label the metrics Service selects (both agents', not the cleanup's).
+const METRICS_LABEL: &str = "lb.io/metrics";
 /// The Linux capabilities the agent's container adds (after dropping all). `tests/capabilities.rs` proves the
 /// list: the agent serves with exactly these, and fails where the kernel enforces each one without it.
 ///
@@ -79,7 +86,10 @@ pub struct Install {
     pub cluster_role: ClusterRole,
     pub cluster_role_binding: ClusterRoleBinding,
     pub config_map: ConfigMap,
+    /// lb alone on its nodes (every Linux node, or with `coexist_with_kube_proxy` those labelled `lb.io/proxy=lb`).
     pub daemon_set: DaemonSet,
+    /// With `coexist_with_kube_proxy`: lb beside kube-proxy on the nodes labelled `lb.io/proxy=canary`.
+    pub canary_daemon_set: Option<DaemonSet>,
     pub metrics_service: Option<Service>,
     /// `monitoring.coreos.com/v1` has no k8s-openapi type: a plain value.
     pub service_monitor: Option<serde_json::Value>,
@@ -114,13 +124,13 @@ impl Install {
             },
             config_map: ConfigMap {
                 metadata: meta(AGENT, Some(ns), "agent"),
-                data: Some(BTreeMap::from([(
-                    "config.yaml".to_owned(),
-                    agent_config(metrics),
-                )])),
+                data: Some(config_files(opts, metrics)),
                 ..ConfigMap::default()
             },
-            daemon_set: agent_daemon_set(opts, metrics),
+            daemon_set: agent_daemon_set(opts, Role::Alone, metrics),
+            canary_daemon_set: opts
+                .coexist_with_kube_proxy
+                .then(|| agent_daemon_set(opts, Role::Canary, metrics)),
             metrics_service: opts.service_monitor.then(|| metrics_service(ns)),
             service_monitor: opts.service_monitor.then(|| service_monitor(ns)),
         }
@@ -163,13 +173,30 @@ impl Install {
             "The agent's settings (`--config`), keyed by the long flags of `lb-agent run`.",
             to_value(&self.config_map),
         );
-        push(
-            &format!(
-                "One agent per Linux node. API server: {}.",
-                self.api_server_note()
-            ),
-            to_value(&self.daemon_set),
-        );
+        let api = self.api_server_note();
+        if self.canary_daemon_set.is_some() {
+            push(
+                &format!(
+                    "lb alone: on the nodes labelled {PROXY_LABEL}=lb, where kube-proxy no longer runs.\nAPI \
+                     server: {api}."
+                ),
+                to_value(&self.daemon_set),
+            );
+        } else {
+            push(
+                &format!("One agent per Linux node. API server: {api}."),
+                to_value(&self.daemon_set),
+            );
+        }
+        if let Some(canary) = &self.canary_daemon_set {
+            push(
+                &format!(
+                    "The canary: lb beside kube-proxy on the nodes labelled {PROXY_LABEL}=canary. New connections\n\
+                     go through lb, kube-proxy's keep theirs; kube-proxy keeps the health ports.\nAPI server: {api}."
+                ),
+                to_value(canary),
+            );
+        }
         if let Some(s) = &self.metrics_service {
             push(
                 "Headless: gives the ServiceMonitor an endpoint per agent (the node's address).",
@@ -252,8 +279,58 @@ fn cluster_role() -> ClusterRole {
     }
 }
 
-/// The config file: kube-proxy's ports, so probes and firewall rules written for kube-proxy keep working.
-fn agent_config(metrics_on_all_addresses: bool) -> String {
+/// Which agent a DaemonSet runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The node's only Service proxy.
+    Alone,
+    /// Beside kube-proxy (the migration's canary).
+    Canary,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Alone => AGENT,
+            Role::Canary => CANARY,
+        }
+    }
+
+    /// The pods' `app.kubernetes.io/component` (the DaemonSet selects on it: it must never change).
+    fn component(self) -> &'static str {
+        match self {
+            Role::Alone => "agent",
+            Role::Canary => "agent-canary",
+        }
+    }
+
+    fn config_file(self) -> &'static str {
+        match self {
+            Role::Alone => "config.yaml",
+            Role::Canary => "beside-kube-proxy.yaml",
+        }
+    }
+}
+
+/// The ConfigMap's files: `config.yaml` for lb alone, and with the migration `beside-kube-proxy.yaml` for the
+/// canary.
+fn config_files(opts: &Options, metrics: bool) -> BTreeMap<String, String> {
+    let mut files = BTreeMap::from([(
+        Role::Alone.config_file().to_owned(),
+        agent_config(opts, Role::Alone, metrics),
+    )]);
+    if opts.coexist_with_kube_proxy {
+        files.insert(
+            Role::Canary.config_file().to_owned(),
+            agent_config(opts, Role::Canary, metrics),
+        );
+    }
+    files
+}
+
+/// The config file: kube-proxy's ports where kube-proxy is gone, so probes and firewall rules written for it keep
+/// working; beside it, its health port left to it.
+fn agent_config(opts: &Options, role: Role, metrics_on_all_addresses: bool) -> String {
     let metrics = if metrics_on_all_addresses {
         format!(
             "# Every address of the node, for Prometheus (restrict it with a firewall or NetworkPolicy if needed).\n\
@@ -265,20 +342,47 @@ fn agent_config(metrics_on_all_addresses: bool) -> String {
              metrics-addr: 127.0.0.1:{METRICS_PORT}\n"
         )
     };
+    let (health, migration) = match (role, opts.coexist_with_kube_proxy) {
+        (Role::Canary, _) => (
+            format!(
+                "# kube-proxy runs on this node and holds 10256 (kubelet and cloud load balancers keep probing it).\n\
+                 health-addr: 0.0.0.0:{}\n",
+                opts.canary_health_port
+            ),
+            "# kube-proxy keeps the healthCheckNodePorts, and its connections their backend (untracked TCP passes).\n\
+             coexist-with-kube-proxy: true\n"
+                .to_owned(),
+        ),
+        (Role::Alone, coexist) => (
+            format!(
+                "# kube-proxy's healthz port on every address: kubelet probes it on the node IP (hostNetwork), and cloud\n\
+                 # load balancers probe it for externalTrafficPolicy: Cluster Services, as they do kube-proxy's.\n\
+                 health-addr: 0.0.0.0:{HEALTH_PORT}\n"
+            ),
+            if coexist {
+                "# Connections kube-proxy set up before this node moved keep their backend (netfilter's conntrack\n\
+                 # translates them until they end); render without --coexist-with-kube-proxy once they are gone.\n\
+                 pass-untracked-tcp: true\n"
+                    .to_owned()
+            } else {
+                String::new()
+            },
+        ),
+    };
     format!(
         "# algorithm, maglev-min-size, maglev-max-size and log-level apply as soon as this ConfigMap changes;\n\
-         # the agent logs any other change as needing a restart (kubectl rollout restart ds/lb-agent).\n\
-         # kube-proxy's healthz port on every address: kubelet probes it on the node IP (hostNetwork), and cloud\n\
-         # load balancers probe it for externalTrafficPolicy: Cluster Services, as they do kube-proxy's.\n\
-         health-addr: 0.0.0.0:{HEALTH_PORT}\n\
+         # the agent logs any other change as needing a restart (kubectl rollout restart ds/{name}).\n\
+         {health}\
          {metrics}\
+         {migration}\
          algorithm: maglev\n\
          log-level: info\n\
          # 127.0.0.1:<nodePort> from the node itself, as kube-proxy's iptables mode (false: as its nftables mode).\n\
          localhost-nodeports: true\n\
          # The Service range, used only when the API has no ServiceCIDR object (Kubernetes < 1.33): addresses in it\n\
          # that no Service holds are dropped. Your --service-cluster-ip-range, e.g.:\n\
-         # service-cidrs: [10.96.0.0/12]\n"
+         # service-cidrs: [10.96.0.0/12]\n",
+        name = role.name()
     )
 }
 
@@ -361,8 +465,12 @@ fn http_probe(path: &str, port: u16) -> HTTPGetAction {
     }
 }
 
-fn agent_daemon_set(opts: &Options, metrics_on_all_addresses: bool) -> DaemonSet {
+fn agent_daemon_set(opts: &Options, role: Role, metrics_on_all_addresses: bool) -> DaemonSet {
     let ns = opts.namespace.as_str();
+    let health_port = match role {
+        Role::Alone => HEALTH_PORT,
+        Role::Canary => opts.canary_health_port,
+    };
     let mut env_vars = Vec::new();
     if let ApiServer::Address { host, port, .. } = &opts.api_server {
         // Read by the in-cluster client in place of the `kubernetes` Service's ClusterIP, which only works once a
@@ -386,16 +494,16 @@ fn agent_daemon_set(opts: &Options, metrics_on_all_addresses: bool) -> DaemonSet
         name: AGENT.to_owned(),
         image: Some(opts.image.clone()),
         image_pull_policy: Some("IfNotPresent".to_owned()),
-        args: Some(
-            ["run", "--config=/etc/lb/config.yaml", "--log-format=json"]
-                .map(str::to_owned)
-                .to_vec(),
-        ),
+        args: Some(vec![
+            "run".to_owned(),
+            format!("--config=/etc/lb/{}", role.config_file()),
+            "--log-format=json".to_owned(),
+        ]),
         env: Some(env_vars),
         ports: Some(vec![
             ContainerPort {
                 name: Some("healthz".to_owned()),
-                container_port: i32::from(HEALTH_PORT),
+                container_port: i32::from(health_port),
                 protocol: Some("TCP".to_owned()),
                 ..ContainerPort::default()
             },
@@ -408,14 +516,14 @@ fn agent_daemon_set(opts: &Options, metrics_on_all_addresses: bool) -> DaemonSet
         ]),
         // /healthz fails only when a sync is stuck (restarting then helps); /readyz waits for the first sync.
         liveness_probe: Some(Probe {
-            http_get: Some(http_probe("/healthz", HEALTH_PORT)),
+            http_get: Some(http_probe("/healthz", health_port)),
             initial_delay_seconds: Some(10),
             period_seconds: Some(10),
             failure_threshold: Some(6),
             ..Probe::default()
         }),
         readiness_probe: Some(Probe {
-            http_get: Some(http_probe("/readyz", HEALTH_PORT)),
+            http_get: Some(http_probe("/readyz", health_port)),
             period_seconds: Some(5),
             ..Probe::default()
         }),
@@ -441,7 +549,15 @@ fn agent_daemon_set(opts: &Options, metrics_on_all_addresses: bool) -> DaemonSet
         ]),
         ..Container::default()
     };
-    let mut pod = node_pod_spec(&opts.node_selector);
+    let mut node_selector = opts.node_selector.clone();
+    if opts.coexist_with_kube_proxy {
+        let value = match role {
+            Role::Alone => "lb",
+            Role::Canary => "canary",
+        };
+        node_selector.insert(PROXY_LABEL.to_owned(), value.to_owned());
+    }
+    let mut pod = node_pod_spec(&node_selector);
     pod.service_account_name = Some(AGENT.to_owned());
     // Time for the old agent to finish a sync; the pinned datapath keeps serving either way.
     pod.termination_grace_period_seconds = Some(30);
@@ -459,8 +575,10 @@ fn agent_daemon_set(opts: &Options, metrics_on_all_addresses: bool) -> DaemonSet
             ..Volume::default()
         },
     ]);
+    let mut pod_labels = labels(role.component());
+    pod_labels.insert(METRICS_LABEL.to_owned(), "true".to_owned());
     let mut pod_meta = ObjectMeta {
-        labels: Some(labels("agent")),
+        labels: Some(pod_labels),
         ..ObjectMeta::default()
     };
     if metrics_on_all_addresses {
@@ -469,7 +587,7 @@ fn agent_daemon_set(opts: &Options, metrics_on_all_addresses: bool) -> DaemonSet
             ("prometheus.io/port".to_owned(), METRICS_PORT.to_string()),
         ]));
     }
-    let mut metadata = meta(AGENT, Some(ns), "agent");
+    let mut metadata = meta(role.name(), Some(ns), role.component());
     metadata.annotations = Some(BTreeMap::from([(
         API_SERVER_ANNOTATION.to_owned(),
         opts.api_server.to_string(),
@@ -478,7 +596,7 @@ fn agent_daemon_set(opts: &Options, metrics_on_all_addresses: bool) -> DaemonSet
         metadata,
         spec: DaemonSetSpec {
             selector: LabelSelector {
-                match_labels: Some(labels("agent")),
+                match_labels: Some(labels(role.component())),
                 ..LabelSelector::default()
             },
             update_strategy: Some(DaemonSetUpdateStrategy {
@@ -505,7 +623,10 @@ fn metrics_service(ns: &str) -> Service {
         metadata: meta("lb-agent-metrics", Some(ns), "agent"),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".to_owned()),
-            selector: Some(labels("agent")),
+            selector: Some(BTreeMap::from([
+                (NAME_LABEL.to_owned(), "lb".to_owned()),
+                (METRICS_LABEL.to_owned(), "true".to_owned()),
+            ])),
             ports: Some(vec![ServicePort {
                 name: Some("metrics".to_owned()),
                 port: i32::from(METRICS_PORT),
