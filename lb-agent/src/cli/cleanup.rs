@@ -92,3 +92,60 @@ fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     stream.take(64 * 1024).read_to_string(&mut out)?;
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// Serves `response` to one connection on 127.0.0.1 and returns the address.
+    fn one_answer(response: String) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            if let Ok((mut stream, _)) = listener.accept() {
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf);
+                let _ = stream.write_all(response.as_bytes());
+            }
+        });
+        addr
+    }
+
+    fn http(status: &str, body: &str) -> String {
+        format!(
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    #[test]
+    fn only_kube_proxys_healthy_answer_counts() {
+        // kube-proxy's /healthz (pkg/proxy/healthcheck): 200 with lastUpdated and currentTime.
+        let kube_proxy = r#"{"lastUpdated": "2026-12-07 18:00:00.1 +0000 UTC m=+1.0","currentTime": "2026-12-07 18:00:01.2 +0000 UTC m=+2.0", "nodeEligible": true}"#;
+        assert_eq!(
+            kube_proxy_answers(one_answer(http("200 OK", kube_proxy))),
+            Ok(())
+        );
+        let unhealthy = kube_proxy_answers(one_answer(http("503 Service Unavailable", kube_proxy)));
+        assert!(unhealthy.is_err(), "{unhealthy:?}");
+        // lb's own health server on the same port must not pass for kube-proxy.
+        let state = crate::ops::health::HealthState::default();
+        state.set_ready();
+        let lb = state.handle("/healthz");
+        assert_eq!(lb.status, 200);
+        let lb_answer = kube_proxy_answers(one_answer(http("200 OK", &lb.body)));
+        assert!(
+            lb_answer
+                .as_ref()
+                .is_err_and(|e| e.contains("not kube-proxy's answer")),
+            "{lb_answer:?}"
+        );
+        // Nothing listening.
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr");
+        assert!(kube_proxy_answers(closed).is_err());
+    }
+}

@@ -13,3 +13,27 @@ pub fn run(args: &CompletionsArgs) -> anyhow::Result<()> {
     clap_complete::generate(args.shell, &mut cmd, "lb-agent", &mut out);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_shell_gets_the_subcommands_and_their_flags() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut super::super::command(), "lb-agent", &mut out);
+            let text = String::from_utf8(out).expect("UTF-8");
+            for word in [
+                "manifests",
+                "explain",
+                "--coexist-with-kube-proxy",
+                "--api-server",
+            ] {
+                assert!(text.contains(word), "{shell}: no {word} in the script");
+            }
+        }
+    }
+}
