@@ -443,3 +443,91 @@ fn without_sys_admin_bpf_net_admin_and_perfmon_run_everything_but_ending_pod_soc
     );
     each_capability_is_enforced(&set);
 }
+
+/// lb's clsact filters on one hook of `dev` in node A.
+fn lb_filters(pair: &NodePair, dev: &str, hook: &str) -> Vec<String> {
+    lb_tests::run_cmd(
+        "tc",
+        &["-n", pair.node_a.name(), "filter", "show", "dev", dev, hook],
+    )
+    .expect("tc filter show")
+    .lines()
+    .filter(|l| l.contains("lb_tc_"))
+    .map(str::to_owned)
+    .collect()
+}
+
+/// `lb-agent cleanup` as the cleanup DaemonSet's container runs it, with exactly `caps`, in node A.
+fn cleanup_with(pair: &NodePair, caps: &[&str]) -> lb_tests::Output {
+    let prefix = caps::container_prefix(caps).expect("capability prefix");
+    let (program, args) = prefix.split_first().expect("a prefix");
+    lb_tests::Cmd::new(program)
+        .args(args)
+        .arg(agent_bin!())
+        .args(["cleanup", "--bpffs"])
+        .arg(pair.bpf_dir().path())
+        .netns(&pair.node_a)
+        .label("lb-agent-cleanup")
+        .run(RUN)
+        .expect("lb-agent cleanup")
+}
+
+/// The cleanup DaemonSet (`lb-agent manifests --uninstall`) adds only `CLEANUP_CAPABILITIES`: with exactly those,
+/// `lb-agent cleanup` removes every pin and the clsact fallback's filters; without them the filters stay.
+#[test]
+fn the_cleanup_daemonsets_capabilities_remove_all_lb_left_and_are_needed() {
+    if !require_root("the_cleanup_daemonsets_capabilities_remove_all_lb_left_and_are_needed") {
+        return;
+    }
+    use lb_agent::install::objects::CLEANUP_CAPABILITIES;
+    let pair = NodePair::new().expect("building the node pair");
+    let devices = pair.node_a_devices();
+    let filters_left = |pair: &NodePair| -> Vec<String> {
+        devices
+            .iter()
+            .flat_map(|d| ["ingress", "egress"].map(|h| lb_filters(pair, d, h)))
+            .flatten()
+            .collect()
+    };
+    for (caps, enough) in [(&[][..], false), (&CLEANUP_CAPABILITIES[..], true)] {
+        let mut agent = NodeAgent::start(
+            &agent_bin!(),
+            &pair,
+            &manifest(&BOTH),
+            &["--tc-attach", "clsact"],
+        );
+        agent.kill();
+        assert!(
+            !filters_left(&pair).is_empty(),
+            "the agent attached no clsact filter"
+        );
+        let out = cleanup_with(&pair, caps);
+        let pins_left: Vec<_> = std::fs::read_dir(pair.bpf_dir().path())
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        assert!(
+            pins_left.is_empty(),
+            "with {caps:?} cleanup left pins {pins_left:?}:\n{}",
+            out.stderr
+        );
+        let left = filters_left(&pair);
+        if enough {
+            assert!(
+                left.is_empty() && out.stderr.contains("cleanup done"),
+                "with {caps:?} (the cleanup DaemonSet's) cleanup left filters {left:?}:\n{}",
+                out.stderr
+            );
+        } else {
+            assert!(
+                !left.is_empty(),
+                "without any capability cleanup removed the clsact filters: NET_ADMIN is not needed, remove it \
+                 from CLEANUP_CAPABILITIES:\n{}",
+                out.stderr
+            );
+            // Gone with full rights before the next round.
+            let full = cleanup_with(&pair, &["NET_ADMIN", "SYS_ADMIN"]);
+            assert!(filters_left(&pair).is_empty(), "{}", full.stderr);
+        }
+        drop(agent);
+    }
+}
