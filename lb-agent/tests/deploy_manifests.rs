@@ -400,7 +400,7 @@ fn the_config_map_holds_valid_agent_configs() {
         for (name, text) in d.config_maps[0].data.iter().flatten() {
             let file = lb_agent::ops::config::parse(Path::new(name), text)
                 .unwrap_or_else(|e| panic!("{words:?} {name}: {e}"));
-            lb_agent::ops::config::check_keys(&file).unwrap_or_else(|e| {
+            lb_agent::cli::check_config_file(&file).unwrap_or_else(|e| {
                 panic!("{words:?} {name}: a key is not a flag of lb-agent run: {e}")
             });
         }

@@ -27,6 +27,7 @@ pub mod bench;
 pub mod bpffs;
 pub mod caps;
 pub mod cgroup;
+pub mod cluster;
 pub mod netns;
 pub mod node_agent;
 pub mod probe;

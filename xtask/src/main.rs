@@ -4,6 +4,7 @@
 mod bench;
 mod build_ebpf;
 mod demo;
+mod e2e;
 mod image;
 mod setup;
 mod test;
@@ -28,6 +29,8 @@ enum Command {
     Test(test::Options),
     /// Build a demo topology on this host (namespaces only), run the agent on it and show it balancing.
     Demo,
+    /// Kubernetes' e2e Service tests, ported, on a simulated 3-node cluster (namespaces, one agent per node).
+    E2e(e2e::Options),
     /// Benchmarks side by side with kube-proxy's iptables and nftables datapaths; writes BENCHMARKS.md.
     Bench(bench::Options),
     /// Build deploy/Dockerfile into an image: docker if an engine answers, else podman on debootstrapped base images.
@@ -52,6 +55,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::BuildEbpf(opts) => build_ebpf::run(&opts),
         Command::Test(opts) => test::run(&opts),
         Command::Demo => demo::run(),
+        Command::E2e(opts) => e2e::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
         Command::Image(opts) => image::run(&opts),
     }

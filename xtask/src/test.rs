@@ -1,5 +1,7 @@
 //! `cargo xtask test`: everything CI runs. Set-up and the eBPF build come first when missing, then formatting,
-//! lints, and every test of the workspace, the root-only namespace tests included.
+//! lints, and every test of the workspace, the root-only namespace tests included; among them the ported upstream
+//! e2e Service tests on a simulated cluster (`lb-tests`' `e2e` target, what `cargo xtask e2e` runs alone), whose
+//! own harness prints a line per case and fails the run on any failure.
 
 use std::process::Command;
 

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use crate::datapath::loader::{PinDir, cleanup};
 
-use super::PinArgs;
+use super::args::PinArgs;
 
 #[derive(clap::Args)]
 pub struct CleanupArgs {

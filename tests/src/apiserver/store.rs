@@ -12,14 +12,17 @@ pub enum Resource {
     EndpointSlices,
     Nodes,
     ServiceCidrs,
+    /// Not watched by lb; the cluster's controllers (`controllers/`) derive EndpointSlices from them.
+    Pods,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 4] = [
+    pub const ALL: [Resource; 5] = [
         Resource::Services,
         Resource::EndpointSlices,
         Resource::Nodes,
         Resource::ServiceCidrs,
+        Resource::Pods,
     ];
 
     pub fn from_kind(kind: &str) -> Option<Resource> {
@@ -28,6 +31,7 @@ impl Resource {
             "EndpointSlice" => Some(Resource::EndpointSlices),
             "Node" => Some(Resource::Nodes),
             "ServiceCIDR" => Some(Resource::ServiceCidrs),
+            "Pod" => Some(Resource::Pods),
             _ => None,
         }
     }
@@ -38,12 +42,13 @@ impl Resource {
             Resource::EndpointSlices => "EndpointSlice",
             Resource::Nodes => "Node",
             Resource::ServiceCidrs => "ServiceCIDR",
+            Resource::Pods => "Pod",
         }
     }
 
     pub fn api_version(self) -> &'static str {
         match self {
-            Resource::Services | Resource::Nodes => "v1",
+            Resource::Services | Resource::Nodes | Resource::Pods => "v1",
             Resource::EndpointSlices => "discovery.k8s.io/v1",
             Resource::ServiceCidrs => "networking.k8s.io/v1",
         }
@@ -56,6 +61,7 @@ impl Resource {
             Resource::EndpointSlices => "endpointslices",
             Resource::Nodes => "nodes",
             Resource::ServiceCidrs => "servicecidrs",
+            Resource::Pods => "pods",
         }
     }
 
@@ -172,6 +178,20 @@ impl Store {
             .unwrap_or_else(|| json!(format!("uid-{}", self.rv)));
         meta.insert("uid".into(), uid);
         meta.insert("resourceVersion".into(), json!(self.rv.to_string()));
+        // Set on creation and kept across updates, as the API server does; a value given on creation is kept (a
+        // test may backdate an object).
+        let created = old
+            .as_ref()
+            .and_then(|o| o.pointer("/metadata/creationTimestamp").cloned())
+            .or_else(|| meta.get("creationTimestamp").cloned())
+            .unwrap_or_else(|| {
+                json!(
+                    k8s_openapi::jiff::Timestamp::now()
+                        .strftime("%Y-%m-%dT%H:%M:%SZ")
+                        .to_string()
+                )
+            });
+        meta.insert("creationTimestamp".into(), created);
         store.insert(key, object.clone());
         let event = Event {
             rv: self.rv,
@@ -186,6 +206,21 @@ impl Store {
         };
         self.history.push(event.clone());
         Ok(event)
+    }
+
+    /// The stored object, if any (`namespace` is "" for cluster-scoped kinds).
+    pub fn get(&self, resource: Resource, namespace: &str, name: &str) -> Option<&Value> {
+        self.objects
+            .get(&resource)?
+            .get(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    /// Every stored object of `resource`, in (namespace, name) order.
+    pub fn all(&self, resource: Resource) -> impl Iterator<Item = &Value> {
+        self.objects
+            .get(&resource)
+            .into_iter()
+            .flat_map(|m| m.values())
     }
 
     pub fn delete(&mut self, resource: Resource, namespace: &str, name: &str) -> Option<Event> {

@@ -28,7 +28,7 @@
 //!   With --reset, each connection is ended with a RST right after the hold (SO_LINGER 0, close), and the line has
 //!   "peer" and "local" but no "backend".
 //!
-//! lb-probe udp --to <IP:PORT> [--count N] [--sockets S] [--connected] [--timeout-ms 1000]
+//! lb-probe udp --to <IP:PORT> [--count N] [--sockets S] [--connected] [--sport P] [--timeout-ms 1000]
 //!   S sockets, one after the other, each sending N datagrams and waiting for each reply. Per datagram:
 //!   {"ok":true,"socket":k,"i":n,"backend":"<ID>","from":"<recvfrom() source, or getpeername() if connected>",
 //!    "local":"<getsockname()>"}
@@ -201,6 +201,10 @@ struct UdpArgs {
     /// Send N pattern bytes after an echo header and check that the reply echoes them intact.
     #[arg(long)]
     size: Option<usize>,
+    /// Bind every socket to this source port (SO_REUSEADDR), as `nc -u -p PORT` does: consecutive runs then send
+    /// the same 5-tuple.
+    #[arg(long, default_value_t = 0)]
+    sport: u16,
 }
 
 #[derive(Args)]
@@ -782,12 +786,54 @@ fn tcp_once(
 // ---- udp ----
 
 fn udp_socket(to: SocketAddr, connected: bool, timeout: Duration) -> Result<UdpSocket, Failure> {
+    udp_socket_from(to, 0, connected, timeout)
+}
+
+/// A UDP socket bound to `sport` (0: any), with SO_REUSEADDR so that a run right after another binds it again.
+fn udp_socket_from(
+    to: SocketAddr,
+    sport: u16,
+    connected: bool,
+    timeout: Duration,
+) -> Result<UdpSocket, Failure> {
     let any: SocketAddr = if to.is_ipv4() {
-        SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0)
+        SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), sport)
     } else {
-        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0)
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), sport)
     };
-    let socket = UdpSocket::bind(any).map_err(at("socket"))?;
+    let socket = if sport == 0 {
+        UdpSocket::bind(any).map_err(at("socket"))?
+    } else {
+        let domain = if to.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // SAFETY: socket() has no memory arguments; the fd is owned at once.
+        let fd = unsafe { libc::socket(domain, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(Failure::new("socket", &io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a fresh socket owned by nothing else.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let one: libc::c_int = 1;
+        // SAFETY: a valid socket and a pointer to a c_int with its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                owned.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(Failure::new("socket", &io::Error::last_os_error()));
+        }
+        let socket = UdpSocket::from(owned);
+        bind_udp(&socket, any).map_err(at("socket"))?;
+        socket
+    };
     socket
         .set_read_timeout(Some(timeout))
         .map_err(at("socket"))?;
@@ -868,10 +914,57 @@ fn discard_stale_replies(socket: &UdpSocket) {
     let _ = socket.set_nonblocking(false);
 }
 
+/// bind(2) for an already created UDP socket (std has no bind on an existing socket).
+fn bind_udp(socket: &UdpSocket, addr: SocketAddr) -> io::Result<()> {
+    // SAFETY: sockaddr_storage is plain data, zeroed is a valid value; each branch writes the variant it casts to.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage, which is suitably aligned for it.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: as above, for sockaddr_in6.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    // SAFETY: a valid socket, and a sockaddr of `len` bytes that lives across the call.
+    let rc = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&storage as *const libc::sockaddr_storage).cast(),
+            len as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn udp(args: UdpArgs) {
     let timeout = Duration::from_millis(args.timeout_ms.max(1));
     for k in 0..args.sockets {
-        let socket = udp_socket(args.to, args.connected, timeout);
+        let socket = udp_socket_from(args.to, args.sport, args.connected, timeout);
         for i in 0..args.count {
             let line = Line {
                 socket: Some(k),
