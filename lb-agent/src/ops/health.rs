@@ -194,7 +194,8 @@ impl ServiceHealthServers {
             }
         }
         for (port, service) in wanted {
-            if self.running.contains_key(&port) {
+            // No addresses: another proxy on this node serves the health check ports (`--coexist-with-kube-proxy`).
+            if self.running.contains_key(&port) || self.addresses.is_empty() {
                 continue;
             }
             match self.open(port, &service) {
