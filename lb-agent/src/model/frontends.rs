@@ -25,7 +25,8 @@ use super::service_ports::{PortInfo, ServiceInfo};
 use crate::manifest::Diagnostic;
 use crate::state::{Backend, DesiredState, Frontend, Scope, ServiceEntry, VipKind};
 
-/// Accumulates frontends across Services; the first Service (in namespace/name order) to claim a frontend keeps it.
+/// Accumulates frontends across Services; the first Service to claim a frontend keeps it (callers add them oldest
+/// first, the conflict rule of SEMANTICS.md rule 1; the translator resolves conflicts between Services itself).
 #[derive(Debug, Default)]
 pub(crate) struct StateBuilder {
     services: BTreeMap<Frontend, ServiceEntry>,
@@ -694,6 +695,51 @@ spec: {clusterIP: 10.96.0.1, externalIPs: [203.0.113.5], ports: [{port: 80}]}
         );
         let objects: Vec<&str> = t.diagnostics.iter().map(|d| d.object.as_str()).collect();
         assert_eq!(objects, ["Service ns/b", "Service ns/b"]);
+    }
+
+    #[test]
+    fn conflicting_frontend_kept_by_the_older_service() {
+        // SEMANTICS.md rule 1: the older Service (creationTimestamp, then namespace/name) keeps a VIP, port and
+        // protocol two Services claim, whatever their names; the warning names the one skipped. `z` is older but
+        // sorts last; `u` has no creationTimestamp (its age is unknown: it yields to any Service with one).
+        let yaml = "
+apiVersion: v1
+kind: Service
+metadata: {name: a, namespace: ns, creationTimestamp: \"2025-06-01T00:00:00Z\"}
+spec: {clusterIP: 10.96.0.1, externalIPs: [203.0.113.5], ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: z, namespace: ns, creationTimestamp: \"2025-01-01T00:00:00Z\"}
+spec: {clusterIP: 10.96.0.2, externalIPs: [203.0.113.5], ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: u, namespace: ns}
+spec: {clusterIP: 10.96.0.3, externalIPs: [203.0.113.5], ports: [{port: 80}]}
+";
+        let t = translate_yaml(yaml, &worker());
+        let owner = |scope| entry(&t, "203.0.113.5", 80, scope).service.name.clone();
+        assert_eq!(
+            (owner(Scope::External), owner(Scope::Internal)),
+            ("z".to_owned(), "z".to_owned())
+        );
+        let mut skipped: Vec<(&str, &str)> = t
+            .diagnostics
+            .iter()
+            .map(|d| (d.object.as_str(), d.message.as_str()))
+            .collect();
+        skipped.sort();
+        assert_eq!(skipped.len(), 4, "{skipped:?}");
+        for (i, (object, message)) in skipped.iter().enumerate() {
+            let loser = if i < 2 { "a" } else { "u" };
+            assert_eq!(*object, format!("Service ns/{loser}"));
+            assert!(
+                message.contains("already served for ns/z")
+                    && message.contains(&format!("not added for ns/{loser}")),
+                "{message}"
+            );
+        }
     }
 
     #[test]
