@@ -169,6 +169,13 @@ struct Syncer {
     reconciler: Reconciler,
     /// Health, metrics, names map, config reload.
     ops: crate::ops::Ops,
+    /// The socket LB's view of each namespace's address, for source ranges (`None`: the map could not be opened,
+    /// logged; the socket LB then refuses connections to LoadBalancer IPs with ranges).
+    netns: Option<crate::datapath::netns_addrs::NetnsAddrsWriter>,
+    /// This namespace's cookie (the host's entry in `netns`).
+    host_cookie: Option<u64>,
+    /// Some Internal frontend has source ranges (as of the last sync): `netns` must be kept up to date.
+    netns_needed: bool,
 }
 
 impl Syncer {
@@ -299,6 +306,13 @@ impl Syncer {
         for (frontend, reason) in &report.failed {
             tracing::error!(%frontend, %reason, "frontend not programmed; the others are");
         }
+        self.netns_needed =
+            translation.state.services.iter().any(|(f, e)| {
+                f.scope == crate::state::Scope::Internal && !e.source_ranges.is_empty()
+            });
+        let node_addresses = node.addresses.clone();
+        self.refresh_netns(Some(&node_addresses));
+        let translation = self.translator.translation();
         tracing::info!(
             frontends = translation.state.services.len(),
             changed = changed.len(),
@@ -312,6 +326,29 @@ impl Syncer {
             "synced"
         );
         end_stale_sockets(maps, &report, &translation.state);
+    }
+
+    /// Brings `LB_NETNS_ADDRS` up to date while some LoadBalancer IP with source ranges is served to this node's
+    /// pods (the socket LB reads it for those only): after every sync, and on a timer for pods started since.
+    fn refresh_netns(&mut self, node_addresses: Option<&[std::net::IpAddr]>) {
+        let Some(netns) = self.netns.as_mut() else {
+            return;
+        };
+        if let (Some(cookie), Some(addresses)) = (self.host_cookie, node_addresses) {
+            netns.set_host(cookie, addresses);
+        }
+        if !self.netns_needed {
+            return;
+        }
+        let r = netns.refresh();
+        if r != Default::default() {
+            tracing::debug!(
+                learned = r.learned,
+                written = r.written,
+                deleted = r.deleted,
+                "namespace addresses refreshed"
+            );
+        }
     }
 }
 
@@ -495,6 +532,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         fallback_service_cidrs: args.service_cidrs.clone(),
         localhost_nodeports: args.localhost_nodeports,
     };
+    let netns = match crate::datapath::netns_addrs::NetnsAddrsWriter::open(&pins.dir, &cgroup) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the namespace address map: pods' connections to LoadBalancer IPs with loadBalancerSourceRanges are refused");
+            None
+        }
+    };
     let mut syncer = Syncer {
         translator: model::Translator::new(
             model.clone(),
@@ -504,6 +548,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         model,
         reconciler,
         ops,
+        netns,
+        host_cookie: crate::host::netns_cookie().ok(),
+        netns_needed: false,
     };
     let (_config_watcher, mut config_changes) = syncer.config_watch()?;
     let loader::Datapath {
@@ -532,8 +579,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let mut gc = tokio::time::interval(Duration::from_secs(args.conntrack_gc_interval.max(1)));
+    // Pods started since the last sync get their namespace's address learned within this.
+    let mut netns_tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
+            _ = netns_tick.tick() => syncer.refresh_netns(None),
             _ = gc.tick() => {
                 let live = syncer.reconciler.service_ids();
                 let now = crate::datapath::packet_maps::monotonic_ns();

@@ -7,6 +7,7 @@ pub mod loader;
 mod map_batch;
 pub mod maps;
 pub mod names;
+pub mod netns_addrs;
 pub mod packet_maps;
 pub mod pins;
 pub mod reconcile;
