@@ -275,5 +275,5 @@ fn the_config_map_is_a_valid_agent_config() {
         lb_agent::ops::config::parse(Path::new("deploy/config.yaml"), &text).expect("parses");
     assert!(file.values.contains_key("health-addr"));
     // The keys are real flags: installing them as defaults must succeed and parse.
-    lb_agent::ops::config::check_keys(&file).expect("every key is a flag of lb-agent run");
+    lb_agent::cli::check_config_file(&file).expect("every key is a flag of lb-agent run");
 }

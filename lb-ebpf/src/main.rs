@@ -10,11 +10,17 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(any(target_arch = "bpf", clippy))]
+mod ct;
+#[cfg(any(target_arch = "bpf", clippy))]
 mod maps;
 #[cfg(any(target_arch = "bpf", clippy))]
 mod packet;
 #[cfg(any(target_arch = "bpf", clippy))]
 mod reject;
+#[cfg(any(target_arch = "bpf", clippy))]
+mod scratch;
+#[cfg(any(target_arch = "bpf", clippy))]
+mod sctp;
 #[cfg(any(target_arch = "bpf", clippy))]
 mod select;
 #[cfg(any(target_arch = "bpf", clippy))]

@@ -1,4 +1,4 @@
-//! Every map lb's socket programs use, named as `lb_common::map_names` says (the `#[btf_map]` static's name is the
+//! The pinned contract: every map the agent pins, reads or writes, named as `lb_common::map_names` says (the `#[btf_map]` static's name is the
 //! map name). Keys and values are lb-common's types; their byte order is described there once.
 //!
 //! The agent's reconciler is the only writer of the configuration maps (`LB_SERVICES`, `LB_BACKENDS`, `LB_MAGLEV`);
@@ -142,19 +142,6 @@ pub static LB_TRACE: Array<TraceValue, 1> = Array::new();
 pub static LB_FRAGMENTS: LruHashMap<FragKey, FragValue, { DEFAULT_MAX_FRAGMENTS as usize }> =
     LruHashMap::new();
 
-/// 0 -> `lb_common::CRC32C_STEP`: the CRC32c reduction table, rewritten by the tc programs before each SCTP port
-/// rewrite and read through a second lookup, so neither LLVM nor the verifier sees it as constants (see
-/// `CRC32C_STEP` for why that matters). Never pinned, never read by the agent.
-#[btf_map]
-pub static LB_CRC_STEP: Array<[u32; 2], 1> = Array::new();
-
-/// slot (`tc::SCRATCH_INGRESS` / `SCRATCH_EGRESS`) -> `tc::Scratch`, per CPU: one tc program run's working state,
-/// kept off the 512-byte stack. Written and read by the tc programs within one run; never pinned, never read by the
-/// agent.
-#[btf_map]
-pub static LB_SCRATCH: PerCpuArray<crate::tc::Scratch, { crate::tc::SCRATCH_SLOTS }> =
-    PerCpuArray::new();
-
 /// `CtKey` (the `CT_DIR_SNAT` key of a flow's client -> backend leg, or the `CT_DIR_REPLY` key of its backend ->
 /// client leg) -> `XdpL2Value` {egress interface, MACs, learned at}: the Ethernet header the leg's packets left
 /// with. Written by tc egress (only with `CONFIG_FLAG_XDP`, only for SNATed flows); read by `lb_xdp`'s fast path.
@@ -162,9 +149,3 @@ pub static LB_SCRATCH: PerCpuArray<crate::tc::Scratch, { crate::tc::SCRATCH_SLOT
 #[btf_map]
 pub static LB_XDP_L2: LruHashMap<CtKey, XdpL2Value, { (DEFAULT_MAX_CONNTRACK / 2) as usize }> =
     LruHashMap::new();
-
-/// 0 -> `xdp::Scratch`, per CPU: one `lb_xdp` run's working state. Its own map, not a slot of `LB_SCRATCH`: XDP
-/// and tc run back to back on the same packet and CPU (generic XDP even inside the same receive call), and sharing
-/// a value would let one program's leftovers be read as the other's state. Never pinned.
-#[btf_map]
-pub static LB_XDP_SCRATCH: PerCpuArray<crate::xdp::Scratch, 1> = PerCpuArray::new();

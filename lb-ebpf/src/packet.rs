@@ -11,9 +11,9 @@ use aya_ebpf::{
     helpers::bpf_csum_diff,
     programs::TcContext,
 };
-use lb_common::{CRC32C_STEP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, crc32c_port_delta, v4_mapped};
+use lb_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP, v4_mapped};
 
-use crate::maps::LB_CRC_STEP;
+use crate::sctp::sctp_crc_update;
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -254,7 +254,7 @@ pub struct Nat {
 ///
 /// SCTP's CRC32c covers the SCTP packet only, not an IP pseudo-header, so address rewrites leave it valid; a port
 /// rewrite changes it by an amount that depends only on the old and new ports and the packet's length
-/// ([`lb_common::crc32c_port_delta`], see [`sctp_crc_update`]). A fragment's SCTP ports cannot change: the length
+/// ([`lb_common::crc32c_port_delta`], see `sctp::sctp_crc_update`). A fragment's SCTP ports cannot change: the length
 /// of the datagram, which the update needs, is not known from its first fragment (the caller drops those before).
 ///
 /// Not inlined: a BPF-to-BPF call gets its own stack frame, and with every caller inlining it the programs
@@ -356,45 +356,6 @@ fn rewrite_inner(ctx: &TcContext, p: &mut Packet, nat: &Nat) -> Result<(), Rewri
         }
     }
     Ok(())
-}
-
-/// Folds an SCTP port change into the packet's CRC32c field (`l4 + 8`) without reading the chunks:
-/// `lb_common::crc32c_port_delta` says why the XOR is exact. `old` and `new` are the port pairs (source in the
-/// high half), host order. A packet whose CRC was wrong stays wrong; one whose CRC the stack has not computed yet
-/// (CHECKSUM_PARTIAL: the field is filled in at transmission over the rewritten bytes) gets a value that is
-/// overwritten then. Returns 0, or -1 when the length is impossible or a helper failed.
-///
-/// Not inlined: its constant-count loops (33 GF(2) multiplications of 32 steps) are verified once per call chain
-/// rather than once per inlined copy in `rewrite`'s branches.
-#[inline(never)]
-fn sctp_crc_update(ctx: &TcContext, l4: usize, ip_end: usize, old: u32, new: u32) -> i32 {
-    // The common header (12 bytes) at least; the IP length fields cannot describe more than 65535 bytes.
-    let len = ip_end.wrapping_sub(l4);
-    if !(12..=0xffff).contains(&len) {
-        return -1;
-    }
-    // Written through one lookup and read through another: LLVM cannot forward the stores to the loads, so the
-    // step stays a memory read (see `CRC32C_STEP`).
-    let Some(w) = LB_CRC_STEP.get_ptr_mut(0) else {
-        return -1;
-    };
-    // SAFETY: an array slot is valid for the program run.
-    unsafe { w.write(CRC32C_STEP) };
-    let Some(step) = LB_CRC_STEP.get_ptr(0) else {
-        return -1;
-    };
-    // SAFETY: as above; only read.
-    let step = unsafe { &*step };
-    let delta = crc32c_port_delta(old.to_be_bytes(), new.to_be_bytes(), len as u32, step);
-    let Ok(field) = ctx.load::<[u8; 4]>(l4 + 8) else {
-        return -1;
-    };
-    // The field holds the CRC little-endian (RFC 9260 appendix A), so the delta applies as a little-endian word.
-    let field = (u32::from_le_bytes(field) ^ delta).to_le_bytes();
-    match ctx.store(l4 + 8, &field, u64::from(BPF_F_RECOMPUTE_CSUM)) {
-        Ok(()) => 0,
-        Err(_) => -1,
-    }
 }
 
 #[inline(always)]

@@ -37,8 +37,8 @@
 //! field holds only the pseudo-header sum, CHECKSUM_PARTIAL, and it would not fit the egress MTU as one frame):
 //! those pass to tc.
 //!
-//! **Scratch:** per-packet state lives in `LB_XDP_SCRATCH`, a per-CPU map of its own (see `maps.rs` for why not a
-//! slot of tc's `LB_SCRATCH`).
+//! **Scratch:** per-packet state lives in `LB_XDP_SCRATCH`, a per-CPU map of its own (see `scratch.rs` for why not
+//! a slot of tc's `LB_SCRATCH`).
 
 #![allow(
     clippy::needless_borrows_for_generic_args,
@@ -55,16 +55,16 @@ use aya_ebpf::{
 use lb_common::{
     CT_DIR_FWD, CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_CLOSING, CT_FLAG_SNAT,
     CT_LIFETIME_TCP_S, CtKey, CtValue, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
-    SVC_FLAG_SOURCE_RANGES, ServiceKey, SrcRangeData, XDP_L2_FRESH_NS, XdpL2Value, reason,
-    v4_mapped,
+    SVC_FLAG_SOURCE_RANGES, XDP_L2_FRESH_NS, reason, v4_mapped,
 };
 
-use crate::maps::{LB_CONNTRACK, LB_SERVICES, LB_SRC_RANGES, LB_XDP_L2, LB_XDP_SCRATCH};
+use crate::ct;
+use crate::maps::{LB_SERVICES, LB_SRC_RANGES, LB_XDP_L2};
 use crate::packet::{ETH_HLEN, TCP_FIN, TCP_RST, TCP_SYN};
+use crate::scratch::{self, XdpPkt, XdpScratch};
 use crate::select::lookup_backend;
 use crate::stats;
 
-const NS_PER_SEC: u64 = 1_000_000_000;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 /// Where the L4 header starts: IPv4 without options, IPv6 without extension headers (anything else passes).
@@ -78,60 +78,10 @@ const MAX_FRAME: usize = 1514;
 const PARSED: u32 = 0;
 const NOT_PARSED: u32 = 1;
 
-/// The packet as XDP reads it (a small subset of `packet::Packet`: fixed header offsets only).
-#[repr(C)]
-pub struct Pkt {
-    /// 1 for IPv4, 0 for IPv6 (an integer: this is part of a map value's BTF).
-    v4: u32,
-    proto: u8,
-    tcp_flags: u8,
-    /// Ports, host byte order.
-    sport: u16,
-    dport: u16,
-    _pad: u16,
-    /// Addresses in lb's 16-byte form (IPv4-mapped for IPv4).
-    saddr: [u8; 16],
-    daddr: [u8; 16],
-}
-
-/// The rewrite to apply: new addresses (16-byte form) and ports (host order).
-#[repr(C)]
-pub struct XNat {
-    saddr: [u8; 16],
-    daddr: [u8; 16],
-    sport: u16,
-    dport: u16,
-    _pad: u32,
-}
-
-/// One `lb_xdp` run's working state (a per-CPU map value: see the module doc).
-#[repr(C)]
-pub struct Scratch {
-    pkt: Pkt,
-    /// The first entry's key (`CT_DIR_SNAT_REPLY` or `CT_DIR_FWD`) and the second one's (`CT_DIR_REPLY` or
-    /// `CT_DIR_SNAT`), which is also the `LB_XDP_L2` key.
-    key: CtKey,
-    other: CtKey,
-    ct: CtValue,
-    ct2: CtValue,
-    l2: XdpL2Value,
-    nat: XNat,
-    svc_key: ServiceKey,
-    range: SrcRangeData,
-}
-
-#[inline(always)]
-fn scratch() -> Option<&'static mut Scratch> {
-    let ptr = LB_XDP_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: a per-CPU array slot is valid for the whole program run, and only this program uses this map; an XDP
-    // program is not preempted by another run of itself on the same CPU.
-    Some(unsafe { &mut *ptr })
-}
-
 /// The XDP entry point's core. Returns the XDP action.
 #[inline(always)]
 pub fn run(ctx: &XdpContext) -> u32 {
-    let Some(s) = scratch() else {
+    let Some(s) = scratch::xdp() else {
         return XDP_PASS;
     };
     if parse(ctx, &mut s.pkt) != PARSED {
@@ -167,7 +117,7 @@ fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
 /// passes the context's 32-bit `data` / `data_end` fields already loaded and zero-extends them in the callee with
 /// shifts, which kernel 6.18 refuses ("R2 pointer arithmetic on pkt_end prohibited").
 #[inline(always)]
-fn parse(ctx: &XdpContext, p: &mut Pkt) -> u32 {
+fn parse(ctx: &XdpContext, p: &mut XdpPkt) -> u32 {
     match parse_inner(ctx, p) {
         Some(()) => PARSED,
         None => NOT_PARSED,
@@ -175,7 +125,7 @@ fn parse(ctx: &XdpContext, p: &mut Pkt) -> u32 {
 }
 
 #[inline(always)]
-fn parse_inner(ctx: &XdpContext, p: &mut Pkt) -> Option<()> {
+fn parse_inner(ctx: &XdpContext, p: &mut XdpPkt) -> Option<()> {
     let eth_proto = u16::from_be(read::<u16>(ctx, 12)?);
     let l4 = match eth_proto {
         ETH_P_IP => {
@@ -244,13 +194,13 @@ fn parse_inner(ctx: &XdpContext, p: &mut Pkt) -> Option<()> {
 /// Steps 2 and 3 of the module doc. Returns `XDP_TX` / `XDP_REDIRECT` when the packet was translated and sent,
 /// `XDP_PASS` otherwise (including a hit that cannot take the fast path: tc follows it).
 #[inline(always)]
-fn fast_path(ctx: &XdpContext, s: &mut Scratch) -> u32 {
+fn fast_path(ctx: &XdpContext, s: &mut XdpScratch) -> u32 {
     if ctx.data_end() - ctx.data() > MAX_FRAME {
         return XDP_PASS;
     }
     // A reply to this node's SNAT address and port.
-    set_key(&mut s.key, &s.pkt, CT_DIR_SNAT_REPLY);
-    if let Some(first) = ct_lookup(&s.key, &mut s.ct) {
+    pkt_key(&mut s.key, &s.pkt, CT_DIR_SNAT_REPLY);
+    if let Some(first) = ct::lookup(&s.key, &mut s.ct) {
         if !usable(&s.ct, &s.pkt) {
             return XDP_PASS;
         }
@@ -264,7 +214,7 @@ fn fast_path(ctx: &XdpContext, s: &mut Scratch) -> u32 {
         k.proto = s.pkt.proto;
         k.dir = CT_DIR_REPLY;
         k._pad = [0; 2];
-        let Some(second) = ct_lookup(&s.other, &mut s.ct2) else {
+        let Some(second) = ct::lookup(&s.other, &mut s.ct2) else {
             return XDP_PASS;
         };
         if !usable(&s.ct2, &s.pkt) {
@@ -279,8 +229,8 @@ fn fast_path(ctx: &XdpContext, s: &mut Scratch) -> u32 {
         return send(ctx, s, first, second, reason::XDP_REPLY);
     }
     // An established flow of a remote backend.
-    set_key(&mut s.key, &s.pkt, CT_DIR_FWD);
-    let Some(first) = ct_lookup(&s.key, &mut s.ct) else {
+    pkt_key(&mut s.key, &s.pkt, CT_DIR_FWD);
+    let Some(first) = ct::lookup(&s.key, &mut s.ct) else {
         return XDP_PASS;
     };
     if s.ct.flags & CT_FLAG_SNAT == 0 || !usable(&s.ct, &s.pkt) {
@@ -301,7 +251,7 @@ fn fast_path(ctx: &XdpContext, s: &mut Scratch) -> u32 {
     k.proto = s.pkt.proto;
     k.dir = CT_DIR_SNAT;
     k._pad = [0; 2];
-    let Some(second) = ct_lookup(&s.other, &mut s.ct2) else {
+    let Some(second) = ct::lookup(&s.other, &mut s.ct2) else {
         return XDP_PASS;
     };
     if !usable(&s.ct2, &s.pkt) {
@@ -319,7 +269,7 @@ fn fast_path(ctx: &XdpContext, s: &mut Scratch) -> u32 {
 /// Whether an entry lets the packet take the fast path: TCP only between the handshake and the first FIN/RST
 /// (tc owns every lifetime change, see the module doc).
 #[inline(always)]
-fn usable(ct: &CtValue, p: &Pkt) -> bool {
+fn usable(ct: &CtValue, p: &XdpPkt) -> bool {
     if ct.flags & CT_FLAG_CLOSING != 0 {
         return false;
     }
@@ -335,7 +285,7 @@ fn usable(ct: &CtValue, p: &Pkt) -> bool {
 #[inline(always)]
 fn send(
     ctx: &XdpContext,
-    s: &mut Scratch,
+    s: &mut XdpScratch,
     first: *mut CtValue,
     second: *mut CtValue,
     why: u32,
@@ -384,7 +334,7 @@ fn ingress_ifindex(ctx: &XdpContext) -> u32 {
 /// Rewrites addresses, ports, TTL / hop limit, checksums and MACs. Returns 0, or -1 with the packet untouched
 /// (too short, TTL would expire: the stack answers that one with an ICMP error).
 #[inline(always)]
-fn rewrite(ctx: &XdpContext, s: &mut Scratch) -> i32 {
+fn rewrite(ctx: &XdpContext, s: &mut XdpScratch) -> i32 {
     match rewrite_inner(ctx, s) {
         Some(()) => 0,
         None => -1,
@@ -392,7 +342,7 @@ fn rewrite(ctx: &XdpContext, s: &mut Scratch) -> i32 {
 }
 
 #[inline(always)]
-fn rewrite_inner(ctx: &XdpContext, s: &mut Scratch) -> Option<()> {
+fn rewrite_inner(ctx: &XdpContext, s: &mut XdpScratch) -> Option<()> {
     let p = &s.pkt;
     let n = &s.nat;
     let eth = ptr_at::<[u8; 12]>(ctx, 0)?;
@@ -505,7 +455,7 @@ fn apply_delta(old: u16, delta: u64) -> u16 {
 /// Step 4: a new flow to a frontend with source ranges, from outside them, drops here (rule 9), counted as tc
 /// counts it. Everything else passes.
 #[inline(never)]
-fn source_range(s: &mut Scratch) -> u32 {
+fn source_range(s: &mut XdpScratch) -> u32 {
     let p = &s.pkt;
     s.svc_key.addr = p.daddr;
     s.svc_key.port = p.dport;
@@ -532,27 +482,8 @@ fn source_range(s: &mut Scratch) -> u32 {
     XDP_DROP
 }
 
+/// The key of the packet's own tuple, in direction `dir`.
 #[inline(always)]
-fn set_key(k: &mut CtKey, p: &Pkt, dir: u8) {
-    k.saddr = p.saddr;
-    k.daddr = p.daddr;
-    k.sport = p.sport;
-    k.dport = p.dport;
-    k.proto = p.proto;
-    k.dir = dir;
-    k._pad = [0; 2];
-}
-
-/// A live (unexpired) entry: copied into `out`, and a pointer for the refresh (as tc.rs's `ct_lookup`).
-#[inline(always)]
-fn ct_lookup(key: &CtKey, out: &mut CtValue) -> Option<*mut CtValue> {
-    let ptr = LB_CONNTRACK.get_ptr_mut(key)?;
-    // SAFETY: from a successful lookup, read at once by value (see tc.rs's `ct_lookup` for concurrent eviction).
-    *out = unsafe { ptr.read() };
-    // SAFETY: no argument, no precondition.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if now.saturating_sub(out.last_seen_ns) > u64::from(out.lifetime_s) * NS_PER_SEC {
-        return None;
-    }
-    Some(ptr)
+fn pkt_key(k: &mut CtKey, p: &XdpPkt, dir: u8) {
+    ct::set_key(k, &p.saddr, &p.daddr, p.sport, p.dport, p.proto, dir);
 }

@@ -7,11 +7,11 @@
 use std::time::Instant;
 
 use lb_agent::datapath::loader::{self, PinDir};
-use lb_agent::datapath::maps::Maps;
+use lb_agent::datapath::maps::{Maps, MapsRead};
 use lb_agent::datapath::pins::Capacities;
 use lb_agent::datapath::reconcile::{ReconcileConfig, Reconciler};
-use lb_agent::manifest;
 use lb_agent::model::{self, ModelConfig};
+use lb_agent::source::manifest;
 use lb_tests::bench::workload;
 use lb_tests::{BpfDir, require_root, unique_token};
 

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use lb_agent::datapath::maps::Maps;
+use lb_agent::datapath::maps::{Maps, MapsRead};
 use lb_agent::state::Protocol;
 use lb_agent::trace::packet::{self, Parsed, TCP_ACK, TCP_RST, TCP_SYN};
 use lb_agent::trace::{Run, Source, Tracer};

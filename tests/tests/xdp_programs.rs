@@ -7,7 +7,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use lb_agent::datapath::maps::Maps;
+use lb_agent::datapath::maps::MapsRead;
 use lb_agent::state::Protocol;
 use lb_agent::trace::packet::{self, Parsed, TCP_ACK, TCP_SYN};
 use lb_agent::trace::{Run, Tracer};

@@ -1,6 +1,6 @@
 use crate::datapath::loader::{PinDir, cleanup};
 
-use super::PinArgs;
+use super::args::PinArgs;
 
 #[derive(clap::Args)]
 pub struct CleanupArgs {

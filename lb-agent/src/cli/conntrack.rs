@@ -8,9 +8,9 @@ use aya::maps::{HashMap, Map, MapData};
 use lb_common::{CtKey, CtValue, addr_from_bytes, map_names};
 use serde::Serialize;
 
-use crate::datapath::listings::proto_name;
+use crate::datapath::display::proto_name;
 
-use super::{OutputFormat, PinArgs};
+use super::args::{OutputFormat, PinArgs};
 
 #[derive(clap::Args)]
 pub struct ConntrackArgs {

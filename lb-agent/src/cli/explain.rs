@@ -12,14 +12,15 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::datapath::inspect::show_addr;
-use crate::datapath::maps::{Maps, PinnedMaps};
+use crate::datapath::display::show_addr;
+use crate::datapath::maps::{MapsRead, PinnedMaps};
 use crate::datapath::reconcile::service_key;
-use crate::manifest;
+use crate::model::DEFAULT_NAMESPACE;
 use crate::model::{self, Eligibility, ModelConfig, ServiceExplanation};
+use crate::source::manifest;
 use crate::state::Algorithm;
 
-use super::{OutputFormat, PinArgs};
+use super::args::{OutputFormat, PinArgs};
 
 #[derive(clap::Args)]
 pub struct ExplainArgs {
@@ -51,7 +52,7 @@ pub struct ExplainArgs {
         long = "service-cidrs",
         env = "LB_SERVICE_CIDRS",
         value_delimiter = ',',
-        value_parser = super::run::parse_cidr_arg
+        value_parser = super::args::parse_cidr_arg
     )]
     service_cidrs: Vec<(IpAddr, u8)>,
     /// As `lb-agent run --localhost-nodeports`.
@@ -100,7 +101,7 @@ struct Output {
 pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
     let (namespace, name) = match args.service.split_once('/') {
         Some((ns, n)) => (ns.to_owned(), n.to_owned()),
-        None => (manifest::DEFAULT_NAMESPACE.to_owned(), args.service.clone()),
+        None => (DEFAULT_NAMESPACE.to_owned(), args.service.clone()),
     };
     let (source, objects, diagnostics) = load_objects(args)?;
     let cfg = ModelConfig {
@@ -158,7 +159,11 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
 /// The objects from the manifests or, listed once, from the API server; with a name for the source.
 fn load_objects(
     args: &ExplainArgs,
-) -> anyhow::Result<(String, manifest::ClusterObjects, Vec<manifest::Diagnostic>)> {
+) -> anyhow::Result<(
+    String,
+    crate::model::ClusterObjects,
+    Vec<crate::model::Diagnostic>,
+)> {
     use crate::source::kube::{self, Connection};
     let connection = match (&args.manifests, &args.kubeconfig) {
         (Some(path), None) => {

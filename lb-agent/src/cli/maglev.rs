@@ -1,12 +1,11 @@
 //! `lb-agent maglev <frontend | service id>`: one service's lookup table as the datapath holds it.
 
-use std::fmt::Write as _;
-
 use anyhow::bail;
 
-use crate::datapath::listings::{self, TableView};
+use crate::datapath::listings;
+use crate::datapath::names::service_names;
 
-use super::{OutputFormat, PinArgs, open_maps};
+use super::args::{OutputFormat, PinArgs, open_maps};
 
 #[derive(clap::Args)]
 pub struct MaglevArgs {
@@ -29,59 +28,14 @@ pub fn run(args: &MaglevArgs) -> anyhow::Result<()> {
             args.service
         );
     }
-    let names = listings::service_names(&args.pins.bpffs);
+    let names = service_names(&args.pins.bpffs);
     let views = found
         .iter()
         .map(|(k, v)| listings::table(&maps, &names, k, v))
         .collect::<Result<Vec<_>, _>>()?;
     match args.output {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&views)?),
-        OutputFormat::Table => print!("{}", render(&views)),
+        OutputFormat::Table => print!("{}", listings::render_tables(&views)),
     }
     Ok(())
-}
-
-pub fn render(views: &[TableView]) -> String {
-    let mut s = String::new();
-    for v in views {
-        let _ = writeln!(
-            s,
-            "service {} {} {}/{} ({}){}",
-            v.service_id,
-            v.frontend,
-            v.protocol,
-            v.scope,
-            v.algorithm,
-            if v.service.is_empty() {
-                String::new()
-            } else {
-                format!("  {}", v.service)
-            }
-        );
-        if v.size == 0 {
-            let _ = writeln!(s, "  no table: the service has no backend\n");
-            continue;
-        }
-        let per = v.size as f64 / v.backends.len().max(1) as f64;
-        let _ = writeln!(
-            s,
-            "  table size {}  backends {}  ideal slots per backend {per:.1}",
-            v.size,
-            v.backends.len()
-        );
-        let _ = writeln!(
-            s,
-            "  {:<8} {:<45} {:>7} {:>8}",
-            "BACKEND", "ADDRESS", "SLOTS", "SHARE"
-        );
-        for b in &v.backends {
-            let _ = writeln!(
-                s,
-                "  {:<8} {:<45} {:>7} {:>7.2}%",
-                b.backend_id, b.address, b.slots, b.share_percent
-            );
-        }
-        s.push('\n');
-    }
-    s
 }

@@ -1,5 +1,8 @@
-//! The subcommands. Each parses its flags and calls into the library; nothing here is datapath logic.
+//! The command line: `run` turns its flags into the agent's configuration (`crate::agent` is the daemon), the other
+//! subcommands read the pinned maps or the objects. Each parses its flags and calls into the library; nothing here
+//! is datapath logic. Subcommands share only `args`; this file only dispatches to them.
 
+pub mod args;
 pub mod backends;
 pub mod cleanup;
 pub mod conntrack;
@@ -10,39 +13,9 @@ pub mod services;
 pub mod stats;
 pub mod trace;
 
-use std::path::PathBuf;
-
 use clap::{Parser, Subcommand};
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum OutputFormat {
-    Table,
-    Json,
-}
-
-/// The pin directory flag every subcommand shares.
-#[derive(Clone, Debug, clap::Args)]
-pub struct PinArgs {
-    /// Directory (on bpffs) where lb pins its maps and links.
-    #[arg(long, default_value = "/sys/fs/bpf/lb", env = "LB_BPFFS")]
-    pub bpffs: PathBuf,
-}
-
-/// Opens the pinned maps for a read-only subcommand, saying where it looked when that fails.
-pub fn open_maps(pins: &PinArgs) -> anyhow::Result<crate::datapath::maps::PinnedMaps> {
-    crate::datapath::maps::PinnedMaps::open(&pins.bpffs).map_err(|e| {
-        anyhow::anyhow!(
-            "{e}: is the agent's pin directory {} (see --bpffs)?",
-            pins.bpffs.display()
-        )
-    })
-}
+use args::LogFormat;
 
 pub fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|e| {
@@ -156,6 +129,35 @@ pub fn command() -> clap::Command {
     Cli::command()
 }
 
+/// Checks a config file against the agent's real command line: every key is a flag and every value parses.
+pub fn check_config_file(file: &crate::ops::config::ConfigFile) -> Result<(), String> {
+    let cmd =
+        crate::ops::config::apply_file_defaults(command(), file).map_err(|e| e.to_string())?;
+    cmd.try_get_matches_from(["lb-agent", "run", "--manifests", "/dev/null"])
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// The agent's configuration exactly as `lb-agent run <args>` builds it, with `file`'s settings as defaults (as
+/// `--config` gives them): for tests that drive the agent's parts without starting it. clap's errors come back
+/// as errors here instead of exiting.
+pub fn run_config(
+    args: &[&str],
+    file: Option<&crate::ops::config::ConfigFile>,
+) -> anyhow::Result<crate::agent::AgentConfig> {
+    use clap::FromArgMatches;
+    let mut cmd = command();
+    if let Some(file) = file {
+        cmd = crate::ops::config::apply_file_defaults(cmd, file)?;
+    }
+    let argv = ["lb-agent", "run"].into_iter().chain(args.iter().copied());
+    let matches = cmd.try_get_matches_from(argv)?;
+    match Cli::from_arg_matches(&matches)?.command {
+        Command::Run(args) => run::agent_config(*args),
+        _ => anyhow::bail!("not `lb-agent run`"),
+    }
+}
+
 /// Parses the command line with the config file's values as defaults (flag > env > file > default; see
 /// `ops::config`). clap's own errors (and `--help`) exit here, as `Cli::parse` would.
 fn parse_with_config() -> anyhow::Result<Cli> {
@@ -173,5 +175,40 @@ fn parse_with_config() -> anyhow::Result<Cli> {
     match Cli::from_arg_matches(&matches) {
         Ok(cli) => Ok(cli),
         Err(e) => e.exit(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::ops::config::{apply_file_defaults, parse};
+
+    #[test]
+    fn xdp_settings_are_config_file_keys_of_the_real_command() {
+        use crate::datapath::xdp_attach::XdpModeChoice;
+        let run = |yaml: &str| {
+            let file = parse(Path::new("lb.yaml"), yaml).expect("parse");
+            check_config_file(&file).expect("known keys");
+            apply_file_defaults(command(), &file)
+                .expect("defaults")
+                .try_get_matches_from(["lb-agent", "run", "--manifests", "/dev/null"])
+                .expect("matches")
+        };
+        let m = run("xdp: true\nxdp-mode: generic\n");
+        let r = m.subcommand_matches("run").expect("run");
+        assert!(r.get_flag("xdp"));
+        assert_eq!(
+            r.get_one::<XdpModeChoice>("xdp_mode"),
+            Some(&XdpModeChoice::Generic)
+        );
+        let m = run("");
+        let r = m.subcommand_matches("run").expect("run");
+        assert!(!r.get_flag("xdp"), "off by default");
+        assert_eq!(
+            r.get_one::<XdpModeChoice>("xdp_mode"),
+            Some(&XdpModeChoice::Auto)
+        );
     }
 }

@@ -1,7 +1,8 @@
+use crate::datapath::names::service_names;
 use crate::datapath::{inspect, maps::PinnedMaps};
 use anyhow::Context;
 
-use super::{OutputFormat, PinArgs};
+use super::args::{OutputFormat, PinArgs};
 
 #[derive(clap::Args)]
 pub struct ServicesArgs {
@@ -19,7 +20,7 @@ pub fn run(args: &ServicesArgs) -> anyhow::Result<()> {
             args.pins.bpffs.display()
         )
     })?;
-    let list = inspect::with_names(inspect::services(&maps)?, &args.pins.bpffs);
+    let list = inspect::with_names(inspect::services(&maps)?, &service_names(&args.pins.bpffs));
     match args.output {
         OutputFormat::Table => print!("{}", inspect::render_services(&list)),
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&list)?),

@@ -5,10 +5,11 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::datapath::counters::SERVICE_COUNTERS;
 use crate::datapath::listings::{self, StatsRow};
-use crate::ops::metrics::SERVICE_COUNTERS;
+use crate::datapath::names::service_names;
 
-use super::{OutputFormat, PinArgs, open_maps};
+use super::args::{OutputFormat, PinArgs, open_maps};
 
 #[derive(clap::Args)]
 pub struct StatsArgs {
@@ -39,7 +40,7 @@ struct MapFillRow {
 
 pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
     let maps = open_maps(&args.pins)?;
-    let mut services = listings::stats(&maps, &args.pins.bpffs)?;
+    let mut services = listings::stats(&maps, &service_names(&args.pins.bpffs))?;
     if let Some(filter) = &args.service {
         services.retain(|s| s.service.contains(filter.as_str()));
     }

@@ -1,12 +1,16 @@
-//! Access to lb's maps through one trait (as cilium's `pkg/loadbalancer/maps/lbmaps.go` does): [`PinnedMaps`] talks
-//! to the kernel, [`FakeMaps`] is an in-memory stand-in for the reconciler's unit tests. The reconciler is the only
-//! writer.
+//! Access to lb's maps through two traits (as cilium's `pkg/loadbalancer/maps/lbmaps.go` does): [`MapsRead`] for
+//! reading and [`Maps`] for writing. [`PinnedMaps`] talks to the kernel; `FakeMaps` is an in-memory stand-in for
+//! tests, compiled only into test builds (`cfg(test)`, or the `test-support` feature for integration tests). The
+//! reconciler is the only writer.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::HashSet;
+#[cfg(any(test, feature = "test-support"))]
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 
 use super::map_batch;
+use super::map_error::{MapsError, open_pinned};
 use super::packet_maps::NodeEntry;
 use aya::maps::{
     Array, HashMap, HashOfMaps, IterableMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
@@ -16,29 +20,6 @@ use lb_common::{
     AffinityKey, AffinityValue, BPF_F_INNER_MAP, BackendStats, BackendValue, LUT_LEN_INDEX,
     ServiceKey, ServiceStats, ServiceValue, SockRevNatKey, SockRevNatValue, map_names,
 };
-
-#[derive(Debug, thiserror::Error)]
-pub enum MapsError {
-    #[error("opening pinned map {path}: {source}")]
-    Open { path: String, source: MapError },
-    #[error("map {map} is missing from the loaded object")]
-    Missing { map: &'static str },
-    #[error("map {map} has an unexpected type or layout: {source}")]
-    Layout { map: &'static str, source: MapError },
-    #[error("{op} on {map}: {source}")]
-    Op {
-        map: &'static str,
-        op: &'static str,
-        source: MapError,
-    },
-    #[error("counting CPUs: {0}")]
-    Cpus(String),
-    #[error("duplicating the fd of {map}: {source}")]
-    Fd {
-        map: &'static str,
-        source: std::io::Error,
-    },
-}
 
 fn op(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapsError {
     move |source| MapsError::Op { map, op, source }
@@ -64,12 +45,47 @@ impl StaleAffinity {
     }
 }
 
-/// What the reconciler needs from the datapath maps.
-pub trait Maps {
+/// Reading the maps: what the reconciler adopts at start and the read-only views (`inspect`, `listings`) show. The
+/// views take this trait, not [`PinnedMaps`], so they run on [`FakeMaps`] in tests just as on the pins.
+pub trait MapsRead {
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapsError>;
+    fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapsError>;
+    /// Reads a service's lookup table (slots only); `None` when it has none.
+    fn table(&self, service_id: u32) -> Result<Option<Vec<u32>>, MapsError>;
+    /// A service's counters summed over CPUs (zero for maps that keep none).
+    fn service_stats(&self, _service_id: u32) -> Result<ServiceStats, MapsError> {
+        Ok(ServiceStats::default())
+    }
+    /// A backend's counters summed over CPUs (zero for maps that keep none).
+    fn backend_stats(&self, _backend_id: u32) -> Result<BackendStats, MapsError> {
+        Ok(BackendStats::default())
+    }
+    /// Session-affinity entries.
+    fn affinity_entries(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapsError> {
+        Ok(Vec::new())
+    }
+    /// Sockets the socket LB translated and still remembers (for reverse translation).
+    fn sock_revnat_entries(&self) -> Result<Vec<(SockRevNatKey, SockRevNatValue)>, MapsError> {
+        Ok(Vec::new())
+    }
+
+    // The per-packet datapath's node-level maps (`packet_maps`). The defaults keep nothing, for maps without a
+    // per-packet datapath.
+
+    /// The `LB_CONFIG` record.
+    fn config(&self) -> Result<lb_common::ConfigValue, MapsError> {
+        Ok(lb_common::ConfigValue::default())
+    }
+    /// Every entry of `LB_LOCAL_NETS`, `LB_SRC_RANGES`, `LB_VIPS` and `LB_SVC_CIDRS`.
+    fn node_entries(&self) -> Result<Vec<NodeEntry>, MapsError> {
+        Ok(Vec::new())
+    }
+}
+
+/// Writing the maps: what the reconciler needs besides reading them. The reconciler is the only caller.
+pub trait Maps: MapsRead {
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapsError>;
     fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapsError>;
-    fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapsError>;
     fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapsError>;
     fn delete_backend(&mut self, id: u32) -> Result<(), MapsError>;
     /// Installs `slots` (backend ids) as service `service_id`'s lookup table, replacing any previous table in one
@@ -83,8 +99,6 @@ pub trait Maps {
     /// Deletes many tables (a missing one counts as deleted), batched as [`Maps::put_tables`]. Returns the ids
     /// that could not be deleted.
     fn delete_tables(&mut self, service_ids: &[u32]) -> Vec<(u32, MapsError)>;
-    /// Reads a service's lookup table (slots only); `None` when it has none.
-    fn table(&self, service_id: u32) -> Result<Option<Vec<u32>>, MapsError>;
     /// Zeroes a service's counters when its id is (re)allocated, so a new service never inherits old numbers.
     fn reset_service_stats(&mut self, service_id: u32) -> Result<(), MapsError>;
     fn reset_backend_stats(&mut self, backend_id: u32) -> Result<(), MapsError>;
@@ -96,21 +110,13 @@ pub trait Maps {
     // The per-packet datapath's node-level maps (`packet_maps`). The defaults keep nothing, for maps without a
     // per-packet datapath.
 
-    /// The `LB_CONFIG` record.
-    fn config(&self) -> Result<lb_common::ConfigValue, MapsError> {
-        Ok(lb_common::ConfigValue::default())
-    }
     fn put_config(&mut self, _value: &lb_common::ConfigValue) -> Result<(), MapsError> {
         Ok(())
     }
-    /// Every entry of `LB_LOCAL_NETS`, `LB_SRC_RANGES`, `LB_VIPS` and `LB_SVC_CIDRS`.
-    fn node_entries(&self) -> Result<Vec<super::packet_maps::NodeEntry>, MapsError> {
-        Ok(Vec::new())
-    }
-    fn put_node_entry(&mut self, _e: &super::packet_maps::NodeEntry) -> Result<(), MapsError> {
+    fn put_node_entry(&mut self, _e: &NodeEntry) -> Result<(), MapsError> {
         Ok(())
     }
-    fn delete_node_entry(&mut self, _e: &super::packet_maps::NodeEntry) -> Result<(), MapsError> {
+    fn delete_node_entry(&mut self, _e: &NodeEntry) -> Result<(), MapsError> {
         Ok(())
     }
 }
@@ -280,9 +286,49 @@ impl PinnedMaps {
             Err(e) => Err(op(map_names::SERVICES, "lookup")(e)),
         }
     }
+}
+
+impl MapsRead for PinnedMaps {
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapsError> {
+        self.services
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(op(map_names::SERVICES, "iterate"))
+    }
+    fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapsError> {
+        self.backends
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(op(map_names::BACKENDS, "iterate"))
+    }
+    fn table(&self, service_id: u32) -> Result<Option<Vec<u32>>, MapsError> {
+        let inner = match self.maglev.get(&service_id, 0) {
+            Ok(inner) => inner,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(op(map_names::MAGLEV, "lookup")(e)),
+        };
+        let len = inner
+            .get(&LUT_LEN_INDEX, 0)
+            .map_err(op(map_names::MAGLEV, "read inner table"))?;
+        let mut slots = Vec::with_capacity(len as usize);
+        for i in 1..=len {
+            slots.push(
+                inner
+                    .get(&i, 0)
+                    .map_err(op(map_names::MAGLEV, "read inner table"))?,
+            );
+        }
+        Ok(Some(slots))
+    }
+    fn config(&self) -> Result<lb_common::ConfigValue, MapsError> {
+        self.packet.config()
+    }
+    fn node_entries(&self) -> Result<Vec<NodeEntry>, MapsError> {
+        self.packet.node_entries()
+    }
 
     /// Sums a service's per-CPU counters.
-    pub fn service_stats(&self, service_id: u32) -> Result<ServiceStats, MapsError> {
+    fn service_stats(&self, service_id: u32) -> Result<ServiceStats, MapsError> {
         let per_cpu = self
             .svc_stats
             .get(&service_id, 0)
@@ -298,7 +344,7 @@ impl PinnedMaps {
     }
 
     /// Sums a backend's per-CPU counters.
-    pub fn backend_stats(&self, backend_id: u32) -> Result<BackendStats, MapsError> {
+    fn backend_stats(&self, backend_id: u32) -> Result<BackendStats, MapsError> {
         let per_cpu = self
             .be_stats
             .get(&backend_id, 0)
@@ -312,14 +358,14 @@ impl PinnedMaps {
     }
 
     /// Sockets the socket LB translated and still remembers (for reverse translation).
-    pub fn sock_revnat_entries(&self) -> Result<Vec<(SockRevNatKey, SockRevNatValue)>, MapsError> {
+    fn sock_revnat_entries(&self) -> Result<Vec<(SockRevNatKey, SockRevNatValue)>, MapsError> {
         self.sock_revnat
             .iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(op(map_names::SOCK_REVNAT, "iterate"))
     }
 
-    pub fn affinity_entries(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapsError> {
+    fn affinity_entries(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapsError> {
         self.affinity
             .iter()
             .collect::<Result<Vec<_>, _>>()
@@ -328,13 +374,6 @@ impl PinnedMaps {
 }
 
 impl Maps for PinnedMaps {
-    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapsError> {
-        self.services
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(op(map_names::SERVICES, "iterate"))
-    }
-
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapsError> {
         self.services
             .insert(key, value, 0)
@@ -343,13 +382,6 @@ impl Maps for PinnedMaps {
 
     fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapsError> {
         ignore_missing(self.services.remove(key)).map_err(op(map_names::SERVICES, "delete"))
-    }
-
-    fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapsError> {
-        self.backends
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(op(map_names::BACKENDS, "iterate"))
     }
 
     fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapsError> {
@@ -428,26 +460,6 @@ impl Maps for PinnedMaps {
         failed
     }
 
-    fn table(&self, service_id: u32) -> Result<Option<Vec<u32>>, MapsError> {
-        let inner = match self.maglev.get(&service_id, 0) {
-            Ok(inner) => inner,
-            Err(MapError::KeyNotFound) => return Ok(None),
-            Err(e) => return Err(op(map_names::MAGLEV, "lookup")(e)),
-        };
-        let len = inner
-            .get(&LUT_LEN_INDEX, 0)
-            .map_err(op(map_names::MAGLEV, "read inner table"))?;
-        let mut slots = Vec::with_capacity(len as usize);
-        for i in 1..=len {
-            slots.push(
-                inner
-                    .get(&i, 0)
-                    .map_err(op(map_names::MAGLEV, "read inner table"))?,
-            );
-        }
-        Ok(Some(slots))
-    }
-
     fn reset_service_stats(&mut self, service_id: u32) -> Result<(), MapsError> {
         let zero = PerCpuValues::try_from(vec![ServiceStats::default(); self.nr_cpus])
             .map_err(|e| MapsError::Cpus(e.to_string()))?;
@@ -480,31 +492,15 @@ impl Maps for PinnedMaps {
         Ok(stale.len())
     }
 
-    fn config(&self) -> Result<lb_common::ConfigValue, MapsError> {
-        self.packet.config()
-    }
     fn put_config(&mut self, value: &lb_common::ConfigValue) -> Result<(), MapsError> {
         self.packet.put_config(value)
     }
-    fn node_entries(&self) -> Result<Vec<super::packet_maps::NodeEntry>, MapsError> {
-        self.packet.node_entries()
-    }
-    fn put_node_entry(&mut self, e: &super::packet_maps::NodeEntry) -> Result<(), MapsError> {
+    fn put_node_entry(&mut self, e: &NodeEntry) -> Result<(), MapsError> {
         self.packet.put_node_entry(e)
     }
-    fn delete_node_entry(&mut self, e: &super::packet_maps::NodeEntry) -> Result<(), MapsError> {
+    fn delete_node_entry(&mut self, e: &NodeEntry) -> Result<(), MapsError> {
         self.packet.delete_node_entry(e)
     }
-}
-
-/// Opens the map pinned as `dir/name`, checking that it is a map aya understands.
-pub(crate) fn open_pinned(dir: &Path, name: &'static str) -> Result<Map, MapsError> {
-    let path = dir.join(name);
-    let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
-        path: path.display().to_string(),
-        source,
-    })?;
-    Map::from_map_data(data).map_err(|source| MapsError::Layout { map: name, source })
 }
 
 /// Tables per `BPF_MAP_UPDATE_BATCH`: bounds the open inner-map fds and the memory of one batch.
@@ -578,6 +574,7 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
+#[cfg(any(test, feature = "test-support"))]
 /// In-memory maps for unit tests, with optional capacities to exercise the "map full" paths.
 #[derive(Default, Debug)]
 pub struct FakeMaps {
@@ -605,6 +602,7 @@ pub struct FakeMaps {
     pub fail_node_entries: HashSet<NodeEntry>,
 }
 
+#[cfg(any(test, feature = "test-support"))]
 fn fake_failure(op: &'static str) -> MapsError {
     MapsError::Op {
         map: map_names::MAGLEV,
@@ -616,10 +614,30 @@ fn fake_failure(op: &'static str) -> MapsError {
     }
 }
 
-impl Maps for FakeMaps {
+#[cfg(any(test, feature = "test-support"))]
+impl MapsRead for FakeMaps {
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapsError> {
         Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
     }
+    fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapsError> {
+        Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn table(&self, service_id: u32) -> Result<Option<Vec<u32>>, MapsError> {
+        Ok(self.tables.get(&service_id).cloned())
+    }
+    fn config(&self) -> Result<lb_common::ConfigValue, MapsError> {
+        Ok(self.config)
+    }
+    fn node_entries(&self) -> Result<Vec<NodeEntry>, MapsError> {
+        Ok(self.node.iter().copied().collect())
+    }
+    fn affinity_entries(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapsError> {
+        Ok(self.affinity.clone())
+    }
+}
+
+#[cfg(any(test, feature = "test-support"))]
+impl Maps for FakeMaps {
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapsError> {
         if let Some(max) = self.max_services
             && !self.services.contains_key(key)
@@ -647,9 +665,6 @@ impl Maps for FakeMaps {
             self.services.remove(key);
         }
         Ok(())
-    }
-    fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapsError> {
-        Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
     }
     fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapsError> {
         self.log.push(format!("put_backend {id}"));
@@ -700,9 +715,6 @@ impl Maps for FakeMaps {
         }
         failed
     }
-    fn table(&self, service_id: u32) -> Result<Option<Vec<u32>>, MapsError> {
-        Ok(self.tables.get(&service_id).cloned())
-    }
     fn reset_service_stats(&mut self, service_id: u32) -> Result<(), MapsError> {
         self.stats_resets.push((map_names::SVC_STATS, service_id));
         Ok(())
@@ -716,16 +728,10 @@ impl Maps for FakeMaps {
         self.affinity.retain(|(k, v)| !stale.covers(k, v));
         Ok(before - self.affinity.len())
     }
-    fn config(&self) -> Result<lb_common::ConfigValue, MapsError> {
-        Ok(self.config)
-    }
     fn put_config(&mut self, value: &lb_common::ConfigValue) -> Result<(), MapsError> {
         self.node_log.push("put_config".to_string());
         self.config = *value;
         Ok(())
-    }
-    fn node_entries(&self) -> Result<Vec<NodeEntry>, MapsError> {
-        Ok(self.node.iter().copied().collect())
     }
     fn put_node_entry(&mut self, e: &NodeEntry) -> Result<(), MapsError> {
         if self.fail_node_entries.contains(e) {

@@ -1,10 +1,16 @@
-//! Everything that touches the kernel: loading and pinning (`loader`, `pins`), map access behind a trait (`maps`),
-//! the reconciler that is the maps' only writer (`reconcile`), and read-only views for the CLI (`inspect`).
+//! Everything that touches the kernel, and every writer of lb's maps: loading and pinning (`loader`, `pins`),
+//! attaching (`tc_attach`, `xdp_attach`), map access behind a trait (`maps`, `packet_maps`, `map_error`), the
+//! reconciler that writes the service maps (`reconcile`), the writer of the names map (`names`), ending stale
+//! sockets (`sock_destroy`), and the read-only views the CLI and the metrics share (`inspect`, `listings`, with
+//! `display` and the counter tables of `counters`).
 
+pub mod counters;
+pub mod display;
 pub mod inspect;
 pub mod listings;
 pub mod loader;
 mod map_batch;
+pub mod map_error;
 pub mod maps;
 pub mod names;
 pub mod netns_addrs;

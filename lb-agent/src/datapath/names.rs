@@ -11,7 +11,7 @@ use std::path::Path;
 use aya::maps::{HashMap, MapData, MapError};
 use lb_common::{ServiceNameValue, map_names};
 
-use super::maps::MapsError;
+use super::map_error::MapsError;
 use crate::state::{DesiredState, Frontend, VipKind};
 
 /// Where the names are kept: the pinned map, or memory in tests.
@@ -104,13 +104,24 @@ impl NameStore for PinnedNames {
     }
 }
 
-/// In-memory names for unit tests.
+/// Service names by id, from `LB_SVC_NAMES` pinned in `dir`; empty when the map does not exist (an agent that
+/// predates it).
+pub fn service_names(dir: &Path) -> std::collections::HashMap<u32, ServiceNameValue> {
+    PinnedNames::open(dir)
+        .and_then(|n| n.names())
+        .map(|v| v.into_iter().collect())
+        .unwrap_or_default()
+}
+
+/// In-memory names for tests (test builds only, as `maps::FakeMaps`).
+#[cfg(any(test, feature = "test-support"))]
 #[derive(Debug, Default)]
 pub struct FakeNames {
     pub names: BTreeMap<u32, ServiceNameValue>,
     pub writes: usize,
 }
 
+#[cfg(any(test, feature = "test-support"))]
 impl NameStore for FakeNames {
     fn names(&self) -> Result<Vec<(u32, ServiceNameValue)>, MapsError> {
         Ok(self.names.iter().map(|(k, v)| (*k, *v)).collect())

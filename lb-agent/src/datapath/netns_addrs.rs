@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use lb_common::{NETNS_HAS_V4, NETNS_HAS_V6, NetnsAddrs, addr_bytes, map_names};
 
-use super::maps::{MapsError, open_pinned};
+use super::map_error::{MapsError, open_pinned};
 
 /// Where container runtimes (and `ip netns`) pin network namespaces.
 const NETNS_DIR: &str = "/run/netns";

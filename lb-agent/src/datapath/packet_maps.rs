@@ -1,6 +1,6 @@
 //! The per-packet datapath's maps (issue 4): conntrack, fragments, node configuration, local networks, source
-//! ranges, the ClusterIP set, the service CIDRs, drop counters and the trace record. Held by [`super::maps::PinnedMaps`], written through the
-//! [`super::maps::Maps`] trait's node-entry methods (the reconciler) and read by the CLI, `trace` and the conntrack
+//! ranges, the ClusterIP set, the service CIDRs, drop counters and the trace record. Held by `maps::PinnedMaps`, written through the
+//! `maps::Maps` trait's node-entry methods (the reconciler) and read by the CLI, `trace` and the conntrack
 //! garbage collector.
 
 use std::collections::HashSet;
@@ -14,7 +14,7 @@ use lb_common::{
     addr_bytes, map_names,
 };
 
-use super::maps::MapsError;
+use super::map_error::MapsError;
 
 /// One entry of the small node-level maps the reconciler keeps in sync with the desired state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -112,7 +112,7 @@ impl PacketMaps {
     }
 
     pub fn open(dir: &Path) -> Result<Self, MapsError> {
-        let open = |name: &'static str| super::maps::open_pinned(dir, name);
+        let open = |name: &'static str| super::map_error::open_pinned(dir, name);
         Self::from_maps(
             open(map_names::CONNTRACK)?,
             open(map_names::CONFIG)?,

@@ -20,7 +20,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::endpoints::Endpoint;
 use super::ip::{Family, is_ipv4_mapped_literal, parse_ip_sloppy};
-use crate::manifest::{DEFAULT_NAMESPACE, Diagnostic, object_label};
+use super::objects::{DEFAULT_NAMESPACE, Diagnostic, object_label};
 use crate::state::Protocol;
 
 /// `discovery.LabelServiceName`.

@@ -8,8 +8,8 @@ use serde::Serialize;
 use super::endpoint_slices::SliceIndex;
 use super::endpoints::{Eligibility, Uses, explain_endpoints};
 use super::ip::Family;
+use super::objects::{ClusterObjects, DEFAULT_NAMESPACE, object_label};
 use super::{ModelConfig, NodeContext, service_ports, translate};
-use crate::manifest::{ClusterObjects, DEFAULT_NAMESPACE, object_label};
 use crate::state::{Frontend, Scope, ServiceEntry, VipKind};
 
 #[derive(Clone, Debug, Serialize)]

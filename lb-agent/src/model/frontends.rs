@@ -21,8 +21,8 @@ use super::NodeContext;
 use super::endpoint_slices::SliceIndex;
 use super::endpoints::{Categorized, Uses, categorize_endpoints};
 use super::ip::Family;
+use super::objects::Diagnostic;
 use super::service_ports::{PortInfo, ServiceInfo};
-use crate::manifest::Diagnostic;
 use crate::state::{Backend, DesiredState, Frontend, Scope, ServiceEntry, VipKind};
 
 /// Accumulates frontends across Services; the first Service to claim a frontend keeps it (callers add them oldest

@@ -10,7 +10,9 @@
 //!   proxier's `syncProxyRules` writes into its maps);
 //! - `node`: this node's addresses and zone;
 //! - `service_cidrs`: the ServiceCIDRs, whose unallocated addresses drop (rule 8);
-//! - `translator`: the same translation kept across syncs, rebuilding only the Services a change touches.
+//! - `translator`: the same translation kept across syncs, rebuilding only the Services a change touches;
+//! - `objects`: the vocabulary: the cluster objects the model reads (from any `crate::source`) and the
+//!   [`Diagnostic`]s it reports.
 //!
 //! Nothing here touches the system or logs above `debug` (except [`node_context`] saying it fell back to the
 //! given addresses): problems come back as [`Diagnostic`]s for the caller to report, so the same input always gives
@@ -27,6 +29,7 @@ mod frontends;
 mod health;
 mod ip;
 mod node;
+mod objects;
 mod service_cidrs;
 mod service_ports;
 #[cfg(test)]
@@ -41,10 +44,10 @@ pub use explain::{
 };
 pub use health::ServiceHealth;
 pub use node::node_context;
+pub use objects::{ClusterObjects, DEFAULT_NAMESPACE, Diagnostic, object_label};
 pub use service_cidrs::parse_service_cidr;
 pub use translator::{ObjectRef, Translator};
 
-use crate::manifest::{ClusterObjects, Diagnostic};
 use crate::state::{Algorithm, DesiredState};
 
 /// What the model knows about the node it runs on.

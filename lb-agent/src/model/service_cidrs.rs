@@ -15,7 +15,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 
-use crate::manifest::{Diagnostic, object_label};
+use super::objects::{Diagnostic, object_label};
 
 use super::ModelConfig;
 use super::ip::parse_cidr_sloppy;

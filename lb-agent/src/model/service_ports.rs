@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::ModelConfig;
 use super::ip::{Family, parse_cidr_sloppy, parse_ip_sloppy};
-use crate::manifest::{DEFAULT_NAMESPACE, Diagnostic, object_label};
+use super::objects::{DEFAULT_NAMESPACE, Diagnostic, object_label};
 use crate::state::{Algorithm, Protocol, ServicePortName};
 
 /// Services for another proxy carry this label (kube-proxy's `apis.LabelServiceProxyName`).

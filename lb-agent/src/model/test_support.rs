@@ -3,8 +3,9 @@
 
 use std::net::IpAddr;
 
+use super::ClusterObjects;
 use super::{ModelConfig, NodeContext, Translation, translate};
-use crate::manifest::{ClusterObjects, parse_manifests};
+use crate::source::manifest::parse_manifests;
 use crate::state::{Frontend, Protocol, Scope, ServiceEntry};
 
 /// Parses a fixture; a fixture that does not parse cleanly is a broken test.

@@ -17,9 +17,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 
 use super::endpoint_slices::{SliceIndex, index_slice, listed_addresses};
+use super::objects::{ClusterObjects, DEFAULT_NAMESPACE, Diagnostic, object_label};
 use super::{ModelConfig, NodeContext, ServiceHealth, Translation};
 use super::{frontends, health, node, service_cidrs, service_ports};
-use crate::manifest::{ClusterObjects, DEFAULT_NAMESPACE, Diagnostic, object_label};
 use crate::state::{Frontend, ServiceEntry};
 
 /// A namespaced object's identity: (namespace, name).

@@ -1,4 +1,5 @@
-//! The configuration file (`--config`, YAML) and its live reload.
+//! The configuration file (`--config`, YAML) and its live reload. A leaf: it works on whatever `clap::Command` it is
+//! given (the CLI passes its own) and imports nothing of the crate.
 //!
 //! **Precedence:** flag > environment variable > config file > built-in default. clap already orders the first two
 //! before its defaults, so the file's values are installed as the defaults of the matching arguments before the
@@ -191,14 +192,6 @@ pub fn apply_file_defaults(
     Ok(cmd)
 }
 
-/// Checks a file against the agent's real command line: every key is a flag and every value parses.
-pub fn check_keys(file: &ConfigFile) -> Result<(), String> {
-    let cmd = apply_file_defaults(crate::cli::command(), file).map_err(|e| e.to_string())?;
-    cmd.try_get_matches_from(["lb-agent", "run", "--manifests", "/dev/null"])
-        .map(|_| ())
-        .map_err(|e| e.to_string())
-}
-
 /// What the file reload needs to know about how the agent was started.
 #[derive(Clone, Debug, Default)]
 pub struct StartupSettings {
@@ -368,33 +361,6 @@ mod tests {
         let c = parse_with("", &["lb", "run"]).expect("parse");
         assert_eq!(run_args(&c).0, "maglev", "built-in default without file");
         assert_eq!(run_args(&c).1, 251);
-    }
-
-    #[test]
-    fn xdp_settings_are_config_file_keys_of_the_real_command() {
-        use crate::datapath::xdp_attach::XdpModeChoice;
-        let run = |yaml: &str| {
-            let file = parse(Path::new("lb.yaml"), yaml).expect("parse");
-            check_keys(&file).expect("known keys");
-            apply_file_defaults(crate::cli::command(), &file)
-                .expect("defaults")
-                .try_get_matches_from(["lb-agent", "run", "--manifests", "/dev/null"])
-                .expect("matches")
-        };
-        let m = run("xdp: true\nxdp-mode: generic\n");
-        let r = m.subcommand_matches("run").expect("run");
-        assert!(r.get_flag("xdp"));
-        assert_eq!(
-            r.get_one::<XdpModeChoice>("xdp_mode"),
-            Some(&XdpModeChoice::Generic)
-        );
-        let m = run("");
-        let r = m.subcommand_matches("run").expect("run");
-        assert!(!r.get_flag("xdp"), "off by default");
-        assert_eq!(
-            r.get_one::<XdpModeChoice>("xdp_mode"),
-            Some(&XdpModeChoice::Auto)
-        );
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! programmed, skipped objects, frontends that did not fit) and, read from the pinned maps at scrape time, the
 //! datapath's per-service and per-backend counters and the maps' fill levels.
 //!
-//! The datapath counters are tables ([`SERVICE_COUNTERS`], [`BACKEND_COUNTERS`]): a new field in
-//! `lb_common::ServiceStats` or `BackendStats` is one line there.
+//! The datapath counters are the tables of `datapath::counters`: a new field in `lb_common::ServiceStats` or
+//! `BackendStats` is one line there.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -18,65 +18,13 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::datapath::inspect::show_addr;
+use crate::datapath::counters::{BACKEND_COUNTERS, SERVICE_COUNTERS};
+use crate::datapath::display::{proto_name, scope_name, show_addr};
 use crate::datapath::listings;
-use crate::datapath::maps::{Maps, PinnedMaps};
-use crate::datapath::names::kind_name;
+use crate::datapath::maps::{MapsRead, PinnedMaps};
+use crate::datapath::names::{kind_name, service_names};
 use crate::datapath::reconcile::SyncReport;
-use crate::manifest::Diagnostic;
-
-/// A per-service counter: metric name (without `_total`), help, and the field it reads.
-pub type ServiceCounter = (&'static str, &'static str, fn(&ServiceStats) -> u64);
-/// A per-backend counter.
-pub type BackendCounter = (&'static str, &'static str, fn(&BackendStats) -> u64);
-
-/// Every `ServiceStats` field, exported as `<name>_total{namespace,name,port,frontend,protocol,scope,kind}`.
-pub const SERVICE_COUNTERS: &[ServiceCounter] = &[
-    (
-        "lb_service_sock_connects",
-        "Connections (connect, or first UDP sendmsg) the socket LB translated to a backend.",
-        |s| s.sock_connects,
-    ),
-    (
-        "lb_service_sock_rejects",
-        "connect/sendmsg calls the socket LB refused because the service had no backend.",
-        |s| s.sock_rejects,
-    ),
-    (
-        "lb_service_packets",
-        "Packets the tc/XDP datapath forwarded to a backend.",
-        |s| s.packets,
-    ),
-    (
-        "lb_service_bytes",
-        "Bytes the tc/XDP datapath forwarded to a backend.",
-        |s| s.bytes,
-    ),
-    (
-        "lb_service_drops",
-        "Packets the tc/XDP datapath dropped for this service.",
-        |s| s.drops,
-    ),
-];
-
-/// Every `BackendStats` field, exported as `<name>_total{backend,protocol}`.
-pub const BACKEND_COUNTERS: &[BackendCounter] = &[
-    (
-        "lb_backend_sock_connects",
-        "Connections the socket LB sent to this backend.",
-        |s| s.sock_connects,
-    ),
-    (
-        "lb_backend_packets",
-        "Packets the tc/XDP datapath forwarded to this backend.",
-        |s| s.packets,
-    ),
-    (
-        "lb_backend_bytes",
-        "Bytes the tc/XDP datapath forwarded to this backend.",
-        |s| s.bytes,
-    ),
-];
+use crate::model::Diagnostic;
 
 /// One programmed service as the collector labels it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -139,7 +87,7 @@ impl CounterSource for PinnedCounters {
         let Ok(maps) = PinnedMaps::open(&self.dir) else {
             return Vec::new();
         };
-        let names = listings::service_names(&self.dir);
+        let names = service_names(&self.dir);
         let Ok(services) = maps.services() else {
             return Vec::new();
         };
@@ -153,8 +101,8 @@ impl CounterSource for PinnedCounters {
                 ServiceSample {
                     id: value.service_id,
                     frontend: show_addr(key.addr, key.port),
-                    protocol: listings::proto_name(key.proto),
-                    scope: listings::scope_name(key.scope),
+                    protocol: proto_name(key.proto),
+                    scope: scope_name(key.scope),
                     namespace,
                     name: svc,
                     port,
@@ -177,7 +125,7 @@ impl CounterSource for PinnedCounters {
             .map(|(id, b)| BackendSample {
                 id,
                 backend: show_addr(b.addr, b.port),
-                protocol: listings::proto_name(b.proto),
+                protocol: proto_name(b.proto),
                 stats: maps.backend_stats(id).unwrap_or_default(),
             })
             .collect()
@@ -591,7 +539,7 @@ mod tests {
                     proto: crate::state::Protocol::Tcp,
                     scope: crate::state::Scope::Internal,
                 },
-                "service capacity (15) reached".into(),
+                crate::datapath::reconcile::FrontendError::ServiceCapacity { capacity: 15 },
             )],
             ..Default::default()
         };

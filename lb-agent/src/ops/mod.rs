@@ -1,6 +1,6 @@
 //! Operating the agent: health and readiness, the `healthCheckNodePort` servers, Prometheus metrics, the config
-//! file and its reload, and the service names map. `cli::run` calls [`Ops`] at a few points (start, each sync,
-//! ready, reload); everything else lives here.
+//! file and its reload. The agent's run loop (`crate::agent`) calls [`Ops`] at a few points (start, each sync,
+//! ready, reload); everything else lives here. Ops reads the maps (for the metrics) and never writes them.
 //!
 //! The HTTP servers run on their own thread and runtime, so probes and scrapes are answered while a long sync
 //! blocks the run loop (which is what `/healthz` must detect, not suffer from).
@@ -10,7 +10,6 @@ pub mod health;
 pub mod http;
 pub mod metrics;
 
-use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,32 +17,20 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use crate::datapath::names::{NameWriter, PinnedNames};
-use crate::datapath::reconcile::{Reconciler, SyncReport, service_key};
-use crate::model::Translation;
-use crate::state::Frontend;
+use crate::datapath::reconcile::SyncReport;
+use crate::model::{Diagnostic, Translation};
 use health::{HealthState, ServiceHealthServers};
 use metrics::{Metrics, PinnedCounters};
 
-/// `lb-agent run`'s operational flags.
-#[derive(clap::Args, Debug, Clone)]
-pub struct OpsArgs {
-    /// Address of `/healthz` (liveness) and `/readyz` (ready after the first full sync). kube-proxy's healthz port
-    /// is 10256; lb uses the same so that probes and firewall rules written for kube-proxy keep working. Port 0
-    /// picks a free port (logged).
-    #[arg(long, default_value = "127.0.0.1:10256", env = "LB_HEALTH_ADDR")]
+/// Where the operational servers listen (`lb-agent run`'s `--health-addr`, `--metrics-addr` and
+/// `--health-check-node-port-addresses`).
+#[derive(Debug, Clone)]
+pub struct OpsConfig {
+    /// `/healthz` and `/readyz`.
     pub health_addr: SocketAddr,
-    /// Address of the Prometheus `/metrics` endpoint (port 0: a free port, logged).
-    #[arg(long, default_value = "127.0.0.1:9402", env = "LB_METRICS_ADDR")]
+    /// `/metrics`.
     pub metrics_addr: SocketAddr,
-    /// Addresses the `healthCheckNodePort` servers listen on (comma-separated). The cloud load balancer probes
-    /// them on the node's IP, so the default is every address.
-    #[arg(
-        long,
-        default_value = "0.0.0.0",
-        env = "LB_HEALTH_CHECK_NODE_PORT_ADDRESSES",
-        value_delimiter = ','
-    )]
+    /// Where the `healthCheckNodePort` servers listen.
     pub health_check_node_port_addresses: Vec<IpAddr>,
 }
 
@@ -52,9 +39,6 @@ pub struct Ops {
     health: Arc<HealthState>,
     metrics: Arc<Metrics>,
     service_health: ServiceHealthServers,
-    pins: PathBuf,
-    max_services: u32,
-    names: Option<(PinnedNames, NameWriter)>,
     /// When the oldest change not yet programmed was seen.
     pending_since: Option<Instant>,
     config: Option<config::ConfigFile>,
@@ -64,7 +48,7 @@ pub struct Ops {
 impl Ops {
     /// Binds the health and metrics listeners (a taken port fails the start, as it does kube-proxy's) and serves
     /// them on a thread of their own.
-    pub fn start(args: &OpsArgs, pins: &Path, max_services: u32) -> anyhow::Result<Ops> {
+    pub fn start(args: &OpsConfig, pins: &Path) -> anyhow::Result<Ops> {
         let health = Arc::new(HealthState::default());
         let metrics = Arc::new(Metrics::new(PinnedCounters {
             dir: pins.to_path_buf(),
@@ -126,9 +110,6 @@ impl Ops {
             ),
             health,
             metrics,
-            pins: pins.to_path_buf(),
-            max_services,
-            names: None,
             pending_since: None,
             config: startup.file,
             _runtime: thread,
@@ -150,17 +131,15 @@ impl Ops {
         self.health.sync_started();
     }
 
-    /// Everything that follows a sync: names map, health check servers, metrics, the health timestamps.
-    /// `changed` names the frontends whose desired entry changed when the sync visited only those (`None`: all).
+    /// Everything that follows a sync: health check servers, metrics, the health timestamps. `backends` is how
+    /// many backends the maps hold after it.
     pub fn sync_finished(
         &mut self,
         translation: &Translation,
-        changed: Option<&BTreeSet<Frontend>>,
         report: &SyncReport,
-        reconciler: &Reconciler,
+        backends: usize,
         started: Instant,
     ) {
-        self.write_names(translation, changed, reconciler);
         self.service_health.sync(&translation.health);
         let agent = &self.metrics.agent;
         agent.sync_duration.observe(started.elapsed().as_secs_f64());
@@ -169,13 +148,12 @@ impl Ops {
                 .programming_latency
                 .observe(seen.elapsed().as_secs_f64());
         }
-        let diagnostics: Vec<&crate::manifest::Diagnostic> =
-            translation.diagnostics.iter().collect();
+        let diagnostics: Vec<&Diagnostic> = translation.diagnostics.iter().collect();
         agent.record_sync(
             report,
             &diagnostics,
             translation.state.services.len(),
-            reconciler.programmed_backends(),
+            backends,
         );
         agent
             .health_check_servers
@@ -184,41 +162,13 @@ impl Ops {
     }
 
     /// Counts diagnostics the source reported before the translation (unreadable documents, bad objects).
-    pub fn note_source_diagnostics(&self, diagnostics: &[crate::manifest::Diagnostic]) {
+    pub fn note_source_diagnostics(&self, diagnostics: &[Diagnostic]) {
         for d in diagnostics {
             self.metrics
                 .agent
                 .skipped_objects
                 .get_or_create(&metrics::skipped_labels(d))
                 .inc();
-        }
-    }
-
-    fn write_names(
-        &mut self,
-        translation: &Translation,
-        changed: Option<&BTreeSet<Frontend>>,
-        reconciler: &Reconciler,
-    ) {
-        if self.names.is_none() {
-            match PinnedNames::open_or_create(&self.pins, self.max_services)
-                .and_then(|store| NameWriter::restore(&store).map(|w| (store, w)))
-            {
-                Ok(n) => self.names = Some(n),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot open the service names map; the CLI and metrics will show ids only");
-                    return;
-                }
-            }
-        }
-        let id_of = |f: &Frontend| reconciler.service_id(&service_key(f));
-        if let Some((store, writer)) = self.names.as_mut()
-            && let Err(e) = match changed {
-                Some(changed) => writer.sync_changed(store, &translation.state, changed, id_of),
-                None => writer.sync(store, &translation.state, id_of),
-            }
-        {
-            tracing::warn!(error = %e, "cannot update the service names map");
         }
     }
 
@@ -276,44 +226,4 @@ impl Ops {
         self.config = Some(new);
         live
     }
-}
-
-/// Applies live settings from a config reload to the model and the reconciler (and the log filter). Returns
-/// whether the maps need a resync. A value that does not parse is logged and the running one stays.
-pub fn apply_live(
-    live: &[(String, String)],
-    model: &mut crate::model::ModelConfig,
-    reconciler: &mut Reconciler,
-) -> bool {
-    let mut resync = false;
-    for (key, value) in live {
-        let bad = |e: &dyn std::fmt::Display| tracing::error!(setting = %key, %value, error = %e, "config: invalid value; keeping the running one");
-        match key.as_str() {
-            "algorithm" => match value.parse() {
-                Ok(a) => {
-                    model.default_algorithm = a;
-                    resync = true;
-                }
-                Err(e) => bad(&e),
-            },
-            "maglev-min-size" | "maglev-max-size" => match value.parse::<u32>() {
-                Ok(n) if key == "maglev-min-size" => {
-                    reconciler.set_maglev_sizes(Some(n), None);
-                    resync = true;
-                }
-                Ok(n) => {
-                    reconciler.set_maglev_sizes(None, Some(n));
-                    resync = true;
-                }
-                Err(e) => bad(&e),
-            },
-            "log-level" => {
-                if let Err(e) = config::reload_log_level(value) {
-                    bad(&e);
-                }
-            }
-            _ => {}
-        }
-    }
-    resync
 }

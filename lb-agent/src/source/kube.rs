@@ -1,6 +1,6 @@
 //! The cluster source: kube-rs watchers on Services, EndpointSlices, this node's Node object and the ServiceCIDRs,
 //! feeding the same pure translation as the file source (`model::translate` on a
-//! [`ClusterObjects`](crate::manifest::ClusterObjects) snapshot) and, through the run loop, the same `Reconciler`.
+//! [`ClusterObjects`](crate::model::ClusterObjects) snapshot) and, through the run loop, the same `Reconciler`.
 //!
 //! Objects are watched as `DynamicObject`s and converted one by one with the manifest reader's converter, so one
 //! malformed object becomes a diagnostic naming it and its field instead of failing the whole list (a typed list
@@ -34,7 +34,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::manifest::{self, ClusterObjects, Diagnostic};
+use super::manifest;
+use crate::model::{ClusterObjects, Diagnostic};
 use tracker::{Change, ObjectKey, Parsed, Update};
 pub use tracker::{Contents, Delta, Kind, Snapshot, Tracker};
 

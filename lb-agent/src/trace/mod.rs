@@ -18,12 +18,12 @@ use lb_common::{
 use serde::Serialize;
 
 use crate::datapath::loader::{self, Datapath, PinDir};
-use crate::datapath::maps::Maps;
+use crate::datapath::maps::{Maps, MapsRead};
 use crate::datapath::packet_maps::{NodeEntry, lpm_prefix};
 use crate::datapath::pins::Capacities;
 use crate::datapath::reconcile::{ReconcileConfig, Reconciler};
-use crate::manifest;
 use crate::model::{self, ModelConfig};
+use crate::source::manifest;
 use crate::state::Protocol;
 
 /// Which kind of source a traced packet has.
@@ -86,7 +86,7 @@ impl Tracer {
 
     pub fn load_objects(
         object: &[u8],
-        objects: &manifest::ClusterObjects,
+        objects: &crate::model::ClusterObjects,
         node_name: &str,
     ) -> anyhow::Result<Self> {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use lb_agent::datapath::maps::PinnedMaps;
 use lb_agent::datapath::reconcile::{ReconcileConfig, Reconciler};
-use lb_agent::manifest;
 use lb_agent::model::{self, ModelConfig};
+use lb_agent::source::manifest;
 use serde::{Deserialize, Serialize};
 
 use super::kubeproxy;

@@ -145,7 +145,7 @@ fn one_count(object: &[u8], n: usize, runs: usize, out: &mut PacketResults) -> R
     // NodePorts run out at 2768.
     svcs[n / 2].node_port = Some(NODE_PORT);
     let text = format!("{}{XDP_SERVICE}", workload::manifest(&svcs));
-    let (objects, diags) = lb_agent::manifest::parse_manifests("bench", &text);
+    let (objects, diags) = lb_agent::source::manifest::parse_manifests("bench", &text);
     if !diags.is_empty() {
         anyhow::bail!("manifest diagnostics: {:?}", &diags[..diags.len().min(3)]);
     }

@@ -129,7 +129,8 @@ mod tests {
     #[test]
     fn manifest_translates_to_two_frontends_per_service_with_all_endpoints() {
         let svcs = services(3, 10, false);
-        let (objects, diags) = lb_agent::manifest::parse_manifests("bench", &manifest(&svcs));
+        let (objects, diags) =
+            lb_agent::source::manifest::parse_manifests("bench", &manifest(&svcs));
         assert!(diags.is_empty(), "diagnostics: {diags:?}");
         let cfg = lb_agent::model::ModelConfig::default();
         let node = lb_agent::model::node_context(NODE_NAME, &objects.nodes, &cfg);

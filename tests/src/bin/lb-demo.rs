@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use lb_agent::datapath::maps::{Maps, PinnedMaps};
+use lb_agent::datapath::maps::{MapsRead, PinnedMaps};
 use lb_tests::agent::backends_of;
 use lb_tests::{Agent, Cmd, Probe, ProbeLine, Topology};
 

@@ -26,7 +26,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 
-use crate::manifest::{ClusterObjects, Diagnostic};
+use crate::model::{ClusterObjects, Diagnostic};
 
 /// The kinds the source watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -1,0 +1,121 @@
+//! Connection tracking shared by the tc programs and `lb_xdp` (`LB_CONNTRACK`; cilium's `conntrack.h` over
+//! `conntrack_map.h`): keys, the lookup that treats an expired entry as a miss, and the refresh on a hit.
+//!
+//! Keys and values are lb-common's ([`CtKey`], [`CtValue`]); the map's contract (who writes, who reads) is in
+//! `maps.rs`. **Invariant:** the entries of a flow come in pairs that share a lifetime, (forward, reply) and (SNAT,
+//! SNAT reply): a hit refreshes its entry and, when the lifetime changes, its pair ([`touch`]).
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use lb_common::{
+    CT_FLAG_CLOSING, CT_LIFETIME_CLOSING_S, CT_LIFETIME_TCP_S, CtKey, CtValue, PROTO_TCP,
+};
+
+use crate::maps::LB_CONNTRACK;
+use crate::packet::{Packet, TCP_FIN, TCP_RST, TCP_SYN};
+
+pub const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// The key of a packet's own tuple, in direction `dir`.
+#[inline(always)]
+pub fn set_key(
+    k: &mut CtKey,
+    saddr: &[u8; 16],
+    daddr: &[u8; 16],
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    dir: u8,
+) {
+    k.saddr = *saddr;
+    k.daddr = *daddr;
+    k.sport = sport;
+    k.dport = dport;
+    k.proto = proto;
+    k.dir = dir;
+    k._pad = [0; 2];
+}
+
+/// The key of the other direction an entry implies: a forward entry's reply (`dir` = `CT_DIR_REPLY`, the packet
+/// the backend sends back) or a reply entry's forward key (`dir` = `CT_DIR_FWD`, the client's packet to the VIP).
+/// Either way it is the entry's translated tuple, reversed.
+#[inline(always)]
+pub fn inverse_key(k: &mut CtKey, v: &CtValue, proto: u8, dir: u8) {
+    k.saddr = v.new_daddr;
+    k.daddr = v.new_saddr;
+    k.sport = v.new_dport;
+    k.dport = v.new_sport;
+    k.proto = proto;
+    k.dir = dir;
+    k._pad = [0; 2];
+}
+
+/// A live (unexpired) entry: copied into `out`, and a pointer for updates.
+#[inline(always)]
+pub fn lookup(key: &CtKey, out: &mut CtValue) -> Option<*mut CtValue> {
+    let ptr = LB_CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: the pointer comes from a successful lookup and is read at once, by value. An LRU entry can be evicted
+    // and reused concurrently; the worst outcome is one foreign entry, which the backend check catches for forward
+    // entries.
+    *out = unsafe { ptr.read() };
+    // SAFETY: no argument, no precondition.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(out.last_seen_ns) > u64::from(out.lifetime_s) * NS_PER_SEC {
+        return None;
+    }
+    Some(ptr)
+}
+
+/// Refreshes an entry on a hit (`ptr`, copied in `ct`), and its TCP life: FIN or RST shorten both directions
+/// (the entry and its pair, keyed by `other`) to the closing lifetime; the first packet after the SYN (the other
+/// direction answered) lengthens them to the established one. Not inlined: one copy instead of five keeps the
+/// callers' frames small (`lb_tc_ingress`'s chain through `claim_snat_port` is at the verifier's 512-byte combined
+/// stack limit). Returns 0 (a scalar: kernel 6.18 rejects a subprogram that leaves a stack pointer in r0).
+#[inline(never)]
+pub fn touch(ptr: *mut CtValue, ct: &CtValue, proto: u8, tcp_flags: u8, other: &CtKey) -> u32 {
+    // SAFETY: no argument, no precondition.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut lifetime = ct.lifetime_s;
+    let mut flags = ct.flags;
+    if proto == PROTO_TCP {
+        if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            lifetime = CT_LIFETIME_CLOSING_S;
+            flags |= CT_FLAG_CLOSING;
+        } else if ct.flags & CT_FLAG_CLOSING == 0 && tcp_flags & TCP_SYN == 0 {
+            lifetime = CT_LIFETIME_TCP_S;
+        }
+    }
+    let closing = flags & CT_FLAG_CLOSING != 0;
+    // Only a change is written, and never one that takes a closing entry back to a longer life: two packets of one
+    // flow run on two CPUs at once (a client's ACK and its FIN right after it, say), each with its own copy of the
+    // entry, and the later writer would otherwise put back the lifetime the other had just shortened (seen with
+    // real traffic: the SNAT entry of a closed flow kept the established 6 hours, and its SNAT port).
+    // SAFETY: `ptr` came from a lookup in this run; fields are written in place (a racing eviction can only make
+    // the write land in a recycled entry, which its own next lookup re-validates).
+    unsafe {
+        (*ptr).last_seen_ns = now;
+        let reopens = !closing && (*ptr).flags & CT_FLAG_CLOSING != 0;
+        if (lifetime != ct.lifetime_s || flags != ct.flags) && !reopens {
+            (*ptr).lifetime_s = lifetime;
+            (*ptr).flags = flags;
+        }
+    }
+    if lifetime != ct.lifetime_s
+        && let Some(o) = LB_CONNTRACK.get_ptr_mut(other)
+    {
+        // SAFETY: as above.
+        unsafe {
+            if closing || (*o).flags & CT_FLAG_CLOSING == 0 {
+                (*o).lifetime_s = lifetime;
+                (*o).flags |= flags & CT_FLAG_CLOSING;
+            }
+            (*o).last_seen_ns = now;
+        }
+    }
+    0
+}
+
+/// The key of a parsed tc packet's own tuple, in direction `dir`.
+#[inline(always)]
+pub fn packet_key(k: &mut CtKey, p: &Packet, dir: u8) {
+    set_key(k, &p.saddr, &p.daddr, p.sport, p.dport, p.proto, dir);
+}
