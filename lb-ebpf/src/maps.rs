@@ -11,10 +11,10 @@ use aya_ebpf::{
 use lb_common::{
     AffinityKey, AffinityValue, BPF_F_INNER_MAP, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BackendStats,
     BackendValue, ConfigValue, CtKey, CtValue, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGMENTS, DEFAULT_MAX_LOCAL_NETS, DEFAULT_MAX_SERVICES,
-    DEFAULT_MAX_SOCK_REVNAT, DEFAULT_MAX_SRC_RANGES, DEFAULT_MAX_SVC_CIDRS, DEFAULT_MAX_VIPS,
-    FragKey, FragValue, ServiceKey, ServiceStats, ServiceValue, SlotBlock, SockRevNatKey,
-    SockRevNatValue, SrcRangeData, TraceValue, XdpL2Value, reason,
+    DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGMENTS, DEFAULT_MAX_LOCAL_NETS, DEFAULT_MAX_NETNS_ADDRS,
+    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REVNAT, DEFAULT_MAX_SRC_RANGES, DEFAULT_MAX_SVC_CIDRS,
+    DEFAULT_MAX_VIPS, FragKey, FragValue, NetnsAddrs, ServiceKey, ServiceStats, ServiceValue,
+    SlotBlock, SockRevNatKey, SockRevNatValue, SrcRangeData, TraceValue, XdpL2Value, reason,
 };
 
 /// The flat slot array, `LB_MAGLEV`'s inner map: every service's lookup table is a region of it (lb-common
@@ -113,6 +113,12 @@ pub static LB_VIPS: HashMap<[u8; 16], u8, { DEFAULT_MAX_VIPS as usize }> = HashM
 /// Written by the agent; read by tc ingress and the socket forward hooks.
 #[btf_map]
 pub static LB_SVC_CIDRS: LpmTrie<[u8; 16], u8, { DEFAULT_MAX_SVC_CIDRS as usize }> = LpmTrie::new();
+
+/// Network namespace cookie -> `NetnsAddrs`: the addresses a socket created in that namespace sends from, for the
+/// socket LB's source range check (rule 9). Written by the agent; read by the socket forward hooks.
+#[btf_map]
+pub static LB_NETNS_ADDRS: HashMap<u64, NetnsAddrs, { DEFAULT_MAX_NETNS_ADDRS as usize }> =
+    HashMap::new();
 
 /// `reason::*` -> packets, per CPU: why the tc programs dropped, rejected or passed a packet, and how they
 /// forwarded it. Written by the programs; read by the CLI and `lb-agent trace`.

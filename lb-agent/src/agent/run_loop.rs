@@ -1,7 +1,7 @@
 //! The daemon's life: start (watchers, ops servers, datapath, adoption), the first sync, then one loop over the
 //! source's changes, config reloads, signals and the conntrack garbage collector until SIGTERM.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -49,6 +49,9 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
         reconciler,
         names: Names::new(&pins.dir, config.capacities.services),
         ops,
+        netns: open_netns_addrs(&pins.dir, config.cgroup.as_deref()),
+        host_cookie: crate::host::netns_cookie().ok(),
+        netns_needed: false,
     };
     let (_config_watcher, mut config_changes) = config_watch(syncer.ops.config_path())?;
     let loader::Datapath {
@@ -77,8 +80,11 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
     };
     let mut gc = tokio::time::interval(config.conntrack_gc_interval.max(Duration::from_secs(1)));
+    // Pods started since the last sync get their namespace's address learned within this (source ranges).
+    let mut netns_tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
+            _ = netns_tick.tick() => syncer.refresh_netns(None),
             _ = gc.tick() => {
                 let live = syncer.reconciler.service_ids();
                 let now = packet_maps::monotonic_ns();
@@ -130,6 +136,30 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The namespace address map's writer (socket-level source ranges), or `None`, logged, when the map cannot be opened.
+fn open_netns_addrs(
+    pins: &Path,
+    cgroup: Option<&Path>,
+) -> Option<crate::datapath::netns_addrs::NetnsAddrsWriter> {
+    let cgroup = match cgroup {
+        Some(c) => c.to_path_buf(),
+        None => match loader::cgroup2_root() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "no cgroup v2 root: pods' namespace addresses are not learned");
+                return None;
+            }
+        },
+    };
+    match crate::datapath::netns_addrs::NetnsAddrsWriter::open(pins, &cgroup) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the namespace address map: pods' connections to LoadBalancer IPs with loadBalancerSourceRanges are refused");
+            None
+        }
+    }
+}
+
 /// The events that say the config file may have changed: its whole directory watched, or a receiver that never
 /// fires when there is no file.
 fn config_watch(
@@ -152,6 +182,10 @@ fn config_watch(
         None => {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             // Kept alive so recv() pends forever instead of returning None.
+            #[expect(
+                clippy::mem_forget,
+                reason = "a sender that never sends, so recv() pends forever"
+            )]
             std::mem::forget(tx);
             Ok((None, rx))
         }

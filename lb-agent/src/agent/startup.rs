@@ -130,6 +130,32 @@ pub(super) fn adopt(
         // tc egress then records the L2 headers the XDP fast path sends with.
         reconciler.set_config_flags(lb_common::CONFIG_FLAG_XDP);
     }
+    if config.pass_untracked_tcp {
+        reconciler.set_config_flags(lb_common::CONFIG_FLAG_PASS_UNTRACKED_TCP);
+        tracing::info!(
+            "TCP packets of flows lb does not track pass to netfilter (kube-proxy's connections keep their backend)"
+        );
+        match crate::netfilter_keeper::keep() {
+            Ok(()) => tracing::info!(
+                table = crate::netfilter_keeper::TABLE,
+                "keeping netfilter's conntrack and NAT running for kube-proxy's connections"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot keep netfilter's conntrack running: kube-proxy's connections end when its rules are removed, \
+                 unless other rules on the node use conntrack"
+            ),
+        }
+    } else {
+        match crate::netfilter_keeper::release() {
+            Ok(true) => tracing::info!(
+                table = crate::netfilter_keeper::TABLE,
+                "removed the conntrack keeper table"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::debug!(error = %e, "cannot check for the conntrack keeper table"),
+        }
+    }
     tracing::info!(
         services = reconciler.programmed_services(),
         backends = reconciler.programmed_backends(),

@@ -14,6 +14,7 @@ mod map_batch;
 pub mod map_error;
 pub mod maps;
 pub mod names;
+pub mod netns_addrs;
 pub mod packet_maps;
 pub mod pins;
 mod rcu_fence;

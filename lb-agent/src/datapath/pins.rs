@@ -55,7 +55,7 @@ fn size<T>() -> u32 {
 }
 
 impl Capacities {
-    pub fn specs(&self) -> [MapSpec; 17] {
+    pub fn specs(&self) -> [MapSpec; 18] {
         let spec = |name, map_type, key_size, value_size, max_entries| MapSpec {
             name,
             map_type,
@@ -187,6 +187,13 @@ impl Capacities {
                 size::<CtKey>(),
                 size::<XdpL2Value>(),
                 (self.conntrack / 2).max(1),
+            ),
+            spec(
+                map_names::NETNS_ADDRS,
+                MapType::Hash,
+                size::<u64>(),
+                size::<lb_common::NetnsAddrs>(),
+                lb_common::DEFAULT_MAX_NETNS_ADDRS,
             ),
         ]
     }

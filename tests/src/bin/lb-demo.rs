@@ -245,5 +245,5 @@ fn without_backend(manifest: &str, addr: &str) -> String {
         }
         out.push(line);
     }
-    out.join("\n") + "\n"
+    format!("{}\n", out.join("\n"))
 }

@@ -65,9 +65,12 @@ pub(super) struct Plan {
     new_by_inputs: HashMap<Arc<Inputs>, usize>,
 }
 
-/// Plans one desired frontend: skipped when its entry is the one programmed, else planned into `plan`, or failed
-/// into `report` and `failed` (keeping whatever it had).
-#[allow(clippy::too_many_arguments)]
+/// Phase 1 for one desired frontend: skipped when its entry is the one programmed, else planned into `plan`,
+/// or failed into `report` and `failed` (keeping whatever it had).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one argument per piece of the sync's state that phase 1 reads or updates, each owned elsewhere"
+)]
 pub(super) fn plan_frontend(
     ledger: &mut Ledger,
     cfg: &ReconcileConfig,
@@ -97,7 +100,10 @@ pub(super) fn plan_frontend(
 
 /// Writes the frontend's new backends, allocates its id, finds or builds its table. Writes neither the table nor
 /// the service entry.
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one argument per piece of the sync's state that planning reads or updates, each owned elsewhere"
+)]
 fn plan_service(
     ledger: &mut Ledger,
     cfg: &ReconcileConfig,
