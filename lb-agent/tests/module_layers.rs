@@ -17,8 +17,17 @@ use syn::visit::Visit;
 
 /// lb-agent's top-level modules, lowest first. A module may import from the layers before its own only.
 const LAYERS: &[&[&str]] = &[
-    // Leaves: plain values, pure Maglev, the host's interfaces and capabilities.
-    &["state", "maglev", "host"],
+    // Leaves: plain values, pure Maglev, the host's interfaces and capabilities; the build's identity, the
+    // conntrack keeper table beside kube-proxy and the rendering of the deployment's objects, which import
+    // nothing of the crate.
+    &[
+        "state",
+        "maglev",
+        "host",
+        "build_info",
+        "netfilter_keeper",
+        "install",
+    ],
     // The pure translation and its vocabulary.
     &["model"],
     // Where objects come from (manifests, the API server), producing the model's vocabulary.
@@ -426,7 +435,7 @@ fn cycles(edges: &BTreeSet<(ModPath, ModPath)>, names: &BTreeMap<ModPath, PathBu
                     .insert(b[depth].clone());
                 witness
                     .entry((a[depth].clone(), b[depth].clone()))
-                    .or_insert((a.clone(), b.clone()));
+                    .or_insert_with(|| (a.clone(), b.clone()));
             }
         }
         for group in tangles(&graph) {

@@ -327,7 +327,7 @@ fn monitoring_exprs() -> Vec<(String, String)> {
         for rule in group["rules"].as_array().expect("rules") {
             let name = rule["alert"]
                 .as_str()
-                .or(rule["record"].as_str())
+                .or_else(|| rule["record"].as_str())
                 .expect("named");
             let expr = rule["expr"]
                 .as_str()

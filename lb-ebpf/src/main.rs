@@ -18,6 +18,8 @@ mod packet;
 #[cfg(any(target_arch = "bpf", clippy))]
 mod reject;
 #[cfg(any(target_arch = "bpf", clippy))]
+mod rewrite;
+#[cfg(any(target_arch = "bpf", clippy))]
 mod scratch;
 #[cfg(any(target_arch = "bpf", clippy))]
 mod sctp;

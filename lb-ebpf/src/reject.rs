@@ -19,12 +19,15 @@ use aya_ebpf::{
 };
 use lb_common::PROTO_TCP;
 
-use crate::packet::{ETH_HLEN, Packet, RewriteError, TCP_ACK, TCP_FIN, TCP_SYN, csum, fold};
+use crate::packet::{ETH_HLEN, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use crate::rewrite::{RewriteError, csum, fold};
 
 const BPF_ADJ_ROOM_MAC: u32 = 1;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
 const TTL: u8 = 64;
+/// The Ethernet header's length as the helpers' offsets take it.
+const ETH: usize = ETH_HLEN as usize;
 
 /// The answer's headers while they are built (lengths are multiples of 4, as `bpf_csum_diff` requires).
 #[repr(C)]
@@ -37,6 +40,25 @@ pub struct RejectBufs {
     l4: [u8; 56],
     /// The quoted IP header and 8 bytes of L4, as read from the packet.
     quote: [u8; 48],
+}
+
+/// Whether the packet may be answered at all. Never a RST for a RST (RFC 9293 3.10.7.1), and never an answer to
+/// a source that cannot have sent it or cannot take one (RFC 1122 3.2.2, RFC 4443 2.4 (e)): the unspecified
+/// address, loopback, multicast or broadcast (IPv4 224.0.0.0/3), 0.0.0.0/8, and in an IPv6 header `::`, `::1`,
+/// `ff00::/8` and an IPv4-mapped address. The caller drops those instead.
+#[inline(always)]
+pub fn answerable(p: &Packet) -> bool {
+    if p.proto == PROTO_TCP && p.tcp_flags & TCP_RST != 0 {
+        return false;
+    }
+    let a = &p.saddr;
+    if p.is_v4() {
+        return a[12] != 0 && a[12] != 127 && a[12] < 224;
+    }
+    let head_zero = a[..10] == [0; 10];
+    let unspecified_or_loopback = head_zero && a[10..15] == [0; 5] && a[15] <= 1;
+    let v4_mapped = head_zero && a[10] == 0xff && a[11] == 0xff;
+    !(unspecified_or_loopback || v4_mapped || a[0] == 0xff)
 }
 
 /// Turns the packet into the reject answer and redirects it back out of its interface; returns the tc verdict.
@@ -52,7 +74,7 @@ pub fn reject(ctx: &TcContext, p: &Packet, b: &mut RejectBufs) -> i32 {
 fn reject_inner(ctx: &TcContext, p: &Packet, b: &mut RejectBufs) -> Result<i32, RewriteError> {
     if p.proto == PROTO_TCP {
         tcp_rst(ctx, p, b)?;
-    } else if p.v4 {
+    } else if p.is_v4() {
         icmp4_unreach(ctx, p, b)?;
     } else {
         icmp6_unreach(ctx, p, b)?;
@@ -89,11 +111,12 @@ fn change_tail(ctx: &TcContext, len: usize) -> Result<(), RewriteError> {
 /// The RST answering a TCP segment: addresses and ports swapped, no options, no payload.
 #[inline(always)]
 fn tcp_rst(ctx: &TcContext, p: &Packet, b: &mut RejectBufs) -> Result<(), RewriteError> {
-    let seq = u32::from_be(ctx.load::<u32>(p.l4 + 4).map_err(|_| RewriteError)?);
-    let ack_seq = u32::from_be(ctx.load::<u32>(p.l4 + 8).map_err(|_| RewriteError)?);
-    let doff = usize::from(ctx.load::<u8>(p.l4 + 12).map_err(|_| RewriteError)? >> 4) * 4;
-    let total = ctx.len() as usize;
-    let payload = total.saturating_sub(p.l4 + doff) as u32;
+    let l4 = p.l4 as usize;
+    let seq = u32::from_be(ctx.load::<u32>(l4 + 4).map_err(|_| RewriteError)?);
+    let ack_seq = u32::from_be(ctx.load::<u32>(l4 + 8).map_err(|_| RewriteError)?);
+    // The segment's length comes from the IP header (`ip_end`), never from the frame: Ethernet pads a bare SYN to
+    // 60 bytes, and acknowledging the padding (seq + 7) makes the client drop the RST and wait out its connect.
+    let payload = p.ip_end.saturating_sub(p.l4 + p.l4_len);
     let (rst_seq, rst_ack, flags) = if p.tcp_flags & TCP_ACK != 0 {
         (ack_seq, 0u32, 0x04u8)
     } else {
@@ -114,8 +137,8 @@ fn tcp_rst(ctx: &TcContext, p: &Packet, b: &mut RejectBufs) -> Result<(), Rewrit
     tcp[8..12].copy_from_slice(&rst_ack.to_be_bytes());
     tcp[12] = 0x50;
     tcp[13] = flags;
-    if p.v4 {
-        change_tail(ctx, ETH_HLEN + 40)?;
+    if p.is_v4() {
+        change_tail(ctx, ETH + 40)?;
         ipv4_header(&mut b.ip, p, 40, PROTO_TCP);
         pseudo4(&mut b.pseudo, p, PROTO_TCP, 20);
         let seed = csum::<12>(&mut b.pseudo, 0)?;
@@ -125,18 +148,18 @@ fn tcp_rst(ctx: &TcContext, p: &Packet, b: &mut RejectBufs) -> Result<(), Rewrit
         let c = fold(u64::from(csum::<20>(&mut b.ip, 0)?)).to_ne_bytes();
         b.ip[10] = c[0];
         b.ip[11] = c[1];
-        store::<20>(ctx, ETH_HLEN, &b.ip)?;
-        store::<20>(ctx, ETH_HLEN + 20, &b.l4)
+        store::<20>(ctx, ETH, &b.ip)?;
+        store::<20>(ctx, ETH + 20, &b.l4)
     } else {
-        change_tail(ctx, ETH_HLEN + 60)?;
+        change_tail(ctx, ETH + 60)?;
         ipv6_header(&mut b.ip, p, 20, PROTO_TCP);
         pseudo6(&mut b.pseudo, p, PROTO_TCP, 20);
         let seed = csum::<40>(&mut b.pseudo, 0)?;
         let c = fold(u64::from(csum::<20>(&mut b.l4, seed)?)).to_ne_bytes();
         b.l4[16] = c[0];
         b.l4[17] = c[1];
-        store::<40>(ctx, ETH_HLEN, &b.ip)?;
-        store::<20>(ctx, ETH_HLEN + 40, &b.l4)
+        store::<40>(ctx, ETH, &b.ip)?;
+        store::<20>(ctx, ETH + 40, &b.l4)
     }
 }
 
@@ -183,9 +206,9 @@ fn store<const N: usize>(ctx: &TcContext, off: usize, src: &[u8]) -> Result<(), 
 /// checksum kept as sent) and the first 8 bytes of L4.
 #[inline(always)]
 fn icmp4_unreach(ctx: &TcContext, p: &Packet, b: &mut RejectBufs) -> Result<(), RewriteError> {
-    load_into::<20, 48>(ctx, p.l3, &mut b.quote)?;
+    load_into::<20, 48>(ctx, p.l3 as usize, &mut b.quote)?;
     let mut l4 = [0u8; 8];
-    load_into::<8, 8>(ctx, p.l4, &mut l4)?;
+    load_into::<8, 8>(ctx, p.l4 as usize, &mut l4)?;
     b.quote[20..28].copy_from_slice(&l4);
     // Options are not quoted: say so in the quoted header (IHL 5), as the receiver parses it.
     b.quote[0] = 0x45;
@@ -195,7 +218,7 @@ fn icmp4_unreach(ctx: &TcContext, p: &Packet, b: &mut RejectBufs) -> Result<(), 
     if rc != 0 {
         return Err(RewriteError);
     }
-    change_tail(ctx, ETH_HLEN + 56)?;
+    change_tail(ctx, ETH + 56)?;
     let icmp = &mut b.l4;
     *icmp = [0; 56];
     icmp[0] = 3;
@@ -208,16 +231,16 @@ fn icmp4_unreach(ctx: &TcContext, p: &Packet, b: &mut RejectBufs) -> Result<(), 
     let c = fold(u64::from(csum::<20>(&mut b.ip, 0)?)).to_ne_bytes();
     b.ip[10] = c[0];
     b.ip[11] = c[1];
-    store::<20>(ctx, ETH_HLEN, &b.ip)?;
-    store::<36>(ctx, ETH_HLEN + 20, &b.l4)
+    store::<20>(ctx, ETH, &b.ip)?;
+    store::<36>(ctx, ETH + 20, &b.l4)
 }
 
 /// ICMPv6 destination unreachable, code 4 (port unreachable), quoting the IPv6 header and 8 bytes of L4.
 #[inline(always)]
 fn icmp6_unreach(ctx: &TcContext, p: &Packet, b: &mut RejectBufs) -> Result<(), RewriteError> {
-    load_into::<40, 48>(ctx, p.l3, &mut b.quote)?;
+    load_into::<40, 48>(ctx, p.l3 as usize, &mut b.quote)?;
     let mut l4 = [0u8; 8];
-    load_into::<8, 8>(ctx, p.l4, &mut l4)?;
+    load_into::<8, 8>(ctx, p.l4 as usize, &mut l4)?;
     b.quote[40..48].copy_from_slice(&l4);
     // Extension headers are not quoted: the quoted header names the upper layer directly.
     b.quote[6] = p.proto;
@@ -226,7 +249,7 @@ fn icmp6_unreach(ctx: &TcContext, p: &Packet, b: &mut RejectBufs) -> Result<(), 
     if rc != 0 {
         return Err(RewriteError);
     }
-    change_tail(ctx, ETH_HLEN + 96)?;
+    change_tail(ctx, ETH + 96)?;
     let icmp = &mut b.l4;
     icmp[..8].copy_from_slice(&[1, 4, 0, 0, 0, 0, 0, 0]);
     icmp[8..56].copy_from_slice(&b.quote);
@@ -236,8 +259,8 @@ fn icmp6_unreach(ctx: &TcContext, p: &Packet, b: &mut RejectBufs) -> Result<(), 
     b.l4[2] = c[0];
     b.l4[3] = c[1];
     ipv6_header(&mut b.ip, p, 56, IPPROTO_ICMPV6);
-    store::<40>(ctx, ETH_HLEN, &b.ip)?;
-    store::<56>(ctx, ETH_HLEN + 40, &b.l4)
+    store::<40>(ctx, ETH, &b.ip)?;
+    store::<56>(ctx, ETH + 40, &b.l4)
 }
 
 /// An IPv4 header from the packet's destination back to its source, checksum 0 (the caller fills it).

@@ -15,8 +15,9 @@ use lb_common::{
     SrcRangeData, XdpL2Value,
 };
 
-use crate::packet::{Nat, Packet};
+use crate::packet::Packet;
 use crate::reject::RejectBufs;
+use crate::rewrite::Nat;
 
 /// `LB_SCRATCH` slots: one per program, so an egress run never sees an ingress run's state even if the kernel ever
 /// ran one inside the other on a CPU (tc programs run with bottom halves disabled, so today it does not).
@@ -80,22 +81,6 @@ pub struct TcScratch {
     pub hook: u8,
 }
 
-/// The packet as XDP reads it (a small subset of `packet::Packet`: fixed header offsets only).
-#[repr(C)]
-pub struct XdpPkt {
-    /// 1 for IPv4, 0 for IPv6 (an integer: this is part of a map value's BTF).
-    pub v4: u32,
-    pub proto: u8,
-    pub tcp_flags: u8,
-    /// Ports, host byte order.
-    pub sport: u16,
-    pub dport: u16,
-    pub _pad: u16,
-    /// Addresses in lb's 16-byte form (IPv4-mapped for IPv4).
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
-}
-
 /// XDP's rewrite to apply: new addresses (16-byte form) and ports (host order).
 #[repr(C)]
 pub struct XdpNat {
@@ -109,7 +94,7 @@ pub struct XdpNat {
 /// One `lb_xdp` run's working state.
 #[repr(C)]
 pub struct XdpScratch {
-    pub pkt: XdpPkt,
+    pub pkt: Packet,
     /// The first entry's key (`CT_DIR_SNAT_REPLY` or `CT_DIR_FWD`) and the second one's (`CT_DIR_REPLY` or
     /// `CT_DIR_SNAT`), which is also the `LB_XDP_L2` key.
     pub key: CtKey,

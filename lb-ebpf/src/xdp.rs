@@ -3,8 +3,9 @@
 //! the packet exactly as without XDP.
 //!
 //! What it does, in order (katran's `process_packet` shape: each step "done, or continue"):
-//! 1. parse: Ethernet, IPv4 without options or IPv6 without extension headers, TCP or UDP, not a fragment;
-//!    anything else passes (fragments, extension headers, SCTP, ICMP and non-IP are tc's);
+//! 1. parse (`packet::parse`, strict: a malformed packet passes untouched): Ethernet, IPv4 without options or IPv6
+//!    without extension headers, TCP or UDP, not a fragment; anything else passes (fragments, options, extension
+//!    headers, SCTP, ICMP and non-IP are tc's; a well-formed one may still meet step 4);
 //! 2. a reply of an SNATed flow (backend -> node SNAT address:port, `CT_DIR_SNAT_REPLY`) with a learned L2 header
 //!    for its reply leg: both reverse translations (destination back to the client, source back to the VIP), TTL /
 //!    hop limit down, MACs from the learned header, out through `XDP_TX` or `bpf_redirect` (`reason::XDP_REPLY`);
@@ -45,8 +46,6 @@
     reason = "keys and values are passed to the map helpers as references into the scratch map value, as in tc.rs"
 )]
 
-use core::mem::size_of;
-
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     helpers::{bpf_ktime_get_ns, bpf_redirect},
@@ -55,21 +54,19 @@ use aya_ebpf::{
 use lb_common::{
     CT_DIR_FWD, CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_CLOSING, CT_FLAG_SNAT,
     CT_LIFETIME_TCP_S, CtKey, CtValue, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
-    SVC_FLAG_SOURCE_RANGES, XDP_L2_FRESH_NS, reason, v4_mapped,
+    SVC_FLAG_SOURCE_RANGES, XDP_L2_FRESH_NS, reason,
 };
 
 use crate::ct;
 use crate::maps::{LB_SERVICES, LB_SRC_RANGES, LB_XDP_L2};
-use crate::packet::{ETH_HLEN, TCP_FIN, TCP_RST, TCP_SYN};
-use crate::scratch::{self, XdpPkt, XdpScratch};
+use crate::packet::{self, ETH_HLEN, FRAG_NONE, Packet, TCP_FIN, TCP_RST, TCP_SYN};
+use crate::scratch::{self, XdpScratch};
 use crate::select::lookup_backend;
 use crate::stats;
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
 /// Where the L4 header starts: IPv4 without options, IPv6 without extension headers (anything else passes).
-const L4_V4: usize = ETH_HLEN + 20;
-const L4_V6: usize = ETH_HLEN + 40;
+const L4_V4: usize = ETH_HLEN as usize + 20;
+const L4_V6: usize = ETH_HLEN as usize + 40;
 /// The largest frame XDP translates: a 1500-byte MTU plus the Ethernet header. Larger frames in generic mode are
 /// GRO aggregates (see the module doc); with jumbo frames those flows simply stay on the tc path.
 const MAX_FRAME: usize = 1514;
@@ -77,6 +74,7 @@ const MAX_FRAME: usize = 1514;
 /// [`parse`]'s results.
 const PARSED: u32 = 0;
 const NOT_PARSED: u32 = 1;
+const SOURCE_RANGE_ONLY: u32 = 2;
 
 /// The XDP entry point's core. Returns the XDP action.
 #[inline(always)]
@@ -84,8 +82,10 @@ pub fn run(ctx: &XdpContext) -> u32 {
     let Some(s) = scratch::xdp() else {
         return XDP_PASS;
     };
-    if parse(ctx, &mut s.pkt) != PARSED {
-        return XDP_PASS;
+    match parse(ctx, &mut s.pkt) {
+        PARSED => {}
+        SOURCE_RANGE_ONLY => return source_range(s),
+        _ => return XDP_PASS,
     }
     let action = fast_path(ctx, s);
     if action != XDP_PASS {
@@ -97,98 +97,30 @@ pub fn run(ctx: &XdpContext) -> u32 {
 /// Reads a `T` at `off` of the frame, bounds-checked for the verifier.
 #[inline(always)]
 fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + off + size_of::<T>() > end {
-        return None;
-    }
-    Some((start + off) as *mut T)
+    packet::ptr_at::<T, XdpContext>(ctx, off as u32)
 }
 
-#[inline(always)]
-fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
-    // SAFETY: `ptr_at` checked that the frame holds a `T` at `off`; unaligned read.
-    ptr_at::<T>(ctx, off).map(|p| unsafe { p.read_unaligned() })
-}
-
-/// Fills `p` from the frame; `NOT_PARSED` for anything the fast path does not handle (it then passes).
+/// Parses the frame into `p` (`packet::parse`, strict); `PARSED` only for what the fast path handles (Ethernet,
+/// IPv4 without options or IPv6 without extension headers, TCP or UDP, not a fragment), `NOT_PARSED` for a
+/// packet that is malformed, not a service's kind, or tc's; `SOURCE_RANGE_ONLY` for a well-formed packet the
+/// fast path leaves to tc but whose source may still be checked against the source ranges.
 ///
-/// Every step that touches the frame is inlined into the entry point: as an argument of a BPF-to-BPF call, LLVM
-/// passes the context's 32-bit `data` / `data_end` fields already loaded and zero-extends them in the callee with
-/// shifts, which kernel 6.18 refuses ("R2 pointer arithmetic on pkt_end prohibited").
+/// Inlined into the entry point: as an argument of a BPF-to-BPF call, LLVM passes the context's 32-bit `data` /
+/// `data_end` fields already loaded and zero-extends them in the callee with shifts, which kernel 6.18 refuses
+/// ("R2 pointer arithmetic on pkt_end prohibited").
 #[inline(always)]
-fn parse(ctx: &XdpContext, p: &mut XdpPkt) -> u32 {
-    match parse_inner(ctx, p) {
-        Some(()) => PARSED,
-        None => NOT_PARSED,
+fn parse(ctx: &XdpContext, p: &mut Packet) -> u32 {
+    if packet::parse(ctx, p) != packet::PARSED {
+        return NOT_PARSED;
     }
-}
-
-#[inline(always)]
-fn parse_inner(ctx: &XdpContext, p: &mut XdpPkt) -> Option<()> {
-    let eth_proto = u16::from_be(read::<u16>(ctx, 12)?);
-    let l4 = match eth_proto {
-        ETH_P_IP => {
-            let ip = ptr_at::<[u8; 20]>(ctx, ETH_HLEN)?.cast::<u8>();
-            // SAFETY: `ptr_at` checked that the 20-byte header is inside the frame.
-            unsafe {
-                // Version 4, no options.
-                if *ip != 0x45 {
-                    return None;
-                }
-                // Any fragment (MF set or a non-zero offset): tc's fragment handling.
-                if u16::from_be(ip.add(6).cast::<u16>().read_unaligned()) & 0x3fff != 0 {
-                    return None;
-                }
-                // The datagram must be all there (a cut frame is the stack's to drop, never forwarded).
-                let total = usize::from(u16::from_be(ip.add(2).cast::<u16>().read_unaligned()));
-                if total < 28 || ETH_HLEN + total > ctx.data_end() - ctx.data() {
-                    return None;
-                }
-                p.v4 = 1;
-                p.proto = *ip.add(9);
-                p.saddr = v4_mapped(ip.add(12).cast::<[u8; 4]>().read_unaligned());
-                p.daddr = v4_mapped(ip.add(16).cast::<[u8; 4]>().read_unaligned());
-            }
-            L4_V4
-        }
-        ETH_P_IPV6 => {
-            let ip = ptr_at::<[u8; 40]>(ctx, ETH_HLEN)?.cast::<u8>();
-            // SAFETY: `ptr_at` checked that the 40-byte header is inside the frame.
-            unsafe {
-                if *ip >> 4 != 6 {
-                    return None;
-                }
-                let payload = usize::from(u16::from_be(ip.add(4).cast::<u16>().read_unaligned()));
-                if payload < 8 || L4_V6 + payload > ctx.data_end() - ctx.data() {
-                    return None;
-                }
-                p.v4 = 0;
-                // The next header must be the upper layer itself: extension headers are tc's.
-                p.proto = *ip.add(6);
-                p.saddr = ip.add(8).cast::<[u8; 16]>().read_unaligned();
-                p.daddr = ip.add(24).cast::<[u8; 16]>().read_unaligned();
-            }
-            L4_V6
-        }
-        _ => return None,
-    };
-    // The whole fixed header (TCP: 20 bytes, UDP: 8), so the checksum can be rewritten later.
-    let th = if p.proto == PROTO_TCP {
-        ptr_at::<[u8; 20]>(ctx, l4)?.cast::<u8>()
-    } else if p.proto == PROTO_UDP {
-        ptr_at::<[u8; 8]>(ctx, l4)?.cast::<u8>()
-    } else {
-        return None;
-    };
-    // SAFETY: the header's first 8 bytes (and for TCP 20) are inside the frame, checked above.
-    unsafe {
-        p.sport = u16::from_be(th.cast::<u16>().read_unaligned());
-        p.dport = u16::from_be(th.add(2).cast::<u16>().read_unaligned());
-        p.tcp_flags = if p.proto == PROTO_TCP { *th.add(13) } else { 0 };
+    let fixed_l4 = if p.is_v4() { L4_V4 } else { L4_V6 };
+    if p.frag != FRAG_NONE
+        || (p.proto != PROTO_TCP && p.proto != PROTO_UDP)
+        || p.l4 as usize != fixed_l4
+    {
+        return SOURCE_RANGE_ONLY;
     }
-    p._pad = 0;
-    Some(())
+    PARSED
 }
 
 /// Steps 2 and 3 of the module doc. Returns `XDP_TX` / `XDP_REDIRECT` when the packet was translated and sent,
@@ -269,7 +201,7 @@ fn fast_path(ctx: &XdpContext, s: &mut XdpScratch) -> u32 {
 /// Whether an entry lets the packet take the fast path: TCP only between the handshake and the first FIN/RST
 /// (tc owns every lifetime change, see the module doc).
 #[inline(always)]
-fn usable(ct: &CtValue, p: &XdpPkt) -> bool {
+fn usable(ct: &CtValue, p: &Packet) -> bool {
     if ct.flags & CT_FLAG_CLOSING != 0 {
         return false;
     }
@@ -363,7 +295,7 @@ fn rewrite_inner(ctx: &XdpContext, s: &mut XdpScratch) -> Option<()> {
     let [old_sport, old_dport] = unsafe { ports.read_unaligned() };
     delta += word_diff(old_sport, new_sport) + word_diff(old_dport, new_dport);
     if p.v4 != 0 {
-        let ip = ptr_at::<[u8; 20]>(ctx, ETH_HLEN)?.cast::<u8>();
+        let ip = ptr_at::<[u8; 20]>(ctx, ETH_HLEN as usize)?.cast::<u8>();
         // SAFETY: bounds checked by `ptr_at` (20 bytes from `ip`).
         unsafe {
             if *ip.add(8) <= 1 {
@@ -386,7 +318,7 @@ fn rewrite_inner(ctx: &XdpContext, s: &mut XdpScratch) -> Option<()> {
             daddr.write_unaligned([word(&n.daddr, 12), word(&n.daddr, 14)]);
         }
     } else {
-        let ip = ptr_at::<[u8; 40]>(ctx, ETH_HLEN)?.cast::<u8>();
+        let ip = ptr_at::<[u8; 40]>(ctx, ETH_HLEN as usize)?.cast::<u8>();
         // SAFETY: bounds checked by `ptr_at` (40 bytes from `ip`).
         unsafe {
             if *ip.add(7) <= 1 {
@@ -484,6 +416,6 @@ fn source_range(s: &mut XdpScratch) -> u32 {
 
 /// The key of the packet's own tuple, in direction `dir`.
 #[inline(always)]
-fn pkt_key(k: &mut CtKey, p: &XdpPkt, dir: u8) {
+fn pkt_key(k: &mut CtKey, p: &Packet, dir: u8) {
     ct::set_key(k, &p.saddr, &p.daddr, p.sport, p.dport, p.proto, dir);
 }

@@ -1318,7 +1318,7 @@ fn sctp_port_rewrite_updates_crc32c_both_ways() {
     let p = packet::parse(&run.output).expect("IP packet");
     assert_eq!(p.dst, backend, "DNAT with the port");
     assert!(!p.checksums_ok, "a corrupted SCTP packet must stay invalid");
-    let mut fixed = run.output.clone();
+    let mut fixed = run.output;
     fixed[crc_at] ^= 0x5a;
     assert!(
         packet::parse(&fixed).expect("IP packet").checksums_ok,

@@ -1,7 +1,7 @@
 //! The daemon's life: start (watchers, ops servers, datapath, adoption), the first sync, then one loop over the
 //! source's changes, config reloads, signals and the conntrack garbage collector until SIGTERM.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -16,7 +16,7 @@ use crate::datapath::maps::PinnedMaps;
 use crate::datapath::packet_maps;
 use crate::datapath::pins::Migration;
 use crate::model;
-use crate::ops::status::{AgentReport, SourceReport};
+use crate::ops::status::{AgentReport, DatapathSetup, SourceReport};
 use crate::ops::{Ops, OpsInputs};
 use crate::source::kube::api_metrics::ApiMetrics;
 use crate::source::kube::{KubeSource, Snapshot};
@@ -72,10 +72,10 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
             },
         },
     )?;
-    let (datapath, xdp, mut setup) =
+    let (datapath, xdp, mut setup, mut pending_attach) =
         startup::load_and_attach(&object, &config, &pins, &fallback_node_addresses)?;
     let reconciler = startup::adopt(&datapath.maps, &config, xdp, &mut setup)?;
-    ops.set_datapath(setup);
+    ops.set_datapath(setup.clone());
     let model = config.model_config(fallback_node_addresses);
     let mut syncer = Syncer {
         translator: model::Translator::new(
@@ -87,12 +87,15 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
         reconciler,
         names: Names::new(&pins.dir, config.capacities.services),
         ops,
+        netns: open_netns_addrs(&pins.dir, config.cgroup.as_deref()),
+        host_cookie: crate::host::netns_cookie().ok(),
+        netns_needed: false,
         agent_started,
         synced_once: false,
     };
     let (_config_watcher, mut config_changes) = config_watch(syncer.ops.config_path())?;
     let loader::Datapath {
-        ebpf: _ebpf,
+        mut ebpf,
         mut maps,
         migration,
     } = datapath;
@@ -105,7 +108,14 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let (_file_watcher, mut changes, _no_file_changes) = match &config.source {
         SourceConfig::Manifests(path) => {
             let synced = syncer.sync(&mut maps, path, true);
-            finish_migration(&mut migration, synced)?;
+            finish_migration(
+                &mut migration,
+                synced,
+                &mut pending_attach,
+                &mut ebpf,
+                &mut setup,
+                &syncer.ops,
+            )?;
             tracing::info!("initial sync done");
             syncer.ops.set_ready();
             let (watcher, rx) = crate::source::file::watch(path)?;
@@ -117,8 +127,11 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
     };
     let mut gc = tokio::time::interval(config.conntrack_gc_interval.max(Duration::from_secs(1)));
+    // Pods started since the last sync get their namespace's address learned within this (source ranges).
+    let mut netns_tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
+            _ = netns_tick.tick() => syncer.refresh_netns(None),
             _ = gc.tick() => {
                 let live = syncer.reconciler.service_ids();
                 let now = packet_maps::monotonic_ns();
@@ -135,7 +148,7 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 syncer.ops.change_seen_at(snapshot.first_event.unwrap_or_else(Instant::now));
                 let initial = snapshot.initial;
                 syncer.apply_snapshot(&mut maps, snapshot, false);
-                finish_migration(&mut migration, true)?;
+                finish_migration(&mut migration, true, &mut pending_attach, &mut ebpf, &mut setup, &syncer.ops)?;
                 if initial {
                     // The readiness moment: every kind listed and programmed once (tests wait for this line).
                     tracing::info!("initial sync done");
@@ -170,6 +183,30 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The namespace address map's writer (socket-level source ranges), or `None`, logged, when the map cannot be opened.
+fn open_netns_addrs(
+    pins: &Path,
+    cgroup: Option<&Path>,
+) -> Option<crate::datapath::netns_addrs::NetnsAddrsWriter> {
+    let cgroup = match cgroup {
+        Some(c) => c.to_path_buf(),
+        None => match loader::cgroup2_root() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "no cgroup v2 root: pods' namespace addresses are not learned");
+                return None;
+            }
+        },
+    };
+    match crate::datapath::netns_addrs::NetnsAddrsWriter::open(pins, &cgroup) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the namespace address map: pods' connections to LoadBalancer IPs with loadBalancerSourceRanges are refused");
+            None
+        }
+    }
+}
+
 /// The events that say the config file may have changed: its whole directory watched, or a receiver that never
 /// fires when there is no file.
 fn config_watch(
@@ -192,6 +229,10 @@ fn config_watch(
         None => {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             // Kept alive so recv() pends forever instead of returning None.
+            #[expect(
+                clippy::mem_forget,
+                reason = "a sender that never sends, so recv() pends forever"
+            )]
             std::mem::forget(tx);
             Ok((None, rx))
         }
@@ -227,12 +268,24 @@ fn resync(
     }
 }
 
-/// After the first sync: drops the old pins of migrated maps, or puts them back when that sync could not run.
-fn finish_migration(migration: &mut Option<Migration>, synced: bool) -> anyhow::Result<()> {
+/// After the first sync: attaches the programs if that waited for migrated maps to be filled (and tells the status
+/// where), and drops the old pins of migrated maps; or puts them back when that sync could not run.
+fn finish_migration(
+    migration: &mut Option<Migration>,
+    synced: bool,
+    pending_attach: &mut Option<startup::Attachment>,
+    ebpf: &mut aya::Ebpf,
+    setup: &mut DatapathSetup,
+    ops: &Ops,
+) -> anyhow::Result<()> {
     let Some(migration) = migration.take() else {
         return Ok(());
     };
     if synced {
+        if let Some(attachment) = pending_attach.take() {
+            attachment.attach(ebpf, setup)?;
+            ops.set_datapath(setup.clone());
+        }
         if !migration.moved().is_empty() {
             tracing::info!(maps = ?migration.moved(), "migrated maps refilled; dropping their old pins");
         }

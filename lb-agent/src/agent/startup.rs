@@ -2,6 +2,7 @@
 //! (a restarted agent moves no flow).
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 
 use anyhow::Context;
 
@@ -35,74 +36,122 @@ fn hostname() -> anyhow::Result<String> {
     Ok(name.trim().to_string())
 }
 
-/// Loads the object (maps pinned, old pins migrated) and attaches its programs: socket LB to the cgroup, tc to the
-/// devices, XDP when asked (else removes a previous agent's XDP links). Returns the datapath, whether XDP is on,
-/// and what was attached where (for the status).
+/// Loads the object (maps pinned, old pins migrated) and says how its programs attach; attaches them at once unless
+/// maps were migrated, and returns the attachment then, for after the first sync: maps of a new layout start empty,
+/// and until they are filled the programs already attached (the previous agent's, reading the previous maps) keep
+/// serving, so an upgrade refuses no connection. Also returns what was attached where, for the status (the devices
+/// stay empty while the attachment waits).
 pub(super) fn load_and_attach(
     object: &[u8],
     config: &AgentConfig,
     pins: &PinDir,
     node_addresses: &[IpAddr],
-) -> anyhow::Result<(Datapath, bool, DatapathSetup)> {
-    let explain = explain_datapath_error;
-    let mut datapath = loader::load(object, pins, &config.capacities).map_err(explain)?;
+) -> anyhow::Result<(Datapath, bool, DatapathSetup, Option<Attachment>)> {
+    let mut datapath =
+        loader::load(object, pins, &config.capacities).map_err(explain_datapath_error)?;
     let cgroup = match &config.cgroup {
         Some(c) => c.clone(),
         None => loader::cgroup2_root()?,
     };
-    loader::attach_sock_programs(&mut datapath.ebpf, &cgroup, pins).map_err(explain)?;
-    tracing::info!(cgroup = %cgroup.display(), pins = %pins.dir.display(), "socket load balancing attached");
     let devices: Vec<String> = match &config.devices {
         None => tc_attach::devices_with_addresses(node_addresses),
         Some(devices) => devices.clone(),
     };
-    let tc = tc_attach::attach_tc_programs(&mut datapath.ebpf, &devices, pins, config.tc_attach)
-        .map_err(explain)?;
     let xdp = config.xdp && !devices.is_empty();
     let mut setup = DatapathSetup {
         pins: pins.dir.display().to_string(),
         kernel: crate::host::kernel_release(),
         cgroup: cgroup.display().to_string(),
-        devices: tc
+        devices: Vec::new(),
+        features: Vec::new(),
+    };
+    let attachment = Attachment {
+        cgroup,
+        devices,
+        pins: pins.clone(),
+        tc_attach: config.tc_attach,
+        xdp,
+        xdp_mode: config.xdp_mode,
+    };
+    if datapath.migration.moved().is_empty() {
+        attachment.attach(&mut datapath.ebpf, &mut setup)?;
+        return Ok((datapath, xdp, setup, None));
+    }
+    tracing::info!(maps = ?datapath.migration.moved(), "maps of a new layout: the programs attached now keep serving until they are filled");
+    Ok((datapath, xdp, setup, Some(attachment)))
+}
+
+/// Where and how the programs attach: the socket programs to the cgroup, tc (and XDP) to the devices.
+pub(super) struct Attachment {
+    cgroup: PathBuf,
+    devices: Vec<String>,
+    pins: PinDir,
+    tc_attach: tc_attach::TcAttachMode,
+    xdp: bool,
+    xdp_mode: xdp_attach::XdpModeChoice,
+}
+
+impl Attachment {
+    /// Attaches every program through pinned links, replacing those of a previous agent; removes a previous
+    /// agent's XDP links when XDP is off. Records in `setup` each device's attach modes and the features used.
+    pub(super) fn attach(
+        &self,
+        ebpf: &mut aya::Ebpf,
+        setup: &mut DatapathSetup,
+    ) -> anyhow::Result<()> {
+        let explain = explain_datapath_error;
+        loader::attach_sock_programs(ebpf, &self.cgroup, &self.pins).map_err(explain)?;
+        tracing::info!(cgroup = %self.cgroup.display(), pins = %self.pins.dir.display(), "socket load balancing attached");
+        add_feature(
+            setup,
+            "cgroup sock_addr hooks (pinned bpf_links)".to_owned(),
+        );
+        let tc = tc_attach::attach_tc_programs(ebpf, &self.devices, &self.pins, self.tc_attach)
+            .map_err(explain)?;
+        setup.devices = tc
             .iter()
             .map(|(name, mode)| DeviceSetup {
                 name: name.clone(),
                 tc: (*mode).to_owned(),
                 xdp: None,
             })
-            .collect(),
-        features: vec!["cgroup sock_addr hooks (pinned bpf_links)".to_owned()],
-    };
-    for kind in ["tcx", "clsact"] {
-        if tc.iter().any(|(_, m)| *m == kind) {
-            setup.features.push(match kind {
-                "tcx" => "tcx links".to_owned(),
-                _ => "clsact qdisc filters (netlink)".to_owned(),
-            });
-        }
-    }
-    if xdp {
-        let modes = xdp_attach::attach_xdp(&mut datapath.ebpf, &devices, config.xdp_mode, pins)
-            .map_err(explain)?;
-        for (dev, mode) in modes {
-            if let Some(d) = setup.devices.iter_mut().find(|d| d.name == dev) {
-                d.xdp = Some(mode.to_owned());
-            }
-            let feature = format!("XDP {mode} mode (bpf_link)");
-            if !setup.features.contains(&feature) {
-                setup.features.push(feature);
-            }
-        }
-    } else {
-        let removed = xdp_attach::detach_xdp(pins)?;
-        if removed > 0 {
-            tracing::info!(
-                links = removed,
-                "XDP fast path off: removed the XDP links of a previous agent"
+            .collect();
+        for (_, mode) in &tc {
+            add_feature(
+                setup,
+                match *mode {
+                    "tcx" => "tcx links".to_owned(),
+                    _ => "clsact qdisc filters (netlink)".to_owned(),
+                },
             );
         }
+        if self.xdp {
+            let modes = xdp_attach::attach_xdp(ebpf, &self.devices, self.xdp_mode, &self.pins)
+                .map_err(explain)?;
+            for (dev, mode) in modes {
+                if let Some(d) = setup.devices.iter_mut().find(|d| d.name == dev) {
+                    d.xdp = Some(mode.to_owned());
+                }
+                add_feature(setup, format!("XDP {mode} mode (bpf_link)"));
+            }
+        } else {
+            let removed = xdp_attach::detach_xdp(&self.pins)?;
+            if removed > 0 {
+                tracing::info!(
+                    links = removed,
+                    "XDP fast path off: removed the XDP links of a previous agent"
+                );
+            }
+        }
+        Ok(())
     }
-    Ok((datapath, xdp, setup))
+}
+
+/// A kernel feature in use, listed once.
+fn add_feature(setup: &mut DatapathSetup, feature: String) {
+    if !setup.features.contains(&feature) {
+        setup.features.push(feature);
+    }
 }
 
 /// The reconciler, rebuilt from what the pinned maps hold, with the node-wide flags set (and the features they
@@ -120,9 +169,7 @@ pub(super) fn adopt(
             Ok(cookie) => {
                 reconciler.set_config_flags(lb_common::CONFIG_FLAG_LOCALHOST_NODEPORTS);
                 reconciler.set_host_netns_cookie(cookie);
-                setup
-                    .features
-                    .push("SO_NETNS_COOKIE (localhost:nodePort)".to_owned());
+                add_feature(setup, "SO_NETNS_COOKIE (localhost:nodePort)".to_owned());
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): localhost:nodePort is not served")
@@ -132,6 +179,32 @@ pub(super) fn adopt(
     if xdp {
         // tc egress then records the L2 headers the XDP fast path sends with.
         reconciler.set_config_flags(lb_common::CONFIG_FLAG_XDP);
+    }
+    if config.pass_untracked_tcp {
+        reconciler.set_config_flags(lb_common::CONFIG_FLAG_PASS_UNTRACKED_TCP);
+        tracing::info!(
+            "TCP packets of flows lb does not track pass to netfilter (kube-proxy's connections keep their backend)"
+        );
+        match crate::netfilter_keeper::keep() {
+            Ok(()) => tracing::info!(
+                table = crate::netfilter_keeper::TABLE,
+                "keeping netfilter's conntrack and NAT running for kube-proxy's connections"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot keep netfilter's conntrack running: kube-proxy's connections end when its rules are removed, \
+                 unless other rules on the node use conntrack"
+            ),
+        }
+    } else {
+        match crate::netfilter_keeper::release() {
+            Ok(true) => tracing::info!(
+                table = crate::netfilter_keeper::TABLE,
+                "removed the conntrack keeper table"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::debug!(error = %e, "cannot check for the conntrack keeper table"),
+        }
     }
     tracing::info!(
         services = reconciler.programmed_services(),

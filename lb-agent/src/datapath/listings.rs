@@ -35,7 +35,7 @@ pub fn backends(maps: &impl MapsRead) -> Result<Vec<BackendRow>, MapsError> {
         if v.backend_count == 0 {
             continue;
         }
-        let mut ids = maps.table(v.service_id)?.unwrap_or_default();
+        let mut ids = maps.table(&v)?.unwrap_or_default();
         ids.sort_unstable();
         ids.dedup();
         for id in ids {
@@ -124,7 +124,7 @@ pub fn table(
 ) -> Result<TableView, MapsError> {
     let backends: HashMap<u32, lb_common::BackendValue> = maps.backends()?.into_iter().collect();
     let slots = if value.backend_count > 0 {
-        maps.table(value.service_id)?.unwrap_or_default()
+        maps.table(value)?.unwrap_or_default()
     } else {
         Vec::new()
     };
@@ -333,9 +333,9 @@ mod tests {
             8,
             BackendValue::new("10.0.0.8".parse().expect("ip"), 8080, 6),
         );
-        m.tables.insert(1, vec![7, 7, 7]);
-        m.tables.insert(2, vec![7, 8, 8, 8]);
-        m.tables.insert(3, vec![9]);
+        m.set_table(1, &[7, 7, 7]);
+        m.set_table(2, &[7, 8, 8, 8]);
+        m.set_table(3, &[9]);
         m
     }
 

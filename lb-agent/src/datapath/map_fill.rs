@@ -1,7 +1,7 @@
 //! How full each pinned map is: entries against `max_entries`, for `lb-agent stats`, `lb-agent status` and the
 //! `lb_map_entries` / `lb_map_capacity` metrics. Read from the pins alone (agent running or not), for every map
 //! that fills up: the hash, LRU and LPM maps. Arrays (config, counters, the trace record) always hold
-//! `max_entries` and are left out.
+//! `max_entries` and are left out, but for the Maglev slot array, whose fill is the blocks its tables occupy.
 //!
 //! Counting walks the keys: `BPF_MAP_LOOKUP_BATCH` for the (LRU) hash maps, thousands per syscall, so the 262k
 //! conntrack and socket maps cost milliseconds per scrape; `BPF_MAP_GET_NEXT_KEY` for the others (LPM tries and
@@ -12,8 +12,13 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::Path;
 
+use std::collections::BTreeMap;
+
 use aya::maps::{MapData, MapType};
 use lb_common::map_names;
+
+use super::lut::Layout;
+use super::maps::{MapsRead, PinnedMaps};
 
 /// One map's fill.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -43,6 +48,13 @@ pub fn map_fill(dir: &Path) -> Vec<MapFill> {
         .filter_map(|name| {
             let map = MapData::from_pin(dir.join(name)).ok()?;
             let info = map.info().ok()?;
+            if *name == map_names::MAGLEV_SLOTS {
+                return Some(MapFill {
+                    map: (*name).to_owned(),
+                    entries: slot_blocks_used(dir),
+                    capacity: u64::from(info.max_entries()),
+                });
+            }
             let batch = match info.map_type().ok()? {
                 MapType::Hash | MapType::LruHash => true,
                 MapType::LpmTrie | MapType::HashOfMaps | MapType::PerCpuHash => false,
@@ -63,6 +75,21 @@ pub fn map_fill(dir: &Path) -> Vec<MapFill> {
             })
         })
         .collect()
+}
+
+/// The slot array is an array (always "full"): its fill is the blocks the distinct tables occupy, from the service
+/// entries that point at them.
+fn slot_blocks_used(dir: &Path) -> u64 {
+    let Ok(maps) = PinnedMaps::open(dir) else {
+        return 0;
+    };
+    let regions: BTreeMap<u32, u64> = maps
+        .services()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|(_, v)| Some((v.table_offset, Layout::of(v)?.region_len())))
+        .collect();
+    regions.values().sum::<u64>() / u64::from(lb_common::LUT_BLOCK_BYTES)
 }
 
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;

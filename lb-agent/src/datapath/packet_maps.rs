@@ -126,7 +126,7 @@ impl PacketMaps {
         )
     }
 
-    #[allow(
+    #[expect(
         clippy::too_many_arguments,
         reason = "one argument per map, in map_names order; a struct would only repeat the names"
     )]

@@ -141,6 +141,10 @@ pub fn attach_tc_programs(
                         .with_context(|| format!("attaching {name} to {dev} with clsact"))?;
                     // A netlink filter outlives the process only if its link is not dropped (which detaches).
                     let link = prog.take_link(id)?;
+                    #[expect(
+                        clippy::mem_forget,
+                        reason = "dropping the link would detach the filter this agent leaves in place"
+                    )]
                     std::mem::forget(link);
                 }
             }

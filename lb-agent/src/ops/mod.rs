@@ -173,6 +173,7 @@ impl Ops {
             })
             .context("starting the ops thread")?;
         // The servers live as long as the process; the sender is leaked on purpose so `stop` never fires.
+        #[expect(clippy::mem_forget, reason = "the servers live as long as the process")]
         std::mem::forget(stop_tx);
         let startup = config::startup();
         Ok(Ops {

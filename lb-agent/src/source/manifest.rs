@@ -481,12 +481,12 @@ items:
         // k8s-openapi defaults absent required fields (the model then rejects, say, port 0), so use a plain struct
         // to check that a missing field is named with its full path.
         #[derive(Debug, serde::Deserialize)]
-        #[allow(dead_code)]
+        #[expect(dead_code, reason = "only deserialized: the test is about the error")]
         struct Port {
             port: i32,
         }
         #[derive(Debug, serde::Deserialize)]
-        #[allow(dead_code)]
+        #[expect(dead_code, reason = "only deserialized: the test is about the error")]
         struct Spec {
             ports: Vec<Port>,
         }

@@ -6,12 +6,13 @@
 //! What is not copied is runtime state (conntrack, affinity, socket records, fragments, learned L2 headers,
 //! counters): a traced packet is a new flow, as `trace` always answers.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::Context;
 use lb_common::CONFIG_FLAG_TRACE;
 
+use crate::datapath::lut::Layout;
 use crate::datapath::maps::{Maps, MapsRead, PinnedMaps};
 use crate::datapath::names::{kind_name, service_names};
 
@@ -40,20 +41,32 @@ pub fn copy_service_state(live: &Path, to: &mut PinnedMaps) -> anyhow::Result<Co
         copied.backends += 1;
     }
     let services = from.services()?;
-    let mut tables = Vec::new();
-    let mut seen = std::collections::BTreeSet::new();
-    for (_, value) in &services {
-        if value.backend_count > 0
-            && seen.insert(value.service_id)
-            && let Some(slots) = from.table(value.service_id)?
-        {
-            tables.push((value.service_id, slots));
-        }
+    // Each table is a region of the slot array that service entries point at by offset: copied to the same
+    // offsets, so the entries are copied verbatim.
+    let regions: BTreeMap<u32, u64> = services
+        .iter()
+        .filter_map(|(_, v)| Some((v.table_offset, Layout::of(v)?.bytes())))
+        .collect();
+    let end = regions
+        .iter()
+        .map(|(offset, len)| u64::from(*offset) + len)
+        .max()
+        .unwrap_or(0);
+    if end > to.slot_capacity() {
+        to.grow_slots(end, 0)
+            .context("sizing the private slot array for the node's tables")?;
     }
-    if let Some((id, e)) = to.put_tables(&tables).into_iter().next() {
-        return Err(e).with_context(|| format!("copying the lookup table of service id {id}"));
+    let mut bytes = Vec::with_capacity(regions.len());
+    for (offset, len) in &regions {
+        bytes.push((
+            u64::from(*offset),
+            from.read_slots(u64::from(*offset), *len)?,
+        ));
     }
-    copied.tables = tables.len();
+    let writes: Vec<(u64, &[u8])> = bytes.iter().map(|(o, b)| (*o, b.as_slice())).collect();
+    to.write_slots(&writes)
+        .context("copying the node's lookup tables")?;
+    copied.tables = regions.len();
     for (key, value) in &services {
         to.put_service(key, value)?;
         copied.frontends += 1;

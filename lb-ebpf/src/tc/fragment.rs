@@ -15,7 +15,8 @@ use lb_common::{
 
 use crate::ct::NS_PER_SEC;
 use crate::maps::LB_FRAGMENTS;
-use crate::packet::{self, FRAG_FIRST, Packet};
+use crate::packet::{FRAG_FIRST, Packet};
+use crate::rewrite;
 use crate::scratch::TcScratch;
 use crate::stats;
 
@@ -71,7 +72,7 @@ pub(super) fn follow(ctx: &TcContext, s: &mut TcScratch) -> u32 {
     n.sport = s.pkt.sport;
     n.dport = s.pkt.dport;
     let svc_id = s.fval.service_id;
-    if packet::rewrite(ctx, &mut s.pkt, &s.nat) != 0 {
+    if rewrite::rewrite(ctx, &mut s.pkt, &s.nat) != 0 {
         s.out.drop(reason::MALFORMED, svc_id);
         return s.out.reason;
     }

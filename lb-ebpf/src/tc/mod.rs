@@ -47,7 +47,7 @@ use lb_common::{
 
 use crate::ct::{self, inverse_key, packet_key};
 use crate::maps::LB_CONFIG;
-use crate::packet::{self, NOT_PARSED_FRAGMENT, NOT_PARSED_OTHER, PARSED, TCP_SYN};
+use crate::packet::{self, FRAGMENT, MALFORMED, NEEDS_PULL, OTHER, PARSED, Packet, TCP_SYN};
 use crate::scratch::{self, SCRATCH_EGRESS, SCRATCH_INGRESS, TcScratch};
 use crate::select::lookup_backend;
 use crate::stats;
@@ -61,14 +61,14 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     config(&mut s.cfg);
     s.out.pass(reason::NONE);
     s.hook = FRAG_HOOK_INGRESS;
-    match packet::parse_into(ctx, &mut s.pkt) {
+    match parse(ctx, &mut s.pkt) {
         PARSED => {
             // The step's result is in `s.out`; the returned reason only keeps r0 a scalar (see `ingress_packet`).
             let _ = ingress_packet(ctx, s);
             fragment::forget(s);
         }
-        NOT_PARSED_OTHER => {}
-        NOT_PARSED_FRAGMENT => {
+        OTHER => {}
+        FRAGMENT => {
             let _ = fragment::follow(ctx, s);
         }
         _ => s.out.reason = reason::MALFORMED,
@@ -85,12 +85,12 @@ pub fn egress(ctx: &TcContext) -> i32 {
     config(&mut s.cfg);
     s.out.pass(reason::NONE);
     s.hook = FRAG_HOOK_EGRESS;
-    match packet::parse_into(ctx, &mut s.pkt) {
+    match parse(ctx, &mut s.pkt) {
         PARSED => {
             let _ = egress_packet(ctx, s);
             fragment::forget(s);
         }
-        NOT_PARSED_FRAGMENT => {
+        FRAGMENT => {
             let _ = fragment::follow(ctx, s);
         }
         _ => {}
@@ -98,9 +98,28 @@ pub fn egress(ctx: &TcContext) -> i32 {
     verdict::finish(s)
 }
 
-// Every `#[inline(never)]` step below writes its result into `s.out` and returns `s.out.reason`: kernel 6.18
-// rejects a subprogram that exits with a stack pointer in r0 ("cannot return stack pointer to the caller"), which
-// LLVM leaves there for functions returning `()` or a struct through a pointer.
+/// `packet::parse`, pulling the headers into the linear area once when they are not all there (a non-linear skb:
+/// header-split drivers, some tunnels). Inlined into the entry point (see `packet.rs`).
+#[inline(always)]
+fn parse(ctx: &TcContext, p: &mut Packet) -> u32 {
+    let r = packet::parse(ctx, p);
+    if r != NEEDS_PULL {
+        return r;
+    }
+    // Some room past what the parser asked for, so a second shortfall further in (the L4 header after a long
+    // IPv6 extension chain) is unlikely; never more than the packet.
+    let want = p.pull_len.max(PULL_MIN).min(ctx.len());
+    if ctx.pull_data(want).is_err() {
+        return MALFORMED;
+    }
+    match packet::parse(ctx, p) {
+        NEEDS_PULL => MALFORMED,
+        r => r,
+    }
+}
+
+/// Bytes made linear when the headers are not (Ethernet + IPv6 + a few extension headers + TCP with options).
+const PULL_MIN: u32 = 128;
 
 // Every `#[inline(never)]` step below writes its result into `s.out` and returns `s.out.reason`: kernel 6.18
 // rejects a subprogram that exits with a stack pointer in r0 ("cannot return stack pointer to the caller"), which

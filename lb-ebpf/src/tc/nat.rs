@@ -1,5 +1,5 @@
 //! A new flow's conntrack entries (forward, reply, and for SNAT the SNAT pair with a claimed port), the removal of
-//! a dead flow, and the rewrite of a packet by an entry (`packet::rewrite`), which also remembers a translated
+//! a dead flow, and the rewrite of a packet by an entry (`rewrite::rewrite`), which also remembers a translated
 //! first fragment for its datagram's later fragments.
 
 #![allow(
@@ -23,7 +23,8 @@ use super::fragment::frag_key;
 use super::service::flow_hash;
 use crate::ct::{inverse_key, packet_key};
 use crate::maps::{LB_CONNTRACK, LB_FRAGMENTS, LB_XDP_L2};
-use crate::packet::{self, FRAG_FIRST, FRAG_NONE, Nat, Packet};
+use crate::packet::{FRAG_FIRST, FRAG_NONE, Packet};
+use crate::rewrite::{self, Nat};
 use crate::scratch::TcScratch;
 use crate::stats;
 
@@ -36,7 +37,7 @@ const SNAT_PORT_RANGE: u32 = 28232;
 #[inline(never)]
 pub(super) fn install(ctx: &TcContext, s: &mut TcScratch) -> u32 {
     let svc_id = s.svc.service_id;
-    s.snat_addr = if s.pkt.v4 {
+    s.snat_addr = if s.pkt.is_v4() {
         s.cfg.snat_v4
     } else {
         s.cfg.snat_v6
@@ -223,7 +224,7 @@ pub(super) fn apply(ctx: &TcContext, s: &mut TcScratch, why: u32) -> u32 {
         // Keyed by the addresses as the later fragments will carry them, so before the rewrite changes `s.pkt`.
         frag_key(&mut s.fkey, &s.pkt, s.hook);
     }
-    if packet::rewrite(ctx, &mut s.pkt, &s.nat) != 0 {
+    if rewrite::rewrite(ctx, &mut s.pkt, &s.nat) != 0 {
         s.out.drop(reason::MALFORMED, s.ct.service_id);
         return s.out.reason;
     }

@@ -36,9 +36,15 @@ impl Outcome {
     }
 }
 
-/// Turns the packet into a RST / ICMP unreachable (`reject`) and records the verdict.
+/// Turns the packet into a RST / ICMP unreachable (`reject`) and records the verdict; drops what may not be
+/// answered (`reject::answerable`).
 #[inline(always)]
 pub(super) fn reject_packet(ctx: &TcContext, s: &mut TcScratch, why: u32, service_id: u32) {
+    if !reject::answerable(&s.pkt) {
+        // A RST, or a source no answer can go to: dropped, for the same reason.
+        s.out.drop(why, service_id);
+        return;
+    }
     let action = reject::reject(ctx, &s.pkt, &mut s.rej);
     if action >= 0 {
         s.out.set(VERDICT_REJECT, why, service_id, action);

@@ -387,8 +387,8 @@ pub fn write_kubeconfig(url: &str, path: &Path) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Serves connections from `listener` until the runtime stops.
-async fn accept(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+/// Serves connections from `listener` until the runtime stops (the task is dropped with it, so it never returns).
+async fn accept(listener: tokio::net::TcpListener, shared: Arc<Shared>) -> ! {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;

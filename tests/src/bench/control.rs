@@ -178,7 +178,7 @@ fn lb_control(yaml: &str, changes: usize, pins: &Path) -> Result<LbControl> {
     let t = Instant::now();
     let node = model::node_context(workload::NODE_NAME, &objects.nodes, &cfg);
     // The agent's own path: a Translator fed the whole set once, then one changed slice at a time.
-    let mut translator = model::Translator::new(cfg.clone(), node);
+    let mut translator = model::Translator::new(cfg, node);
     translator.replace_all(objects.clone());
     translator.translate();
     let translate_ms = ms(t.elapsed());

@@ -24,6 +24,10 @@ pub const REQUEST: usize = 100;
 /// UDP gets one socket per address: a socket bound to 0.0.0.0 answers from the interface's primary address, not
 /// from the one the datagram was sent to, and a reply from another address matches neither the NAT's conntrack
 /// entry nor the client's connected socket.
+#[expect(
+    clippy::infinite_loop,
+    reason = "the bench's server: it serves until the bench kills its process"
+)]
 pub fn serve(port: u16, udp_addrs: &[std::net::Ipv4Addr]) -> Result<()> {
     let listener =
         TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding TCP {port}"))?;
@@ -52,6 +56,10 @@ pub fn serve(port: u16, udp_addrs: &[std::net::Ipv4Addr]) -> Result<()> {
     }
 }
 
+#[expect(
+    clippy::infinite_loop,
+    reason = "a server thread: it counts until the bench kills its process"
+)]
 fn udp_counter(udp: &UdpSocket, count: &AtomicU64) {
     let mut buf = [0u8; 2048];
     loop {

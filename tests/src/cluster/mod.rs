@@ -98,7 +98,7 @@ struct NodeAgent {
 pub struct Cluster {
     // Field order is drop order: agents and every process first, then pods, links and namespaces, then cgroups and
     // pins, the API server last.
-    agents: Vec<NodeAgent>,
+    agents: Mutex<Vec<NodeAgent>>,
     pods: pods::PodTable,
     links: Vec<Veth>,
     pub client: NetNs,
@@ -124,7 +124,7 @@ impl Cluster {
         let underlay = NetNs::new(&format!("lbe-{token}-ul"))?;
         let client = NetNs::new(&format!("lbe-{token}-cl"))?;
         let mut cluster = Cluster {
-            agents: Vec::new(),
+            agents: Mutex::new(Vec::new()),
             pods: pods::PodTable::default(),
             links: Vec::new(),
             client,
@@ -149,7 +149,7 @@ impl Cluster {
             let agent = cluster
                 .start_agent(i)
                 .with_context(|| format!("starting node-{i}'s agent"))?;
-            cluster.agents.push(agent);
+            cluster.agents().push(agent);
         }
         for i in 0..nodes {
             cluster.wait_agent(i)?;
@@ -328,14 +328,20 @@ impl Cluster {
         Ok(NodeAgent { child })
     }
 
-    fn wait_agent(&mut self, i: usize) -> Result<()> {
+    fn agents(&self) -> std::sync::MutexGuard<'_, Vec<NodeAgent>> {
+        self.agents.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait_agent(&self, i: usize) -> Result<()> {
         let deadline = Instant::now() + AGENT_READY;
         let devices = self.nodes[i].devices.clone();
         let name = self.nodes[i].name.clone();
         loop {
-            let agent = &mut self.agents[i];
-            let exited = agent.child.try_wait()?;
-            let log = agent.child.stderr();
+            let (exited, log) = {
+                let mut agents = self.agents();
+                let agent = &mut agents[i];
+                (agent.child.try_wait()?, agent.child.stderr())
+            };
             let attached = devices.iter().all(|d| {
                 log.lines().any(|l| {
                     l.contains("tc programs attached") && l.contains(&format!("device={d}"))
@@ -354,9 +360,22 @@ impl Cluster {
         }
     }
 
+    /// Kills node `i`'s agent (`kill -9`: its pinned datapath keeps serving) and starts a new one, which adopts the
+    /// pins; waits for its initial sync.
+    pub fn restart_agent(&self, i: usize) -> Result<()> {
+        let agent = self.start_agent_after_kill(i)?;
+        self.agents()[i] = agent;
+        self.wait_agent(i)
+    }
+
+    fn start_agent_after_kill(&self, i: usize) -> Result<NodeAgent> {
+        self.agents()[i].child.kill();
+        self.start_agent(i)
+    }
+
     /// Node `i`'s agent log so far.
     pub fn agent_log(&self, i: usize) -> String {
-        self.agents
+        self.agents()
             .get(i)
             .map(|a| a.child.stderr())
             .unwrap_or_default()
@@ -364,8 +383,8 @@ impl Cluster {
 
     /// Whether every agent still runs (for the run's final check: an agent that died part way would make the later
     /// cases fail for the wrong reason).
-    pub fn agents_alive(&mut self) -> Result<()> {
-        for (i, a) in self.agents.iter_mut().enumerate() {
+    pub fn agents_alive(&self) -> Result<()> {
+        for (i, a) in self.agents().iter_mut().enumerate() {
             if let Some(status) = a.child.try_wait()? {
                 bail!("node-{i}'s agent exited ({status}):\n{}", a.child.stderr());
             }
@@ -425,7 +444,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         // Agents and pods' processes before any namespace or cgroup goes; the fields then drop in order.
-        for a in &mut self.agents {
+        for a in self.agents().iter_mut() {
             a.child.kill();
         }
         self.pods.clear();

@@ -236,9 +236,10 @@ impl Cluster {
             .map(|_| ())
     }
 
-    /// Starts a graceful deletion: the Pod gets a deletionTimestamp and stops being Ready (its server goes on
-    /// serving, as a pod draining with a long grace period or a preStop sleep does). [`Cluster::delete_pod`] ends it.
-    pub fn terminate_pod(&self, pod: &Pod) -> Result<()> {
+    /// Starts a graceful deletion: the Pod gets a deletionTimestamp; its server goes on serving, as a pod draining
+    /// with a long grace period or a preStop sleep does. `serving`: it stays Ready (no readiness probe, as agnhost's
+    /// `netexec --delay-shutdown`), else its readiness probe fails from now on. [`Cluster::delete_pod`] ends it.
+    pub fn terminate_pod(&self, pod: &Pod, serving: bool) -> Result<()> {
         let now = k8s_openapi::jiff::Timestamp::now()
             .strftime("%Y-%m-%dT%H:%M:%SZ")
             .to_string();
@@ -246,7 +247,7 @@ impl Cluster {
             .update(Resource::Pods, &pod.namespace, &pod.name, |p| {
                 p["metadata"]["deletionTimestamp"] = json!(now);
                 p["metadata"]["deletionGracePeriodSeconds"] = json!(30);
-                set_ready_condition(p, false);
+                set_ready_condition(p, serving);
             })
             .map(|_| ())
     }

@@ -44,7 +44,8 @@ pub enum Proto {
 
 pub fn sa(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(
-        ip.parse::<IpAddr>().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+        ip.parse::<IpAddr>()
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
         port,
     )
 }

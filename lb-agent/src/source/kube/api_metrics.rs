@@ -144,13 +144,12 @@ where
 /// client-go's `host` label: the server URL's `host:port` (the scheme's default port when it names none).
 pub fn host_label(url: &http::Uri) -> String {
     let host = url.host().unwrap_or_default();
-    let port = url
-        .port_u16()
-        .unwrap_or(if url.scheme_str() == Some("http") {
-            80
-        } else {
-            443
-        });
+    let default_port = if url.scheme_str() == Some("http") {
+        80
+    } else {
+        443
+    };
+    let port = url.port_u16().unwrap_or(default_port);
     if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]:{port}")
     } else {

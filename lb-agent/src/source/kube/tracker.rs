@@ -82,7 +82,10 @@ pub enum Change<T> {
 /// A typed event for any of the watched kinds.
 // Each update is moved once through a channel into the store, where the object lives unboxed anyway; boxing the
 // larger variants would only add an allocation per event.
-#[allow(clippy::large_enum_variant)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "moved once into the store, where the object lives unboxed anyway"
+)]
 #[derive(Clone, Debug)]
 pub enum Update {
     Service(Change<Service>),

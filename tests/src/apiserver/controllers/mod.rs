@@ -106,11 +106,11 @@ impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
             service_cidrs: vec![
-                Cidr::parse("10.96.0.0/16").unwrap_or(Cidr {
+                Cidr::parse("10.96.0.0/16").unwrap_or_else(|_| Cidr {
                     addr: IpAddr::from([10, 96, 0, 0]),
                     len: 16,
                 }),
-                Cidr::parse("fd00:10:96::/108").unwrap_or(Cidr {
+                Cidr::parse("fd00:10:96::/108").unwrap_or_else(|_| Cidr {
                     addr: IpAddr::from([0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0]),
                     len: 108,
                 }),
