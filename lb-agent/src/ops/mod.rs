@@ -350,8 +350,8 @@ impl Ops {
 pub fn build_info() -> metrics::BuildInfo {
     metrics::BuildInfo {
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        commit: "unknown".to_owned(),
-        ebpf_object: "unknown".to_owned(),
+        commit: crate::build_info::commit().to_owned(),
+        ebpf_object: crate::build_info::ebpf_object().to_owned(),
     }
 }
 
