@@ -691,3 +691,90 @@ fn trace_lists_the_objects_from_the_api_server() {
         "{t}"
     );
 }
+
+/// `lb-agent stats -o json --bpffs <pins>` through the real binary.
+fn stats_json(pins: &std::path::Path) -> Value {
+    let out = Cmd::new(agent_bin!())
+        .args(["stats", "-o", "json", "--bpffs"])
+        .arg(pins)
+        .label("lb-agent-stats")
+        .output(Duration::from_secs(30))
+        .expect("lb-agent stats runs");
+    assert!(
+        out.status.success(),
+        "lb-agent stats failed:\n{}",
+        out.stderr
+    );
+    serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("stats is not JSON ({e}):\n{}", out.stdout))
+}
+
+/// The count `lb-agent stats -o json` gives a socket-LB refusal reason (0 when absent).
+fn refusals(stats: &Value, reason: &str) -> u64 {
+    stats["socket_refusals_by_reason"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no socket_refusals_by_reason in {stats:#}"))
+        .iter()
+        .find(|r| r[0] == reason)
+        .and_then(|r| r[1].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn socket_lb_refusals_are_counted_by_reason() {
+    if !require_root("socket_lb_refusals_are_counted_by_reason") {
+        return;
+    }
+    // Rule 8 at the socket: an unallocated address of a service CIDR fails with EPERM, a ClusterIP on a port its
+    // Service does not define with ECONNREFUSED. Both used to move no counter at all.
+    let probe = lb_tests::probe!();
+    let topo = Topology::star(1).expect("topology");
+    let agent = Agent::start_with_args(
+        &agent_bin!(),
+        &topo,
+        &manifest(1),
+        &["--service-cidrs", "10.96.0.0/16"],
+    )
+    .expect("agent");
+    let pins = agent.pins().to_path_buf();
+    let before = stats_json(&pins);
+    assert_eq!(refusals(&before, "unallocated-cluster-ip"), 0, "{before:#}");
+    assert_eq!(refusals(&before, "unknown-port"), 0, "{before:#}");
+
+    let run = |to: &str, count: usize| {
+        topo.in_client(probe.tcp_cmd(to.parse().expect("address"), count))
+            .run(Duration::from_secs(60))
+            .expect("client run")
+            .probe_lines()
+            .expect("client output")
+    };
+    for l in run("10.96.0.99:80", 2) {
+        assert_eq!(l.error.as_deref(), Some("EPERM"), "{l:?}");
+    }
+    for l in run(&format!("{VIP}:81"), 3) {
+        assert_eq!(l.error.as_deref(), Some("ECONNREFUSED"), "{l:?}");
+    }
+
+    let after = stats_json(&pins);
+    assert_eq!(refusals(&after, "unallocated-cluster-ip"), 2, "{after:#}");
+    assert_eq!(refusals(&after, "unknown-port"), 3, "{after:#}");
+    assert_eq!(refusals(&after, "no-endpoints"), 0, "{after:#}");
+    let metrics = agent.metrics_addr().expect("metrics address");
+    wait_metrics(
+        metrics,
+        "lb_socket_refusals_total by reason",
+        || agent.log(),
+        |text| {
+            sample(
+                text,
+                "lb_socket_refusals_total",
+                &[("reason", "unallocated-cluster-ip")],
+            ) == Some(2.0)
+                && sample(
+                    text,
+                    "lb_socket_refusals_total",
+                    &[("reason", "unknown-port")],
+                ) == Some(3.0)
+        },
+    );
+}

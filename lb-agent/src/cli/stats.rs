@@ -29,6 +29,8 @@ struct Stats {
     services: Vec<StatsRow>,
     /// Packets of the per-packet datapath by reason (`LB_DROP_STATS`); empty when this build has no such map.
     packets_by_reason: Vec<(&'static str, u64)>,
+    /// `connect()` / `sendmsg()` calls the socket LB refused, by reason (`LB_SOCK_STATS`).
+    socket_refusals_by_reason: Vec<(&'static str, u64)>,
     maps: Vec<MapFill>,
 }
 
@@ -41,6 +43,7 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
     let stats = Stats {
         services,
         packets_by_reason: listings::packets_by_reason(&args.pins.bpffs),
+        socket_refusals_by_reason: listings::sock_refusals_by_reason(&args.pins.bpffs),
         maps: map_fill(&args.pins.bpffs),
     };
     match args.output {
@@ -85,6 +88,12 @@ fn render(stats: &Stats) -> String {
         let _ = writeln!(s, "\nPACKETS BY REASON (tc/XDP datapath)");
         for (reason, n) in &stats.packets_by_reason {
             let _ = writeln!(s, "  {reason:<20} {n:>12}");
+        }
+    }
+    if !stats.socket_refusals_by_reason.is_empty() {
+        let _ = writeln!(s, "\nSOCKET LB REFUSALS BY REASON (connect/sendmsg failed)");
+        for (reason, n) in &stats.socket_refusals_by_reason {
+            let _ = writeln!(s, "  {reason:<22} {n:>12}");
         }
     }
     let _ = writeln!(

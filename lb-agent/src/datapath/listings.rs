@@ -206,7 +206,17 @@ pub fn stats(
 /// The per-packet datapath's packet counts by reason (`LB_DROP_STATS`, summed over CPUs), non-zero ones only;
 /// empty when the map is not pinned.
 pub fn packets_by_reason(dir: &Path) -> Vec<(&'static str, u64)> {
-    let path = dir.join(map_names::DROP_STATS);
+    counts_by_reason(dir, map_names::DROP_STATS)
+}
+
+/// The socket LB's refused `connect()` / `sendmsg()` calls by reason (`LB_SOCK_STATS`, summed over CPUs), non-zero
+/// ones only; empty when the map is not pinned (an older object).
+pub fn sock_refusals_by_reason(dir: &Path) -> Vec<(&'static str, u64)> {
+    counts_by_reason(dir, map_names::SOCK_STATS)
+}
+
+fn counts_by_reason(dir: &Path, map: &str) -> Vec<(&'static str, u64)> {
+    let path = dir.join(map);
     let Ok(data) = aya::maps::MapData::from_pin(&path) else {
         return Vec::new();
     };

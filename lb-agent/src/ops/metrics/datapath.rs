@@ -89,6 +89,10 @@ pub trait CounterSource: fmt::Debug + Send + Sync + 'static {
     fn map_fill(&self) -> Vec<MapFill>;
     /// The per-packet datapath's packet counts by verdict reason (`LB_DROP_STATS`), node-wide.
     fn packets_by_reason(&self) -> Vec<(&'static str, u64)>;
+    /// The socket LB's refused `connect()` / `sendmsg()` calls by reason (`LB_SOCK_STATS`), node-wide.
+    fn sock_refusals_by_reason(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// Splits `namespace/name:port` (the names map's form) into its parts.
@@ -159,6 +163,10 @@ impl CounterSource for PinnedCounters {
 
     fn packets_by_reason(&self) -> Vec<(&'static str, u64)> {
         listings::packets_by_reason(&self.dir)
+    }
+
+    fn sock_refusals_by_reason(&self) -> Vec<(&'static str, u64)> {
+        listings::sock_refusals_by_reason(&self.dir)
     }
 }
 
@@ -273,6 +281,19 @@ impl<S: CounterSource> Collector for DatapathCollector<S> {
             MetricType::Counter,
         )?;
         for (reason, n) in self.source.packets_by_reason() {
+            let labels = ReasonLabels {
+                reason: reason.to_owned(),
+            };
+            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "lb_socket_refusals",
+            "connect() and sendmsg() calls the socket LB failed, by reason: unallocated-cluster-ip and source-range \
+             (EPERM), unknown-port and no-endpoints (ECONNREFUSED), no-local-endpoint (EPERM), node-wide.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, n) in self.source.sock_refusals_by_reason() {
             let labels = ReasonLabels {
                 reason: reason.to_owned(),
             };
