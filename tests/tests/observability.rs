@@ -759,6 +759,23 @@ fn socket_lb_refusals_are_counted_by_reason() {
     assert_eq!(refusals(&after, "unallocated-cluster-ip"), 2, "{after:#}");
     assert_eq!(refusals(&after, "unknown-port"), 3, "{after:#}");
     assert_eq!(refusals(&after, "no-endpoints"), 0, "{after:#}");
+    // `lb-agent status` names them too (read from the pins), in JSON and on its screen.
+    let s = status_json(&pins);
+    let refused = &s["pins"]["socket_refusals"];
+    assert!(
+        refused
+            .as_array()
+            .is_some_and(|r| r.contains(&json!(["unallocated-cluster-ip", 2]))
+                && r.contains(&json!(["unknown-port", 3]))),
+        "{s:#}"
+    );
+    let screen = status(&pins, false);
+    assert!(
+        screen.lines().any(|l| l.starts_with("Socket LB refused:")
+            && l.contains("unallocated-cluster-ip 2")
+            && l.contains("unknown-port 3")),
+        "{screen}"
+    );
     let metrics = agent.metrics_addr().expect("metrics address");
     wait_metrics(
         metrics,

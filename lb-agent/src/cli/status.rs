@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::datapath::attachments::{self, Attachments};
+use crate::datapath::listings;
 use crate::datapath::map_fill::{MapFill, map_fill};
 use crate::datapath::maps::{MapsRead, PinnedMaps};
 use crate::datapath::names::service_names;
@@ -42,6 +43,13 @@ pub struct PinsView {
     pub frontends: usize,
     pub backends: usize,
     pub named_services: usize,
+    /// `connect()` / `sendmsg()` calls the socket LB refused, by reason, since the maps were created
+    /// (`LB_SOCK_STATS`); non-zero reasons only.
+    #[serde(default)]
+    pub socket_refusals: Vec<(String, u64)>,
+    /// Packets the tc/XDP datapath handled, by reason, since the maps were created (`LB_DROP_STATS`).
+    #[serde(default)]
+    pub packets_by_reason: Vec<(String, u64)>,
 }
 
 /// `lb-agent status -o json`.
@@ -116,6 +124,9 @@ fn pins_view(dir: &Path) -> PinsView {
         view.backends = maps.backends().map_or(0, |b| b.len());
     }
     view.named_services = service_names(dir).len();
+    let owned = |v: Vec<(&str, u64)>| v.into_iter().map(|(r, n)| (r.to_owned(), n)).collect();
+    view.socket_refusals = owned(listings::sock_refusals_by_reason(dir));
+    view.packets_by_reason = owned(listings::packets_by_reason(dir));
     view
 }
 
@@ -408,6 +419,16 @@ fn render(s: &Status) -> String {
             100.0 * m.ratio()
         );
     }
+    row(
+        &mut o,
+        "Socket LB refused",
+        by_reason(&p.socket_refusals, "no call refused"),
+    );
+    row(
+        &mut o,
+        "Packets (tc/XDP)",
+        by_reason(&p.packets_by_reason, "none yet"),
+    );
     if s.problems.is_empty() {
         row(&mut o, "Problems", "none".to_owned());
     } else {
@@ -417,6 +438,15 @@ fn render(s: &Status) -> String {
         }
     }
     o
+}
+
+/// `reason n, reason n, ...` (counted since the maps were created), or `none` when nothing was counted.
+fn by_reason(counts: &[(String, u64)], none: &str) -> String {
+    if counts.is_empty() {
+        return none.to_owned();
+    }
+    let list: Vec<String> = counts.iter().map(|(r, n)| format!("{r} {n}")).collect();
+    format!("{} (since the maps were created)", list.join(", "))
 }
 
 fn list_links(links: &[attachments::DeviceLink]) -> String {
