@@ -407,9 +407,18 @@ fn start_agent(
     pins: &Path,
     cgroup: &Cgroup,
 ) -> Result<crate::Child> {
+    // The bench's own backend capacity unless the caller sized it.
+    let backends = MAX_BACKENDS.to_string();
+    let default_backends = [OsStr::new("--max-backends"), OsStr::new(&backends)];
+    let sized = source.iter().any(|a| *a == "--max-backends");
     let mut child = Cmd::new(agent_bin)
         .arg("run")
         .args(source)
+        .args(if sized {
+            &[][..]
+        } else {
+            &default_backends[..]
+        })
         .args(["--node-name", workload::NODE_NAME])
         .arg("--cgroup")
         .arg(cgroup.path())
@@ -424,7 +433,6 @@ fn start_agent(
             "127.0.0.1:0",
         ])
         .args(["--health-check-node-port-addresses", "127.0.0.1"])
-        .args(["--max-backends", &MAX_BACKENDS.to_string()])
         .env("LB_LOG", "info")
         .label("lb-agent")
         .spawn()?;

@@ -331,8 +331,9 @@ fn scale_section(md: &mut String, r: &Results) {
         md,
         "`lb-agent run` on a manifest of N ClusterIP Services x {} endpoints (`--devices none`, socket programs on an \
          empty test cgroup), from start to its \"initial sync done\" line; peak RSS (VmHWM) then; BPF map memory \
-         (memlock of every map it holds plus the slot array). Capacity flags only where the defaults do not hold N.\n",
-        super::scale::ENDPOINTS
+         (memlock of every map it holds plus the slot array). `--max-backends {}` (the control-plane section's) unless the row names its own capacity flags.\n",
+        super::scale::ENDPOINTS,
+        super::control::MAX_BACKENDS,
     );
     let _ = writeln!(
         md,

@@ -23,7 +23,7 @@ pub struct ScaleRow {
 }
 
 /// Capacity flags for `n` Services of [`ENDPOINTS`] endpoints: a ClusterIP has two frontends, each endpoint one
-/// backend; the defaults are kept while they hold (what an operator running that size would pass).
+/// backend; lb's defaults (services) and the bench's (`control::MAX_BACKENDS`) are kept while they hold.
 fn capacity_flags(n: usize) -> Vec<String> {
     let mut flags = Vec::new();
     let frontends = 2 * n as u64;
@@ -34,7 +34,7 @@ fn capacity_flags(n: usize) -> Vec<String> {
         ]);
     }
     let backends = (n * ENDPOINTS) as u64;
-    if backends >= u64::from(lb_common::DEFAULT_MAX_BACKENDS) {
+    if backends >= u64::from(super::control::MAX_BACKENDS) {
         flags.extend([
             "--max-backends".to_owned(),
             (backends + backends / 8).to_string(),
