@@ -109,6 +109,7 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
         service_proxy_name: args.service_proxy_name.clone(),
         fallback_node_addresses: args.node_addresses.clone(),
         fallback_service_cidrs: args.service_cidrs.clone(),
+        nodeport_addresses: model::NodePortAddresses::default(),
         localhost_nodeports: args.localhost_nodeports,
     };
     let node = model::node_context(&args.node_name, &objects.nodes, &cfg);
