@@ -52,11 +52,10 @@ pub const DEFAULT_MAX_NETNS_ADDRS: u32 = 8192;
 /// Fragmented datagrams in flight whose first fragment was translated (`LB_FRAGMENTS`, LRU).
 pub const DEFAULT_MAX_FRAGMENTS: u32 = 8192;
 
-/// `BPF_F_INNER_MAP`: lets inner arrays of one map-of-maps differ in `max_entries`, so each service's lookup table
-/// is exactly as large as it needs to be. Inner maps must carry the same flag as the template.
+/// `BPF_F_INNER_MAP`: lets inner arrays of one map-of-maps differ in `max_entries`, so the slot array (`LB_MAGLEV`'s
+/// inner array) can grow without reloading the programs. Inner maps must carry the same flags as the template.
 pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+/// `BPF_F_MMAPABLE`: an array the agent maps into its memory and writes tables into with plain stores.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// `BPF_F_NO_PREALLOC`: required for hash-of-maps updates to be atomic with respect to readers.
 pub const BPF_F_NO_PREALLOC: u32 = 1;
-
-/// Index of the table length inside a lookup table (`LB_MAGLEV` inner array); slots follow from index 1.
-pub const LUT_LEN_INDEX: u32 = 0;

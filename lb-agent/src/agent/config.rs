@@ -82,6 +82,7 @@ impl AgentConfig {
             max_backends: self.capacities.backends,
             maglev_min_size: self.maglev_min_size,
             maglev_max_size: self.maglev_max_size,
+            ..ReconcileConfig::default()
         }
     }
 }

@@ -35,7 +35,7 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let pins = PinDir::new(&config.pins);
     // Before loading, so /healthz answers (and /readyz says "not yet") while the datapath loads.
     let ops = Ops::start(&config.ops, &pins.dir)?;
-    let (datapath, xdp) =
+    let (datapath, xdp, mut pending_attach) =
         startup::load_and_attach(&object, &config, &pins, &fallback_node_addresses)?;
     let reconciler = startup::adopt(&datapath.maps, &config, xdp)?;
     let model = config.model_config(fallback_node_addresses);
@@ -55,7 +55,7 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
     };
     let (_config_watcher, mut config_changes) = config_watch(syncer.ops.config_path())?;
     let loader::Datapath {
-        ebpf: _ebpf,
+        mut ebpf,
         mut maps,
         migration,
     } = datapath;
@@ -68,7 +68,7 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let (_file_watcher, mut changes, _no_file_changes) = match &config.source {
         SourceConfig::Manifests(path) => {
             let synced = syncer.sync(&mut maps, path, true);
-            finish_migration(&mut migration, synced)?;
+            finish_migration(&mut migration, synced, &mut pending_attach, &mut ebpf)?;
             tracing::info!("initial sync done");
             syncer.ops.set_ready();
             let (watcher, rx) = crate::source::file::watch(path)?;
@@ -101,7 +101,7 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 syncer.ops.change_seen_at(snapshot.first_event.unwrap_or_else(Instant::now));
                 let initial = snapshot.initial;
                 syncer.apply_snapshot(&mut maps, snapshot, false);
-                finish_migration(&mut migration, true)?;
+                finish_migration(&mut migration, true, &mut pending_attach, &mut ebpf)?;
                 if initial {
                     // The readiness moment: every kind listed and programmed once (tests wait for this line).
                     tracing::info!("initial sync done");
@@ -221,12 +221,21 @@ fn resync(
     }
 }
 
-/// After the first sync: drops the old pins of migrated maps, or puts them back when that sync could not run.
-fn finish_migration(migration: &mut Option<Migration>, synced: bool) -> anyhow::Result<()> {
+/// After the first sync: attaches the programs if that waited for migrated maps to be filled, and drops the old
+/// pins of migrated maps; or puts them back when that sync could not run.
+fn finish_migration(
+    migration: &mut Option<Migration>,
+    synced: bool,
+    pending_attach: &mut Option<startup::Attachment>,
+    ebpf: &mut aya::Ebpf,
+) -> anyhow::Result<()> {
     let Some(migration) = migration.take() else {
         return Ok(());
     };
     if synced {
+        if let Some(attachment) = pending_attach.take() {
+            attachment.attach(ebpf)?;
+        }
         if !migration.moved().is_empty() {
             tracing::info!(maps = ?migration.moved(), "migrated maps refilled; dropping their old pins");
         }

@@ -140,8 +140,16 @@ impl Syncer {
             started,
         );
         self.ops.note_source_diagnostics(diagnostics);
-        for (frontend, reason) in &report.failed {
+        // A full map fails every frontend beyond it: the first few say why, the rest are counted.
+        const SHOWN: usize = 10;
+        for (frontend, reason) in report.failed.iter().take(SHOWN) {
             tracing::error!(%frontend, %reason, "frontend not programmed; the others are");
+        }
+        if report.failed.len() > SHOWN {
+            tracing::error!(
+                more = report.failed.len() - SHOWN,
+                "more frontends not programmed (lb_unprogrammed_frontends)"
+            );
         }
         self.netns_needed =
             translation.state.services.iter().any(|(f, e)| {

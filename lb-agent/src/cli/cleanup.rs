@@ -87,7 +87,9 @@ fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    // One write: `write!` on a bare stream is several, and a server that answers after the first and closes would
+    // fail the rest with EPIPE.
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
     let mut out = String::new();
     stream.take(64 * 1024).read_to_string(&mut out)?;
     Ok(out)
@@ -104,8 +106,15 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         std::thread::spawn(move || {
             if let Ok((mut stream, _)) = listener.accept() {
+                // Reads the whole request head before answering, as an HTTP server does.
+                let mut request = Vec::new();
                 let mut buf = [0u8; 1024];
-                let _ = stream.read(&mut buf);
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
                 let _ = stream.write_all(response.as_bytes());
             }
         });
