@@ -9,6 +9,7 @@
 pub mod config;
 pub mod health;
 pub mod http;
+pub mod kube_proxy_config;
 pub mod metrics;
 pub mod status;
 
