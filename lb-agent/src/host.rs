@@ -119,6 +119,13 @@ pub fn missing_datapath_capabilities(effective: u64) -> Vec<&'static str> {
     .collect()
 }
 
+/// The running kernel's release (`uname -r`), or `unknown`.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
 #[cfg(test)]
 mod capability_tests {
     use super::*;

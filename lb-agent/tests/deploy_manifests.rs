@@ -100,6 +100,7 @@ struct Parsed {
     quotas: Vec<ResourceQuota>,
     services: Vec<Service>,
     service_monitors: Vec<Value>,
+    prometheus_rules: Vec<Value>,
 }
 
 /// Renders `words` and parses every document into its k8s-openapi type (an unknown kind fails).
@@ -117,6 +118,7 @@ fn parse(words: &[&str]) -> Parsed {
             Some("ResourceQuota") => p.quotas.push(typed(&v)),
             Some("Service") => p.services.push(typed(&v)),
             Some("ServiceMonitor") => p.service_monitors.push(v),
+            Some("PrometheusRule") => p.prometheus_rules.push(v),
             other => panic!("{words:?}: unexpected kind {other:?}"),
         }
     }
@@ -512,7 +514,39 @@ fn metrics_stay_on_loopback_unless_asked_and_the_servicemonitor_finds_them() {
     let plain = parse(DEFAULT);
     assert!(metrics_addr(&plain).starts_with("127.0.0.1:"));
     assert!(plain.services.is_empty() && plain.service_monitors.is_empty());
-    let monitored = parse(&["--api-server", "192.0.2.1:6443", "--servicemonitor"]);
+    assert!(plain.prometheus_rules.is_empty());
+    let monitored = parse(&[
+        "--api-server",
+        "192.0.2.1:6443",
+        "--servicemonitor",
+        "--namespace",
+        "lb-system",
+    ]);
+    // The alerts come with the ServiceMonitor, in its namespace, and select the job it makes (the Service's name).
+    let rule = monitored
+        .prometheus_rules
+        .first()
+        .expect("--servicemonitor renders the PrometheusRule");
+    assert_eq!(rule["metadata"]["namespace"].as_str(), Some("lb-system"));
+    let groups = rule["spec"]["groups"].as_array().expect("rule groups");
+    let alerts: Vec<&str> = groups
+        .iter()
+        .flat_map(|g| g["rules"].as_array().expect("rules"))
+        .filter_map(|r| r["alert"].as_str())
+        .collect();
+    assert!(
+        alerts.contains(&"LbAgentDown") && alerts.contains(&"LbAgentSyncStuck"),
+        "{alerts:?}"
+    );
+    let job = monitored.services[0]
+        .metadata
+        .name
+        .clone()
+        .expect("metrics Service name");
+    assert!(
+        job.starts_with("lb-agent"),
+        "the alerts select job=~\"lb-agent.*\"; the ServiceMonitor's job is {job}"
+    );
     assert!(metrics_addr(&monitored).starts_with("0.0.0.0:"));
     let svc = &monitored.services[0];
     let spec = svc.spec.as_ref().expect("spec");

@@ -19,6 +19,8 @@ pub mod map_names {
     pub const SRC_RANGES: &str = "LB_SRC_RANGES";
     pub const VIPS: &str = "LB_VIPS";
     pub const DROP_STATS: &str = "LB_DROP_STATS";
+    /// The socket LB's refusals by reason (same indices as `DROP_STATS`).
+    pub const SOCK_STATS: &str = "LB_SOCK_STATS";
     pub const TRACE: &str = "LB_TRACE";
     pub const FRAGMENTS: &str = "LB_FRAGMENTS";
     /// The cluster's service CIDRs (ServiceCIDR objects, or `--service-cidrs`); 15 characters at most, as every
@@ -32,7 +34,7 @@ pub mod map_names {
     /// Maps the agent creates and pins itself (no program uses them), so the loader does not know them.
     pub const AGENT_CREATED: [&str; 2] = [SVC_NAMES, MAGLEV_SLOTS];
     /// Every map the agent pins, in the order it creates them.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -51,6 +53,7 @@ pub mod map_names {
         SVC_CIDRS,
         XDP_L2,
         NETNS_ADDRS,
+        SOCK_STATS,
     ];
 }
 

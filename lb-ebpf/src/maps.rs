@@ -125,6 +125,13 @@ pub static LB_NETNS_ADDRS: HashMap<u64, NetnsAddrs, { DEFAULT_MAX_NETNS_ADDRS as
 #[btf_map]
 pub static LB_DROP_STATS: PerCpuArray<u64, { reason::COUNT as usize }> = PerCpuArray::new();
 
+/// `reason::*` -> refused `connect()` / `sendmsg()` calls, per CPU: why the socket LB failed a syscall
+/// (`unallocated-cluster-ip` and `source-range` with EPERM; `unknown-port`, `no-endpoints` with ECONNREFUSED;
+/// `no-local-endpoint` with EPERM). Counted on the refusal paths only: a translated connect costs nothing more.
+/// Written by the socket forward hooks; read by the CLI and the metrics.
+#[btf_map]
+pub static LB_SOCK_STATS: PerCpuArray<u64, { reason::COUNT as usize }> = PerCpuArray::new();
+
 /// 0 -> `TraceValue`: the last verdict, recorded only when `LB_CONFIG` has `CONFIG_FLAG_TRACE` (the private
 /// maps of `lb-agent trace`). Written by the tc programs; read by `lb-agent trace`.
 #[btf_map]

@@ -12,7 +12,7 @@ use lb_common::{
     CONFIG_FLAG_LOCALHOST_NODEPORTS, LOCALHOST_NODEPORT_ADDR, NETNS_HAS_V4, NETNS_HAS_V6,
     PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, SVC_FLAG_DROP_NO_BACKEND, SVC_FLAG_SOURCE_RANGES,
     ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SrcRangeData, VIP_FLAG_CLUSTER_IP,
-    is_v4_mapped, v4_mapped,
+    is_v4_mapped, reason, v4_mapped,
 };
 
 use crate::{
@@ -82,20 +82,21 @@ pub fn xlate_fwd(ctx: &SockAddrContext, family: Family) -> Result<i32, Error> {
     // per-packet path's drop.
     if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !source_in_ranges(ctx, &svc, &vip) {
         stats::count_reject(svc.service_id);
+        stats::count_sock_refusal(reason::SOURCE_RANGE);
         return Ok(SYS_REJECT);
     }
     // recvmsg/getpeername show the application the address it asked for.
     key.addr = vip;
     if svc.backend_count == 0 {
-        return Ok(reject(&svc));
+        return Ok(reject(&svc, no_endpoints_reason(&svc)));
     }
     let Some(backend) = select_backend(ctx, &svc) else {
-        return Ok(reject(&svc));
+        return Ok(reject(&svc, reason::NO_BACKEND));
     };
     // The agent gives a service only backends of its own family; a mismatch is an agent bug, not a reason to write
     // a v6 address into a v4 socket (or send a v6 socket's native-v6 VIP to a mapped v4 address).
     if is_v4_mapped(&vip) != is_v4_mapped(&backend.value.addr) {
-        return Ok(reject(&svc));
+        return Ok(reject(&svc, reason::NO_BACKEND));
     }
 
     // Every map write before the context is rewritten, so that `Err` really means "untouched".
@@ -166,6 +167,7 @@ fn unknown_vip(addr: &[u8; 16]) -> i32 {
     let flags = LB_VIPS.get_ptr(addr).map(|f| unsafe { f.read() });
     match flags {
         Some(f) if f & VIP_FLAG_CLUSTER_IP != 0 => {
+            stats::count_sock_refusal(reason::UNKNOWN_PORT);
             // SAFETY: no memory argument; allowed in connect4/6 and sendmsg4/6 (see `reject`).
             unsafe { bpf_set_retval(-ECONNREFUSED) };
             SYS_REJECT
@@ -176,6 +178,7 @@ fn unknown_vip(addr: &[u8; 16]) -> i32 {
                 .get(&aya_ebpf::maps::lpm_trie::Key::new(128, *addr))
                 .is_some()
             {
+                stats::count_sock_refusal(reason::UNALLOCATED_CLUSTER_IP);
                 SYS_REJECT
             } else {
                 SYS_PROCEED
@@ -208,12 +211,23 @@ pub fn xlate_rev(ctx: &SockAddrContext, family: Family) {
     write_port(ctx, rev.port);
 }
 
+/// Why a service without backends in this scope refuses: none at all, or none local under a Local policy.
+#[inline(always)]
+fn no_endpoints_reason(svc: &ServiceValue) -> u32 {
+    if svc.flags & SVC_FLAG_DROP_NO_BACKEND != 0 {
+        reason::NO_LOCAL_ENDPOINT
+    } else {
+        reason::NO_ENDPOINTS
+    }
+}
+
 /// Fails the syscall for a service without a usable backend (SEMANTICS.md rule 8): `ECONNREFUSED`, as a TCP RST or
 /// an ICMP port unreachable would give, or the hook's default `EPERM` when the service asks for a drop (a socket
 /// cannot be "dropped"; `EPERM` is what a firewall drop of a local socket looks like).
 #[inline(always)]
-fn reject(svc: &ServiceValue) -> i32 {
+fn reject(svc: &ServiceValue, why: u32) -> i32 {
     stats::count_reject(svc.service_id);
+    stats::count_sock_refusal(why);
     if svc.flags & SVC_FLAG_DROP_NO_BACKEND == 0 {
         // SAFETY: no memory argument. bpf_set_retval is allowed for connect4/6 and sendmsg4/6 (kernel 5.18+,
         // `cgroup_common_func_proto`), and the kernel then returns this error from connect()/sendmsg() for a

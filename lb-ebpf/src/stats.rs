@@ -4,7 +4,7 @@
 //! Plain increments, not atomics: each CPU has its own slot and the cgroup hooks run with migration disabled. Two
 //! programs preempting each other on one CPU can lose a count, which is acceptable for statistics.
 
-use crate::maps::{LB_BE_STATS, LB_DROP_STATS, LB_SVC_STATS};
+use crate::maps::{LB_BE_STATS, LB_DROP_STATS, LB_SOCK_STATS, LB_SVC_STATS};
 
 /// A connection (or the first datagram of an unconnected UDP socket to a backend) was translated.
 #[inline(always)]
@@ -53,6 +53,15 @@ pub fn count_service_drop(service_id: u32) {
     if let Some(s) = LB_SVC_STATS.get_ptr_mut(service_id) {
         // SAFETY: a per-CPU array slot is valid for the program run and only this CPU writes it.
         unsafe { (*s).drops = (*s).drops.wrapping_add(1) };
+    }
+}
+
+/// One more `connect()` / `sendmsg()` the socket LB refused, for `reason` (`lb_common::reason`).
+#[inline(always)]
+pub fn count_sock_refusal(reason: u32) {
+    if let Some(c) = LB_SOCK_STATS.get_ptr_mut(reason) {
+        // SAFETY: a per-CPU array slot is valid for the program run and only this CPU writes it.
+        unsafe { *c = (*c).wrapping_add(1) };
     }
 }
 

@@ -291,7 +291,14 @@ fn metrics_and_cli_show_real_counters_after_real_traffic() {
     let probe = probe!();
     let mut topo = Topology::star(2).expect("topology");
     topo.serve(&probe, &[PORT], &[]).expect("backends");
-    let mut agent = Agent::start(&agent_bin!(), &topo, &web(2, "test-node", None)).expect("agent");
+    // Per-frontend and per-backend series are opt-in (their count grows with the cluster).
+    let mut agent = Agent::start_with_args(
+        &agent_bin!(),
+        &topo,
+        &web(2, "test-node", None),
+        &["--service-metrics", "per-frontend"],
+    )
+    .expect("agent");
     let vip: SocketAddr = format!("{VIP}:80").parse().expect("vip");
     let lines = topo
         .in_client(probe.tcp_cmd(vip, 20))
@@ -325,7 +332,13 @@ fn metrics_and_cli_show_real_counters_after_real_traffic() {
         "{text}"
     );
     assert!(
-        sample(&text, "lb_sync_duration_seconds_count", &[]).unwrap_or(0.0) >= 1.0,
+        sample(
+            &text,
+            "kubeproxy_sync_proxy_rules_duration_seconds_count",
+            &[]
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
         "{text}"
     );
     assert_eq!(
@@ -352,7 +365,7 @@ fn metrics_and_cli_show_real_counters_after_real_traffic() {
         "/metrics",
         "programming latency observed",
         |_, body| {
-            sample(body, "lb_network_programming_duration_seconds_count", &[]).unwrap_or(0.0) >= 1.0
+            sample(body, "lb_change_programming_duration_seconds_count", &[]).unwrap_or(0.0) >= 1.0
                 && sample(body, "lb_programmed_backends", &[]) == Some(1.0)
         },
     );

@@ -367,7 +367,8 @@ fn per_service_and_per_backend_counters_count_forwarded_packets() {
         &[(a, "node-a"), (b, "node-b")],
         "",
     );
-    let s = setup(&services, &[]);
+    // Per-frontend and per-backend series are opt-in (their count grows with the cluster).
+    let s = setup(&services, &["--service-metrics", "per-frontend"]);
     let frontend = node(30241);
     let svc_before = s.agent.service_stats(&frontend, "UDP");
     let be_before = s.agent.backends();

@@ -2,7 +2,8 @@
 //! source's changes, config reloads, signals and the conntrack garbage collector until SIGTERM.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
@@ -15,29 +16,66 @@ use crate::datapath::maps::PinnedMaps;
 use crate::datapath::packet_maps;
 use crate::datapath::pins::Migration;
 use crate::model;
-use crate::ops::Ops;
+use crate::ops::status::{AgentReport, DatapathSetup, SourceReport};
+use crate::ops::{Ops, OpsInputs};
+use crate::source::kube::api_metrics::ApiMetrics;
 use crate::source::kube::{KubeSource, Snapshot};
 
 pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    let agent_started = SystemTime::now();
     let node_name = startup::node_name(&config)?;
     let fallback_node_addresses = startup::fallback_node_addresses(&config);
     // The watchers start before the datapath loads, so the lists are under way meanwhile; a bad kubeconfig fails
     // here, before anything is attached.
-    let mut kube_source = match &config.source {
+    let api = Arc::new(ApiMetrics::default());
+    let (mut kube_source, source) = match &config.source {
         SourceConfig::Kube(connection) => {
-            let client = crate::source::kube::client(connection).await?;
-            tracing::info!(source = %crate::source::kube::describe(connection), node = %node_name, "watching the API server");
-            Some(KubeSource::start(client, &node_name))
+            let client = crate::source::kube::connect(connection, Some(api.clone())).await?;
+            let via = crate::source::kube::describe(connection);
+            tracing::info!(server = %client.server, source = %via, node = %node_name, "watching the API server");
+            let location = format!("{} ({via})", client.server);
+            (
+                Some(KubeSource::start(client, &node_name)),
+                SourceReport {
+                    kind: "kubernetes".into(),
+                    location,
+                    api: None,
+                },
+            )
         }
-        SourceConfig::Manifests(_) => None,
+        SourceConfig::Manifests(path) => (
+            None,
+            SourceReport {
+                kind: "manifests".into(),
+                location: path.display().to_string(),
+                api: None,
+            },
+        ),
     };
     let object = loader::object_bytes(config.bpf_object.as_deref())?;
     let pins = PinDir::new(&config.pins);
     // Before loading, so /healthz answers (and /readyz says "not yet") while the datapath loads.
-    let ops = Ops::start(&config.ops, &pins.dir)?;
-    let (datapath, xdp, mut pending_attach) =
+    let ops = Ops::start(
+        &config.ops,
+        &pins.dir,
+        OpsInputs {
+            api,
+            watches: kube_source.as_ref().map(KubeSource::health),
+            report: AgentReport {
+                build: crate::ops::build_info(),
+                pid: std::process::id(),
+                started_unix_ms: crate::ops::status::now_ms(),
+                node: node_name.clone(),
+                service_metrics: config.ops.service_metrics.to_string(),
+                source,
+                ..AgentReport::default()
+            },
+        },
+    )?;
+    let (datapath, xdp, mut setup, mut pending_attach) =
         startup::load_and_attach(&object, &config, &pins, &fallback_node_addresses)?;
-    let reconciler = startup::adopt(&datapath.maps, &config, xdp)?;
+    let reconciler = startup::adopt(&datapath.maps, &config, xdp, &mut setup)?;
+    ops.set_datapath(setup.clone());
     let model = config.model_config(fallback_node_addresses);
     let mut syncer = Syncer {
         translator: model::Translator::new(
@@ -52,6 +90,8 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
         netns: open_netns_addrs(&pins.dir, config.cgroup.as_deref()),
         host_cookie: crate::host::netns_cookie().ok(),
         netns_needed: false,
+        agent_started,
+        synced_once: false,
     };
     let (_config_watcher, mut config_changes) = config_watch(syncer.ops.config_path())?;
     let loader::Datapath {
@@ -68,7 +108,14 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let (_file_watcher, mut changes, _no_file_changes) = match &config.source {
         SourceConfig::Manifests(path) => {
             let synced = syncer.sync(&mut maps, path, true);
-            finish_migration(&mut migration, synced, &mut pending_attach, &mut ebpf)?;
+            finish_migration(
+                &mut migration,
+                synced,
+                &mut pending_attach,
+                &mut ebpf,
+                &mut setup,
+                &syncer.ops,
+            )?;
             tracing::info!("initial sync done");
             syncer.ops.set_ready();
             let (watcher, rx) = crate::source::file::watch(path)?;
@@ -101,7 +148,7 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 syncer.ops.change_seen_at(snapshot.first_event.unwrap_or_else(Instant::now));
                 let initial = snapshot.initial;
                 syncer.apply_snapshot(&mut maps, snapshot, false);
-                finish_migration(&mut migration, true, &mut pending_attach, &mut ebpf)?;
+                finish_migration(&mut migration, true, &mut pending_attach, &mut ebpf, &mut setup, &syncer.ops)?;
                 if initial {
                     // The readiness moment: every kind listed and programmed once (tests wait for this line).
                     tracing::info!("initial sync done");
@@ -221,20 +268,23 @@ fn resync(
     }
 }
 
-/// After the first sync: attaches the programs if that waited for migrated maps to be filled, and drops the old
-/// pins of migrated maps; or puts them back when that sync could not run.
+/// After the first sync: attaches the programs if that waited for migrated maps to be filled (and tells the status
+/// where), and drops the old pins of migrated maps; or puts them back when that sync could not run.
 fn finish_migration(
     migration: &mut Option<Migration>,
     synced: bool,
     pending_attach: &mut Option<startup::Attachment>,
     ebpf: &mut aya::Ebpf,
+    setup: &mut DatapathSetup,
+    ops: &Ops,
 ) -> anyhow::Result<()> {
     let Some(migration) = migration.take() else {
         return Ok(());
     };
     if synced {
         if let Some(attachment) = pending_attach.take() {
-            attachment.attach(ebpf)?;
+            attachment.attach(ebpf, setup)?;
+            ops.set_datapath(setup.clone());
         }
         if !migration.moved().is_empty() {
             tracing::info!(maps = ?migration.moved(), "migrated maps refilled; dropping their old pins");

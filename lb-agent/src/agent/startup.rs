@@ -11,6 +11,7 @@ use crate::datapath::loader::{self, Datapath, PinDir};
 use crate::datapath::maps::PinnedMaps;
 use crate::datapath::reconcile::Reconciler;
 use crate::datapath::{tc_attach, xdp_attach};
+use crate::ops::status::{DatapathSetup, DeviceSetup};
 
 /// The node name: as configured, else the hostname.
 pub(super) fn node_name(config: &AgentConfig) -> anyhow::Result<String> {
@@ -38,13 +39,14 @@ fn hostname() -> anyhow::Result<String> {
 /// Loads the object (maps pinned, old pins migrated) and says how its programs attach; attaches them at once unless
 /// maps were migrated, and returns the attachment then, for after the first sync: maps of a new layout start empty,
 /// and until they are filled the programs already attached (the previous agent's, reading the previous maps) keep
-/// serving, so an upgrade refuses no connection.
+/// serving, so an upgrade refuses no connection. Also returns what was attached where, for the status (the devices
+/// stay empty while the attachment waits).
 pub(super) fn load_and_attach(
     object: &[u8],
     config: &AgentConfig,
     pins: &PinDir,
     node_addresses: &[IpAddr],
-) -> anyhow::Result<(Datapath, bool, Option<Attachment>)> {
+) -> anyhow::Result<(Datapath, bool, DatapathSetup, Option<Attachment>)> {
     let mut datapath =
         loader::load(object, pins, &config.capacities).map_err(explain_datapath_error)?;
     let cgroup = match &config.cgroup {
@@ -56,6 +58,13 @@ pub(super) fn load_and_attach(
         Some(devices) => devices.clone(),
     };
     let xdp = config.xdp && !devices.is_empty();
+    let mut setup = DatapathSetup {
+        pins: pins.dir.display().to_string(),
+        kernel: crate::host::kernel_release(),
+        cgroup: cgroup.display().to_string(),
+        devices: Vec::new(),
+        features: Vec::new(),
+    };
     let attachment = Attachment {
         cgroup,
         devices,
@@ -65,11 +74,11 @@ pub(super) fn load_and_attach(
         xdp_mode: config.xdp_mode,
     };
     if datapath.migration.moved().is_empty() {
-        attachment.attach(&mut datapath.ebpf)?;
-        return Ok((datapath, xdp, None));
+        attachment.attach(&mut datapath.ebpf, &mut setup)?;
+        return Ok((datapath, xdp, setup, None));
     }
     tracing::info!(maps = ?datapath.migration.moved(), "maps of a new layout: the programs attached now keep serving until they are filled");
-    Ok((datapath, xdp, Some(attachment)))
+    Ok((datapath, xdp, setup, Some(attachment)))
 }
 
 /// Where and how the programs attach: the socket programs to the cgroup, tc (and XDP) to the devices.
@@ -84,16 +93,47 @@ pub(super) struct Attachment {
 
 impl Attachment {
     /// Attaches every program through pinned links, replacing those of a previous agent; removes a previous
-    /// agent's XDP links when XDP is off.
-    pub(super) fn attach(&self, ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
+    /// agent's XDP links when XDP is off. Records in `setup` each device's attach modes and the features used.
+    pub(super) fn attach(
+        &self,
+        ebpf: &mut aya::Ebpf,
+        setup: &mut DatapathSetup,
+    ) -> anyhow::Result<()> {
         let explain = explain_datapath_error;
         loader::attach_sock_programs(ebpf, &self.cgroup, &self.pins).map_err(explain)?;
         tracing::info!(cgroup = %self.cgroup.display(), pins = %self.pins.dir.display(), "socket load balancing attached");
-        tc_attach::attach_tc_programs(ebpf, &self.devices, &self.pins, self.tc_attach)
+        add_feature(
+            setup,
+            "cgroup sock_addr hooks (pinned bpf_links)".to_owned(),
+        );
+        let tc = tc_attach::attach_tc_programs(ebpf, &self.devices, &self.pins, self.tc_attach)
             .map_err(explain)?;
+        setup.devices = tc
+            .iter()
+            .map(|(name, mode)| DeviceSetup {
+                name: name.clone(),
+                tc: (*mode).to_owned(),
+                xdp: None,
+            })
+            .collect();
+        for (_, mode) in &tc {
+            add_feature(
+                setup,
+                match *mode {
+                    "tcx" => "tcx links".to_owned(),
+                    _ => "clsact qdisc filters (netlink)".to_owned(),
+                },
+            );
+        }
         if self.xdp {
-            xdp_attach::attach_xdp(ebpf, &self.devices, self.xdp_mode, &self.pins)
+            let modes = xdp_attach::attach_xdp(ebpf, &self.devices, self.xdp_mode, &self.pins)
                 .map_err(explain)?;
+            for (dev, mode) in modes {
+                if let Some(d) = setup.devices.iter_mut().find(|d| d.name == dev) {
+                    d.xdp = Some(mode.to_owned());
+                }
+                add_feature(setup, format!("XDP {mode} mode (bpf_link)"));
+            }
         } else {
             let removed = xdp_attach::detach_xdp(&self.pins)?;
             if removed > 0 {
@@ -107,11 +147,20 @@ impl Attachment {
     }
 }
 
-/// The reconciler, rebuilt from what the pinned maps hold, with the node-wide flags set.
+/// A kernel feature in use, listed once.
+fn add_feature(setup: &mut DatapathSetup, feature: String) {
+    if !setup.features.contains(&feature) {
+        setup.features.push(feature);
+    }
+}
+
+/// The reconciler, rebuilt from what the pinned maps hold, with the node-wide flags set (and the features they
+/// use added to `setup`).
 pub(super) fn adopt(
     maps: &PinnedMaps,
     config: &AgentConfig,
     xdp: bool,
+    setup: &mut DatapathSetup,
 ) -> anyhow::Result<Reconciler> {
     let mut reconciler = Reconciler::restore(maps, config.reconcile_config())?;
     if config.localhost_nodeports {
@@ -120,6 +169,7 @@ pub(super) fn adopt(
             Ok(cookie) => {
                 reconciler.set_config_flags(lb_common::CONFIG_FLAG_LOCALHOST_NODEPORTS);
                 reconciler.set_host_netns_cookie(cookie);
+                add_feature(setup, "SO_NETNS_COOKIE (localhost:nodePort)".to_owned());
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): localhost:nodePort is not served")

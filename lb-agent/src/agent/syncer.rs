@@ -4,7 +4,9 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::datapath::maps::{MapsRead, PinnedMaps};
 use crate::datapath::names::{NameWriter, PinnedNames};
@@ -12,7 +14,7 @@ use crate::datapath::netns_addrs::NetnsAddrsWriter;
 use crate::datapath::reconcile::{Reconciler, SyncReport, service_key};
 use crate::datapath::sock_destroy;
 use crate::model::{self, Diagnostic, ModelConfig};
-use crate::ops::{self, Ops};
+use crate::ops::{self, Ops, SyncDone};
 use crate::source::kube::{Contents, Snapshot};
 use crate::source::manifest;
 use crate::state::{DesiredState, Frontend};
@@ -35,6 +37,27 @@ pub(super) struct Syncer {
     pub(super) host_cookie: Option<u64>,
     /// Some Internal frontend has source ranges (as of the last sync): `netns` must be kept up to date.
     pub(super) netns_needed: bool,
+    /// When the agent started: EndpointSlice trigger times before it are not this agent's latency (kube-proxy's
+    /// `trackerStartTime`).
+    pub(super) agent_started: SystemTime,
+    /// A sync has programmed the maps (the first one's changes are summed up, not listed).
+    pub(super) synced_once: bool,
+}
+
+/// At most this many Service changes are logged one per line at info level per sync; the rest go to debug.
+const CHANGE_LINES: usize = 100;
+
+/// The annotation the EndpointSlice controller stamps with the time of the change behind a slice update
+/// (`endpoints.kubernetes.io/last-change-trigger-time`, RFC 3339).
+const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// A slice's trigger time, if it has one newer than `since` (kube-proxy's `getLastChangeTriggerTime` and its
+/// `t.After(trackerStartTime)`).
+fn trigger_time(slice: &EndpointSlice, since: SystemTime) -> Option<SystemTime> {
+    let value = slice.metadata.annotations.as_ref()?.get(TRIGGER_TIME)?;
+    let ts: k8s_openapi::jiff::Timestamp = value.parse().ok()?;
+    let t = SystemTime::from(ts);
+    (t > since).then_some(t)
 }
 
 /// The names map and its writer; opened lazily so an agent whose names map cannot be opened still programs
@@ -59,13 +82,16 @@ impl Syncer {
             }
         };
         self.translator.replace_all(objects);
-        self.program(maps, &diagnostics, started, full);
+        self.program(maps, &diagnostics, started, full, &[]);
         true
     }
 
     /// Programs what a kube source snapshot says: everything, or only what changed.
     pub(super) fn apply_snapshot(&mut self, maps: &mut PinnedMaps, snapshot: Snapshot, full: bool) {
         let started = Instant::now();
+        // kube-proxy observes one latency per changed (not deleted) slice; with the batch, only a slice's latest
+        // version is here, so a slice changed twice within one batch counts its later change.
+        let mut triggers = Vec::new();
         match snapshot.contents {
             Contents::Full(objects) => self.translator.replace_all(objects),
             Contents::Changes(delta) => {
@@ -79,7 +105,10 @@ impl Syncer {
                 for (key, slice) in delta.endpoint_slices {
                     let key = (key.namespace, key.name);
                     match slice {
-                        Some(slice) => self.translator.upsert_slice(key, slice),
+                        Some(slice) => {
+                            triggers.extend(trigger_time(&slice, self.agent_started));
+                            self.translator.upsert_slice(key, slice)
+                        }
                         None => self.translator.remove_slice(&key),
                     }
                 }
@@ -91,7 +120,7 @@ impl Syncer {
                 }
             }
         }
-        self.program(maps, &snapshot.diagnostics, started, full);
+        self.program(maps, &snapshot.diagnostics, started, full, &triggers);
     }
 
     /// Re-reads the config file and applies its live settings; true when the maps need a resync.
@@ -109,6 +138,7 @@ impl Syncer {
         diagnostics: &[Diagnostic],
         started: Instant,
         full: bool,
+        trigger_times: &[SystemTime],
     ) {
         self.ops.sync_started();
         for d in diagnostics {
@@ -133,12 +163,16 @@ impl Syncer {
             (!full).then_some(&changed),
             &self.reconciler,
         );
-        self.ops.sync_finished(
+        self.ops.sync_finished(SyncDone {
             translation,
-            &report,
-            self.reconciler.programmed_backends(),
+            report: &report,
+            backends: self.reconciler.programmed_backends(),
             started,
-        );
+            full,
+            changed: changed.len(),
+            changes: self.translator.change_counts(),
+            trigger_times,
+        });
         self.ops.note_source_diagnostics(diagnostics);
         // A full map fails every frontend beyond it: the first few say why, the rest are counted.
         const SHOWN: usize = 10;
@@ -157,6 +191,8 @@ impl Syncer {
             });
         let node_addresses = node.addresses.clone();
         self.refresh_netns(Some(&node_addresses));
+        log_service_changes(self.translator.service_changes(), !self.synced_once);
+        self.synced_once = true;
         let translation = self.translator.translation();
         tracing::info!(
             frontends = translation.state.services.len(),
@@ -195,6 +231,35 @@ impl Syncer {
                 "namespace addresses refreshed"
             );
         }
+    }
+}
+
+/// The change log: one line per Service whose datapath entries changed, naming it and the backends (and
+/// frontends) it gained and lost. The first sync programs everything at once: its lines go to debug and one info
+/// line sums them up; later syncs log up to [`CHANGE_LINES`] at info.
+fn log_service_changes(changes: &[model::ServiceChange], first: bool) {
+    use model::change_list as list;
+    let mut quiet = 0usize;
+    for (i, c) in changes.iter().enumerate() {
+        let service = format!("{}/{}", c.namespace, c.name);
+        if first || i >= CHANGE_LINES {
+            quiet += 1;
+            tracing::debug!(%service, change = %c.kind, backends_added = %list(&c.backends_added), backends_removed = %list(&c.backends_removed), frontends_added = %list(&c.frontends_added), frontends_removed = %list(&c.frontends_removed), backends = c.backends, "Service {}", c.kind);
+        } else {
+            tracing::info!(%service, change = %c.kind, backends_added = %list(&c.backends_added), backends_removed = %list(&c.backends_removed), frontends_added = %list(&c.frontends_added), frontends_removed = %list(&c.frontends_removed), backends = c.backends, "Service {}", c.kind);
+        }
+    }
+    if quiet > 0 {
+        let added = changes
+            .iter()
+            .filter(|c| c.kind == model::ChangeKind::Added)
+            .count();
+        tracing::info!(
+            services = changes.len(),
+            added,
+            listed = changes.len() - quiet,
+            "Service changes (the rest are listed at debug level)"
+        );
     }
 }
 

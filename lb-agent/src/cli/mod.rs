@@ -13,13 +13,26 @@ pub mod manifests;
 pub mod run;
 pub mod services;
 pub mod stats;
+pub mod status;
 pub mod trace;
 
 use clap::{Parser, Subcommand};
 
 use args::LogFormat;
 
+/// kube-rs's HTTP stack logs every failed request at ERROR as "failed with error client error (Connect)", without
+/// the server or the request: one line per retry, which buried the agent's own warnings (that name the server, the
+/// resource and the cause, and are rate-limited). Off unless the filter names `kube_client` itself.
+fn quiet_kube_client(level: &str) -> String {
+    if level.contains("kube_client") {
+        level.to_owned()
+    } else {
+        format!("{level},kube_client::client::builder=off")
+    }
+}
+
 pub fn init_logging(format: LogFormat, level: &str) {
+    let level = &quiet_kube_client(level);
     let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|e| {
         eprintln!("lb-agent: bad --log-level {level:?} ({e}); using info");
         tracing_subscriber::EnvFilter::new("info")
@@ -36,8 +49,8 @@ pub fn init_logging(format: LogFormat, level: &str) {
             let builder = $builder;
             let handle = builder.reload_handle();
             crate::ops::config::set_log_reload(Box::new(move |level: &str| {
-                let filter =
-                    tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+                let filter = tracing_subscriber::EnvFilter::try_new(quiet_kube_client(level))
+                    .map_err(|e| e.to_string())?;
                 handle.reload(filter).map_err(|e| e.to_string())
             }));
             builder.init()
@@ -82,8 +95,9 @@ enum Command {
     Services(services::ServicesArgs),
     /// Remove every program link and map lb pinned (like kube-proxy --cleanup).
     Cleanup(cleanup::CleanupArgs),
-    /// Where would this packet go? Runs the real tc program on a crafted packet (BPF_PROG_TEST_RUN) with maps
-    /// programmed privately from the manifests, and prints the verdict as JSON.
+    /// Where would this packet go? Runs the real tc program on a crafted packet (BPF_PROG_TEST_RUN) in a private
+    /// load holding the node's live service state (or what manifests or the API server say), and prints the
+    /// verdict, the Service port it matched and the backend as JSON.
     Trace(Box<trace::TraceArgs>),
     /// List the programmed backends, the services using each, and their counters.
     Backends(backends::BackendsArgs),
@@ -95,6 +109,9 @@ enum Command {
     Stats(stats::StatsArgs),
     /// Why each endpoint of a Service is or is not used, per VIP and traffic class, next to what the maps hold.
     Explain(explain::ExplainArgs),
+    /// What this node runs and what is wrong: the agent (source, watches, last sync, attach modes, versions) and
+    /// the pins (links, map fill), with or without a running agent.
+    Status(status::StatusArgs),
     /// Print the YAML that installs lb on a cluster (or, with --uninstall, removes it from every node).
     Manifests(Box<manifests::ManifestsArgs>),
     /// Print a shell completion script: bash, zsh or fish.
@@ -121,6 +138,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Conntrack(args) => conntrack::run(&args),
         Command::Stats(args) => stats::run(&args),
         Command::Explain(args) => explain::run(&args),
+        Command::Status(args) => status::run(&args),
         Command::Manifests(args) => manifests::run(&args),
         Command::Completions(args) => completions::run(&args),
     };

@@ -11,6 +11,7 @@ use crate::datapath::xdp_attach::XdpModeChoice;
 use crate::install::objects::{CANARY_HEALTH_PORT, HEALTH_PORT};
 use crate::model::NodePortAddresses;
 use crate::ops::OpsConfig;
+use crate::ops::metrics::ServiceMetrics;
 use crate::source::kube::{self, Connection};
 use crate::state::Algorithm;
 
@@ -195,6 +196,12 @@ pub struct OpsArgs {
         value_delimiter = ','
     )]
     pub health_check_node_port_addresses: Vec<IpAddr>,
+    /// Per-Service detail of the datapath counters on `/metrics`: `off` (node-wide totals only: no series grows
+    /// with the number of Services), `per-service` (5 series per Service, summed over its ports and VIPs), or
+    /// `per-frontend` (5 per frontend plus 3 per backend, labelled with addresses that change with every pod: for
+    /// debugging one node). See docs/observability.md.
+    #[arg(long, value_enum, default_value_t = ServiceMetrics::Off, env = "LB_SERVICE_METRICS")]
+    pub service_metrics: ServiceMetrics,
 }
 
 /// kube-proxy's `--detect-local-mode` values.
@@ -351,6 +358,7 @@ fn agent_config_with_notes(args: RunArgs) -> anyhow::Result<(AgentConfig, Vec<St
             } else {
                 args.ops.health_check_node_port_addresses
             },
+            service_metrics: args.ops.service_metrics,
         },
         bpf_object: args.bpf_object,
         algorithm: args.algorithm,

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::datapath::counters::SERVICE_COUNTERS;
 use crate::datapath::listings::{self, StatsRow};
+use crate::datapath::map_fill::{MapFill, map_fill};
 use crate::datapath::names::service_names;
 
 use super::args::{OutputFormat, PinArgs, open_maps};
@@ -28,14 +29,9 @@ struct Stats {
     services: Vec<StatsRow>,
     /// Packets of the per-packet datapath by reason (`LB_DROP_STATS`); empty when this build has no such map.
     packets_by_reason: Vec<(&'static str, u64)>,
-    maps: Vec<MapFillRow>,
-}
-
-#[derive(Serialize)]
-struct MapFillRow {
-    map: &'static str,
-    entries: u64,
-    capacity: u64,
+    /// `connect()` / `sendmsg()` calls the socket LB refused, by reason (`LB_SOCK_STATS`).
+    socket_refusals_by_reason: Vec<(&'static str, u64)>,
+    maps: Vec<MapFill>,
 }
 
 pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
@@ -47,14 +43,8 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
     let stats = Stats {
         services,
         packets_by_reason: listings::packets_by_reason(&args.pins.bpffs),
-        maps: listings::map_fill(&args.pins.bpffs)
-            .into_iter()
-            .map(|(map, entries, capacity)| MapFillRow {
-                map,
-                entries,
-                capacity,
-            })
-            .collect(),
+        socket_refusals_by_reason: listings::sock_refusals_by_reason(&args.pins.bpffs),
+        maps: map_fill(&args.pins.bpffs),
     };
     match args.output {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&stats)?),
@@ -100,17 +90,19 @@ fn render(stats: &Stats) -> String {
             let _ = writeln!(s, "  {reason:<20} {n:>12}");
         }
     }
+    if !stats.socket_refusals_by_reason.is_empty() {
+        let _ = writeln!(s, "\nSOCKET LB REFUSALS BY REASON (connect/sendmsg failed)");
+        for (reason, n) in &stats.socket_refusals_by_reason {
+            let _ = writeln!(s, "  {reason:<22} {n:>12}");
+        }
+    }
     let _ = writeln!(
         s,
         "\n{:<16} {:>10} {:>10} {:>6}",
         "MAP", "ENTRIES", "CAPACITY", "FILL"
     );
     for m in &stats.maps {
-        let fill = if m.capacity == 0 {
-            0.0
-        } else {
-            100.0 * m.entries as f64 / m.capacity as f64
-        };
+        let fill = 100.0 * m.ratio();
         let _ = writeln!(
             s,
             "{:<16} {:>10} {:>10} {:>5.1}%",

@@ -1,23 +1,53 @@
 //! `lb-agent trace`: where would this packet go? Runs the real tc ingress program (with `--xdp`, the XDP program
-//! before it) on a crafted packet (see
-//! `crate::trace`) and prints the verdict as JSON.
+//! before it) on a crafted packet in a private load of the object (see `crate::trace`) and prints the verdict, the
+//! Service port it matched and the backend as JSON. The private maps hold what the node really runs (copied from
+//! its pins, the default), or what the objects say (`--manifests`, or listed once from the API server with
+//! `--kubeconfig` / `--in-cluster`); nothing live is touched.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use anyhow::Context;
 
+use crate::model::ModelConfig;
+use crate::source::kube::{self, Connection};
+use crate::source::manifest;
 use crate::state::Protocol;
 use crate::trace::{Source, Tracer};
 
+use super::args::PinArgs;
+
 #[derive(clap::Args, Debug)]
 pub struct TraceArgs {
-    /// Kubernetes YAML (a file or a directory) to program the private maps from.
+    /// Program the private maps from this Kubernetes YAML (a file or a directory) instead of the node's pins.
+    #[arg(long, conflicts_with_all = ["kubeconfig", "in_cluster"])]
+    manifests: Option<PathBuf>,
+    /// Program them from the objects listed once from the API server this kubeconfig names (its current context),
+    /// with the agent's own selectors.
+    #[arg(long, env = "LB_KUBECONFIG", conflicts_with = "in_cluster")]
+    kubeconfig: Option<PathBuf>,
+    /// Program them from the objects listed with the pod's service account (inside the agent's pod).
     #[arg(long)]
-    manifests: PathBuf,
-    /// The node whose view to trace (local endpoints, NodePort addresses).
-    #[arg(long)]
-    node_name: String,
+    in_cluster: bool,
+    /// Where the node's pins are (the default source: what the agent programmed, copied).
+    #[command(flatten)]
+    pins: PinArgs,
+    /// With objects: the node whose view to trace (local endpoints, NodePort addresses) [default: NODE_NAME, else
+    /// the hostname].
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// With objects: as `lb-agent run --service-cidrs`, used when the objects hold no ServiceCIDR (so an address in
+    /// them that no Service holds drops, as on the node).
+    #[arg(
+        long = "service-cidrs",
+        env = "LB_SERVICE_CIDRS",
+        value_delimiter = ',',
+        value_parser = super::args::parse_cidr_arg
+    )]
+    service_cidrs: Vec<(IpAddr, u8)>,
+    /// With objects: NodePort addresses when they hold no Node object for this node.
+    #[arg(long = "node-address", value_delimiter = ',')]
+    node_addresses: Vec<IpAddr>,
     /// Also send the flow from N consecutive source ports and list every backend reached.
     #[arg(long)]
     sweep: Option<u16>,
@@ -43,6 +73,59 @@ pub struct TraceArgs {
     dst: SocketAddr,
 }
 
+fn node_name(args: &TraceArgs) -> anyhow::Result<String> {
+    match &args.node_name {
+        Some(n) => Ok(n.clone()),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .context("no --node-name / NODE_NAME, and the hostname is unreadable"),
+    }
+}
+
+/// The private load, filled from the chosen source; and that source, for the output.
+fn tracer(args: &TraceArgs, object: &[u8]) -> anyhow::Result<(Tracer, String)> {
+    let cfg = || ModelConfig {
+        fallback_service_cidrs: args.service_cidrs.clone(),
+        fallback_node_addresses: args.node_addresses.clone(),
+        localhost_nodeports: true,
+        ..ModelConfig::default()
+    };
+    let connection = match (&args.manifests, &args.kubeconfig, args.in_cluster) {
+        (Some(path), _, _) => {
+            let (objects, _) =
+                manifest::load_path(path).with_context(|| format!("reading {}", path.display()))?;
+            let t = Tracer::load_objects_with(object, &objects, &node_name(args)?, &cfg())?;
+            return Ok((t, format!("manifests {}", path.display())));
+        }
+        (None, Some(k), _) => Connection::Kubeconfig(k.clone()),
+        (None, None, true) => Connection::InCluster,
+        (None, None, false) => {
+            let (t, copied) = Tracer::from_pins(object, &args.pins.bpffs)?;
+            return Ok((
+                t,
+                format!(
+                    "the node's pins {} ({} frontends, {} backends)",
+                    args.pins.bpffs.display(),
+                    copied.frontends,
+                    copied.backends
+                ),
+            ));
+        }
+    };
+    let node = node_name(args)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let (client, (objects, _)) = rt.block_on(async {
+        let client = kube::connect(&connection, None).await?;
+        let listed = kube::list_once(&client.client, &node).await?;
+        Ok::<_, kube::KubeError>((client, listed))
+    })?;
+    let t = Tracer::load_objects_with(object, &objects, &node, &cfg())?;
+    Ok((t, format!("the API server {}", client.server)))
+}
+
 pub fn run(args: &TraceArgs) -> anyhow::Result<()> {
     let proto = Protocol::from_k8s(Some(&args.proto.to_uppercase()))
         .with_context(|| format!("unknown protocol {:?} (tcp, udp or sctp)", args.proto))?;
@@ -50,7 +133,7 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<()> {
         anyhow::bail!("source and destination must be of one family");
     }
     let object = crate::datapath::loader::object_bytes(args.bpf_object.as_deref())?;
-    let mut tracer = Tracer::load(&object, &args.manifests, &args.node_name)?;
+    let (mut tracer, source_label) = tracer(args, &object)?;
     let source = if args.from_pod {
         Source::Pod
     } else if args.from_node {
@@ -72,6 +155,10 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<()> {
         }
         result.backends = Some(all);
     }
-    println!("{}", serde_json::to_string(&result)?);
+    let mut out = serde_json::to_value(&result)?;
+    if let Some(map) = out.as_object_mut() {
+        map.insert("source".into(), source_label.into());
+    }
+    println!("{}", serde_json::to_string(&out)?);
     Ok(())
 }

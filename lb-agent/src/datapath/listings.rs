@@ -1,6 +1,6 @@
 //! More read-only views of the maps for the operator CLI and the metrics (see `inspect` for `services`): backends,
-//! one service's lookup table, counters, and (from the pins only) map fill levels and packet counts by reason.
-//! Like `inspect`, they read the maps, not the agent, through [`MapsRead`].
+//! one service's lookup table, counters, and (from the pins only) packet counts by reason; map fill levels are
+//! `map_fill`'s. Like `inspect`, they read the maps, not the agent, through [`MapsRead`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -12,52 +12,9 @@ use serde::Serialize;
 use super::counters::SERVICE_COUNTERS;
 use super::display::{proto_name, scope_name, show_addr};
 use super::map_error::MapsError;
-use super::maps::{MapsRead, PinnedMaps};
-use super::names::{NameStore, PinnedNames, kind_name};
+use super::maps::MapsRead;
+use super::names::kind_name;
 use crate::state::Algorithm;
-
-/// Entries in each pinned map that lb can count, and its capacity.
-pub fn map_fill(dir: &Path) -> Vec<(&'static str, u64, u64)> {
-    let capacity = |name: &str| {
-        aya::maps::MapInfo::from_pin(dir.join(name))
-            .map(|i| u64::from(i.max_entries()))
-            .unwrap_or(0)
-    };
-    let mut out = Vec::new();
-    if let Ok(maps) = PinnedMaps::open(dir) {
-        let services = maps.services().unwrap_or_default();
-        // The slot array's elements are 64-byte blocks: those the distinct tables occupy.
-        let regions: std::collections::BTreeMap<u32, u64> = services
-            .iter()
-            .filter_map(|(_, v)| {
-                let layout = super::lut::Layout::of(v)?;
-                Some((v.table_offset, layout.region_len()))
-            })
-            .collect();
-        let blocks = regions.values().sum::<u64>() / u64::from(lb_common::LUT_BLOCK_BYTES);
-        out.push((map_names::SERVICES, services.len() as u64));
-        out.push((map_names::MAGLEV_SLOTS, blocks));
-        out.push((
-            map_names::BACKENDS,
-            maps.backends().map_or(0, |b| b.len() as u64),
-        ));
-        out.push((
-            map_names::AFFINITY,
-            maps.affinity_entries().map_or(0, |a| a.len() as u64),
-        ));
-        out.push((
-            map_names::SOCK_REVNAT,
-            maps.sock_revnat_entries().map_or(0, |a| a.len() as u64),
-        ));
-    }
-    if let Ok(names) = PinnedNames::open(dir) {
-        out.push((
-            map_names::SVC_NAMES,
-            names.names().map_or(0, |n| n.len() as u64),
-        ));
-    }
-    out.into_iter().map(|(m, n)| (m, n, capacity(m))).collect()
-}
 
 #[derive(Debug, Serialize)]
 pub struct BackendRow {
@@ -249,7 +206,17 @@ pub fn stats(
 /// The per-packet datapath's packet counts by reason (`LB_DROP_STATS`, summed over CPUs), non-zero ones only;
 /// empty when the map is not pinned.
 pub fn packets_by_reason(dir: &Path) -> Vec<(&'static str, u64)> {
-    let path = dir.join(map_names::DROP_STATS);
+    counts_by_reason(dir, map_names::DROP_STATS)
+}
+
+/// The socket LB's refused `connect()` / `sendmsg()` calls by reason (`LB_SOCK_STATS`, summed over CPUs), non-zero
+/// ones only; empty when the map is not pinned (an older object).
+pub fn sock_refusals_by_reason(dir: &Path) -> Vec<(&'static str, u64)> {
+    counts_by_reason(dir, map_names::SOCK_STATS)
+}
+
+fn counts_by_reason(dir: &Path, map: &str) -> Vec<(&'static str, u64)> {
+    let path = dir.join(map);
     let Ok(data) = aya::maps::MapData::from_pin(&path) else {
         return Vec::new();
     };

@@ -1,9 +1,10 @@
 //! Everything that touches the kernel, and every writer of lb's maps: loading and pinning (`loader`, `pins`),
 //! attaching (`tc_attach`, `xdp_attach`), map access behind a trait (`maps`, `packet_maps`, `map_error`), the
 //! reconciler that writes the service maps (`reconcile`), the writer of the names map (`names`), ending stale
-//! sockets (`sock_destroy`), and the read-only views the CLI and the metrics share (`inspect`, `listings`, with
-//! `display` and the counter tables of `counters`).
+//! sockets (`sock_destroy`), and the read-only views the CLI and the metrics share (`inspect`, `listings`, `map_fill`, `attachments`,
+//! with `display` and the counter tables of `counters`).
 
+pub mod attachments;
 pub mod counters;
 pub mod display;
 pub mod inspect;
@@ -12,6 +13,7 @@ pub mod loader;
 pub mod lut;
 mod map_batch;
 pub mod map_error;
+pub mod map_fill;
 pub mod maps;
 pub mod names;
 pub mod netns_addrs;

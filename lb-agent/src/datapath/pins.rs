@@ -55,7 +55,7 @@ fn size<T>() -> u32 {
 }
 
 impl Capacities {
-    pub fn specs(&self) -> [MapSpec; 18] {
+    pub fn specs(&self) -> [MapSpec; 19] {
         let spec = |name, map_type, key_size, value_size, max_entries| MapSpec {
             name,
             map_type,
@@ -194,6 +194,13 @@ impl Capacities {
                 size::<u64>(),
                 size::<lb_common::NetnsAddrs>(),
                 lb_common::DEFAULT_MAX_NETNS_ADDRS,
+            ),
+            spec(
+                map_names::SOCK_STATS,
+                MapType::PerCpuArray,
+                size::<u32>(),
+                size::<u64>(),
+                lb_common::reason::COUNT,
             ),
         ]
     }

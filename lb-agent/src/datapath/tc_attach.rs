@@ -42,24 +42,27 @@ pub fn load_tc_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Loads and attaches the tc programs to every device in `devices` (ingress and egress).
+/// Loads and attaches the tc programs to every device in `devices` (ingress and egress). Returns how each device
+/// got them: `tcx`, or `clsact` when either direction went through the qdisc.
 pub fn attach_tc_programs(
     ebpf: &mut Ebpf,
     devices: &[String],
     pins: &PinDir,
     mode: TcAttachMode,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<(String, &'static str)>> {
     // A device dropped from `--devices` (or all of them, `--devices none`) must stop translating, not keep the
     // previous agent's programs until `lb-agent cleanup`.
     detach_from_other_devices(pins, devices)?;
     if devices.is_empty() {
         tracing::info!("no external devices: the per-packet programs are not attached");
-        return Ok(());
+        return Ok(Vec::new());
     }
     load_tc_programs(ebpf)?;
+    let mut attached = Vec::new();
     let link_dir = pins.links();
     fs::create_dir_all(&link_dir).with_context(|| format!("creating {}", link_dir.display()))?;
     for dev in devices {
+        let mut how = "tcx";
         for (name, attach_type, tag) in [
             (prog_names::TC_INGRESS, TcAttachType::Ingress, "in"),
             (prog_names::TC_EGRESS, TcAttachType::Egress, "eg"),
@@ -110,6 +113,7 @@ pub fn attach_tc_programs(
                     });
                 }
                 failed => {
+                    how = "clsact";
                     match failed {
                         Some(Err(e)) => {
                             tracing::warn!(device = %dev, program = name, error = %e, "tcx attach failed; falling back to the clsact qdisc (netlink)");
@@ -146,8 +150,9 @@ pub fn attach_tc_programs(
             }
         }
         tracing::info!(device = %dev, "tc programs attached (ingress and egress)");
+        attached.push((dev.clone(), how));
     }
-    Ok(())
+    Ok(attached)
 }
 
 /// Removes what a previous agent attached to interfaces that are not in `devices`: its pinned tcx links (unpinning

@@ -94,6 +94,8 @@ pub struct Install {
     pub metrics_service: Option<Service>,
     /// `monitoring.coreos.com/v1` has no k8s-openapi type: a plain value.
     pub service_monitor: Option<serde_json::Value>,
+    /// With the ServiceMonitor: lb's alerts (`deploy/monitoring/lb-prometheusrule.yaml`, in this namespace).
+    pub prometheus_rule: Option<serde_json::Value>,
 }
 
 impl Install {
@@ -134,6 +136,7 @@ impl Install {
                 .then(|| agent_daemon_set(opts, Role::Canary, metrics)),
             metrics_service: opts.service_monitor.then(|| metrics_service(ns)),
             service_monitor: opts.service_monitor.then(|| service_monitor(ns)),
+            prometheus_rule: opts.service_monitor.then(|| prometheus_rule(ns)).flatten(),
         }
     }
 
@@ -208,6 +211,12 @@ impl Install {
             push(
                 "For the Prometheus operator: scrape every agent's /metrics.",
                 m.clone(),
+            );
+        }
+        if let Some(r) = &self.prometheus_rule {
+            push(
+                "lb's alerts for the Prometheus operator; what each means and what to do: docs/observability.md.",
+                r.clone(),
             );
         }
         docs
@@ -652,6 +661,17 @@ fn service_monitor(ns: &str) -> serde_json::Value {
             "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "30s"}],
         },
     })
+}
+
+/// The alerts of `deploy/monitoring/` (one file, which `lb-agent/tests/monitoring.rs` checks against the exported
+/// metrics), moved to `ns`. `None` only if that file stopped parsing, which `deploy_manifests.rs` catches.
+fn prometheus_rule(ns: &str) -> Option<serde_json::Value> {
+    const RULE: &str = include_str!("../../../deploy/monitoring/lb-prometheusrule.yaml");
+    let mut rule: serde_json::Value = serde_saphyr::from_str(RULE).ok()?;
+    rule.get_mut("metadata")?
+        .as_object_mut()?
+        .insert("namespace".to_owned(), ns.into());
+    Some(rule)
 }
 
 /// The cleanup DaemonSet of `lb-agent manifests --uninstall`: on every node, an init container runs `lb-agent

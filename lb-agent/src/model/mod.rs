@@ -11,6 +11,7 @@
 //! - `node`: this node's addresses and zone;
 //! - `service_cidrs`: the ServiceCIDRs, whose unallocated addresses drop (rule 8);
 //! - `translator`: the same translation kept across syncs, rebuilding only the Services a change touches;
+//! - `changes`: what a translation changed per Service (backends and frontends gained and lost), for the log;
 //! - `objects`: the vocabulary: the cluster objects the model reads (from any `crate::source`) and the
 //!   [`Diagnostic`]s it reports.
 //!
@@ -22,6 +23,7 @@
 //! serving nil reads as true (`endpoint_slices`), topology hints apply whenever present and node hints come first
 //! (`endpoints`), the Node's ExternalIP is a NodePort address when it has no InternalIP (`node`).
 
+mod changes;
 mod endpoint_slices;
 mod endpoints;
 mod explain;
@@ -38,6 +40,7 @@ mod translator;
 
 use std::net::IpAddr;
 
+pub use changes::{ChangeKind, ServiceChange, list as change_list};
 pub use endpoints::Eligibility;
 pub use explain::{
     EndpointExplanation, FrontendExplanation, PortExplanation, ServiceExplanation, explain,
@@ -46,7 +49,7 @@ pub use health::ServiceHealth;
 pub use node::{NodePortAddresses, node_context};
 pub use objects::{ClusterObjects, DEFAULT_NAMESPACE, Diagnostic, object_label};
 pub use service_cidrs::parse_service_cidr;
-pub use translator::{ObjectRef, Translator};
+pub use translator::{ChangeCounts, ObjectRef, Translator};
 
 use crate::state::{Algorithm, DesiredState};
 

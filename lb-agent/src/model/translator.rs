@@ -16,6 +16,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 
+use super::changes::{ServiceChange, service_change};
 use super::endpoint_slices::{SliceIndex, index_slice, listed_addresses};
 use super::objects::{ClusterObjects, DEFAULT_NAMESPACE, Diagnostic, object_label};
 use super::{ModelConfig, NodeContext, ServiceHealth, Translation};
@@ -99,6 +100,17 @@ pub struct Translator {
     node_dirty: bool,
     cidrs_dirty: bool,
     changed: BTreeSet<Frontend>,
+    /// Per Service, what the last translation changed (for the change log).
+    service_changes: Vec<ServiceChange>,
+    /// Object changes taken in since the start (kube-proxy's `sync_proxy_rules_*_changes_total`).
+    counts: ChangeCounts,
+}
+
+/// Object changes a translator has taken in: adds, updates and deletes that differ from what it had.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChangeCounts {
+    pub services: u64,
+    pub endpoint_slices: u64,
 }
 
 impl Translator {
@@ -125,7 +137,19 @@ impl Translator {
             node_dirty: true,
             cidrs_dirty: true,
             changed: BTreeSet::new(),
+            service_changes: Vec::new(),
+            counts: ChangeCounts::default(),
         }
+    }
+
+    /// What the last [`Translator::translate`] changed, per Service whose datapath entries changed.
+    pub fn service_changes(&self) -> &[ServiceChange] {
+        &self.service_changes
+    }
+
+    /// Object changes taken in so far.
+    pub fn change_counts(&self) -> ChangeCounts {
+        self.counts
     }
 
     /// The translation as of the last [`Translator::translate`].
@@ -180,12 +204,14 @@ impl Translator {
         if self.services.get(&key) != Some(&svc) {
             self.services.insert(key.clone(), svc);
             self.dirty.insert(key);
+            self.counts.services += 1;
         }
     }
 
     pub fn remove_service(&mut self, key: &ObjectRef) {
         if self.services.remove(key).is_some() {
             self.dirty.insert(key.clone());
+            self.counts.services += 1;
         }
     }
 
@@ -200,7 +226,13 @@ impl Translator {
         {
             return;
         }
+        let existed = self.slices.contains_key(&key);
         self.remove_slice(&key);
+        // An update counts once, not as the remove and add it is made of.
+        if existed {
+            self.counts.endpoint_slices -= 1;
+        }
+        self.counts.endpoint_slices += 1;
         let mut diagnostics = Vec::new();
         let indexed = index_slice(&slice, &key.0, &key.1, &mut diagnostics);
         let service = indexed.as_ref().map(|i| i.service().to_owned());
@@ -235,6 +267,7 @@ impl Translator {
         let Some(record) = self.slices.remove(key) else {
             return;
         };
+        self.counts.endpoint_slices += 1;
         self.noted_slices.remove(key);
         if let Some(service) = record.service {
             self.index.remove(&key.0, &key.1, &service);
@@ -348,17 +381,29 @@ impl Translator {
             std::mem::take(&mut self.dirty).into_iter().collect()
         };
         let mut touched: BTreeSet<Frontend> = BTreeSet::new();
+        self.service_changes.clear();
         for key in dirty {
             self.noted_parts.remove(&key);
-            if let Some(old) = self.parts.remove(&key) {
+            let old = self.parts.remove(&key);
+            if let Some(old) = &old {
                 for f in old.entries.keys() {
                     self.unclaim(f, &key);
                     touched.insert(*f);
                 }
             }
-            if let Some(svc) = self.services.get(&key) {
-                let part = build_part(svc, &self.cfg, &self.index, &self.node);
-                let claimant = Claimant::of(svc, &key);
+            let new = self.services.get(&key).map(|svc| {
+                (
+                    build_part(svc, &self.cfg, &self.index, &self.node),
+                    Claimant::of(svc, &key),
+                )
+            });
+            self.service_changes.extend(service_change(
+                &key.0,
+                &key.1,
+                old.as_ref().map(|p| &p.entries),
+                new.as_ref().map(|(p, _)| &p.entries),
+            ));
+            if let Some((part, claimant)) = new {
                 for f in part.entries.keys() {
                     self.claim(f, &claimant);
                     touched.insert(*f);

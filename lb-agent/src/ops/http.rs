@@ -1,13 +1,13 @@
 //! A minimal HTTP/1.1 responder for the agent's operational endpoints (`/healthz`, `/readyz`, `/metrics`, the
-//! `healthCheckNodePort` servers). They answer small GETs from kubelet probes, Prometheus and cloud load balancer
+//! `healthCheckNodePort` servers, and `lb-agent status` on a Unix socket). They answer small GETs from kubelet probes, Prometheus and cloud load balancer
 //! health checkers; one request per connection (`Connection: close`) is all those clients need, so a hand-written
 //! responder on tokio keeps a full HTTP stack (and its compile time) out of the agent.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
 /// A response: status, content type, body and extra headers.
@@ -32,6 +32,7 @@ impl Response {
     fn reason(&self) -> &'static str {
         match self.status {
             200 => "OK",
+            403 => "Forbidden",
             404 => "Not Found",
             405 => "Method Not Allowed",
             400 => "Bad Request",
@@ -93,7 +94,43 @@ pub async fn serve(listener: TcpListener, handler: Handler, mut stop: watch::Rec
     }
 }
 
-async fn respond(mut stream: TcpStream, handler: Handler) -> std::io::Result<()> {
+/// Serves `listener` (a Unix socket) until `stop` turns true, to root and to the process's own user only: the
+/// socket may be abstract, which file permissions cannot guard.
+pub async fn serve_unix(listener: UnixListener, handler: Handler, mut stop: watch::Receiver<bool>) {
+    // SAFETY: geteuid has no preconditions.
+    let own = unsafe { libc::geteuid() };
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let allowed = stream.peer_cred().is_ok_and(|c| c.uid() == 0 || c.uid() == own);
+                    let handler: Handler = if allowed {
+                        handler.clone()
+                    } else {
+                        Arc::new(|_| Response::text(403, "root only\n"))
+                    };
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(REQUEST_TIMEOUT, respond(stream, handler)).await;
+                    });
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    handler: Handler,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {

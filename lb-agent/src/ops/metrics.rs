@@ -1,285 +1,123 @@
-//! Prometheus metrics (`prometheus-client`): the agent's own (sync duration, network programming latency, what is
-//! programmed, skipped objects, frontends that did not fit) and, read from the pinned maps at scrape time, the
-//! datapath's per-service and per-backend counters and the maps' fill levels.
+//! Prometheus metrics (`prometheus-client`), in three groups:
 //!
-//! The datapath counters are the tables of `datapath::counters`: a new field in `lb_common::ServiceStats` or
-//! `BackendStats` is one line there.
+//! - **kube-proxy's**, under kube-proxy's names and with kube-proxy's meaning wherever lb measures the same
+//!   quantity (`pkg/proxy/metrics/metrics.go`): sync duration (all, full, partial), last sync and last queued
+//!   timestamps, network programming latency from the EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time`,
+//!   Service and endpoint changes (total and pending), Services with a Local policy and no local endpoint,
+//!   healthz/livez answers; the API client's `rest_client_*` (`source::kube::api_metrics`) and the `process_*`
+//!   family (`process`). Dashboards and alerts written for kube-proxy (kubernetes-mixin's) read them unchanged.
+//! - **lb's own** beside them, `lb_*`: what is programmed, what was skipped and why, the agent's own share of the
+//!   programming latency, watch failures, config reloads, build information.
+//! - **the datapath's**, read from the pinned maps at scrape time (`datapath`): packets by verdict reason and map
+//!   fill always, per-Service and per-backend counters only as `--service-metrics` asks.
+//!
+//! kube-proxy 1.33+ labels some of its families with `ip_family`, because it runs one proxier per family; lb
+//! programs both families in one sync, so its families carry no such label (every kubernetes-mixin query sums or
+//! aggregates over it, so they work the same).
+
+mod datapath;
+mod process;
+
+pub use datapath::{
+    BackendSample, CounterSource, PinnedCounters, ServiceMetrics, ServiceSample, split_service_name,
+};
 
 use std::fmt;
-use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use lb_common::{BackendStats, ServiceStats};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::datapath::counters::{BACKEND_COUNTERS, SERVICE_COUNTERS};
-use crate::datapath::display::{proto_name, scope_name, show_addr};
-use crate::datapath::listings;
-use crate::datapath::maps::{MapsRead, PinnedMaps};
-use crate::datapath::names::{kind_name, service_names};
 use crate::datapath::reconcile::SyncReport;
-use crate::model::Diagnostic;
-
-/// One programmed service as the collector labels it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceSample {
-    pub id: u32,
-    /// `ip:port` of the VIP.
-    pub frontend: String,
-    pub protocol: String,
-    pub scope: String,
-    /// From `LB_SVC_NAMES`; empty when the name is unknown (map absent, or written by an older agent).
-    pub namespace: String,
-    pub name: String,
-    pub port: String,
-    pub kind: String,
-    pub stats: ServiceStats,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BackendSample {
-    pub id: u32,
-    /// `ip:port`.
-    pub backend: String,
-    pub protocol: String,
-    pub stats: BackendStats,
-}
-
-/// A map's fill level.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MapFill {
-    pub map: &'static str,
-    pub entries: u64,
-    pub capacity: u64,
-}
-
-/// Where the collector reads the datapath's numbers: the pinned maps, or a fake in unit tests.
-pub trait CounterSource: fmt::Debug + Send + Sync + 'static {
-    fn services(&self) -> Vec<ServiceSample>;
-    fn backends(&self) -> Vec<BackendSample>;
-    fn map_fill(&self) -> Vec<MapFill>;
-    /// The per-packet datapath's packet counts by verdict reason (`LB_DROP_STATS`), node-wide.
-    fn packets_by_reason(&self) -> Vec<(&'static str, u64)>;
-}
-
-/// Splits `namespace/name:port` (the names map's form) into its parts.
-pub fn split_service_name(full: &str) -> (String, String, String) {
-    let (namespace, rest) = full.split_once('/').unwrap_or(("", full));
-    let (name, port) = rest.split_once(':').unwrap_or((rest, ""));
-    (namespace.to_owned(), name.to_owned(), port.to_owned())
-}
-
-/// Reads the pinned maps on every scrape (so numbers are current and a map migration is followed); before the
-/// agent pinned anything it reports nothing.
-#[derive(Debug)]
-pub struct PinnedCounters {
-    pub dir: PathBuf,
-}
-
-impl CounterSource for PinnedCounters {
-    fn services(&self) -> Vec<ServiceSample> {
-        let Ok(maps) = PinnedMaps::open(&self.dir) else {
-            return Vec::new();
-        };
-        let names = service_names(&self.dir);
-        let Ok(services) = maps.services() else {
-            return Vec::new();
-        };
-        services
-            .into_iter()
-            .map(|(key, value)| {
-                let name = names.get(&value.service_id);
-                let (namespace, svc, port) = name
-                    .map(|n| split_service_name(n.name()))
-                    .unwrap_or_default();
-                ServiceSample {
-                    id: value.service_id,
-                    frontend: show_addr(key.addr, key.port),
-                    protocol: proto_name(key.proto),
-                    scope: scope_name(key.scope),
-                    namespace,
-                    name: svc,
-                    port,
-                    kind: name
-                        .map(|n| kind_name(n.kind).to_owned())
-                        .unwrap_or_default(),
-                    stats: maps.service_stats(value.service_id).unwrap_or_default(),
-                }
-            })
-            .collect()
-    }
-
-    fn backends(&self) -> Vec<BackendSample> {
-        let Ok(maps) = PinnedMaps::open(&self.dir) else {
-            return Vec::new();
-        };
-        maps.backends()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(id, b)| BackendSample {
-                id,
-                backend: show_addr(b.addr, b.port),
-                protocol: proto_name(b.proto),
-                stats: maps.backend_stats(id).unwrap_or_default(),
-            })
-            .collect()
-    }
-
-    fn map_fill(&self) -> Vec<MapFill> {
-        listings::map_fill(&self.dir)
-            .into_iter()
-            .map(|(map, entries, capacity)| MapFill {
-                map,
-                entries,
-                capacity,
-            })
-            .collect()
-    }
-
-    fn packets_by_reason(&self) -> Vec<(&'static str, u64)> {
-        listings::packets_by_reason(&self.dir)
-    }
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ServiceLabels {
-    namespace: String,
-    name: String,
-    port: String,
-    frontend: String,
-    protocol: String,
-    scope: String,
-    kind: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BackendLabels {
-    backend: String,
-    protocol: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabels {
-    reason: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct MapLabels {
-    map: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SkippedLabels {
-    /// The object's kind (`Service`, `EndpointSlice`, `Node`, `document`).
-    pub kind: String,
-    /// `invalid`, `duplicate` or `frontend-conflict`.
-    pub reason: String,
-}
+use crate::model::{ChangeCounts, Diagnostic};
+use crate::source::kube::api_metrics::ApiMetrics;
+use crate::source::kube::watch_health::WatchHealth;
+use crate::state::{DesiredState, Scope, VipKind};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
 
-/// Reads the datapath's counters at scrape time.
-#[derive(Debug)]
-struct DatapathCollector<S: CounterSource> {
-    source: S,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SkippedLabels {
+    pub kind: String,
+    pub reason: String,
 }
 
-impl<S: CounterSource> Collector for DatapathCollector<S> {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let services = self.source.services();
-        for (metric, help, read) in SERVICE_COUNTERS {
-            let mut family = encoder.encode_descriptor(
-                metric,
-                help,
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            for s in &services {
-                let labels = ServiceLabels {
-                    namespace: s.namespace.clone(),
-                    name: s.name.clone(),
-                    port: s.port.clone(),
-                    frontend: s.frontend.clone(),
-                    protocol: s.protocol.clone(),
-                    scope: s.scope.clone(),
-                    kind: s.kind.clone(),
-                };
-                ConstCounter::new(read(&s.stats)).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let backends = self.source.backends();
-        for (metric, help, read) in BACKEND_COUNTERS {
-            let mut family = encoder.encode_descriptor(
-                metric,
-                help,
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            for b in &backends {
-                let labels = BackendLabels {
-                    backend: b.backend.clone(),
-                    protocol: b.protocol.clone(),
-                };
-                ConstCounter::new(read(&b.stats)).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let mut family = encoder.encode_descriptor(
-            "lb_datapath_packets",
-            "Packets the per-packet datapath handled, by verdict reason (new flow, no endpoints, source range, \
-             malformed, ...), node-wide.",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        for (reason, n) in self.source.packets_by_reason() {
-            let labels = ReasonLabels {
-                reason: reason.to_owned(),
-            };
-            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
-        }
-        let fill = self.source.map_fill();
-        for (metric, help, read) in [
-            (
-                "lb_map_entries",
-                "Entries in each pinned map.",
-                (|f: &MapFill| f.entries) as fn(&MapFill) -> u64,
-            ),
-            (
-                "lb_map_capacity",
-                "Capacity (max_entries) of each pinned map.",
-                |f: &MapFill| f.capacity,
-            ),
-        ] {
-            let mut family = encoder.encode_descriptor(
-                metric,
-                help,
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
-            )?;
-            for f in &fill {
-                let labels = MapLabels {
-                    map: f.map.to_owned(),
-                };
-                ConstGauge::new(read(f) as i64).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        Ok(())
-    }
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub code: String,
 }
 
-/// The agent's own metrics, updated by the run loop.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficPolicyLabels {
+    pub traffic_policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResourceLabels {
+    resource: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+    commit: String,
+    ebpf_object: String,
+}
+
+/// What this binary is, for `lb_build_info` and `lb-agent status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BuildInfo {
+    pub version: String,
+    pub commit: String,
+    pub ebpf_object: String,
+}
+
+/// kube-proxy's `sync_proxy_rules_duration_seconds` buckets: 1 ms doubling to ~16 s.
+fn sync_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.001, 2.0, 15)
+}
+
+/// kube-proxy's `network_programming_duration_seconds` buckets: 0.25 s, 0.5 s, every second to 59 s, every 5 s to
+/// 115 s, every 30 s to 5 min.
+fn network_programming_buckets() -> Vec<f64> {
+    let mut b = vec![0.25, 0.5];
+    b.extend((1..=59).map(f64::from));
+    b.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+    b.extend((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
+    b
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The agent's own metrics, updated by the run loop through `Ops`.
 #[derive(Clone, Debug)]
 pub struct AgentMetrics {
     pub sync_duration: Histogram,
-    pub programming_latency: Histogram,
+    pub sync_full_duration: Histogram,
+    pub sync_partial_duration: Histogram,
+    pub last_sync: Gauge<f64, AtomicU64>,
+    pub last_queued: Gauge<f64, AtomicU64>,
+    pub network_programming: Histogram,
+    pub change_programming: Histogram,
+    pub endpoint_changes: Counter,
+    pub service_changes: Counter,
+    pub no_local_endpoints: Family<TrafficPolicyLabels, Gauge>,
+    pub healthz: Family<CodeLabels, Counter>,
+    pub livez: Family<CodeLabels, Counter>,
     pub syncs: Family<ResultLabels, Counter>,
     pub frontends_programmed: Gauge,
     pub backends_programmed: Gauge,
@@ -292,9 +130,18 @@ pub struct AgentMetrics {
 impl AgentMetrics {
     fn new() -> Self {
         Self {
-            // 1 ms .. ~16 s: a sync of a few services takes milliseconds, tens of thousands take seconds.
-            sync_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
-            programming_latency: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            sync_duration: Histogram::new(sync_buckets()),
+            sync_full_duration: Histogram::new(sync_buckets()),
+            sync_partial_duration: Histogram::new(sync_buckets()),
+            last_sync: Gauge::default(),
+            last_queued: Gauge::default(),
+            network_programming: Histogram::new(network_programming_buckets()),
+            change_programming: Histogram::new(sync_buckets()),
+            endpoint_changes: Counter::default(),
+            service_changes: Counter::default(),
+            no_local_endpoints: Family::default(),
+            healthz: Family::default(),
+            livez: Family::default(),
             syncs: Family::default(),
             frontends_programmed: Gauge::default(),
             backends_programmed: Gauge::default(),
@@ -305,24 +152,35 @@ impl AgentMetrics {
         }
     }
 
-    /// Records one sync's outcome.
+    /// Records one sync: its duration (full or partial), outcome, what it left programmed, and, when it
+    /// succeeded, kube-proxy's last-sync timestamp.
     pub fn record_sync(
         &self,
         report: &SyncReport,
         diagnostics: &[&Diagnostic],
         frontends: usize,
         backends: usize,
+        took: Duration,
+        full: bool,
     ) {
-        let result = if report.failed.is_empty() {
-            "ok"
+        let seconds = took.as_secs_f64();
+        self.sync_duration.observe(seconds);
+        if full {
+            self.sync_full_duration.observe(seconds)
         } else {
-            "partial"
-        };
+            self.sync_partial_duration.observe(seconds)
+        }
+        let ok = report.failed.is_empty();
         self.syncs
             .get_or_create(&ResultLabels {
-                result: result.into(),
+                result: if ok { "ok" } else { "partial" }.into(),
             })
             .inc();
+        // kube-proxy moves the timestamp only when the rules were written; a sync that left a frontend out is
+        // not a success, so an alert on a stale timestamp fires until capacity is fixed.
+        if ok {
+            self.last_sync.set(unix_seconds(SystemTime::now()));
+        }
         self.frontends_programmed
             .set(frontends.saturating_sub(report.failed.len()) as i64);
         self.backends_programmed.set(backends as i64);
@@ -332,6 +190,61 @@ impl AgentMetrics {
         for d in diagnostics {
             self.skipped_objects.get_or_create(&skipped_labels(d)).inc();
         }
+    }
+
+    /// kube-proxy's change counters: `counts` is the translator's running total, `before` its value at the
+    /// previous call.
+    pub fn record_changes(&self, before: ChangeCounts, counts: ChangeCounts) {
+        self.service_changes
+            .inc_by(counts.services.saturating_sub(before.services));
+        self.endpoint_changes.inc_by(
+            counts
+                .endpoint_slices
+                .saturating_sub(before.endpoint_slices),
+        );
+    }
+
+    /// `kubeproxy_sync_proxy_rules_no_local_endpoints_total`: Service ports (per family) that have endpoints but
+    /// none this node may use under their Local policy: `internal` for the ClusterIP (internalTrafficPolicy),
+    /// `external` for NodePort, LoadBalancer and external IPs (externalTrafficPolicy). The model marks exactly
+    /// these frontends `drop_if_empty`.
+    pub fn record_no_local_endpoints(&self, desired: &DesiredState) {
+        let mut internal = std::collections::BTreeSet::new();
+        let mut external = std::collections::BTreeSet::new();
+        for (f, e) in &desired.services {
+            if !(e.drop_if_empty && e.backends.is_empty()) {
+                continue;
+            }
+            let key = (&e.service, f.addr.is_ipv4());
+            match (e.kind, f.scope) {
+                (VipKind::ClusterIp, _) => internal.insert(key),
+                (_, Scope::External) => external.insert(key),
+                // A NodePort or external address reached from this node's pods follows the external policy too,
+                // but it is the same Service port already counted (or not) from outside.
+                (_, Scope::Internal) => false,
+            };
+        }
+        for (policy, n) in [("internal", internal.len()), ("external", external.len())] {
+            self.no_local_endpoints
+                .get_or_create(&TrafficPolicyLabels {
+                    traffic_policy: policy.into(),
+                })
+                .set(n as i64);
+        }
+    }
+
+    /// Counts a `/healthz` or `/livez` answer (kube-proxy's `proxy_healthz_total` / `proxy_livez_total`).
+    pub fn count_probe(&self, path: &str, status: u16) {
+        let family = match path {
+            "/healthz" => &self.healthz,
+            "/livez" => &self.livez,
+            _ => return,
+        };
+        family
+            .get_or_create(&CodeLabels {
+                code: status.to_string(),
+            })
+            .inc();
     }
 }
 
@@ -351,7 +264,78 @@ pub fn skipped_labels(d: &Diagnostic) -> SkippedLabels {
     }
 }
 
-/// The registry: agent metrics plus the datapath collector.
+/// The kube source's watches and pending changes, read at scrape time; zeros for the file source, so the same
+/// families exist whatever the source.
+#[derive(Debug)]
+struct SourceCollector {
+    watches: Option<Arc<WatchHealth>>,
+}
+
+impl Collector for SourceCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let state = self.watches.as_ref().map(|w| w.state()).unwrap_or_default();
+        for (name, help, value) in [
+            (
+                "kubeproxy_sync_proxy_rules_service_changes_pending",
+                "Pending proxy rules Service changes (Services changed since the last sync).",
+                state.pending_services,
+            ),
+            (
+                "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+                "Pending proxy rules Endpoint changes (EndpointSlices changed since the last sync).",
+                state.pending_endpoint_slices,
+            ),
+        ] {
+            ConstGauge::new(value as i64).encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Gauge,
+            )?)?;
+        }
+        let mut errors = encoder.encode_descriptor(
+            "lb_kube_watch_errors",
+            "Failed list or watch attempts against the API server, by resource (each is retried with backoff).",
+            None,
+            MetricType::Counter,
+        )?;
+        for w in &state.watches {
+            let labels = ResourceLabels {
+                resource: w.resource.clone(),
+            };
+            ConstCounter::new(w.errors_total).encode(errors.encode_family(&labels)?)?;
+        }
+        let mut failing = encoder.encode_descriptor(
+            "lb_kube_watch_failures_in_a_row",
+            "Failed attempts of each watch since its last progress; 0 while it works.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for w in &state.watches {
+            let labels = ResourceLabels {
+                resource: w.resource.clone(),
+            };
+            ConstGauge::new(i64::from(w.failures_in_a_row))
+                .encode(failing.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Everything the registry reads besides the agent's own metrics.
+pub struct MetricsSources<S> {
+    pub counters: S,
+    pub service_metrics: ServiceMetrics,
+    /// The API client's request counters (empty for the file source).
+    pub api: Arc<ApiMetrics>,
+    /// The kube source's watches, if it is the source.
+    pub watches: Option<Arc<WatchHealth>>,
+    /// The async runtimes whose tasks `go_goroutines` counts.
+    pub runtimes: Vec<tokio::runtime::Handle>,
+    pub build: BuildInfo,
+}
+
+/// The registry: agent metrics plus the collectors.
 pub struct Metrics {
     registry: Registry,
     pub agent: AgentMetrics,
@@ -364,59 +348,156 @@ impl fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    pub fn new(source: impl CounterSource) -> Self {
-        let mut registry = Registry::default();
-        let agent = AgentMetrics::new();
-        registry.register(
-            "lb_sync_duration_seconds",
-            "Time one sync takes: translate the objects and write the differences to the maps.",
-            agent.sync_duration.clone(),
+    pub fn new<S: CounterSource>(sources: MetricsSources<S>) -> Self {
+        let mut r = Registry::default();
+        let a = AgentMetrics::new();
+        // kube-proxy's (pkg/proxy/metrics/metrics.go), same names, same meaning.
+        r.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds: one sync, translating what changed and writing the differences \
+             to the maps (full and partial).",
+            a.sync_duration.clone(),
         );
-        registry.register(
-            "lb_network_programming_duration_seconds",
-            "From a change being seen (file event) to the maps holding it (kube-proxy's network_programming_duration).",
-            agent.programming_latency.clone(),
+        r.register(
+            "kubeproxy_sync_full_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for full resyncs (the first sync, SIGHUP, a config reload, a \
+             re-read manifest directory).",
+            a.sync_full_duration.clone(),
         );
-        registry.register(
+        r.register(
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for partial resyncs (only the changed Services).",
+            a.sync_partial_duration.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced (every frontend programmed).",
+            a.last_sync.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of proxy rules was queued (a change was seen); much later than the last sync \
+             means the agent is stuck.",
+            a.last_queued.clone(),
+        );
+        r.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds: from an EndpointSlice's \
+             endpoints.kubernetes.io/last-change-trigger-time (the Service or pod change, stamped by the \
+             EndpointSlice controller) to the maps holding it; one sample per changed EndpointSlice.",
+            a.network_programming.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_service_changes",
+            "Cumulative proxy rules Service changes (adds, updates, deletes that changed something).",
+            a.service_changes.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes",
+            "Cumulative proxy rules Endpoint changes (EndpointSlice adds, updates, deletes that changed something).",
+            a.endpoint_changes.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Number of services with a Local traffic policy and no endpoints (Service ports per family that have \
+             endpoints, none of them on this node), by traffic_policy: internal or external.",
+            a.no_local_endpoints.clone(),
+        );
+        r.register(
+            "kubeproxy_proxy_healthz",
+            "Cumulative proxy healthz HTTP status",
+            a.healthz.clone(),
+        );
+        r.register(
+            "kubeproxy_proxy_livez",
+            "Cumulative proxy livez HTTP status",
+            a.livez.clone(),
+        );
+        r.register(
+            "rest_client_requests",
+            "Number of HTTP requests to the API server, partitioned by status code (<error>: no response), \
+             method, and host.",
+            sources.api.requests.clone(),
+        );
+        r.register(
+            "rest_client_request_duration_seconds",
+            "Request latency in seconds (to the response headers; a watch until its stream opens). Broken down \
+             by verb, and host.",
+            sources.api.duration.clone(),
+        );
+        // lb's own.
+        r.register(
+            "lb_change_programming_duration_seconds",
+            "From the agent seeing a change (watch event, file event) to the maps holding it: the agent's own share \
+             of the network programming latency, batching included.",
+            a.change_programming.clone(),
+        );
+        r.register(
             "lb_syncs",
             "Syncs, by result (ok, partial: some frontend could not be programmed).",
-            agent.syncs.clone(),
+            a.syncs.clone(),
         );
-        registry.register(
+        r.register(
             "lb_programmed_frontends",
             "Frontends (VIP, port, protocol, scope) programmed in the maps after the last sync.",
-            agent.frontends_programmed.clone(),
+            a.frontends_programmed.clone(),
         );
-        registry.register(
+        r.register(
             "lb_programmed_backends",
             "Backends programmed in the maps after the last sync.",
-            agent.backends_programmed.clone(),
+            a.backends_programmed.clone(),
         );
-        registry.register(
+        r.register(
             "lb_unprogrammed_frontends",
             "Frontends the last sync could not program (map capacity, map errors); see the log for which.",
-            agent.frontends_failed.clone(),
+            a.frontends_failed.clone(),
         );
-        registry.register(
+        r.register(
             "lb_skipped_objects",
             "Objects (or parts) the last sync skipped, by kind and reason.",
-            agent.skipped_objects.clone(),
+            a.skipped_objects.clone(),
         );
-        registry.register(
+        r.register(
             "lb_health_check_servers",
             "healthCheckNodePort servers running.",
-            agent.health_check_servers.clone(),
+            a.health_check_servers.clone(),
         );
-        registry.register(
+        r.register(
             "lb_config_reloads",
             "Configuration file reloads, by result.",
-            agent.config_reloads.clone(),
+            a.config_reloads.clone(),
         );
-        registry.register_collector(Box::new(DatapathCollector { source }));
-        Self { registry, agent }
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: sources.build.version,
+                commit: sources.build.commit,
+                ebpf_object: sources.build.ebpf_object,
+            })
+            .set(1);
+        r.register(
+            "lb_build_info",
+            "Always 1, labelled with the agent's version, the commit it was built from and the SHA-256 of its eBPF \
+             object.",
+            build,
+        );
+        r.register_collector(Box::new(SourceCollector {
+            watches: sources.watches,
+        }));
+        r.register_collector(Box::new(process::ProcessCollector {
+            runtimes: sources.runtimes,
+        }));
+        r.register_collector(Box::new(datapath::DatapathCollector {
+            source: sources.counters,
+            mode: sources.service_metrics,
+        }));
+        Self {
+            registry: r,
+            agent: a,
+        }
     }
 
-    /// The text exposition format.
+    /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
@@ -426,33 +507,126 @@ impl Metrics {
     }
 }
 
+/// Every sample name a rendering can hold, from its `# TYPE` lines: counters with `_total`, histograms with
+/// `_bucket`, `_count` and `_sum`, gauges as they are. For checks that dashboards and alerts name only what the
+/// agent exports.
+pub fn sample_names(rendered: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for line in rendered.lines() {
+        let mut parts = line.split_whitespace();
+        if parts.next() != Some("#") || parts.next() != Some("TYPE") {
+            continue;
+        }
+        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        match kind {
+            "counter" => {
+                out.insert(format!("{name}_total"));
+            }
+            "histogram" => {
+                for suffix in ["_bucket", "_count", "_sum"] {
+                    out.insert(format!("{name}{suffix}"));
+                }
+            }
+            "info" => {
+                out.insert(format!("{name}_info"));
+            }
+            _ => {
+                out.insert(name.to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// Every metric the kubernetes-mixin's kube-proxy dashboard (`dashboards/proxy.libsonnet`) and alerts
+/// (`alerts/kube_proxy.libsonnet`, which instantiate `lib/absent_alert.libsonnet` and
+/// `lib/instance_unreachable_alert.libsonnet`) query, as of kubernetes-monitoring/kubernetes-mixin aa38e2b, with
+/// the labels those queries select or group by (besides `cluster`, `job` and `instance`, which the scrape adds).
+/// Our list, kept by hand: when the mixin changes, this list changes with it. `lb-agent/tests/monitoring.rs`
+/// checks the registry exports each (with its labels), `tests/tests/observability.rs` that a real agent on an API
+/// server has samples of each.
+pub const KUBE_PROXY_MIXIN: &[(&str, &[&str], &str)] = &[
+    (
+        "up",
+        &[],
+        "panel Up; alerts KubeProxyDown, KubeProxyInstanceUnreachable",
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_duration_seconds_count",
+        &[],
+        "panel Rules Sync Rate",
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
+        &["le"],
+        "panel Rules Sync Latency 99th Quantile",
+    ),
+    (
+        "kubeproxy_network_programming_duration_seconds_count",
+        &[],
+        "panel Network Programming Rate",
+    ),
+    (
+        "kubeproxy_network_programming_duration_seconds_bucket",
+        &["le"],
+        "panel Network Programming Latency 99th Quantile",
+    ),
+    (
+        "rest_client_requests_total",
+        &["code"],
+        "panel Kube API Request Rate",
+    ),
+    (
+        "rest_client_request_duration_seconds_bucket",
+        &["verb", "le"],
+        "panels Post and Get Request Latency 99th Quantile",
+    ),
+    ("process_resident_memory_bytes", &[], "panel Memory"),
+    ("process_cpu_seconds_total", &[], "panel CPU usage"),
+    ("go_goroutines", &[], "panel Goroutines"),
+];
+
+/// Metrics Prometheus makes itself for every target.
+pub const FROM_THE_SCRAPE: &[&str] = &["up"];
+
 /// Shared between the run loop (writer) and the metrics server (reader).
 pub type SharedMetrics = Arc<Metrics>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datapath::map_fill::MapFill;
+    use lb_common::{BackendStats, ServiceStats};
 
     #[derive(Debug)]
     struct Fake;
 
+    fn sample(frontend: &str, scope: &str, connects: u64) -> ServiceSample {
+        ServiceSample {
+            id: 1,
+            frontend: frontend.into(),
+            protocol: "TCP".into(),
+            scope: scope.into(),
+            namespace: "ns".into(),
+            name: "web".into(),
+            port: "http".into(),
+            kind: "ClusterIP".into(),
+            stats: ServiceStats {
+                sock_connects: connects,
+                sock_rejects: 2,
+                ..Default::default()
+            },
+        }
+    }
+
     impl CounterSource for Fake {
         fn services(&self) -> Vec<ServiceSample> {
-            vec![ServiceSample {
-                id: 1,
-                frontend: "10.96.0.10:80".into(),
-                protocol: "TCP".into(),
-                scope: "internal".into(),
-                namespace: "ns".into(),
-                name: "web".into(),
-                port: "http".into(),
-                kind: "ClusterIP".into(),
-                stats: ServiceStats {
-                    sock_connects: 7,
-                    sock_rejects: 2,
-                    ..Default::default()
-                },
-            }]
+            vec![
+                sample("10.96.0.10:80", "internal", 7),
+                sample("10.96.0.10:80", "external", 3),
+            ]
         }
         fn backends(&self) -> Vec<BackendSample> {
             vec![BackendSample {
@@ -467,9 +641,9 @@ mod tests {
         }
         fn map_fill(&self) -> Vec<MapFill> {
             vec![MapFill {
-                map: "LB_SERVICES",
+                map: "LB_CONNTRACK".into(),
                 entries: 2,
-                capacity: 65536,
+                capacity: 262144,
             }]
         }
         fn packets_by_reason(&self) -> Vec<(&'static str, u64)> {
@@ -477,17 +651,27 @@ mod tests {
         }
     }
 
+    fn metrics(mode: ServiceMetrics) -> Metrics {
+        Metrics::new(MetricsSources {
+            counters: Fake,
+            service_metrics: mode,
+            api: Arc::new(ApiMetrics::default()),
+            watches: None,
+            runtimes: Vec::new(),
+            build: BuildInfo {
+                version: "0.1.0".into(),
+                commit: "abc".into(),
+                ebpf_object: "sha256:00".into(),
+            },
+        })
+    }
+
     #[test]
-    fn renders_datapath_counters_with_service_labels() {
-        let m = Metrics::new(Fake);
-        let text = m.render();
+    fn per_frontend_metrics_label_every_frontend_and_backend() {
+        let text = metrics(ServiceMetrics::PerFrontend).render();
         let labels = r#"namespace="ns",name="web",port="http",frontend="10.96.0.10:80",protocol="TCP",scope="internal",kind="ClusterIP""#;
         assert!(
             text.contains(&format!("lb_service_sock_connects_total{{{labels}}} 7")),
-            "{text}"
-        );
-        assert!(
-            text.contains(&format!("lb_service_sock_rejects_total{{{labels}}} 2")),
             "{text}"
         );
         assert!(
@@ -496,40 +680,44 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn per_service_metrics_sum_the_frontends_and_off_exports_no_service_series() {
+        let text = metrics(ServiceMetrics::PerService).render();
         assert!(
-            text.contains(r#"lb_map_entries{map="LB_SERVICES"} 2"#),
+            text.contains(r#"lb_service_sock_connects_total{namespace="ns",name="web"} 10"#),
             "{text}"
         );
         assert!(
-            text.contains(r#"lb_datapath_packets_total{reason="no-endpoints"} 3"#)
-                && text.contains(r#"lb_datapath_packets_total{reason="source-range"} 4"#),
+            text.contains(r#"lb_service_sock_rejects_total{namespace="ns",name="web"} 4"#),
             "{text}"
         );
+        assert!(!text.contains("lb_backend_sock_connects_total{"), "{text}");
+        let off = metrics(ServiceMetrics::Off).render();
         assert!(
-            text.contains(r#"lb_map_capacity{map="LB_SERVICES"} 65536"#),
-            "{text}"
+            !off.contains("lb_service_sock_connects_total{") && !off.contains("backend=\""),
+            "{off}"
         );
-        // Every counter of the table is exported, even at zero.
-        for (name, _, _) in SERVICE_COUNTERS {
+        // The same families are described whatever the mode.
+        assert_eq!(sample_names(&off), sample_names(&text));
+        for text in [&off, &text] {
             assert!(
-                text.contains(&format!("# TYPE {name} counter")),
-                "{name} missing:\n{text}"
+                text.contains(r#"lb_datapath_packets_total{reason="no-endpoints"} 3"#)
+                    && text.contains(r#"lb_map_entries{map="LB_CONNTRACK"} 2"#)
+                    && text.contains(r#"lb_map_capacity{map="LB_CONNTRACK"} 262144"#),
+                "{text}"
             );
         }
     }
 
     #[test]
-    fn sync_metrics_follow_the_last_sync() {
-        let m = Metrics::new(Fake);
+    fn kube_proxy_metrics_follow_the_syncs() {
+        let m = metrics(ServiceMetrics::Off);
         let bad = Diagnostic::new(
             "Service ns/bad",
             Some("spec.ports".into()),
             "no ports; skipped",
-        );
-        let dup = Diagnostic::new(
-            "Service ns/web",
-            None,
-            "defined more than once; the last definition is used",
         );
         let report = SyncReport {
             failed: vec![(
@@ -546,8 +734,8 @@ mod tests {
             )],
             ..Default::default()
         };
-        m.agent.record_sync(&report, &[&bad, &dup], 10, 4);
-        m.agent.sync_duration.observe(0.01);
+        m.agent
+            .record_sync(&report, &[&bad], 10, 4, Duration::from_millis(3), true);
         let text = m.render();
         assert!(text.contains("lb_programmed_frontends 9"), "{text}");
         assert!(text.contains("lb_unprogrammed_frontends 1"), "{text}");
@@ -556,31 +744,88 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains(r#"lb_skipped_objects{kind="Service",reason="duplicate"} 1"#),
+            text.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 1")
+                && text.contains("kubeproxy_sync_full_proxy_rules_duration_seconds_count 1")
+                && text.contains("kubeproxy_sync_partial_proxy_rules_duration_seconds_count 0"),
             "{text}"
         );
         assert!(
-            text.contains(r#"lb_syncs_total{result="partial"} 1"#),
-            "{text}"
+            text.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds 0.0"),
+            "a partial sync is not a successful one:\n{text}"
         );
-        assert!(text.contains("lb_sync_duration_seconds_count 1"), "{text}");
-        m.agent.record_sync(&SyncReport::default(), &[], 10, 4);
+        m.agent.record_sync(
+            &SyncReport::default(),
+            &[],
+            10,
+            4,
+            Duration::from_millis(1),
+            false,
+        );
         let text = m.render();
+        assert!(!text.contains("reason=\"invalid\""), "{text}");
         assert!(
-            !text.contains("reason=\"invalid\""),
-            "cleared after a clean sync:\n{text}"
+            !text.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds 0.0"),
+            "{text}"
+        );
+        m.agent.record_changes(
+            ChangeCounts::default(),
+            ChangeCounts {
+                services: 2,
+                endpoint_slices: 5,
+            },
+        );
+        m.agent.count_probe("/healthz", 200);
+        m.agent.count_probe("/healthz", 503);
+        m.agent.count_probe("/readyz", 200);
+        let text = m.render();
+        for want in [
+            "kubeproxy_sync_proxy_rules_service_changes_total 2",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total 5",
+            r#"kubeproxy_proxy_healthz_total{code="200"} 1"#,
+            r#"kubeproxy_proxy_healthz_total{code="503"} 1"#,
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending 0",
+            r#"lb_build_info{version="0.1.0",commit="abc",ebpf_object="sha256:00"} 1"#,
+        ] {
+            assert!(text.contains(want), "{want} missing:\n{text}");
+        }
+    }
+
+    #[test]
+    fn network_programming_buckets_are_kube_proxys() {
+        let b = network_programming_buckets();
+        assert_eq!(b.len(), 2 + 59 + 12 + 7);
+        assert_eq!(
+            (b[0], b[2], b[60], b[61], b[72], b[73], b[79]),
+            (0.25, 1.0, 59.0, 60.0, 115.0, 120.0, 300.0)
         );
     }
 
     #[test]
-    fn service_names_split_into_labels() {
-        assert_eq!(
-            split_service_name("ns/web:http"),
-            ("ns".into(), "web".into(), "http".into())
-        );
-        assert_eq!(
-            split_service_name("ns/web"),
-            ("ns".into(), "web".into(), String::new())
-        );
+    fn sample_names_expand_the_types() {
+        // Families without a series are not written: give the labelled ones one.
+        let api = Arc::new(ApiMetrics::default());
+        api.record("10.0.0.1:443", "GET", Some(200), 0.01);
+        let m = Metrics::new(MetricsSources {
+            counters: Fake,
+            service_metrics: ServiceMetrics::Off,
+            api,
+            watches: None,
+            runtimes: Vec::new(),
+            build: BuildInfo::default(),
+        });
+        m.agent.record_no_local_endpoints(&DesiredState::default());
+        let text = m.render();
+        let names = sample_names(&text);
+        for want in [
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
+            "kubeproxy_network_programming_duration_seconds_count",
+            "rest_client_requests_total",
+            "rest_client_request_duration_seconds_bucket",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "lb_map_entries",
+            "lb_build_info",
+        ] {
+            assert!(names.contains(want), "{want} not in {names:?}");
+        }
     }
 }

@@ -1,27 +1,32 @@
-//! Operating the agent: health and readiness, the `healthCheckNodePort` servers, Prometheus metrics, the config
-//! file and its reload. The agent's run loop (`crate::agent`) calls [`Ops`] at a few points (start, each sync,
-//! ready, reload); everything else lives here. Ops reads the maps (for the metrics) and never writes them.
+//! Operating the agent: health and readiness, the `healthCheckNodePort` servers, Prometheus metrics, the status
+//! `lb-agent status` reads, the config file and its reload. The agent's run loop (`crate::agent`) calls [`Ops`] at
+//! a few points (start, what it attached, each change seen, each sync, ready, reload); everything else lives here.
+//! Ops reads the maps (for the metrics) and never writes them.
 //!
-//! The HTTP servers run on their own thread and runtime, so probes and scrapes are answered while a long sync
-//! blocks the run loop (which is what `/healthz` must detect, not suffer from).
+//! The servers run on their own thread and runtime, so probes, scrapes and status requests are answered while a
+//! long sync blocks the run loop (which is what `/healthz` must detect, not suffer from).
 
 pub mod config;
 pub mod health;
 pub mod http;
 pub mod kube_proxy_config;
 pub mod metrics;
+pub mod status;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 
 use crate::datapath::reconcile::SyncReport;
-use crate::model::{Diagnostic, Translation};
+use crate::model::{ChangeCounts, Diagnostic, Translation};
+use crate::source::kube::api_metrics::ApiMetrics;
+use crate::source::kube::watch_health::WatchHealth;
 use health::{HealthState, ServiceHealthServers};
-use metrics::{Metrics, PinnedCounters};
+use metrics::{Metrics, MetricsSources, PinnedCounters, ServiceMetrics};
+use status::{AgentReport, DatapathSetup, StatusBoard};
 
 /// Where the operational servers listen (`lb-agent run`'s `--health-addr`, `--metrics-addr` and
 /// `--health-check-node-port-addresses`).
@@ -33,6 +38,33 @@ pub struct OpsConfig {
     pub metrics_addr: SocketAddr,
     /// Where the `healthCheckNodePort` servers listen.
     pub health_check_node_port_addresses: Vec<IpAddr>,
+    /// Per-Service and per-backend detail of the datapath metrics.
+    pub service_metrics: ServiceMetrics,
+}
+
+/// What the operational side reads besides the maps: the API client's counters and the watches (the kube source
+/// only), and the fixed part of the status (build, node, source).
+pub struct OpsInputs {
+    pub api: Arc<ApiMetrics>,
+    pub watches: Option<Arc<WatchHealth>>,
+    pub report: AgentReport,
+}
+
+/// One finished sync, as the run loop saw it.
+pub struct SyncDone<'a> {
+    pub translation: &'a Translation,
+    pub report: &'a SyncReport,
+    /// Backends the maps hold after it.
+    pub backends: usize,
+    pub started: Instant,
+    /// Every frontend was visited, not only the changed ones.
+    pub full: bool,
+    /// Frontends whose entry changed.
+    pub changed: usize,
+    /// The translator's running count of object changes.
+    pub changes: ChangeCounts,
+    /// `endpoints.kubernetes.io/last-change-trigger-time` of the EndpointSlices this sync programmed.
+    pub trigger_times: &'a [SystemTime],
 }
 
 /// The agent's operational side, owned by the run loop.
@@ -43,17 +75,40 @@ pub struct Ops {
     /// When the oldest change not yet programmed was seen.
     pending_since: Option<Instant>,
     config: Option<config::ConfigFile>,
+    status: Arc<StatusBoard>,
+    /// The change counts at the previous sync.
+    counted: ChangeCounts,
     _runtime: std::thread::JoinHandle<()>,
 }
 
 impl Ops {
-    /// Binds the health and metrics listeners (a taken port fails the start, as it does kube-proxy's) and serves
-    /// them on a thread of their own.
-    pub fn start(args: &OpsConfig, pins: &Path) -> anyhow::Result<Ops> {
+    /// Binds the health and metrics listeners (a taken port fails the start, as it does kube-proxy's) and the
+    /// status socket, and serves them on a thread of their own.
+    pub fn start(args: &OpsConfig, pins: &Path, inputs: OpsInputs) -> anyhow::Result<Ops> {
         let health = Arc::new(HealthState::default());
-        let metrics = Arc::new(Metrics::new(PinnedCounters {
-            dir: pins.to_path_buf(),
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the ops runtime")?;
+        let handle = rt.handle().clone();
+        let mut runtimes = vec![handle.clone()];
+        runtimes.extend(tokio::runtime::Handle::try_current().ok());
+        let build = inputs.report.build.clone();
+        let metrics = Arc::new(Metrics::new(MetricsSources {
+            counters: PinnedCounters {
+                dir: pins.to_path_buf(),
+            },
+            service_metrics: args.service_metrics,
+            api: inputs.api,
+            watches: inputs.watches.clone(),
+            runtimes,
+            build,
         }));
+        let status = Arc::new(StatusBoard::new(
+            inputs.report,
+            inputs.watches,
+            health.clone(),
+        ));
         let bind = |addr: SocketAddr, what: &str| -> anyhow::Result<std::net::TcpListener> {
             let l = std::net::TcpListener::bind(addr)
                 .with_context(|| format!("binding the {what} address {addr}"))?;
@@ -63,18 +118,19 @@ impl Ops {
         };
         let health_listener = bind(args.health_addr, "health")?;
         let metrics_listener = bind(args.metrics_addr, "metrics")?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("starting the ops runtime")?;
-        let handle = rt.handle().clone();
-        let (h, m) = (health.clone(), metrics.clone());
+        let status_listener = bind_status(pins);
+        let (h, m, st) = (health.clone(), metrics.clone(), status.clone());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let thread = std::thread::Builder::new()
             .name("lb-ops".into())
             .spawn(move || {
                 rt.block_on(async move {
-                    let health_handler: http::Handler = Arc::new(move |p| h.handle(p));
+                    let probes = m.clone();
+                    let health_handler: http::Handler = Arc::new(move |p| {
+                        let response = h.handle(p);
+                        probes.agent.count_probe(p, response.status);
+                        response
+                    });
                     let metrics_handler: http::Handler = Arc::new(move |p| match p {
                         "/metrics" => http::Response {
                             status: 200,
@@ -93,9 +149,26 @@ impl Ops {
                             }
                         }
                     };
+                    let status_handler: http::Handler = Arc::new(move |p| match p {
+                        status::STATUS_PATH => http::Response {
+                            status: 200,
+                            content_type: "application/json",
+                            headers: Vec::new(),
+                            body: serde_json::to_string(&st.report()).unwrap_or_default(),
+                        },
+                        _ => http::Response::text(404, "not found; try /status\n"),
+                    });
+                    let status_server = async {
+                        let Some(l) = status_listener else { return };
+                        match tokio::net::UnixListener::from_std(l) {
+                            Ok(l) => http::serve_unix(l, status_handler, stop_rx.clone()).await,
+                            Err(e) => tracing::error!(error = %e, "status listener failed"),
+                        }
+                    };
                     tokio::join!(
                         serve(health_listener, health_handler),
-                        serve(metrics_listener, metrics_handler)
+                        serve(metrics_listener, metrics_handler),
+                        status_server
                     );
                 });
             })
@@ -114,8 +187,15 @@ impl Ops {
             metrics,
             pending_since: None,
             config: startup.file,
+            status,
+            counted: ChangeCounts::default(),
             _runtime: thread,
         })
+    }
+
+    /// What the agent attached, for the status.
+    pub fn set_datapath(&self, setup: DatapathSetup) {
+        self.status.update(|r| r.datapath = setup);
     }
 
     /// A change arrived that the next sync will program (for the programming latency).
@@ -127,39 +207,76 @@ impl Ops {
     /// them over, and that wait is part of the latency).
     pub fn change_seen_at(&mut self, at: Instant) {
         self.pending_since.get_or_insert(at);
+        self.metrics
+            .agent
+            .last_queued
+            .set(metrics_time(SystemTime::now()));
     }
 
     pub fn sync_started(&self) {
         self.health.sync_started();
     }
 
-    /// Everything that follows a sync: health check servers, metrics, the health timestamps. `backends` is how
-    /// many backends the maps hold after it.
-    pub fn sync_finished(
-        &mut self,
-        translation: &Translation,
-        report: &SyncReport,
-        backends: usize,
-        started: Instant,
-    ) {
+    /// Everything that follows a sync: health check servers, metrics, the status, the health timestamps.
+    pub fn sync_finished(&mut self, done: SyncDone<'_>) {
+        let translation = done.translation;
         self.service_health.sync(&translation.health);
         let agent = &self.metrics.agent;
-        agent.sync_duration.observe(started.elapsed().as_secs_f64());
+        let took = done.started.elapsed();
         if let Some(seen) = self.pending_since.take() {
             agent
-                .programming_latency
+                .change_programming
                 .observe(seen.elapsed().as_secs_f64());
         }
+        // kube-proxy's network programming latency: from the trigger time the EndpointSlice controller stamped
+        // to now, once per programmed slice (its clock against ours: a skew between them shows up here, as it
+        // does in kube-proxy's).
+        let now = SystemTime::now();
+        for t in done.trigger_times {
+            let latency = now.duration_since(*t).unwrap_or(Duration::ZERO);
+            agent.network_programming.observe(latency.as_secs_f64());
+        }
         let diagnostics: Vec<&Diagnostic> = translation.diagnostics.iter().collect();
+        let frontends = translation.state.services.len();
         agent.record_sync(
-            report,
+            done.report,
             &diagnostics,
-            translation.state.services.len(),
-            backends,
+            frontends,
+            done.backends,
+            took,
+            done.full,
         );
+        agent.record_changes(self.counted, done.changes);
+        self.counted = done.changes;
+        agent.record_no_local_endpoints(&translation.state);
         agent
             .health_check_servers
             .set(self.service_health.ports().len() as i64);
+        let finished = status::now_ms();
+        let ok = done.report.failed.is_empty();
+        let services = translation
+            .state
+            .services
+            .values()
+            .map(|e| (&e.service.namespace, &e.service.name))
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        self.status.update(|r| {
+            let s = &mut r.sync;
+            s.syncs += 1;
+            s.last_unix_ms = finished;
+            s.last_duration_ms = took.as_secs_f64() * 1e3;
+            s.last_full = done.full;
+            s.last_changed_frontends = done.changed;
+            if ok {
+                s.last_ok_unix_ms = finished;
+            }
+            s.services = services;
+            s.frontends = frontends;
+            s.frontends_failed = done.report.failed.len();
+            s.backends = done.backends;
+            s.skipped_objects = translation.diagnostics.len();
+        });
         self.health.sync_finished();
     }
 
@@ -227,5 +344,39 @@ impl Ops {
             .inc();
         self.config = Some(new);
         live
+    }
+}
+
+/// What this binary is, for `lb_build_info` and the status.
+pub fn build_info() -> metrics::BuildInfo {
+    metrics::BuildInfo {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        commit: crate::build_info::commit().to_owned(),
+        ebpf_object: crate::build_info::ebpf_object().to_owned(),
+    }
+}
+
+fn metrics_time(t: SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Binds the status socket (abstract, named after the pin directory). A taken name means another agent runs on
+/// these pins: this one still runs, `lb-agent status` reaches the other.
+fn bind_status(pins: &Path) -> Option<std::os::unix::net::UnixListener> {
+    use std::os::linux::net::SocketAddrExt;
+    let name = status::socket_name(pins);
+    let bound = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+        .and_then(|addr| std::os::unix::net::UnixListener::bind_addr(&addr))
+        .and_then(|l| l.set_nonblocking(true).map(|()| l));
+    match bound {
+        Ok(l) => {
+            tracing::info!(socket = %format!("@{name}"), "status socket listening (lb-agent status)");
+            Some(l)
+        }
+        Err(e) => {
+            tracing::warn!(socket = %format!("@{name}"), error = %e, "cannot serve the status socket (another agent on these pins?); lb-agent status will show the pins only");
+            None
+        }
     }
 }

@@ -12,15 +12,24 @@
 //! are deleted like any other change. Nothing is handed out before Services, EndpointSlices and the Node have each
 //! been listed once.
 //!
+//! **Failures** (an unreachable or refusing API server, a broken watch) are retried per watch with client-go's
+//! reflector backoff (0.8 s doubling to 30 s, [`watch_health::Backoff`]), each logged with the server's URL, the
+//! resource and the whole error chain; repeats of the same error are quiet between doublings. How each watch is
+//! doing ([`WatchHealth`]) feeds `lb-agent status` and the metrics, and every request the client makes is counted
+//! under client-go's metric names ([`api_metrics`]).
+//!
 //! **Batching:** a change that arrives after a quiet spell (nothing handed out for [`MAX_BATCH`]) is handed out at
 //! once, with whatever else is already queued, so a lone endpoint change costs no waiting. Changes that follow
 //! closely (a rollout touches many slices) are applied together: the source waits for [`QUIET`] without events,
 //! but never longer than [`MAX_BATCH`]. This is kube-proxy's `BoundedFrequencyRunner` shape: run at once when the
 //! last run is long enough ago, otherwise coalesce.
 
+pub mod api_metrics;
 pub mod tracker;
+pub mod watch_health;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -28,7 +37,6 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::api::{Api, ApiResource, DynamicObject};
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
@@ -36,8 +44,10 @@ use tokio::task::JoinHandle;
 
 use super::manifest;
 use crate::model::{ClusterObjects, Diagnostic};
+use api_metrics::{ApiMetrics, ApiMetricsLayer};
 use tracker::{Change, ObjectKey, Parsed, Update};
 pub use tracker::{Contents, Delta, Kind, Snapshot, Tracker};
+use watch_health::{Backoff, Report, WatchHealth, error_chain};
 
 /// How long the source waits without new events before handing out a batch.
 pub const QUIET: Duration = Duration::from_millis(30);
@@ -80,6 +90,21 @@ pub enum KubeError {
 
 /// Builds a client for `connection`. Makes no request: an unreachable API server shows up as watcher retries.
 pub async fn client(connection: &Connection) -> Result<kube::Client, KubeError> {
+    Ok(connect(connection, None).await?.client)
+}
+
+/// A client and the URL of the server it talks to (for every log line about that server).
+#[derive(Clone)]
+pub struct ApiClient {
+    pub client: kube::Client,
+    pub server: String,
+}
+
+/// Builds a client for `connection`, its requests counted in `metrics` when given. Makes no request.
+pub async fn connect(
+    connection: &Connection,
+    metrics: Option<Arc<ApiMetrics>>,
+) -> Result<ApiClient, KubeError> {
     let config = match connection {
         Connection::Kubeconfig(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|source| {
@@ -97,7 +122,14 @@ pub async fn client(connection: &Connection) -> Result<kube::Client, KubeError> 
         }
         Connection::InCluster => kube::Config::incluster().map_err(KubeError::InCluster)?,
     };
-    kube::Client::try_from(config).map_err(KubeError::Client)
+    let server = config.cluster_url.to_string();
+    let host = api_metrics::host_label(&config.cluster_url);
+    let builder = kube::client::ClientBuilder::try_from(config).map_err(KubeError::Client)?;
+    let client = match metrics {
+        Some(m) => builder.with_layer(&ApiMetricsLayer::new(m, &host)).build(),
+        None => builder.build(),
+    };
+    Ok(ApiClient { client, server })
 }
 
 /// The running watchers and the tracker they feed.
@@ -107,6 +139,7 @@ pub struct KubeSource {
     tasks: Vec<JoinHandle<()>>,
     /// When the last snapshot was handed out.
     last_handed_out: Option<tokio::time::Instant>,
+    health: Arc<WatchHealth>,
     /// The batch being gathered, kept here rather than in `next`'s locals: the run loop polls `next` in a
     /// `select!`, and a timer or signal firing mid-batch drops the future. The changes it applied are in the
     /// tracker; with the batch remembered, the next call finishes it instead of waiting for a new event.
@@ -122,7 +155,9 @@ struct Batch {
 
 impl KubeSource {
     /// Starts the four watchers on the current tokio runtime.
-    pub fn start(client: kube::Client, node_name: &str) -> KubeSource {
+    pub fn start(api: ApiClient, node_name: &str) -> KubeSource {
+        let health = Arc::new(WatchHealth::new(api.server.clone()));
+        let client = api.client;
         let (tx, events) = mpsc::unbounded_channel();
         let services = watcher::Config::default();
         let slices = watcher::Config::default().labels(SERVICE_NAME_LABEL);
@@ -136,6 +171,7 @@ impl KubeSource {
                 Kind::Service,
                 tx.clone(),
                 Update::Service,
+                health.clone(),
             )),
             tokio::spawn(watch::<EndpointSlice>(
                 client.clone(),
@@ -143,6 +179,7 @@ impl KubeSource {
                 Kind::EndpointSlice,
                 tx.clone(),
                 Update::EndpointSlice,
+                health.clone(),
             )),
             tokio::spawn(watch::<Node>(
                 client.clone(),
@@ -150,6 +187,7 @@ impl KubeSource {
                 Kind::Node,
                 tx.clone(),
                 Update::Node,
+                health.clone(),
             )),
             // Not part of the initial-sync gate (see `tracker`): a cluster that does not serve ServiceCIDRs only
             // logs this watcher's retries.
@@ -159,20 +197,31 @@ impl KubeSource {
                 Kind::ServiceCidr,
                 tx,
                 Update::ServiceCidr,
+                health.clone(),
             )),
         ];
-        KubeSource::from_events(events, tasks)
+        KubeSource::from_events(events, tasks, health)
     }
 
     /// The source over any stream of updates (the watchers' channel, or a test's).
-    fn from_events(events: mpsc::UnboundedReceiver<Update>, tasks: Vec<JoinHandle<()>>) -> Self {
+    fn from_events(
+        events: mpsc::UnboundedReceiver<Update>,
+        tasks: Vec<JoinHandle<()>>,
+        health: Arc<WatchHealth>,
+    ) -> Self {
         KubeSource {
             events,
             tracker: Tracker::default(),
             tasks,
             last_handed_out: None,
+            health,
             batch: None,
         }
+    }
+
+    /// How the watches are doing (shared with the ops thread).
+    pub fn health(&self) -> Arc<WatchHealth> {
+        self.health.clone()
     }
 
     /// Waits for the next snapshot worth syncing: the first once every kind has been listed ([`Snapshot::initial`];
@@ -219,7 +268,10 @@ impl KubeSource {
                 }
             }
             self.batch = None;
-            if let Some(mut snapshot) = self.tracker.take() {
+            let taken = self.tracker.take();
+            let (services, slices) = self.tracker.pending_counts();
+            self.health.set_pending(services, slices);
+            if let Some(mut snapshot) = taken {
                 snapshot.first_event = Some(batch.first_event);
                 self.last_handed_out = Some(tokio::time::Instant::now());
                 return Some(snapshot);
@@ -236,6 +288,8 @@ impl KubeSource {
     fn apply(&mut self, update: Update) {
         let was_ready = self.tracker.ready();
         let (kind, applied) = self.tracker.apply(update);
+        let (services, slices) = self.tracker.pending_counts();
+        self.health.set_pending(services, slices);
         if applied.list_done {
             tracing::info!(%kind, changed = applied.changed, vanished = applied.vanished, "listed");
             if !was_ready && !self.tracker.ready() {
@@ -253,39 +307,68 @@ impl Drop for KubeSource {
     }
 }
 
-/// Runs one watcher forever, converting its objects and sending them on. Errors are logged; kube-runtime's
-/// default backoff spaces the retries, and a `410 Gone` makes the watcher relist by itself.
+/// Runs one watcher forever, converting its objects and sending them on. Failures are logged (with the server's
+/// URL) and retried with [`Backoff`]; a `410 Gone` makes the watcher relist at once, by itself.
 async fn watch<K>(
     client: kube::Client,
     config: watcher::Config,
     kind: Kind,
     tx: mpsc::UnboundedSender<Update>,
     wrap: fn(Change<K>) -> Update,
+    health: Arc<WatchHealth>,
 ) where
     K: kube::Resource<DynamicType = ()> + DeserializeOwned,
 {
     let resource = ApiResource::erase::<K>(&());
     let api: Api<DynamicObject> = Api::all_with(client, &resource);
-    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+    health.register(kind);
+    // No `default_backoff()`: it is reset by the `Init` event kube-runtime sends before every list attempt, so it
+    // never grows (see `watch_health`).
+    let mut stream = watcher::watcher(api, config).boxed();
+    let mut backoff = Backoff::new(kind as u64 + std::process::id() as u64);
     while let Some(event) = stream.next().await {
         let change = match event {
+            // Sent before every list attempt, failed or not: not progress.
             Ok(watcher::Event::Init) => Change::Init,
-            Ok(watcher::Event::InitApply(obj)) => {
-                let (key, parsed) = convert::<K>(obj, kind);
-                Change::InitApply(key, parsed)
+            Ok(event) => {
+                let list_done = matches!(event, watcher::Event::InitDone);
+                let failures = health.progress(kind, list_done);
+                if failures > 0 {
+                    backoff.reset();
+                    tracing::info!(server = %health.server(), resource = %kind, failures, "watch works again");
+                }
+                match event {
+                    watcher::Event::InitApply(obj) => {
+                        let (key, parsed) = convert::<K>(obj, kind);
+                        Change::InitApply(key, parsed)
+                    }
+                    watcher::Event::Apply(obj) => {
+                        let (key, parsed) = convert::<K>(obj, kind);
+                        Change::Apply(key, parsed)
+                    }
+                    watcher::Event::Delete(obj) => Change::Delete(object_key(&obj)),
+                    watcher::Event::InitDone => Change::InitDone,
+                    watcher::Event::Init => Change::Init,
+                }
             }
-            Ok(watcher::Event::InitDone) => Change::InitDone,
-            Ok(watcher::Event::Apply(obj)) => {
-                let (key, parsed) = convert::<K>(obj, kind);
-                Change::Apply(key, parsed)
-            }
-            Ok(watcher::Event::Delete(obj)) => Change::Delete(object_key(&obj)),
             Err(watcher::Error::WatchError(status)) if status.code == 410 => {
-                tracing::info!(%kind, message = %status.message, "watch expired (410 Gone); relisting, the datapath stays as it is");
+                tracing::info!(server = %health.server(), resource = %kind, message = %status.message, "watch expired (410 Gone); relisting, the datapath stays as it is");
                 continue;
             }
             Err(e) => {
-                tracing::warn!(%kind, error = %e, "watch failed; retrying with backoff, the datapath stays as it is");
+                let delay = backoff.next_delay();
+                let error = error_chain(&e);
+                let (attempt, report) = health.failed(kind, &error, delay);
+                let retry_in = format!("{:.1}s", delay.as_secs_f64());
+                match report {
+                    Report::Warn => {
+                        tracing::warn!(server = %health.server(), resource = %kind, attempt, %retry_in, %error, "cannot watch the API server; retrying with backoff, the datapath stays as it is")
+                    }
+                    Report::Quiet => {
+                        tracing::debug!(server = %health.server(), resource = %kind, attempt, %retry_in, %error, "cannot watch the API server; retrying with backoff")
+                    }
+                }
+                tokio::time::sleep(delay).await;
                 continue;
             }
         };
@@ -467,7 +550,8 @@ mod tests {
     #[tokio::test]
     async fn a_burst_of_events_is_one_snapshot_and_nothing_comes_before_the_lists() {
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut source = KubeSource::from_events(rx, Vec::new());
+        let mut source =
+            KubeSource::from_events(rx, Vec::new(), Arc::new(WatchHealth::new("test")));
         tx.send(Update::Service(Change::Init)).expect("send");
         tx.send(Update::Service(Change::InitDone)).expect("send");
         let early = tokio::time::timeout(Duration::from_millis(300), source.next()).await;
@@ -500,7 +584,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_lone_change_after_a_quiet_spell_goes_out_at_once_and_a_close_follower_is_batched() {
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut source = KubeSource::from_events(rx, Vec::new());
+        let mut source =
+            KubeSource::from_events(rx, Vec::new(), Arc::new(WatchHealth::new("test")));
         send_list(&tx);
         source.next().await.expect("initial snapshot");
         tokio::time::advance(MAX_BATCH).await;
@@ -530,7 +615,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_batch_interrupted_by_another_select_branch_is_handed_out_by_the_next_call() {
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut source = KubeSource::from_events(rx, Vec::new());
+        let mut source =
+            KubeSource::from_events(rx, Vec::new(), Arc::new(WatchHealth::new("test")));
         send_list(&tx);
         source.next().await.expect("initial snapshot");
         // Right after a hand-out, so the change waits for a quiet spell.

@@ -2,10 +2,14 @@
 //! pinned in a temporary directory under /sys/fs/bpf, removed on drop; no program attached anywhere), fill the maps
 //! with the agent's own model and reconciler, run `lb_tc_ingress` on crafted packets with BPF_PROG_TEST_RUN, and
 //! read the verdict the program recorded in `LB_TRACE`. Nothing here re-implements the datapath in userspace.
+//!
+//! The maps are filled from objects (manifests, or the API server listed once) by the agent's model and
+//! reconciler, or copied from the node's live pins (`live`): what the node really runs, with nothing live touched.
 
+pub mod live;
 pub mod packet;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -19,9 +23,10 @@ use serde::Serialize;
 
 use crate::datapath::loader::{self, Datapath, PinDir};
 use crate::datapath::maps::{Maps, MapsRead};
+use crate::datapath::names::{kind_name, kind_number};
 use crate::datapath::packet_maps::{NodeEntry, lpm_prefix};
 use crate::datapath::pins::Capacities;
-use crate::datapath::reconcile::{ReconcileConfig, Reconciler};
+use crate::datapath::reconcile::{ReconcileConfig, Reconciler, service_key};
 use crate::model::{self, ModelConfig};
 use crate::source::manifest;
 use crate::state::Protocol;
@@ -52,6 +57,13 @@ pub struct TraceResult {
     /// With `--xdp`: the program that decided, `xdp` (it dropped the packet) or `tc` (XDP passed it on).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stage: Option<&'static str>,
+    /// The Service port the packet matched, `namespace/name:port` (`:port` is the port's name; a Service's only,
+    /// unnamed port has none), when it matched one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// That frontend's kind: `ClusterIP`, `NodePort`, `LoadBalancer` or `ExternalIP`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
 
 /// One BPF_PROG_TEST_RUN: the recorded verdict and what the program returned and left in the packet.
@@ -73,6 +85,8 @@ pub struct Tracer {
     datapath: Datapath,
     pin_dir: PathBuf,
     xdp_first: bool,
+    /// Service id -> (`namespace/name:port`, kind), to name what a packet matched.
+    names: HashMap<u32, (String, String)>,
 }
 
 impl Tracer {
@@ -89,6 +103,46 @@ impl Tracer {
         objects: &crate::model::ClusterObjects,
         node_name: &str,
     ) -> anyhow::Result<Self> {
+        Self::load_objects_with(object, objects, node_name, &ModelConfig::default())
+    }
+
+    /// As [`Tracer::load_objects`], with the agent's settings that change the translation (the `--service-cidrs`
+    /// and `--node-address` fallbacks, `--localhost-nodeports`, ...).
+    pub fn load_objects_with(
+        object: &[u8],
+        objects: &crate::model::ClusterObjects,
+        node_name: &str,
+        cfg: &ModelConfig,
+    ) -> anyhow::Result<Self> {
+        let mut tracer = Self::load_empty(object)?;
+        let node = model::node_context(node_name, &objects.nodes, cfg);
+        let translation = model::translate(objects, &node, cfg);
+        let mut reconciler =
+            Reconciler::restore(&tracer.datapath.maps, ReconcileConfig::default())?;
+        reconciler.set_config_flags(CONFIG_FLAG_TRACE);
+        let report = reconciler.sync(&mut tracer.datapath.maps, &translation.state);
+        if let Some((frontend, why)) = report.failed.first() {
+            anyhow::bail!("programming {frontend} failed: {why}");
+        }
+        for (frontend, entry) in &translation.state.services {
+            if let Some(id) = reconciler.service_id(&service_key(frontend)) {
+                let kind = kind_name(kind_number(entry.kind)).to_owned();
+                tracer.names.insert(id, (entry.service.to_string(), kind));
+            }
+        }
+        Ok(tracer)
+    }
+
+    /// Loads the object privately and copies the service state of the node's pins in `live` (see [`live`]).
+    pub fn from_pins(object: &[u8], live: &Path) -> anyhow::Result<(Self, live::Copied)> {
+        let mut tracer = Self::load_empty(object)?;
+        let copied = live::copy_service_state(live, &mut tracer.datapath.maps)?;
+        tracer.names = live::live_names(live);
+        Ok((tracer, copied))
+    }
+
+    /// The object loaded with its maps pinned under a fresh private directory, nothing programmed.
+    fn load_empty(object: &[u8]) -> anyhow::Result<Self> {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lb-trace-{}-{n}", std::process::id()));
@@ -103,18 +157,9 @@ impl Tracer {
             datapath,
             pin_dir,
             xdp_first: false,
+            names: HashMap::new(),
         };
         crate::datapath::tc_attach::load_tc_programs(&mut tracer.datapath.ebpf)?;
-        let cfg = ModelConfig::default();
-        let node = model::node_context(node_name, &objects.nodes, &cfg);
-        let translation = model::translate(objects, &node, &cfg);
-        let mut reconciler =
-            Reconciler::restore(&tracer.datapath.maps, ReconcileConfig::default())?;
-        reconciler.set_config_flags(CONFIG_FLAG_TRACE);
-        let report = reconciler.sync(&mut tracer.datapath.maps, &translation.state);
-        if let Some((frontend, why)) = report.failed.first() {
-            anyhow::bail!("programming {frontend} failed: {why}");
-        }
         Ok(tracer)
     }
 
@@ -179,6 +224,9 @@ impl Tracer {
             };
             (v, rec.reason)
         };
+        let matched = (fresh && rec.service_id != 0)
+            .then(|| self.names.get(&rec.service_id))
+            .flatten();
         Ok(Run {
             result: TraceResult {
                 verdict,
@@ -187,6 +235,8 @@ impl Tracer {
                 reason: reason::name(why),
                 backends: None,
                 stage: None,
+                service: matched.map(|(name, _)| name.clone()),
+                kind: matched.map(|(_, kind)| kind.clone()),
             },
             retval: res.return_value as i32,
             output: out,
@@ -223,6 +273,8 @@ impl Tracer {
                     reason: reason::name(reason::SOURCE_RANGE),
                     backends: None,
                     stage: Some("xdp"),
+                    service: None,
+                    kind: None,
                 },
                 retval: action as i32,
                 output,

@@ -329,6 +329,12 @@ impl Tracker {
         .collect()
     }
 
+    /// Services and EndpointSlices changed since the last [`Tracker::take`] (kube-proxy's
+    /// `sync_proxy_rules_{service,endpoint}_changes_pending`).
+    pub fn pending_counts(&self) -> (usize, usize) {
+        (self.pending_services.len(), self.pending_slices.len())
+    }
+
     fn pending(&self) -> usize {
         self.pending_services.len()
             + self.pending_slices.len()
