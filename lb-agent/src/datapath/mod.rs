@@ -4,6 +4,7 @@
 //! sockets (`sock_destroy`), and the read-only views the CLI and the metrics share (`inspect`, `listings`, with
 //! `display` and the counter tables of `counters`).
 
+pub mod clock;
 pub mod counters;
 pub mod display;
 pub mod inspect;
