@@ -9,7 +9,12 @@ pub struct ConfigValue {
     pub snat_v6: [u8; 16],
     /// `CONFIG_FLAG_*`.
     pub flags: u32,
-    pub _pad: u32,
+    /// The kernel's tick rate (`CONFIG_HZ`), which the programs need to compare `bpf_jiffies64()` timestamps
+    /// (conntrack, learned L2 headers) with lifetimes in seconds: `bpf_jiffies64` is inlined by the verifier, where
+    /// `bpf_ktime_get_ns` costs a helper call (~30 ns) on every packet. The agent reads it from the resolution of
+    /// `CLOCK_MONOTONIC_COARSE` (one tick). 0 (an older agent's padding) makes the programs assume 1000, the
+    /// highest tick rate, so nothing expires early.
+    pub hz: u32,
     /// The network namespace cookie of the node's own namespace (the agent's; `hostNetwork` in a cluster): the
     /// socket LB serves `localhost:nodePort` only to sockets of this namespace (rule 14).
     pub host_netns_cookie: u64,
@@ -36,22 +41,27 @@ pub const CONFIG_FLAG_XDP: u32 = 4;
 /// a new lb flow.
 pub const CONFIG_FLAG_PASS_UNTRACKED_TCP: u32 = 8;
 
-/// How long (nanoseconds) a learned L2 header (`LB_XDP_L2`) may be used by XDP after tc egress recorded it. Past
+/// How long (seconds) a learned L2 header (`LB_XDP_L2`) may be used by XDP after tc egress recorded it. Past
 /// that, XDP passes the flow's next packet to tc, whose egress records the header again: a changed neighbour (new
 /// MAC, new route) is picked up within this time.
-pub const XDP_L2_FRESH_NS: u64 = 10_000_000_000;
-/// tc egress rewrites an unchanged `LB_XDP_L2` entry only when it is older than this, so a slow-path flow costs
-/// one map update per second rather than one per packet.
-pub const XDP_L2_REFRESH_NS: u64 = 1_000_000_000;
+pub const XDP_L2_FRESH_S: u64 = 10;
+/// tc egress rewrites an unchanged `LB_XDP_L2` entry only when it is older than this (seconds), so a slow-path flow
+/// costs one map update per second rather than one per packet.
+pub const XDP_L2_REFRESH_S: u64 = 1;
+
+/// The tick rate the programs use for `ConfigValue::hz` 0.
+pub const HZ_UNKNOWN_ASSUMED: u32 = 1000;
 
 /// `LB_XDP_L2` value: the Ethernet header and interface a SNATed flow's packets left with, as tc egress saw them
-/// (the neighbour subsystem filled it in). Key: the `CtKey` tc egress used for the packet: the `CT_DIR_SNAT` key
-/// for the client -> backend leg, the `CT_DIR_REPLY` key for the backend -> client leg.
+/// (the neighbour subsystem filled it in). Key: the `CtKey` tc egress used for the packet (`CT_DIR_REPLY`): the
+/// SNAT entry's key for the client -> backend leg, the reply entry's for the backend -> client leg.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct XdpL2Value {
-    /// `bpf_ktime_get_ns()` when tc egress recorded it; XDP uses it for `XDP_L2_FRESH_NS`.
-    pub learned_ns: u64,
+    /// `bpf_jiffies64()` when tc egress recorded it; XDP uses it for `XDP_L2_FRESH_S`. An entry written by an older
+    /// build holds `bpf_ktime_get_ns()`, a larger number than any jiffies value: the programs compare with wrapping
+    /// arithmetic, so such an entry reads as stale and is learned again (never as fresh forever).
+    pub learned_jiffies: u64,
     /// The egress interface's index.
     pub ifindex: u32,
     /// Destination and source MAC, as on the wire.

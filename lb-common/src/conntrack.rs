@@ -1,20 +1,79 @@
 //! Connection tracking of the per-packet datapath (`LB_CONNTRACK`): directions, flags, lifetimes, key and value.
+//!
+//! A flow has up to four entries, one per (direction, hook), but only two key directions: the entries a hook looks
+//! up share one, so every packet of an established flow costs one hash lookup whatever its role (cilium's
+//! `CT_INGRESS`/`CT_EGRESS` tuples do the same). The role of an entry is its key direction plus
+//! [`CT_FLAG_SNAT_PAIR`]; [`ct_role`] names it. Two entries of different roles cannot share a key (a tuple would
+//! have to be a client's and a backend's at once, on the same ports), and the SNAT port claim (`BPF_NOEXIST`)
+//! skips a port whose tuple another entry holds.
 
-/// `LB_CONNTRACK` direction: the tuple as the client sent it (looked up at tc ingress).
+/// `LB_CONNTRACK` key direction of the entries tc ingress looks up: the client's tuple (forward: destination to
+/// the backend) and, with `CT_FLAG_SNAT_PAIR`, a backend's reply to the SNAT address and port (destination back to
+/// the client).
 pub const CT_DIR_FWD: u8 = 0;
-/// `LB_CONNTRACK` direction: the tuple of a reply as the backend sends it to the client (tc egress: source back to
-/// the VIP).
+/// `LB_CONNTRACK` key direction of the entries tc egress looks up: a reply as the backend sends it to the client
+/// (source back to the VIP; tc ingress also follows it for a client on this node) and, with `CT_FLAG_SNAT_PAIR`, a
+/// forward packet after DNAT leaving towards a remote backend (source to the node's SNAT address and port).
 pub const CT_DIR_REPLY: u8 = 1;
-/// `LB_CONNTRACK` direction: a forward packet after DNAT, leaving towards a remote backend (tc egress: source to the
-/// node's SNAT address and port).
+/// Legacy key directions (layouts before the shared directions): the SNAT entry and the SNAT reply entry. No
+/// program writes them; the agent rekeys such entries when it adopts an older map (`ct_rekey_legacy`).
 pub const CT_DIR_SNAT: u8 = 2;
-/// `LB_CONNTRACK` direction: a reply to the SNAT address and port (tc ingress: destination back to the client).
 pub const CT_DIR_SNAT_REPLY: u8 = 3;
 
 /// `CtValue.flags`: the flow was SNATed to the node address (its reply comes back to the node).
 pub const CT_FLAG_SNAT: u8 = 1;
 /// `CtValue.flags`: a TCP FIN or RST was seen; the entry lives `CT_LIFETIME_CLOSING_S` from then on.
 pub const CT_FLAG_CLOSING: u8 = 2;
+/// `CtValue.flags`: the entry is one of the SNAT pair (key direction `CT_DIR_FWD`: the SNAT reply entry;
+/// `CT_DIR_REPLY`: the SNAT entry).
+pub const CT_FLAG_SNAT_PAIR: u8 = 4;
+
+/// The role of an entry, by its key direction and flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtRole {
+    /// Client -> VIP at ingress.
+    Forward,
+    /// Backend -> client at egress (or ingress, for a client on this node).
+    Reply,
+    /// Client -> backend at egress, source to the SNAT address.
+    Snat,
+    /// Backend -> SNAT address at ingress, destination back to the client.
+    SnatReply,
+}
+
+/// The role of the entry `(k, v)`; legacy directions included.
+pub fn ct_role(k: &CtKey, v: &CtValue) -> CtRole {
+    let pair = v.flags & CT_FLAG_SNAT_PAIR != 0;
+    match (k.dir, pair) {
+        (CT_DIR_SNAT, _) | (CT_DIR_REPLY, true) => CtRole::Snat,
+        (CT_DIR_SNAT_REPLY, _) | (CT_DIR_FWD, true) => CtRole::SnatReply,
+        (CT_DIR_REPLY, false) => CtRole::Reply,
+        _ => CtRole::Forward,
+    }
+}
+
+/// An entry of an older layout in this one's form, or `None` when it already is: legacy SNAT directions get the
+/// shared direction and `CT_FLAG_SNAT_PAIR`, and a `bpf_ktime_get_ns()` timestamp (any value past `now_jiffies`:
+/// nanoseconds since boot outgrow jiffies within seconds of boot) becomes `now_jiffies`, so the entry lives its
+/// whole lifetime from the migration on rather than expiring at once or never.
+pub fn ct_rekey_legacy(k: &CtKey, v: &CtValue, now_jiffies: u64) -> Option<(CtKey, CtValue)> {
+    let (mut k2, mut v2) = (*k, *v);
+    match k.dir {
+        CT_DIR_SNAT => {
+            k2.dir = CT_DIR_REPLY;
+            v2.flags |= CT_FLAG_SNAT_PAIR;
+        }
+        CT_DIR_SNAT_REPLY => {
+            k2.dir = CT_DIR_FWD;
+            v2.flags |= CT_FLAG_SNAT_PAIR;
+        }
+        _ => {}
+    }
+    if v2.last_seen_jiffies > now_jiffies {
+        v2.last_seen_jiffies = now_jiffies;
+    }
+    (k2 != *k || v2 != *v).then_some((k2, v2))
+}
 
 /// Conntrack lifetimes in seconds, checked by the programs on lookup (an expired entry is a miss) and by the
 /// agent's garbage collector: established TCP, TCP after FIN/RST, a TCP flow that has only seen a SYN, other protocols.
@@ -34,7 +93,7 @@ pub struct CtKey {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    /// `CT_DIR_FWD` or `CT_DIR_REPLY`.
+    /// `CT_DIR_FWD` (looked up at ingress) or `CT_DIR_REPLY` (egress).
     pub dir: u8,
     pub _pad: [u8; 2],
 }
@@ -43,8 +102,9 @@ pub struct CtKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtValue {
-    /// `bpf_ktime_get_ns()` of the last packet; the entry is expired once older than `lifetime_s`.
-    pub last_seen_ns: u64,
+    /// `bpf_jiffies64()` of the last packet; the entry is expired once older than `lifetime_s` (times
+    /// `ConfigValue::hz`). Layouts before this one held `bpf_ktime_get_ns()` here (see `ct_rekey_legacy`).
+    pub last_seen_jiffies: u64,
     /// The rewritten source and destination (forward: SNAT address or the client itself, and the backend; reply:
     /// the VIP, and the client). Network byte order.
     pub new_saddr: [u8; 16],

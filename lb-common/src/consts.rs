@@ -59,3 +59,5 @@ pub const BPF_F_INNER_MAP: u32 = 1 << 12;
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// `BPF_F_NO_PREALLOC`: required for hash-of-maps updates to be atomic with respect to readers.
 pub const BPF_F_NO_PREALLOC: u32 = 1;
+/// `BPF_F_NO_COMMON_LRU`: an LRU hash with one LRU list per CPU instead of one shared list (see `LB_CONNTRACK`).
+pub const BPF_F_NO_COMMON_LRU: u32 = 2;

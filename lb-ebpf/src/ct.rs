@@ -3,17 +3,41 @@
 //!
 //! Keys and values are lb-common's ([`CtKey`], [`CtValue`]); the map's contract (who writes, who reads) is in
 //! `maps.rs`. **Invariant:** the entries of a flow come in pairs that share a lifetime, (forward, reply) and (SNAT,
-//! SNAT reply): a hit refreshes its entry and, when the lifetime changes, its pair ([`touch`]).
+//! SNAT reply): a hit refreshes its entry and, when the lifetime changes, its pair ([`touch`]). The entries one
+//! hook looks up share a key direction (lb-common `conntrack.rs`), so a packet of an established flow costs one
+//! lookup; `CT_FLAG_SNAT_PAIR` tells the roles apart.
+//!
+//! **Time** is `bpf_jiffies64()`: the verifier inlines it (a load of `jiffies_64`), where `bpf_ktime_get_ns` is a
+//! helper call of ~30 ns, twice per packet (expiry check and refresh). Lifetimes are in seconds, so a tick (1 to
+//! 10 ms) is precision enough; the tick rate comes from the agent (`ConfigValue::hz`).
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_jiffies64;
 use lb_common::{
-    CT_FLAG_CLOSING, CT_LIFETIME_CLOSING_S, CT_LIFETIME_TCP_S, CtKey, CtValue, PROTO_TCP,
+    CT_FLAG_CLOSING, CT_LIFETIME_CLOSING_S, CT_LIFETIME_TCP_S, ConfigValue, CtKey, CtValue,
+    HZ_UNKNOWN_ASSUMED, PROTO_TCP,
 };
 
 use crate::maps::LB_CONNTRACK;
 use crate::packet::{Packet, TCP_FIN, TCP_RST, TCP_SYN};
 
 pub const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// Jiffies per second by the agent's configuration (`HZ_UNKNOWN_ASSUMED` when an older agent left it 0).
+#[inline(always)]
+pub fn hz(cfg: &ConfigValue) -> u64 {
+    if cfg.hz == 0 {
+        u64::from(HZ_UNKNOWN_ASSUMED)
+    } else {
+        u64::from(cfg.hz)
+    }
+}
+
+/// Now, in jiffies.
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: no argument, no precondition.
+    unsafe { bpf_jiffies64() }
+}
 
 /// The key of a packet's own tuple, in direction `dir`.
 #[inline(always)]
@@ -49,17 +73,17 @@ pub fn inverse_key(k: &mut CtKey, v: &CtValue, proto: u8, dir: u8) {
     k._pad = [0; 2];
 }
 
-/// A live (unexpired) entry: copied into `out`, and a pointer for updates.
+/// A live (unexpired) entry: copied into `out`, and a pointer for updates. `hz`: see [`hz`].
 #[inline(always)]
-pub fn lookup(key: &CtKey, out: &mut CtValue) -> Option<*mut CtValue> {
+pub fn lookup(key: &CtKey, out: &mut CtValue, hz: u64) -> Option<*mut CtValue> {
     let ptr = LB_CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: the pointer comes from a successful lookup and is read at once, by value. An LRU entry can be evicted
     // and reused concurrently; the worst outcome is one foreign entry, which the backend check catches for forward
     // entries.
     *out = unsafe { ptr.read() };
-    // SAFETY: no argument, no precondition.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if now.saturating_sub(out.last_seen_ns) > u64::from(out.lifetime_s) * NS_PER_SEC {
+    // Saturating: a stamp in the future is an older build's nanoseconds (lb-common `ct_rekey_legacy`), alive
+    // until this build's next refresh writes jiffies.
+    if now().saturating_sub(out.last_seen_jiffies) > u64::from(out.lifetime_s) * hz {
         return None;
     }
     Some(ptr)
@@ -72,8 +96,7 @@ pub fn lookup(key: &CtKey, out: &mut CtValue) -> Option<*mut CtValue> {
 /// stack limit). Returns 0 (a scalar: kernel 6.18 rejects a subprogram that leaves a stack pointer in r0).
 #[inline(never)]
 pub fn touch(ptr: *mut CtValue, ct: &CtValue, proto: u8, tcp_flags: u8, other: &CtKey) -> u32 {
-    // SAFETY: no argument, no precondition.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now();
     let mut lifetime = ct.lifetime_s;
     let mut flags = ct.flags;
     if proto == PROTO_TCP {
@@ -92,7 +115,7 @@ pub fn touch(ptr: *mut CtValue, ct: &CtValue, proto: u8, tcp_flags: u8, other: &
     // SAFETY: `ptr` came from a lookup in this run; fields are written in place (a racing eviction can only make
     // the write land in a recycled entry, which its own next lookup re-validates).
     unsafe {
-        (*ptr).last_seen_ns = now;
+        (*ptr).last_seen_jiffies = now;
         let reopens = !closing && (*ptr).flags & CT_FLAG_CLOSING != 0;
         if (lifetime != ct.lifetime_s || flags != ct.flags) && !reopens {
             (*ptr).lifetime_s = lifetime;
@@ -108,7 +131,7 @@ pub fn touch(ptr: *mut CtValue, ct: &CtValue, proto: u8, tcp_flags: u8, other: &
                 (*o).lifetime_s = lifetime;
                 (*o).flags |= flags & CT_FLAG_CLOSING;
             }
-            (*o).last_seen_ns = now;
+            (*o).last_seen_jiffies = now;
         }
     }
     0

@@ -10,6 +10,8 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(any(target_arch = "bpf", clippy))]
+mod csum;
+#[cfg(any(target_arch = "bpf", clippy))]
 mod ct;
 #[cfg(any(target_arch = "bpf", clippy))]
 mod maps;

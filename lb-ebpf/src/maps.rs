@@ -9,12 +9,13 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, BPF_F_INNER_MAP, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BackendStats,
-    BackendValue, ConfigValue, CtKey, CtValue, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGMENTS, DEFAULT_MAX_LOCAL_NETS, DEFAULT_MAX_NETNS_ADDRS,
-    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REVNAT, DEFAULT_MAX_SRC_RANGES, DEFAULT_MAX_SVC_CIDRS,
-    DEFAULT_MAX_VIPS, FragKey, FragValue, NetnsAddrs, ServiceKey, ServiceStats, ServiceValue,
-    SlotBlock, SockRevNatKey, SockRevNatValue, SrcRangeData, TraceValue, XdpL2Value, reason,
+    AffinityKey, AffinityValue, BPF_F_INNER_MAP, BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU,
+    BPF_F_NO_PREALLOC, BackendStats, BackendValue, ConfigValue, CtKey, CtValue,
+    DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGMENTS,
+    DEFAULT_MAX_LOCAL_NETS, DEFAULT_MAX_NETNS_ADDRS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REVNAT,
+    DEFAULT_MAX_SRC_RANGES, DEFAULT_MAX_SVC_CIDRS, DEFAULT_MAX_VIPS, FragKey, FragValue,
+    NetnsAddrs, ServiceKey, ServiceStats, ServiceValue, SlotBlock, SockRevNatKey, SockRevNatValue,
+    SrcRangeData, TraceValue, XdpL2Value, reason,
 };
 
 /// The flat slot array, `LB_MAGLEV`'s inner map: every service's lookup table is a region of it (lb-common
@@ -80,11 +81,22 @@ pub static LB_BE_STATS: PerCpuArray<BackendStats, { DEFAULT_MAX_BACKENDS as usiz
     PerCpuArray::new();
 
 /// `CtKey` {one direction's 5-tuple, direction} -> `CtValue` {rewrite, backend, service, last seen, lifetime}: the
-/// tc datapath's connection tracking, two entries per flow (forward and reply). Written by the tc programs; read by
-/// them; the agent deletes entries of deleted services and expired ones (LRU eviction bounds the rest).
+/// tc datapath's connection tracking, two entries per flow (forward and reply), four with SNAT. Written by the tc
+/// programs; read by them and `lb_xdp`; the agent deletes entries of deleted services and expired ones (LRU
+/// eviction bounds the rest).
+///
+/// `BPF_F_NO_COMMON_LRU`: one LRU list per CPU. With the shared list, every 64th insert on a CPU refills that CPU's
+/// free list from the global one under a lock, shrinking other CPUs' lists on the way, which made one new flow in
+/// 64 take 8-21 us (the SYN p99). Per-CPU lists cost no memory (the same preallocated elements, split evenly
+/// between the possible CPUs) but capacity: an insert only evicts entries created on its own CPU, so each CPU holds
+/// at most `max_entries / possible CPUs` (docs/datapath-notes.md, "Conntrack capacity").
 #[btf_map]
-pub static LB_CONNTRACK: LruHashMap<CtKey, CtValue, { DEFAULT_MAX_CONNTRACK as usize }> =
-    LruHashMap::new();
+pub static LB_CONNTRACK: LruHashMap<
+    CtKey,
+    CtValue,
+    { DEFAULT_MAX_CONNTRACK as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();
 
 /// 0 -> `ConfigValue` {SNAT address per family, flags, host netns cookie}. Written by the agent at every sync; read
 /// by the tc programs and (localhost:nodePort) the socket forward hooks.
@@ -146,8 +158,8 @@ pub static LB_TRACE: Array<TraceValue, 1> = Array::new();
 pub static LB_FRAGMENTS: LruHashMap<FragKey, FragValue, { DEFAULT_MAX_FRAGMENTS as usize }> =
     LruHashMap::new();
 
-/// `CtKey` (the `CT_DIR_SNAT` key of a flow's client -> backend leg, or the `CT_DIR_REPLY` key of its backend ->
-/// client leg) -> `XdpL2Value` {egress interface, MACs, learned at}: the Ethernet header the leg's packets left
+/// `CtKey` (the egress-direction key of a flow's SNAT entry, client -> backend leg, or of its reply entry, backend
+/// -> client leg) -> `XdpL2Value` {egress interface, MACs, learned at}: the Ethernet header the leg's packets left
 /// with. Written by tc egress (only with `CONFIG_FLAG_XDP`, only for SNATed flows); read by `lb_xdp`'s fast path.
 /// LRU: an evicted entry only sends the flow's packets through tc until it is learned again.
 #[btf_map]

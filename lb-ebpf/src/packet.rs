@@ -33,7 +33,7 @@ pub const TCP_ACK: u8 = 0x10;
 const MAX_EXT_HEADERS: usize = 6;
 /// Headers (Ethernet, IP, extension headers) that end further into the packet than this are not parsed (the
 /// packet is [`OTHER`]): it bounds every offset for the verifier.
-const MAX_HEADERS: u32 = 1024;
+pub const MAX_HEADERS: u32 = 1024;
 
 /// [`parse`]'s results.
 pub const PARSED: u32 = 0;

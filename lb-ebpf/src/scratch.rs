@@ -95,8 +95,8 @@ pub struct XdpNat {
 #[repr(C)]
 pub struct XdpScratch {
     pub pkt: Packet,
-    /// The first entry's key (`CT_DIR_SNAT_REPLY` or `CT_DIR_FWD`) and the second one's (`CT_DIR_REPLY` or
-    /// `CT_DIR_SNAT`), which is also the `LB_XDP_L2` key.
+    /// The first entry's key (`CT_DIR_FWD`: the SNAT reply or the forward entry) and the second one's
+    /// (`CT_DIR_REPLY`: the reply or the SNAT entry), which is also the `LB_XDP_L2` key.
     pub key: CtKey,
     pub other: CtKey,
     pub ct: CtValue,
@@ -105,6 +105,8 @@ pub struct XdpScratch {
     pub nat: XdpNat,
     pub svc_key: ServiceKey,
     pub range: SrcRangeData,
+    /// Jiffies per second (`ct::hz`).
+    pub hz: u64,
 }
 
 /// This tc program's per-CPU scratch value (`slot`: `SCRATCH_INGRESS` or `SCRATCH_EGRESS`).

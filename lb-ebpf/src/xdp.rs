@@ -6,12 +6,12 @@
 //! 1. parse (`packet::parse`, strict: a malformed packet passes untouched): Ethernet, IPv4 without options or IPv6
 //!    without extension headers, TCP or UDP, not a fragment; anything else passes (fragments, options, extension
 //!    headers, SCTP, ICMP and non-IP are tc's; a well-formed one may still meet step 4);
-//! 2. a reply of an SNATed flow (backend -> node SNAT address:port, `CT_DIR_SNAT_REPLY`) with a learned L2 header
+//! 2. a reply of an SNATed flow (backend -> node SNAT address:port, the SNAT reply entry) with a learned L2 header
 //!    for its reply leg: both reverse translations (destination back to the client, source back to the VIP), TTL /
 //!    hop limit down, MACs from the learned header, out through `XDP_TX` or `bpf_redirect` (`reason::XDP_REPLY`);
-//! 3. an established flow (`CT_DIR_FWD`) with SNAT (a remote backend under the Cluster policy, rule 6) whose
+//! 3. an established flow (its forward entry) with SNAT (a remote backend under the Cluster policy, rule 6) whose
 //!    backend still exists (rule 12) and whose forward leg has a learned L2 header: DNAT to the backend and SNAT
-//!    to the node address and port of its `CT_DIR_SNAT` entry, the same rewrite tc ingress + tc egress make
+//!    to the node address and port of its SNAT entry, the same rewrite tc ingress + tc egress make
 //!    (`reason::XDP_FORWARD`, counted in the service's and backend's packet counters as tc counts them);
 //! 4. no conntrack entry: a packet to a frontend with `loadBalancerSourceRanges` from a source outside them is
 //!    dropped here (rule 9, `reason::SOURCE_RANGE` and the service's drop counter, as tc counts it);
@@ -19,14 +19,14 @@
 //!
 //! **Learned L2** (the object is Apache-2.0, so the GPL-only `bpf_fib_lookup` is not available): tc egress sees
 //! every SNATed packet leave with its final Ethernet header, filled in by the kernel's neighbour subsystem, and
-//! records it in `LB_XDP_L2` under the conntrack key it used (`CT_DIR_SNAT` for the forward leg, `CT_DIR_REPLY`
-//! for the reply leg) when `CONFIG_FLAG_XDP` is set. A new flow's first packets (the SYN, the SYN-ACK and the first
+//! records it in `LB_XDP_L2` under the conntrack key it used (the SNAT entry's for the forward leg, the reply
+//! entry's for the reply leg) when `CONFIG_FLAG_XDP` is set. A new flow's first packets (the SYN, the SYN-ACK and the first
 //! packet of each direction after them, until its TCP entries are established and its headers learned) therefore
-//! take the tc path, which is what teaches XDP the headers. A header is used for `XDP_L2_FRESH_NS`; after that the
+//! take the tc path, which is what teaches XDP the headers. A header is used for `XDP_L2_FRESH_S`; after that the
 //! flow's next packet goes through tc again (XDP-sent packets skip tc egress), which records it anew, so a changed
 //! neighbour or route is followed within that time.
 //!
-//! **Conntrack** stays tc's: XDP only reads entries and refreshes `last_seen_ns` on both entries it used, as tc
+//! **Conntrack** stays tc's: XDP only reads entries and refreshes `last_seen_jiffies` on both entries it used, as tc
 //! does for a packet it follows. It takes TCP packets only from flows in the established lifetime and without
 //! SYN, FIN or RST: every lifetime change (SYN -> established, FIN/RST -> closing) happens in tc, in one place.
 //!
@@ -48,17 +48,18 @@
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
-    helpers::{bpf_ktime_get_ns, bpf_redirect},
+    helpers::bpf_redirect,
     programs::XdpContext,
 };
 use lb_common::{
-    CT_DIR_FWD, CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_CLOSING, CT_FLAG_SNAT,
-    CT_LIFETIME_TCP_S, CtKey, CtValue, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
-    SVC_FLAG_SOURCE_RANGES, XDP_L2_FRESH_NS, reason,
+    CT_DIR_FWD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_SNAT, CT_FLAG_SNAT_PAIR, CT_LIFETIME_TCP_S,
+    CtKey, CtValue, HZ_UNKNOWN_ASSUMED, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
+    SVC_FLAG_SOURCE_RANGES, XDP_L2_FRESH_S, reason,
 };
 
+use crate::csum::{apply_delta, sum_diff16, word, word_diff};
 use crate::ct;
-use crate::maps::{LB_SERVICES, LB_SRC_RANGES, LB_XDP_L2};
+use crate::maps::{LB_CONFIG, LB_SERVICES, LB_SRC_RANGES, LB_XDP_L2};
 use crate::packet::{self, ETH_HLEN, FRAG_NONE, Packet, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::scratch::{self, XdpScratch};
 use crate::select::lookup_backend;
@@ -130,72 +131,68 @@ fn fast_path(ctx: &XdpContext, s: &mut XdpScratch) -> u32 {
     if ctx.data_end() - ctx.data() > MAX_FRAME {
         return XDP_PASS;
     }
-    // A reply to this node's SNAT address and port.
-    pkt_key(&mut s.key, &s.pkt, CT_DIR_SNAT_REPLY);
-    if let Some(first) = ct::lookup(&s.key, &mut s.ct) {
-        if !usable(&s.ct, &s.pkt) {
-            return XDP_PASS;
-        }
+    s.hz = LB_CONFIG
+        .get_ptr(0)
+        .map_or(u64::from(HZ_UNKNOWN_ASSUMED), |c| {
+            // SAFETY: an array slot is valid for the program run; read by value.
+            ct::hz(unsafe { &*c })
+        });
+    // One lookup in the ingress key direction: a reply to this node's SNAT address and port
+    // (`CT_FLAG_SNAT_PAIR`), or a client's packet of an established flow.
+    pkt_key(&mut s.key, &s.pkt, CT_DIR_FWD);
+    let Some(first) = ct::lookup(&s.key, &mut s.ct, s.hz) else {
+        return XDP_PASS;
+    };
+    if !usable(&s.ct, &s.pkt) {
+        return XDP_PASS;
+    }
+    let k = &mut s.other;
+    let why = if s.ct.flags & CT_FLAG_SNAT_PAIR != 0 {
         // The reply leg's entry, as tc egress would look it up after tc ingress restored the client as
         // destination: (backend, client) -> source back to the VIP.
-        let k = &mut s.other;
         k.saddr = s.pkt.saddr;
         k.daddr = s.ct.new_daddr;
         k.sport = s.pkt.sport;
         k.dport = s.ct.new_dport;
-        k.proto = s.pkt.proto;
-        k.dir = CT_DIR_REPLY;
-        k._pad = [0; 2];
-        let Some(second) = ct::lookup(&s.other, &mut s.ct2) else {
-            return XDP_PASS;
-        };
-        if !usable(&s.ct2, &s.pkt) {
+        reason::XDP_REPLY
+    } else {
+        // An established flow of a remote backend.
+        if s.ct.flags & CT_FLAG_SNAT == 0 {
             return XDP_PASS;
         }
-        let n = &mut s.nat;
-        n.saddr = s.ct2.new_saddr;
-        n.sport = s.ct2.new_sport;
-        n.daddr = s.ct.new_daddr;
-        n.dport = s.ct.new_dport;
-        n._pad = 0;
-        return send(ctx, s, first, second, reason::XDP_REPLY);
-    }
-    // An established flow of a remote backend.
-    pkt_key(&mut s.key, &s.pkt, CT_DIR_FWD);
-    let Some(first) = ct::lookup(&s.key, &mut s.ct) else {
-        return XDP_PASS;
+        // Rule 12: a flow whose backend is gone is tc's to end (RST).
+        let alive = lookup_backend(s.ct.backend_id)
+            .is_some_and(|b| b.value.addr == s.ct.new_daddr && b.value.port == s.ct.new_dport);
+        if !alive {
+            return XDP_PASS;
+        }
+        // The forward leg's SNAT entry, keyed by the DNATed packet as tc egress sees it.
+        k.saddr = s.pkt.saddr;
+        k.daddr = s.ct.new_daddr;
+        k.sport = s.pkt.sport;
+        k.dport = s.ct.new_dport;
+        reason::XDP_FORWARD
     };
-    if s.ct.flags & CT_FLAG_SNAT == 0 || !usable(&s.ct, &s.pkt) {
-        return XDP_PASS;
-    }
-    // Rule 12: a flow whose backend is gone is tc's to end (RST).
-    let alive = lookup_backend(s.ct.backend_id)
-        .is_some_and(|b| b.value.addr == s.ct.new_daddr && b.value.port == s.ct.new_dport);
-    if !alive {
-        return XDP_PASS;
-    }
-    // The forward leg's SNAT entry, keyed by the DNATed packet as tc egress sees it.
-    let k = &mut s.other;
-    k.saddr = s.pkt.saddr;
-    k.daddr = s.ct.new_daddr;
-    k.sport = s.pkt.sport;
-    k.dport = s.ct.new_dport;
     k.proto = s.pkt.proto;
-    k.dir = CT_DIR_SNAT;
+    k.dir = CT_DIR_REPLY;
     k._pad = [0; 2];
-    let Some(second) = ct::lookup(&s.other, &mut s.ct2) else {
+    let Some(second) = ct::lookup(&s.other, &mut s.ct2, s.hz) else {
         return XDP_PASS;
     };
-    if !usable(&s.ct2, &s.pkt) {
+    // The SNAT entry for a forward packet, the reply entry for a reply: the pair flag says which.
+    let want_pair = why == reason::XDP_FORWARD;
+    if (s.ct2.flags & CT_FLAG_SNAT_PAIR != 0) != want_pair || !usable(&s.ct2, &s.pkt) {
         return XDP_PASS;
     }
+    // Source from the second entry (the SNAT address, or the VIP), destination from the first (the backend, or
+    // the client).
     let n = &mut s.nat;
     n.saddr = s.ct2.new_saddr;
     n.sport = s.ct2.new_sport;
     n.daddr = s.ct.new_daddr;
     n.dport = s.ct.new_dport;
     n._pad = 0;
-    send(ctx, s, first, second, reason::XDP_FORWARD)
+    send(ctx, s, first, second, why)
 }
 
 /// Whether an entry lets the packet take the fast path: TCP only between the handshake and the first FIN/RST
@@ -227,9 +224,9 @@ fn send(
     };
     // SAFETY: read at once, by value, from a successful lookup.
     s.l2 = unsafe { l2.read() };
-    // SAFETY: no argument, no precondition.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if now.saturating_sub(s.l2.learned_ns) >= XDP_L2_FRESH_NS || s.l2.ifindex == 0 {
+    let now = ct::now();
+    // Wrapping: an older build's nanosecond stamp (larger than any jiffies) reads as stale, so tc learns it again.
+    if now.wrapping_sub(s.l2.learned_jiffies) >= XDP_L2_FRESH_S * s.hz || s.l2.ifindex == 0 {
         return XDP_PASS;
     }
     if rewrite(ctx, s) != 0 {
@@ -239,8 +236,8 @@ fn send(
     // SAFETY: both pointers come from lookups in this run; a racing LRU eviction can only make the write land in
     // a recycled entry, which its own next lookup re-validates (as in tc.rs's `touch`).
     unsafe {
-        (*first).last_seen_ns = now;
-        (*second).last_seen_ns = now;
+        (*first).last_seen_jiffies = now;
+        (*second).last_seen_jiffies = now;
     }
     if why == reason::XDP_FORWARD {
         stats::count_packet(
@@ -347,41 +344,6 @@ fn rewrite_inner(ctx: &XdpContext, s: &mut XdpScratch) -> Option<()> {
         mac.add(6).cast::<[u8; 6]>().write_unaligned(s.l2.smac);
     }
     Some(())
-}
-
-/// The 16-bit word at `off` of an address, as it sits in memory.
-#[inline(always)]
-fn word(a: &[u8; 16], off: usize) -> u16 {
-    // SAFETY: every caller passes an even `off` <= 14, so both bytes lie inside the array; unaligned read.
-    unsafe { a.as_ptr().add(off).cast::<u16>().read_unaligned() }
-}
-
-/// `~old + new` of one 16-bit word (RFC 1624's `~m + m'`).
-#[inline(always)]
-fn word_diff(old: u16, new: u16) -> u64 {
-    u64::from(!old) + u64::from(new)
-}
-
-/// The change of two 16-byte addresses, word by word.
-#[inline(always)]
-fn sum_diff16(old: &[u8; 16], new: &[u8; 16]) -> u64 {
-    let mut d = 0;
-    let mut i = 0;
-    while i < 16 {
-        d += word_diff(word(old, i), word(new, i));
-        i += 2;
-    }
-    d
-}
-
-/// RFC 1624 eqn. 3: the new checksum field from the old one and the sum of `~m + m'` over the changed words.
-#[inline(always)]
-fn apply_delta(old: u16, delta: u64) -> u16 {
-    let mut sum = u64::from(!old) + delta;
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
 }
 
 /// Step 4: a new flow to a frontend with source ranges, from outside them, drops here (rule 9), counted as tc

@@ -276,3 +276,135 @@ fn the_previous_layout_is_migrated_keeping_ids_and_tables() {
         "every connection answered: {lines:?}"
     );
 }
+
+const MAP_TYPE_LRU_HASH: u32 = 9;
+
+/// The conntrack layout before the shared key directions, jiffies stamps and per-CPU LRU lists: an LRU hash with one
+/// common list, the SNAT pair under its own directions (2, 3) and `bpf_ktime_get_ns()` stamps. A restarted agent
+/// must move the pin aside (its flags differ), carry every entry into the new map in the new form (so established
+/// flows keep their backend and SNAT port), and drop the old pin.
+#[test]
+fn the_previous_conntrack_is_carried_into_per_cpu_lru_lists() {
+    use lb_common::{
+        BPF_F_NO_COMMON_LRU, CT_DIR_FWD, CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY,
+        CT_FLAG_SNAT, CT_FLAG_SNAT_PAIR, CT_LIFETIME_TCP_S, CtKey, CtValue,
+    };
+    if !require_root("the_previous_conntrack_is_carried_into_per_cpu_lru_lists") {
+        return;
+    }
+    let topo = Topology::star(1).expect("topology");
+    let mut agent = Agent::start(&agent_bin!(), &topo, &manifest(1)).expect("agent");
+    let dir = agent.pins().to_path_buf();
+    let (service_id, max) = {
+        let maps = PinnedMaps::open(&dir).expect("pinned maps");
+        let entries = maps.services().expect("services");
+        let info = aya::maps::MapInfo::from_pin(dir.join(map_names::CONNTRACK)).expect("info");
+        assert_eq!(
+            info.map_flags() & BPF_F_NO_COMMON_LRU,
+            BPF_F_NO_COMMON_LRU,
+            "this build's conntrack has per-CPU lists"
+        );
+        (entries[0].1.service_id, info.max_entries())
+    };
+    agent.kill();
+    std::fs::remove_file(dir.join(map_names::CONNTRACK)).expect("removing the conntrack pin");
+    let old = create(
+        MAP_TYPE_LRU_HASH,
+        size_of::<CtKey>() as u32,
+        size_of::<CtValue>() as u32,
+        max,
+        0,
+        None,
+    );
+    let mono_ns = lb_agent::datapath::packet_maps::monotonic_ns();
+    let key = |saddr: [u8; 4], daddr: [u8; 4], sport, dport, dir| {
+        let mut k = CtKey {
+            saddr: [0; 16],
+            daddr: [0; 16],
+            sport,
+            dport,
+            proto: 6,
+            dir,
+            _pad: [0; 2],
+        };
+        k.saddr[10..12].copy_from_slice(&[0xff, 0xff]);
+        k.saddr[12..].copy_from_slice(&saddr);
+        k.daddr[10..12].copy_from_slice(&[0xff, 0xff]);
+        k.daddr[12..].copy_from_slice(&daddr);
+        k
+    };
+    let value = CtValue {
+        last_seen_jiffies: mono_ns,
+        service_id,
+        backend_id: 1,
+        lifetime_s: CT_LIFETIME_TCP_S,
+        flags: CT_FLAG_SNAT,
+        ..CtValue::default()
+    };
+    let legacy = [
+        key([203, 0, 113, 9], [10, 0, 0, 1], 40000, 30080, CT_DIR_FWD),
+        key([10, 244, 1, 2], [203, 0, 113, 9], 8080, 40000, CT_DIR_REPLY),
+        key([203, 0, 113, 9], [10, 244, 1, 2], 40000, 8080, CT_DIR_SNAT),
+        key(
+            [10, 244, 1, 2],
+            [10, 0, 0, 1],
+            8080,
+            40000,
+            CT_DIR_SNAT_REPLY,
+        ),
+    ];
+    let bytes = |p: *const u8, n: usize| {
+        // SAFETY: `p` points at a live plain-data value of `n` bytes.
+        unsafe { std::slice::from_raw_parts(p, n) }.to_vec()
+    };
+    for k in &legacy {
+        update(
+            &old,
+            &bytes((k as *const CtKey).cast(), size_of::<CtKey>()),
+            &bytes((&value as *const CtValue).cast(), size_of::<CtValue>()),
+        );
+    }
+    pin(&old, &dir.join(map_names::CONNTRACK));
+    drop(old);
+
+    agent.restart().expect("the upgraded agent starts");
+    let log = agent.log();
+    assert!(log.contains("maps of a new layout"), "{log}");
+    assert!(
+        log.contains("carried=4"),
+        "every entry was carried over:\n{log}"
+    );
+    let info = aya::maps::MapInfo::from_pin(dir.join(map_names::CONNTRACK)).expect("info");
+    assert_eq!(info.map_flags() & BPF_F_NO_COMMON_LRU, BPF_F_NO_COMMON_LRU);
+    assert!(
+        !dir.join(format!("{}:pending", map_names::CONNTRACK))
+            .exists(),
+        "the old pin went"
+    );
+    let data = aya::maps::MapData::from_pin(dir.join(map_names::CONNTRACK)).expect("pin");
+    let map: aya::maps::HashMap<_, CtKey, CtValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("layout");
+    let now = lb_agent::datapath::clock::jiffies_now(lb_agent::datapath::clock::kernel_hz());
+    let got: Vec<(CtKey, CtValue)> = map.iter().map(|e| e.expect("entry")).collect();
+    assert_eq!(got.len(), 4, "{got:?}");
+    // (source port, destination's last byte) -> (direction, flags): the SNAT pair moved to the shared directions,
+    // told apart by `CT_FLAG_SNAT_PAIR`.
+    let want = [
+        ((40000, 1), CT_DIR_FWD, CT_FLAG_SNAT),
+        ((8080, 9), CT_DIR_REPLY, CT_FLAG_SNAT),
+        ((40000, 2), CT_DIR_REPLY, CT_FLAG_SNAT | CT_FLAG_SNAT_PAIR),
+        ((8080, 1), CT_DIR_FWD, CT_FLAG_SNAT | CT_FLAG_SNAT_PAIR),
+    ];
+    for ((sport, last), dir, flags) in want {
+        let (k, v) = got
+            .iter()
+            .find(|(k, _)| k.sport == sport && k.daddr[15] == last)
+            .unwrap_or_else(|| panic!("no entry from port {sport} to .{last}: {got:?}"));
+        assert_eq!((k.dir, v.flags), (dir, flags), "{k:?}");
+        assert!(
+            v.last_seen_jiffies <= now + 1,
+            "{k:?}: stamp {} is jiffies now (now {now})",
+            v.last_seen_jiffies
+        );
+    }
+}

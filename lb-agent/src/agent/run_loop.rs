@@ -11,9 +11,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use super::config::{AgentConfig, SourceConfig};
 use super::startup;
 use super::syncer::{Names, Syncer};
+use crate::datapath::clock;
 use crate::datapath::loader::{self, PinDir};
 use crate::datapath::maps::PinnedMaps;
-use crate::datapath::packet_maps;
 use crate::datapath::pins::Migration;
 use crate::model;
 use crate::ops::status::{AgentReport, DatapathSetup, SourceReport};
@@ -115,6 +115,7 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 &mut ebpf,
                 &mut setup,
                 &syncer.ops,
+                &mut maps,
             )?;
             tracing::info!("initial sync done");
             syncer.ops.set_ready();
@@ -134,8 +135,8 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
             _ = netns_tick.tick() => syncer.refresh_netns(None),
             _ = gc.tick() => {
                 let live = syncer.reconciler.service_ids();
-                let now = packet_maps::monotonic_ns();
-                match maps.packet.conntrack_gc(&live, now) {
+                let hz = clock::kernel_hz();
+                match maps.packet.conntrack_gc(&live, clock::jiffies_now(hz), hz) {
                     Ok(0) => {}
                     Ok(n) => tracing::debug!(removed = n, "conntrack garbage collected"),
                     Err(e) => tracing::warn!(error = %e, "conntrack garbage collection failed"),
@@ -148,7 +149,7 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 syncer.ops.change_seen_at(snapshot.first_event.unwrap_or_else(Instant::now));
                 let initial = snapshot.initial;
                 syncer.apply_snapshot(&mut maps, snapshot, false);
-                finish_migration(&mut migration, true, &mut pending_attach, &mut ebpf, &mut setup, &syncer.ops)?;
+                finish_migration(&mut migration, true, &mut pending_attach, &mut ebpf, &mut setup, &syncer.ops, &mut maps)?;
                 if initial {
                     // The readiness moment: every kind listed and programmed once (tests wait for this line).
                     tracing::info!("initial sync done");
@@ -277,11 +278,24 @@ fn finish_migration(
     ebpf: &mut aya::Ebpf,
     setup: &mut DatapathSetup,
     ops: &Ops,
+    maps: &mut PinnedMaps,
 ) -> anyhow::Result<()> {
     let Some(migration) = migration.take() else {
         return Ok(());
     };
     if synced {
+        // Conntrack entries are carried over at the last moment before the new programs take over, so that only
+        // flows the old programs open in between start over.
+        if migration.moved().contains(&lb_common::map_names::CONNTRACK) {
+            let now = clock::jiffies_now(clock::kernel_hz());
+            let entries = crate::datapath::pins::migrated_conntrack(migration.dir(), now);
+            let carried = maps.packet.carry_conntrack(&entries);
+            tracing::info!(
+                carried,
+                of = entries.len(),
+                "conntrack entries carried into the migrated map"
+            );
+        }
         if let Some(attachment) = pending_attach.take() {
             attachment.attach(ebpf, setup)?;
             ops.set_datapath(setup.clone());

@@ -5,9 +5,10 @@ use std::net::IpAddr;
 
 use anyhow::Context;
 use aya::maps::{HashMap, Map, MapData};
-use lb_common::{CtKey, CtValue, addr_from_bytes, map_names};
+use lb_common::{CtKey, CtRole, CtValue, addr_from_bytes, map_names};
 use serde::Serialize;
 
+use crate::datapath::clock;
 use crate::datapath::display::proto_name;
 
 use super::args::{OutputFormat, PinArgs};
@@ -47,7 +48,7 @@ pub struct CtRow {
     pub service_id: u32,
     pub backend_id: u32,
     pub flags: Vec<&'static str>,
-    /// Seconds since the last packet (monotonic clock, as the programs stamp it).
+    /// Seconds since the last packet (the programs stamp jiffies; see `datapath::clock`).
     pub idle_seconds: f64,
     pub lifetime_seconds: u32,
 }
@@ -59,25 +60,13 @@ fn sock(addr: [u8; 16], port: u16) -> String {
     }
 }
 
-fn direction(dir: u8) -> &'static str {
-    match dir {
-        lb_common::CT_DIR_FWD => "forward",
-        lb_common::CT_DIR_REPLY => "reply",
-        lb_common::CT_DIR_SNAT => "snat",
-        lb_common::CT_DIR_SNAT_REPLY => "snat-reply",
-        _ => "unknown",
+fn direction(k: &CtKey, v: &CtValue) -> &'static str {
+    match lb_common::ct_role(k, v) {
+        CtRole::Forward => "forward",
+        CtRole::Reply => "reply",
+        CtRole::Snat => "snat",
+        CtRole::SnatReply => "snat-reply",
     }
-}
-
-/// `bpf_ktime_get_ns()`'s clock: CLOCK_MONOTONIC.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec to the valid pointer we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
 }
 
 impl ConntrackArgs {
@@ -110,7 +99,8 @@ pub fn run(args: &ConntrackArgs) -> anyhow::Result<()> {
     let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
     let map: HashMap<MapData, CtKey, CtValue> = HashMap::try_from(Map::LruHashMap(data))
         .with_context(|| format!("{} has an unexpected layout", path.display()))?;
-    let now = monotonic_ns();
+    let hz = clock::kernel_hz();
+    let now = clock::jiffies_now(hz);
     let mut rows = Vec::new();
     for entry in map.iter() {
         let (k, v) = entry.context("reading the conntrack map")?;
@@ -125,7 +115,7 @@ pub fn run(args: &ConntrackArgs) -> anyhow::Result<()> {
             flags.push("closing");
         }
         rows.push(CtRow {
-            direction: direction(k.dir),
+            direction: direction(&k, &v),
             protocol: proto_name(k.proto),
             source: sock(k.saddr, k.sport),
             destination: sock(k.daddr, k.dport),
@@ -134,7 +124,7 @@ pub fn run(args: &ConntrackArgs) -> anyhow::Result<()> {
             service_id: v.service_id,
             backend_id: v.backend_id,
             flags,
-            idle_seconds: now.saturating_sub(v.last_seen_ns) as f64 / 1e9,
+            idle_seconds: now.saturating_sub(v.last_seen_jiffies) as f64 / f64::from(hz),
             lifetime_seconds: v.lifetime_s,
         });
     }

@@ -5,6 +5,7 @@
 //! with `display` and the counter tables of `counters`).
 
 pub mod attachments;
+pub mod clock;
 pub mod counters;
 pub mod display;
 pub mod inspect;

@@ -10,8 +10,8 @@ use std::path::Path;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
-    CT_DIR_FWD, ConfigValue, CtKey, CtValue, FragKey, FragValue, SrcRangeData, TraceValue,
-    addr_bytes, map_names,
+    ConfigValue, CtKey, CtValue, FragKey, FragValue, SrcRangeData, TraceValue, addr_bytes,
+    map_names,
 };
 
 use super::map_error::MapsError;
@@ -280,28 +280,46 @@ impl PacketMaps {
     }
 
     /// Conntrack garbage collection: removes expired entries (the programs treat them as misses, but they would
-    /// hold LRU slots) and every entry of a service that no longer exists. `now_ns` is `CLOCK_MONOTONIC`, the
-    /// clock of `bpf_ktime_get_ns`. Returns how many entries went.
+    /// hold LRU slots) and every entry of a service that no longer exists. `now_jiffies` and `hz` are the programs'
+    /// clock (`clock::jiffies_now`, `clock::kernel_hz`). Entries of an older layout (legacy SNAT directions,
+    /// nanosecond stamps) are rewritten in this one's form ([`lb_common::ct_rekey_legacy`]): the pin migration copies
+    /// them, and the programs of the previous build may still write some until the new ones are attached.
+    /// Returns how many entries went.
     pub fn conntrack_gc(
         &mut self,
         live_services: &HashSet<u32>,
-        now_ns: u64,
+        now_jiffies: u64,
+        hz: u32,
     ) -> Result<usize, MapsError> {
-        let stale: Vec<CtKey> = self
-            .conntrack
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| {
-                let expired =
-                    now_ns.saturating_sub(v.last_seen_ns) > u64::from(v.lifetime_s) * 1_000_000_000;
-                expired || !live_services.contains(&v.service_id)
-            })
-            .map(|(k, _)| k)
-            .collect();
+        let mut stale = Vec::new();
+        let mut legacy = Vec::new();
+        for (k, v) in self.conntrack.iter().filter_map(Result::ok) {
+            let expired = now_jiffies.saturating_sub(v.last_seen_jiffies)
+                > u64::from(v.lifetime_s) * u64::from(hz);
+            if expired || !live_services.contains(&v.service_id) {
+                stale.push(k);
+            } else if let Some(new) = lb_common::ct_rekey_legacy(&k, &v, now_jiffies) {
+                legacy.push((k, new));
+            }
+        }
         for k in &stale {
             let _ = self.conntrack.remove(k);
         }
+        for (old, (k, v)) in &legacy {
+            if self.conntrack.insert(k, v, 0).is_ok() && old != k {
+                let _ = self.conntrack.remove(old);
+            }
+        }
         Ok(stale.len())
+    }
+
+    /// Writes entries carried over from a migrated conntrack map (`pins::migrated_conntrack`); an entry the new
+    /// map has already (a flow the new programs saw first) is kept. Returns how many were written.
+    pub fn carry_conntrack(&mut self, entries: &[(CtKey, CtValue)]) -> usize {
+        entries
+            .iter()
+            .filter(|(k, v)| self.conntrack.insert(k, v, BPF_NOEXIST).is_ok())
+            .count()
     }
 
     /// Forward conntrack entries (one per flow), for listings.
@@ -310,7 +328,7 @@ impl PacketMaps {
             .conntrack
             .iter()
             .filter_map(Result::ok)
-            .filter(|(k, _)| k.dir == CT_DIR_FWD)
+            .filter(|(k, v)| lb_common::ct_role(k, v) == lb_common::CtRole::Forward)
             .collect())
     }
 }
@@ -324,6 +342,9 @@ fn src_range_key(service_id: u32, prefix: u32, addr: [u8; 16]) -> Key<SrcRangeDa
         },
     )
 }
+
+/// `bpf_map_update_elem` flag: only create, never replace (uapi `BPF_NOEXIST`).
+const BPF_NOEXIST: u64 = 1;
 
 /// `CLOCK_MONOTONIC` in nanoseconds, the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {

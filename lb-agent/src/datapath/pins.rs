@@ -48,6 +48,9 @@ pub struct MapSpec {
     pub key_size: u32,
     pub value_size: u32,
     pub max_entries: u32,
+    /// The map flags, where a pin created with others must be migrated (aya compares none): `LB_CONNTRACK`'s
+    /// `BPF_F_NO_COMMON_LRU`. `None`: not compared.
+    pub flags: Option<u32>,
 }
 
 fn size<T>() -> u32 {
@@ -62,6 +65,7 @@ impl Capacities {
             key_size,
             value_size,
             max_entries,
+            flags: None,
         };
         [
             spec(
@@ -116,13 +120,18 @@ impl Capacities {
                 size::<BackendStats>(),
                 self.backends.saturating_add(1),
             ),
-            spec(
-                map_names::CONNTRACK,
-                MapType::LruHash,
-                size::<CtKey>(),
-                size::<CtValue>(),
-                self.conntrack,
-            ),
+            // Per-CPU LRU lists: the kernel rounds the capacity up to a multiple of the possible CPUs (each list
+            // gets an equal share); asking for that multiple keeps the pin equal to the spec across restarts.
+            MapSpec {
+                flags: Some(lb_common::BPF_F_NO_COMMON_LRU),
+                ..spec(
+                    map_names::CONNTRACK,
+                    MapType::LruHash,
+                    size::<CtKey>(),
+                    size::<CtValue>(),
+                    per_cpu_lru_capacity(self.conntrack),
+                )
+            },
             spec(
                 map_names::CONFIG,
                 MapType::Array,
@@ -206,6 +215,13 @@ impl Capacities {
     }
 }
 
+/// `max_entries` as the kernel sets it for an LRU hash with `BPF_F_NO_COMMON_LRU`: rounded up to a multiple of the
+/// possible CPUs.
+pub fn per_cpu_lru_capacity(want: u32) -> u32 {
+    let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
+    want.div_ceil(cpus).saturating_mul(cpus)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
     #[error("reading pinned map {path}: {source}")]
@@ -245,6 +261,11 @@ fn mismatch(info: &MapInfo, spec: &MapSpec) -> Option<String> {
             spec.max_entries
         ));
     }
+    if let Some(flags) = spec.flags
+        && info.map_flags() != flags
+    {
+        diffs.push(format!("flags {:#x} != {flags:#x}", info.map_flags()));
+    }
     (!diffs.is_empty()).then(|| diffs.join(", "))
 }
 
@@ -263,6 +284,11 @@ pub struct Migration {
 impl Migration {
     pub fn moved(&self) -> &[&'static str] {
         &self.moved
+    }
+
+    /// The pin directory (moved-aside pins are `<name>:pending` in it).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The new maps are loaded and filled: drop the old ones.
@@ -356,6 +382,50 @@ pub fn migrated_service_ids(dir: &Path) -> Vec<(ServiceKey, u32)> {
         Ok(ids) => ids,
         Err(why) => {
             tracing::warn!(path = %path.display(), %why, "cannot read the previous service ids; new ones are allocated");
+            Vec::new()
+        }
+    }
+}
+
+/// The entries of a migrated `LB_CONNTRACK` (its pin moved to `:pending`), in this build's form
+/// (`lb_common::ct_rekey_legacy`, stamped at `now_jiffies` where they held nanoseconds), so that established flows
+/// keep their backend and SNAT port across an upgrade that recreates the map. Key and value layouts are unchanged
+/// since the map was introduced; a pin whose sizes differ is not read (its flows then start over).
+pub fn migrated_conntrack(dir: &Path, now_jiffies: u64) -> Vec<(CtKey, CtValue)> {
+    let path = pending_path(dir, map_names::CONNTRACK);
+    if !path.exists() {
+        return Vec::new();
+    }
+    let read = || -> Result<Vec<(CtKey, CtValue)>, String> {
+        let data = aya::maps::MapData::from_pin(&path).map_err(|e| e.to_string())?;
+        let info = data.info().map_err(|e| e.to_string())?;
+        let (key_size, value_size) = (info.key_size() as usize, info.value_size() as usize);
+        if key_size != size_of::<CtKey>() || value_size != size_of::<CtValue>() {
+            return Err(format!("key size {key_size}, value size {value_size}"));
+        }
+        let entries =
+            super::map_batch::entries(std::os::fd::AsFd::as_fd(data.fd()), key_size, value_size)
+                .map_err(|e| e.to_string())?;
+        Ok(entries
+            .into_iter()
+            .filter(|(k, v)| k.len() == key_size && v.len() == value_size)
+            .map(|(k, v)| {
+                // SAFETY: both buffers hold exactly the size of the plain-data `#[repr(C)]` type read (checked
+                // above); every bit pattern is a valid value of them; unaligned reads.
+                let (k, v) = unsafe {
+                    (
+                        k.as_ptr().cast::<CtKey>().read_unaligned(),
+                        v.as_ptr().cast::<CtValue>().read_unaligned(),
+                    )
+                };
+                lb_common::ct_rekey_legacy(&k, &v, now_jiffies).unwrap_or((k, v))
+            })
+            .collect())
+    };
+    match read() {
+        Ok(entries) => entries,
+        Err(why) => {
+            tracing::warn!(path = %path.display(), %why, "cannot read the previous conntrack entries; established flows start over");
             Vec::new()
         }
     }

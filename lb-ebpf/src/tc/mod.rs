@@ -13,9 +13,9 @@
 //! NAT is split as iptables splits it (DNAT at PREROUTING, SNAT at POSTROUTING) for a reason: the stack drops a
 //! packet arriving with one of its own addresses as source (a martian), so the source may only become the node
 //! address (SNAT) or the VIP (which may be the node's own NodePort address) once the packet is routed and leaving.
-//! Conntrack holds up to four entries per flow, one per (direction, hook): `CT_DIR_FWD` (ingress, client -> VIP),
-//! `CT_DIR_SNAT` (egress, client -> backend), `CT_DIR_SNAT_REPLY` (ingress, backend -> node address),
-//! `CT_DIR_REPLY` (egress, backend -> client).
+//! Conntrack holds up to four entries per flow, one per (direction, hook), in two key directions so that each hook
+//! needs one lookup: `CT_DIR_FWD` for ingress (client -> VIP; with `CT_FLAG_SNAT_PAIR` backend -> node address),
+//! `CT_DIR_REPLY` for egress (backend -> client; with `CT_FLAG_SNAT_PAIR` client -> backend).
 //!
 //! Fragments: a first fragment is handled by its ports like any packet; when it is translated, `LB_FRAGMENTS`
 //! remembers the rewritten addresses under (source, destination, identification, protocol, hook), and the later
@@ -41,13 +41,15 @@ mod verdict;
 
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, programs::TcContext};
 use lb_common::{
-    CT_DIR_FWD, CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_CLOSING, CT_FLAG_SNAT,
-    ConfigValue, CtValue, FRAG_HOOK_EGRESS, FRAG_HOOK_INGRESS, PROTO_TCP, reason,
+    CT_DIR_FWD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_SNAT, CT_FLAG_SNAT_PAIR, ConfigValue,
+    CtValue, FRAG_HOOK_EGRESS, FRAG_HOOK_INGRESS, PROTO_TCP, reason,
 };
 
 use crate::ct::{self, inverse_key, packet_key};
 use crate::maps::LB_CONFIG;
-use crate::packet::{self, FRAGMENT, MALFORMED, NEEDS_PULL, OTHER, PARSED, Packet, TCP_SYN};
+use crate::packet::{
+    self, FRAGMENT, MALFORMED, NEEDS_PULL, OTHER, PARSED, Packet, TCP_ACK, TCP_SYN,
+};
 use crate::scratch::{self, SCRATCH_EGRESS, SCRATCH_INGRESS, TcScratch};
 use crate::select::lookup_backend;
 use crate::stats;
@@ -125,68 +127,71 @@ const PULL_MIN: u32 = 128;
 // rejects a subprogram that exits with a stack pointer in r0 ("cannot return stack pointer to the caller"), which
 // LLVM leaves there for functions returning `()` or a struct through a pointer.
 
-/// Egress: the SNAT of a flow to a remote backend, or the reply of a local backend getting the VIP back.
+/// Egress: the SNAT of a flow to a remote backend, or the reply of a local backend getting the VIP back. Both
+/// entries share the egress key direction: one lookup.
 #[inline(never)]
 fn egress_packet(ctx: &TcContext, s: &mut TcScratch) -> u32 {
-    packet_key(&mut s.key, &s.pkt, CT_DIR_SNAT);
-    if let Some(ptr) = ct::lookup(&s.key, &mut s.ct) {
-        // The SNAT pair shares its lifetime like the other pair: the SNAT reply entry sees only the backend's
-        // packets, and a connection whose backend has sent nothing since its SYN-ACK would otherwise lose it after
-        // the SYN lifetime (60 s), so the backend's first word after a longer idle time would not come back.
-        inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_SNAT_REPLY);
-        let _ = ct::touch(ptr, &s.ct, s.pkt.proto, s.pkt.tcp_flags, &s.other);
-        // Source only: the destination is already the backend.
-        nat::src_nat(&mut s.nat, &s.pkt, &s.ct);
-        let _ = nat::apply(ctx, s, reason::CONNTRACK);
-        let _ = nat::learn_l2(ctx, s);
-        return s.out.reason;
-    }
     packet_key(&mut s.key, &s.pkt, CT_DIR_REPLY);
-    if let Some(ptr) = ct::lookup(&s.key, &mut s.ct) {
-        inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_FWD);
-        let _ = ct::touch(ptr, &s.ct, s.pkt.proto, s.pkt.tcp_flags, &s.other);
-        nat::src_nat(&mut s.nat, &s.pkt, &s.ct);
-        let _ = nat::apply(ctx, s, reason::REPLY);
-        let _ = nat::learn_l2(ctx, s);
+    let Some(ptr) = ct::lookup(&s.key, &mut s.ct, ct::hz(&s.cfg)) else {
         return s.out.reason;
-    }
+    };
+    // The other entry of the pair is the entry's translated tuple reversed, in the ingress direction either way:
+    // the SNAT reply entry of a SNAT entry, the forward entry of a reply entry. The SNAT pair shares its lifetime
+    // like the other pair: the SNAT reply entry sees only the backend's packets, and a connection whose backend has
+    // sent nothing since its SYN-ACK would otherwise lose it after the SYN lifetime (60 s), so the backend's first
+    // word after a longer idle time would not come back.
+    inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_FWD);
+    let _ = ct::touch(ptr, &s.ct, s.pkt.proto, s.pkt.tcp_flags, &s.other);
+    // Source only: for a SNAT entry the destination is already the backend, for a reply the client.
+    nat::src_nat(&mut s.nat, &s.pkt, &s.ct);
+    let why = if s.ct.flags & CT_FLAG_SNAT_PAIR != 0 {
+        reason::CONNTRACK
+    } else {
+        reason::REPLY
+    };
+    let _ = nat::apply(ctx, s, why);
+    let _ = nat::learn_l2(ctx, s);
     s.out.reason
 }
 
-/// Ingress, in order: a reply to the SNAT address, a reply to a client on this node, an established flow, and
-/// otherwise a new flow ([`choose`] then [`install`]).
+/// Ingress, in order: an entry in the ingress direction (an established flow, or a reply to the SNAT address: one
+/// lookup either way), a reply to a client on this node, and otherwise a new flow ([`choose`] then [`install`]).
 #[inline(never)]
 fn ingress_packet(ctx: &TcContext, s: &mut TcScratch) -> u32 {
-    // A reply to this node's SNAT address: destination back to the client; the source becomes the VIP at egress.
-    packet_key(&mut s.key, &s.pkt, CT_DIR_SNAT_REPLY);
-    if let Some(ptr) = ct::lookup(&s.key, &mut s.ct) {
-        let _ = snat_pair_key(s);
-        let _ = ct::touch(ptr, &s.ct, s.pkt.proto, s.pkt.tcp_flags, &s.other);
-        nat::dst_nat(&mut s.nat, &s.pkt, &s.ct);
-        let _ = nat::apply(ctx, s, reason::REPLY);
-        return s.out.reason;
-    }
-    // A reply for a client on this node (no SNAT): it will not leave through an external interface, so the
-    // source becomes the VIP here.
-    packet_key(&mut s.key, &s.pkt, CT_DIR_REPLY);
-    if let Some(ptr) = ct::lookup(&s.key, &mut s.ct)
-        && s.ct.flags & CT_FLAG_SNAT == 0
-    {
-        inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_FWD);
-        let _ = ct::touch(ptr, &s.ct, s.pkt.proto, s.pkt.tcp_flags, &s.other);
-        nat::src_nat(&mut s.nat, &s.pkt, &s.ct);
-        let _ = nat::apply(ctx, s, reason::REPLY);
-        return s.out.reason;
-    }
-    // An established flow follows its entry, not the current table (rule 12), unless a new SYN reuses the ports of
-    // a closing flow.
+    let hz = ct::hz(&s.cfg);
     packet_key(&mut s.key, &s.pkt, CT_DIR_FWD);
-    if let Some(ptr) = ct::lookup(&s.key, &mut s.ct) {
+    if let Some(ptr) = ct::lookup(&s.key, &mut s.ct, hz) {
+        if s.ct.flags & CT_FLAG_SNAT_PAIR != 0 {
+            // A reply to this node's SNAT address: destination back to the client; the source becomes the VIP at
+            // egress.
+            let _ = snat_pair_key(s);
+            let _ = ct::touch(ptr, &s.ct, s.pkt.proto, s.pkt.tcp_flags, &s.other);
+            nat::dst_nat(&mut s.nat, &s.pkt, &s.ct);
+            let _ = nat::apply(ctx, s, reason::REPLY);
+            return s.out.reason;
+        }
+        // An established flow follows its entry, not the current table (rule 12), unless a new SYN reuses the
+        // ports of a closing flow.
         let reopened = s.pkt.proto == PROTO_TCP
             && s.pkt.tcp_flags & TCP_SYN != 0
             && s.ct.flags & CT_FLAG_CLOSING != 0;
         if !reopened {
             return follow_established(ctx, s, ptr);
+        }
+    }
+    // A reply for a client on this node (no SNAT): it will not leave through an external interface, so the
+    // source becomes the VIP here. A bare SYN opens a connection and is no reply: new flows skip this lookup.
+    let bare_syn = s.pkt.proto == PROTO_TCP && s.pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if !bare_syn {
+        packet_key(&mut s.key, &s.pkt, CT_DIR_REPLY);
+        if let Some(ptr) = ct::lookup(&s.key, &mut s.ct, hz)
+            && s.ct.flags & CT_FLAG_SNAT == 0
+        {
+            inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_FWD);
+            let _ = ct::touch(ptr, &s.ct, s.pkt.proto, s.pkt.tcp_flags, &s.other);
+            nat::src_nat(&mut s.nat, &s.pkt, &s.ct);
+            let _ = nat::apply(ctx, s, reason::REPLY);
+            return s.out.reason;
         }
     }
     if service::choose(ctx, s) != 0 {
@@ -217,7 +222,7 @@ fn follow_established(ctx: &TcContext, s: &mut TcScratch, ptr: *mut CtValue) -> 
     s.out.reason
 }
 
-/// The key of a SNAT reply entry's pair, the SNAT entry (client -> backend: the client is the entry's rewritten
+/// The key of a SNAT reply entry's pair, the SNAT entry (egress direction, client -> backend: the client is the entry's rewritten
 /// destination, the backend the packet's source), into `s.other`. Not inlined: written out in
 /// [`ingress_packet`] it grew that frame past the verifier's combined 512-byte stack limit (kernel 6.18, by the
 /// chain through `claim_snat_port`). Returns 0.
@@ -229,7 +234,7 @@ fn snat_pair_key(s: &mut TcScratch) -> u32 {
     k.sport = s.ct.new_dport;
     k.dport = s.pkt.sport;
     k.proto = s.pkt.proto;
-    k.dir = CT_DIR_SNAT;
+    k.dir = CT_DIR_REPLY;
     k._pad = [0; 2];
     0
 }

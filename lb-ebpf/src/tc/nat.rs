@@ -14,14 +14,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    CONFIG_FLAG_XDP, CT_DIR_FWD, CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_SNAT,
+    CONFIG_FLAG_XDP, CT_DIR_FWD, CT_DIR_REPLY, CT_FLAG_SNAT, CT_FLAG_SNAT_PAIR,
     CT_LIFETIME_OTHER_S, CT_LIFETIME_SYN_S, CtValue, FRAG_FLAG_COUNTED, PROTO_TCP, VERDICT_FORWARD,
-    XDP_L2_REFRESH_NS, reason,
+    XDP_L2_REFRESH_S, reason,
 };
 
 use super::fragment::frag_key;
 use super::service::flow_hash;
-use crate::ct::{inverse_key, packet_key};
+use crate::ct::{self, inverse_key, packet_key};
 use crate::maps::{LB_CONNTRACK, LB_FRAGMENTS, LB_XDP_L2};
 use crate::packet::{FRAG_FIRST, FRAG_NONE, Packet};
 use crate::rewrite::{self, Nat};
@@ -43,7 +43,7 @@ pub(super) fn install(ctx: &TcContext, s: &mut TcScratch) -> u32 {
         s.cfg.snat_v6
     };
     // The reply entry (as the backend sends it to the client): source back to the VIP, destination the client.
-    // The SNAT reply entry has the same value.
+    // The SNAT reply entry has the same value with `CT_FLAG_SNAT_PAIR` (set and cleared around its insert).
     ct_entry(&mut s.rev, &s.pkt, s.svc.service_id, s.backend_id, s.snat);
     s.rev.new_saddr = s.pkt.daddr;
     s.rev.new_sport = s.pkt.dport;
@@ -79,8 +79,7 @@ pub(super) fn install(ctx: &TcContext, s: &mut TcScratch) -> u32 {
 /// The fields every entry of a new flow shares (addresses and ports are the caller's).
 #[inline(always)]
 fn ct_entry(ct: &mut CtValue, p: &Packet, service_id: u32, backend_id: u32, snat: u32) {
-    // SAFETY: no argument, no precondition.
-    ct.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+    ct.last_seen_jiffies = ct::now();
     ct.backend_id = backend_id;
     ct.service_id = service_id;
     ct.lifetime_s = initial_lifetime(p);
@@ -106,9 +105,10 @@ fn install_snat(s: &mut TcScratch) -> u32 {
     k.sport = s.pkt.sport;
     k.dport = s.backend.port;
     k.proto = s.pkt.proto;
-    k.dir = CT_DIR_SNAT;
+    k.dir = CT_DIR_REPLY;
     k._pad = [0; 2];
     ct_entry(&mut s.ct, &s.pkt, s.svc.service_id, s.backend_id, s.snat);
+    s.ct.flags |= CT_FLAG_SNAT_PAIR;
     s.ct.new_saddr = s.snat_addr;
     s.ct.new_sport = port;
     s.ct.new_daddr = s.backend.addr;
@@ -133,8 +133,20 @@ fn claim_snat_port(s: &mut TcScratch) -> u16 {
     k.daddr = s.snat_addr;
     k.sport = s.backend.port;
     k.proto = s.pkt.proto;
-    k.dir = CT_DIR_SNAT_REPLY;
+    k.dir = CT_DIR_FWD;
     k._pad = [0; 2];
+    // The SNAT reply entry is the reply entry's value as one of the SNAT pair; `install` writes the reply entry
+    // next, without the flag.
+    s.rev.flags |= CT_FLAG_SNAT_PAIR;
+    let port = claim_snat_port_loop(s, base);
+    s.rev.flags &= !CT_FLAG_SNAT_PAIR;
+    port
+}
+
+/// `claim_snat_port`'s tries. A port whose tuple another flow's forward entry holds (it shares the key direction)
+/// is taken too: `BPF_NOEXIST` refuses it, and it is not this client's.
+#[inline(always)]
+fn claim_snat_port_loop(s: &mut TcScratch, base: u32) -> u16 {
     let mut i = 0;
     while i < SNAT_TRIES {
         let port = if i == 0 {
@@ -153,7 +165,9 @@ fn claim_snat_port(s: &mut TcScratch) -> u16 {
         if let Some(existing) = LB_CONNTRACK.get_ptr(&s.other) {
             // SAFETY: read at once, from a successful lookup.
             let same = unsafe {
-                (*existing).new_daddr == s.rev.new_daddr && (*existing).new_dport == s.rev.new_dport
+                (*existing).flags & CT_FLAG_SNAT_PAIR != 0
+                    && (*existing).new_daddr == s.rev.new_daddr
+                    && (*existing).new_dport == s.rev.new_dport
             };
             if same {
                 let _ = LB_CONNTRACK.insert(&s.other, &s.rev, 0);
@@ -177,7 +191,7 @@ pub(super) fn remove_flow(s: &mut TcScratch) {
         k.daddr = s.ct.new_daddr;
         k.sport = s.pkt.sport;
         k.dport = s.ct.new_dport;
-        k.dir = CT_DIR_SNAT;
+        k.dir = CT_DIR_REPLY;
         if let Some(snat) = LB_CONNTRACK.get_ptr(&s.key) {
             // SAFETY: read at once, by value, from a successful lookup.
             let (snat_addr, snat_port) = unsafe { ((*snat).new_saddr, (*snat).new_sport) };
@@ -186,7 +200,7 @@ pub(super) fn remove_flow(s: &mut TcScratch) {
             o.daddr = snat_addr;
             o.sport = s.ct.new_dport;
             o.dport = snat_port;
-            o.dir = CT_DIR_SNAT_REPLY;
+            o.dir = CT_DIR_FWD;
             let _ = LB_CONNTRACK.remove(&s.other);
         }
         let _ = LB_CONNTRACK.remove(&s.key);
@@ -249,8 +263,9 @@ pub(super) fn apply(ctx: &TcContext, s: &mut TcScratch, why: u32) -> u32 {
 }
 
 /// With the XDP fast path on (`CONFIG_FLAG_XDP`): records the Ethernet header and interface a translated packet of
-/// an SNATed flow leaves with, under the conntrack key just used (`s.key`: `CT_DIR_SNAT` or `CT_DIR_REPLY`), for
-/// `lb_xdp` (see xdp.rs, "Learned L2"). An unchanged entry is rewritten only once `XDP_L2_REFRESH_NS` old.
+/// an SNATed flow leaves with, under the conntrack key just used (`s.key`, egress direction: the SNAT or the reply
+/// entry's), for `lb_xdp` (see xdp.rs, "Learned L2"). An unchanged entry is rewritten only once
+/// `XDP_L2_REFRESH_S` old.
 /// Returns 0.
 #[inline(never)]
 pub(super) fn learn_l2(ctx: &TcContext, s: &mut TcScratch) -> u32 {
@@ -266,8 +281,7 @@ pub(super) fn learn_l2(ctx: &TcContext, s: &mut TcScratch) -> u32 {
     };
     // SAFETY: reads the context's own ifindex field (at egress: the device the packet leaves through).
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: no argument, no precondition.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = ct::now();
     let l = &mut s.l2;
     l.ifindex = ifindex;
     l.dmac = [macs[0], macs[1], macs[2], macs[3], macs[4], macs[5]];
@@ -278,12 +292,13 @@ pub(super) fn learn_l2(ctx: &TcContext, s: &mut TcScratch) -> u32 {
         if old.ifindex == l.ifindex
             && old.dmac == l.dmac
             && old.smac == l.smac
-            && now.saturating_sub(old.learned_ns) < XDP_L2_REFRESH_NS
+            // Wrapping: an older build's nanosecond stamp (larger than any jiffies) reads as old, not as new.
+            && now.wrapping_sub(old.learned_jiffies) < XDP_L2_REFRESH_S * ct::hz(&s.cfg)
         {
             return 0;
         }
     }
-    l.learned_ns = now;
+    l.learned_jiffies = now;
     let _ = LB_XDP_L2.insert(&s.key, &s.l2, 0);
     0
 }

@@ -125,6 +125,9 @@ pub struct RunOptions {
     pub scale_counts: Vec<usize>,
     pub packet_counts: Vec<usize>,
     pub packet_runs: Option<usize>,
+    /// Compare these eBPF objects on the per-packet rows instead (interleaved rounds, `packet::compare`).
+    pub packet_objects: Vec<PathBuf>,
+    pub packet_rounds: usize,
     pub traffic_counts: Vec<usize>,
     pub crr_seconds: Option<f64>,
 }
@@ -201,6 +204,20 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     if want("scale") {
         results.scale = Some(scale::run(&opts.agent, &plan.scale_counts));
         lap(&mut results, "scale");
+    }
+    if !opts.packet_objects.is_empty() {
+        let n = plan.packet_counts.first().copied().unwrap_or(10);
+        let rounds = packet::compare(
+            &opts.packet_objects,
+            n,
+            plan.packet_runs,
+            opts.packet_rounds.max(1),
+        )?;
+        let path = opts.out.join("bench/results/packet-compare.json");
+        std::fs::create_dir_all(opts.out.join("bench/results"))?;
+        std::fs::write(&path, serde_json::to_string_pretty(&rounds)?)?;
+        eprintln!("lb-bench: comparison written to {}", path.display());
+        return Ok(());
     }
     if want("packet") {
         results.packet = Some(packet::run(&plan.packet_counts, plan.packet_runs));

@@ -59,7 +59,19 @@ pub struct PacketRow {
     pub xdp_new_flow_ns: Option<Summary>,
     /// `lb_xdp` on an established remote-backend flow (translated, XDP_TX).
     pub xdp_established_ns: Option<Summary>,
+    /// Instructions the verifier processed per program (`verified_insns`; 1M is the limit), in program order:
+    /// lb_tc_ingress, lb_tc_egress, lb_xdp. A regression here is a review point.
+    pub verified_insns: Vec<(String, u32)>,
     pub error: Option<String>,
+}
+
+/// One round of one object in an interleaved comparison ([`compare`]).
+#[derive(Debug, Serialize)]
+pub struct VariantRound {
+    pub object: String,
+    pub round: usize,
+    pub floor_ns: Option<Summary>,
+    pub row: PacketRow,
 }
 
 pub fn run(counts: &[usize], runs: usize) -> PacketResults {
@@ -86,6 +98,7 @@ fn run_inner(counts: &[usize], runs: usize, out: &mut PacketResults) -> Result<(
                 established_ns: None,
                 xdp_new_flow_ns: None,
                 xdp_established_ns: None,
+                verified_insns: Vec::new(),
                 error: Some(format!("{e:#}")),
             },
         };
@@ -206,6 +219,21 @@ fn one_count(object: &[u8], n: usize, runs: usize, out: &mut PacketResults) -> R
     per_run(prog, 1, |_| syn(0))?;
     let established_ns = per_run(prog, runs, |_| ack.clone())?;
     let (xdp_new_flow_ns, xdp_established_ns) = xdp_rows(&mut dp, runs)?;
+    let mut verified_insns = Vec::new();
+    for name in [
+        prog_names::TC_INGRESS,
+        prog_names::TC_EGRESS,
+        prog_names::XDP,
+    ] {
+        let count = dp
+            .ebpf
+            .program(name)
+            .and_then(|p| p.info().ok())
+            .and_then(|i| i.verified_instruction_count());
+        if let Some(c) = count {
+            verified_insns.push((name.to_owned(), c));
+        }
+    }
     Ok(PacketRow {
         services: n,
         program_ms: Some(program_ms),
@@ -213,8 +241,82 @@ fn one_count(object: &[u8], n: usize, runs: usize, out: &mut PacketResults) -> R
         established_ns: Some(established_ns),
         xdp_new_flow_ns: Some(xdp_new_flow_ns),
         xdp_established_ns: Some(xdp_established_ns),
+        verified_insns,
         error: None,
     })
+}
+
+/// Compares eBPF objects (say, before and after a datapath change) on the per-packet rows at `n` services:
+/// `rounds` rounds, each running every object's cells (floor included) once with `runs` runs, objects in turn, so
+/// that machine noise (other builds, frequency changes) spreads over all of them. Prints each cell's median over
+/// the rounds with the spread (min-max of the round values) and returns every round.
+pub fn compare(
+    objects: &[std::path::PathBuf],
+    n: usize,
+    runs: usize,
+    rounds: usize,
+) -> Result<Vec<VariantRound>> {
+    let bytes: Vec<Vec<u8>> = objects
+        .iter()
+        .map(|p| loader::object_bytes(Some(p)))
+        .collect::<Result<_>>()?;
+    let mut out = Vec::new();
+    for round in 0..rounds {
+        for (path, object) in objects.iter().zip(&bytes) {
+            eprintln!("lb-bench: compare round {round}, {}", path.display());
+            let mut res = PacketResults::default();
+            let row = one_count(object, n, runs, &mut res)?;
+            out.push(VariantRound {
+                object: path.display().to_string(),
+                round,
+                floor_ns: res.floor_ns,
+                row,
+            });
+        }
+    }
+    print_comparison(objects, &out);
+    Ok(out)
+}
+
+fn print_comparison(objects: &[std::path::PathBuf], rounds: &[VariantRound]) {
+    type Cell = fn(&VariantRound) -> Option<Summary>;
+    let cells: [(&str, Cell); 5] = [
+        ("floor (lb_noop)", |r| r.floor_ns),
+        ("tc ingress SYN", |r| r.row.syn_ns),
+        ("tc ingress established", |r| r.row.established_ns),
+        ("lb_xdp new flow", |r| r.row.xdp_new_flow_ns),
+        ("lb_xdp established", |r| r.row.xdp_established_ns),
+    ];
+    let median = |mut v: Vec<f64>| -> (f64, f64, f64) {
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            return (0.0, 0.0, 0.0);
+        }
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    println!("| cell | object | p50 ns (min-max over rounds) | p99 ns (min-max) |");
+    println!("|---|---|---|---|");
+    for (name, cell) in cells {
+        for o in objects {
+            let o = o.display().to_string();
+            let mine: Vec<Summary> = rounds
+                .iter()
+                .filter(|r| r.object == o)
+                .filter_map(cell)
+                .collect();
+            let (p50, p50_lo, p50_hi) = median(mine.iter().map(|s| s.p50).collect());
+            let (p99, p99_lo, p99_hi) = median(mine.iter().map(|s| s.p99).collect());
+            println!(
+                "| {name} | {o} | {p50:.0} ({p50_lo:.0}-{p50_hi:.0}) | {p99:.0} ({p99_lo:.0}-{p99_hi:.0}) |"
+            );
+        }
+    }
+    for o in objects {
+        let o = o.display().to_string();
+        if let Some(r) = rounds.iter().find(|r| r.object == o) {
+            println!("verified instructions, {o}: {:?}", r.row.verified_insns);
+        }
+    }
 }
 
 /// The XDP rows' Service: a NodePort whose 10 endpoints are on another node (DNAT + SNAT, Cluster policy).

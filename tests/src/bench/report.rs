@@ -656,6 +656,18 @@ fn packet_section(md: &mut String, r: &Results, plots: &Path) -> Result<()> {
             "\n![ns per packet over service count](bench/results/per_packet.png)\n\nx: services (log scale), y: ns per \
              packet (p50, from 0). The curve should be flat.\n"
         );
+        if let Some(row) = p.rows.iter().find(|r| !r.verified_insns.is_empty()) {
+            let counts: Vec<String> = row
+                .verified_insns
+                .iter()
+                .map(|(name, n)| format!("`{name}` {n}"))
+                .collect();
+            let _ = writeln!(
+                md,
+                "Instructions the verifier processed (`verified_insns`, limit 1,000,000; a rise is a review point): {}.\n",
+                counts.join(", ")
+            );
+        }
     } else {
         let _ = writeln!(
             md,

@@ -51,6 +51,14 @@ enum Command {
         /// Targeted runs: BPF_PROG_TEST_RUN runs per per-packet cell instead of the plan's.
         #[arg(long)]
         packet_runs: Option<usize>,
+        /// Compare these eBPF objects (repeatable) on the per-packet rows at the first --packet-count, in
+        /// interleaved rounds, instead of the normal run; prints medians with their spread and writes
+        /// bench/results/packet-compare.json.
+        #[arg(long = "packet-object")]
+        packet_objects: Vec<PathBuf>,
+        /// Rounds of a --packet-object comparison (each runs --packet-runs per cell and object).
+        #[arg(long, default_value_t = 5)]
+        packet_rounds: usize,
         /// Targeted runs: service counts of the traffic part instead of the plan's (repeatable).
         #[arg(long = "traffic-count")]
         traffic_counts: Vec<usize>,
@@ -121,6 +129,8 @@ fn run(command: Command) -> Result<()> {
             scale_counts,
             packet_counts,
             packet_runs,
+            packet_objects,
+            packet_rounds,
             traffic_counts,
             crr_seconds,
         } => bench::run(&bench::RunOptions {
@@ -133,6 +143,8 @@ fn run(command: Command) -> Result<()> {
             scale_counts,
             packet_counts,
             packet_runs,
+            packet_objects,
+            packet_rounds,
             traffic_counts,
             crr_seconds,
         }),

@@ -76,7 +76,7 @@ impl NodeState {
             snat_v4: node.snat_address(true).map(addr_bytes).unwrap_or([0; 16]),
             snat_v6: node.snat_address(false).map(addr_bytes).unwrap_or([0; 16]),
             flags: self.config_flags,
-            _pad: 0,
+            hz: crate::datapath::clock::kernel_hz(),
             host_netns_cookie: self.host_netns_cookie,
         };
         if config != self.config {
