@@ -114,11 +114,12 @@ fn in_table(svc: &ServiceValue, id: u32) -> bool {
         let Some(block) = slots.get(first.wrapping_add(i)) else {
             return false;
         };
-        // Past `n` the block holds slots, not ids.
-        let valid = n - i * LUT_BLOCK_WORDS as u32;
+        // The id compared first and the bound (past `n` the block holds slots, not ids) only on a match: a
+        // comparison with `n` on every word would refine its range differently on each path, and the verifier would
+        // walk every one of them.
         for (w, b) in block.iter().enumerate() {
-            if (w as u32) < valid && *b == id {
-                return true;
+            if *b == id {
+                return i * (LUT_BLOCK_WORDS as u32) + (w as u32) < n;
             }
         }
     }
