@@ -64,9 +64,13 @@ pub struct ServiceValue {
     pub table_offset: u32,
     /// Slots in the table (the Maglev table size M, or the backend count for random selection); 0 = no table.
     pub table_size: u32,
-    /// Agent bookkeeping, ignored by the datapath: a hash of the table's region, so a restarted agent knows whether
-    /// the table already holds what it would write without reading it back, and which entries share one table.
+    /// A hash of the table's region, so a restarted agent knows whether the table already holds what it would write
+    /// without reading it back, and which entries share one table. The datapath compares it with the one an
+    /// affinity entry remembers (`AffinityValue::table_hash`).
     pub table_hash: u64,
+    /// Names the Service port (and address family) for ClientIP affinity, shared by all its frontends
+    /// (`AffinityKey::affinity_id`); 0 without affinity. A stable hash computed by the agent.
+    pub affinity_id: u64,
 }
 
 /// One element of the flat slot array (the inner array of `LB_MAGLEV`): 16 little-endian `u32` words, 64 bytes.

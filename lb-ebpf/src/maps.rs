@@ -55,7 +55,8 @@ pub static LB_BACKENDS: HashMap<
 #[btf_map]
 pub static LB_MAGLEV: ArrayOfMaps<SlotArray, 1> = ArrayOfMaps::new();
 
-/// `AffinityKey` {netns cookie, 0, service id} -> `AffinityValue` {backend id, last use}: ClientIP session affinity.
+/// `AffinityKey` {netns cookie or client address, affinity id} -> `AffinityValue` {backend id, last use, table
+/// hash}: ClientIP session affinity, one per client and Service port.
 /// Written and read by the forward hooks; entries expire by the service's timeout (checked on read) or LRU eviction.
 #[btf_map]
 pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue, { DEFAULT_MAX_AFFINITY as usize }> =

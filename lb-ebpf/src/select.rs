@@ -24,9 +24,6 @@ pub struct Backend {
 
 /// Picks the backend for one `connect()` / `sendmsg()` to `svc`, or `None` when the service has no usable backend
 /// right now (the caller rejects: a missing table, slot or backend is never forwarded to).
-///
-/// With ClientIP affinity (`affinity_timeout > 0`) a client keeps its backend while it is used at least once per
-/// timeout and still exists; the entry is refreshed (or created) on every pick.
 #[inline(always)]
 pub fn select_backend(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<Backend> {
     if svc.affinity_timeout == 0 {
@@ -40,9 +37,26 @@ pub fn select_backend(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<Backe
     let key = AffinityKey {
         netns_cookie,
         client_addr: [0; 16],
-        service_id: svc.service_id,
-        _pad: 0,
+        affinity_id: svc.affinity_id,
     };
+    with_affinity(&key, svc, || select_from_table(ctx, svc))
+}
+
+/// ClientIP affinity (`affinity_timeout > 0`), for the socket LB and the tc path alike: a client keeps its backend
+/// while it is used at least once per timeout, still exists and is one this frontend may send to; else `pick`
+/// chooses. The entry is refreshed (or created) on every pick.
+///
+/// The key names the Service port, not the frontend, so its ClusterIP, NodePorts, externalIPs and LoadBalancer IPs
+/// share the entry. A backend remembered through a frontend with this frontend's table (the usual case: the same
+/// frontend, or one with the same backends, whose identical table is stored once) is followed at once; through
+/// another table (a NodePort under `externalTrafficPolicy: Local` lists only local endpoints; or the backends
+/// changed since) only when this frontend's table lists it ([`in_table`]).
+#[inline(always)]
+pub fn with_affinity(
+    key: &AffinityKey,
+    svc: &ServiceValue,
+    pick: impl FnOnce() -> Option<Backend>,
+) -> Option<Backend> {
     // SAFETY: takes no argument, no precondition.
     let now = unsafe { bpf_ktime_get_ns() };
     let timeout_ns = u64::from(svc.affinity_timeout) * NS_PER_SEC;
@@ -55,20 +69,61 @@ pub fn select_backend(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<Backe
         .map(|p| unsafe { p.read() })
         // Another CPU may have refreshed the entry after `now` was taken: saturate to "just used".
         .filter(|v| now.saturating_sub(v.last_used_ns) < timeout_ns)
+        .filter(|v| v.table_hash == svc.table_hash || in_table(svc, v.backend_id))
         .and_then(|v| lookup_backend(v.backend_id));
     let backend = match remembered {
         Some(b) => b,
-        None => select_from_table(ctx, svc)?,
+        None => pick()?,
     };
     let value = AffinityValue {
         backend_id: backend.id,
         _pad: 0,
         last_used_ns: now,
+        table_hash: svc.table_hash,
     };
     // A full update rather than a write through the lookup pointer, which could land in an entry that LRU eviction
     // just handed to another key. A failed update only loses affinity for the next connection, never this one.
     let _ = LB_AFFINITY.insert(key, value, 0);
     Some(backend)
+}
+
+/// Blocks of a table's backend id list [`in_table`] reads at most: 1024 backends.
+const MAX_LIST_BLOCKS: u32 = 64;
+
+/// Whether the table of `svc` lists backend `id`: a scan of the backend id list at the start of its region (lb-common
+/// `ServiceValue`), one slot-array lookup per 16 ids. Tables without such a list (Maglev over more than 65536
+/// backends) and lists longer than [`MAX_LIST_BLOCKS`] blocks answer false: the client then gets a fresh pick,
+/// which is always a backend the frontend may send to.
+#[inline(always)]
+fn in_table(svc: &ServiceValue, id: u32) -> bool {
+    // `LUT_WIDTH_U32` holds backend ids in every slot: random selection's plain list (`table_size` ids, all
+    // distinct), or Maglev's direct slots (no list).
+    if svc.slot_width == LUT_WIDTH_U32 && svc.algorithm == ALG_MAGLEV {
+        return false;
+    }
+    let Some(slots) = LB_MAGLEV.get(0) else {
+        return false;
+    };
+    let n = svc.backend_count;
+    let first = svc.table_offset / LUT_BLOCK_BYTES;
+    let blocks = n.div_ceil(LUT_BLOCK_WORDS as u32);
+    for i in 0..MAX_LIST_BLOCKS {
+        if i >= blocks {
+            break;
+        }
+        let Some(block) = slots.get(first.wrapping_add(i)) else {
+            return false;
+        };
+        // The id compared first and the bound (past `n` the block holds slots, not ids) only on a match: a
+        // comparison with `n` on every word would refine its range differently on each path, and the verifier would
+        // walk every one of them.
+        for (w, b) in block.iter().enumerate() {
+            if *b == id {
+                return i * (LUT_BLOCK_WORDS as u32) + (w as u32) < n;
+            }
+        }
+    }
+    false
 }
 
 /// One pick from the service's lookup table for a `connect()` / `sendmsg()`.

@@ -2,7 +2,8 @@
 //! (one inner array `[len, slot...]` per service id). The pins of that layout are built here byte for byte as the
 //! previous agent left them, from the state a current agent programmed; a restarted agent must migrate them through
 //! `pins`: every frontend keeps its service id, every table its slots (so no flow moves), the old pins go once the
-//! new maps are filled, and the programs attach only then.
+//! new maps are filled, and the programs attach only then. Also the layout before ClientIP affinity became one per
+//! Service port (`LB_SERVICES` values of 32 bytes, `LB_AFFINITY` values of 16).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -18,6 +19,11 @@ use lb_tests::{Agent, Topology, agent_bin, probe, require_root};
 const VIP: &str = "10.96.0.10";
 
 fn manifest(backends: usize) -> String {
+    manifest_with(backends, "")
+}
+
+/// The manifest with `spec` lines added to the Service (two-space indented).
+fn manifest_with(backends: usize, spec: &str) -> String {
     let mut endpoints = String::new();
     for i in 0..backends {
         endpoints.push_str(&format!(
@@ -31,7 +37,7 @@ kind: Service
 metadata: {{name: web, namespace: default}}
 spec:
   clusterIP: {VIP}
-  ports: [{{name: http, protocol: TCP, port: 80, targetPort: 8080}}]
+{spec}  ports: [{{name: http, protocol: TCP, port: 80, targetPort: 8080}}]
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -53,6 +59,7 @@ const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const MAP_TYPE_HASH: u32 = 1;
 const MAP_TYPE_ARRAY: u32 = 2;
+const MAP_TYPE_LRU_HASH: u32 = 9;
 const MAP_TYPE_HASH_OF_MAPS: u32 = 13;
 const BPF_F_NO_PREALLOC: u32 = 1;
 const BPF_F_INNER_MAP: u32 = 1 << 12;
@@ -277,7 +284,102 @@ fn the_previous_layout_is_migrated_keeping_ids_and_tables() {
     );
 }
 
-const MAP_TYPE_LRU_HASH: u32 = 9;
+/// The layout of per-frontend affinity: `LB_SERVICES` values without the affinity id (32 bytes), `LB_AFFINITY`
+/// values without the table hash (16 bytes), keyed by service id. A restarted agent migrates both: the frontends
+/// keep their ids, the new entries carry the Service port's affinity id, the old affinity entries (keyed by what is
+/// now no affinity id) are dropped with their map, and ClientIP affinity works on the new one.
+#[test]
+fn the_per_frontend_affinity_layout_is_migrated() {
+    if !require_root("the_per_frontend_affinity_layout_is_migrated") {
+        return;
+    }
+    let probe = probe!();
+    let mut topo = Topology::star(3).expect("topology");
+    topo.serve(&probe, &[8080], &[]).expect("backend servers");
+    let spec = "  sessionAffinity: ClientIP\n";
+    let mut agent = Agent::start(&agent_bin!(), &topo, &manifest_with(3, spec)).expect("agent");
+    let dir = agent.pins().to_path_buf();
+    let entries = PinnedMaps::open(&dir)
+        .expect("pinned maps")
+        .services()
+        .expect("services");
+    assert!(
+        entries.iter().all(|(_, v)| v.affinity_id != 0),
+        "{entries:?}"
+    );
+    agent.kill();
+
+    for name in [map_names::SERVICES, map_names::AFFINITY] {
+        std::fs::remove_file(dir.join(name)).expect("removing a current-layout pin");
+    }
+    let services = create(MAP_TYPE_HASH, 20, 32, 65536, BPF_F_NO_PREALLOC, None);
+    let mut old_ids = BTreeMap::new();
+    for (key, v) in &entries {
+        let id = 1000 + v.service_id;
+        old_ids.insert(*key, id);
+        // { service_id, backend_count, affinity_timeout, algorithm, flags, slot_width, pad, table_offset,
+        //   table_size, table_hash }: today's value without its last field.
+        let mut value = Vec::with_capacity(32);
+        value.extend_from_slice(&id.to_ne_bytes());
+        value.extend_from_slice(&v.backend_count.to_ne_bytes());
+        value.extend_from_slice(&v.affinity_timeout.to_ne_bytes());
+        value.extend_from_slice(&[v.algorithm, v.flags, v.slot_width, 0]);
+        value.extend_from_slice(&v.table_offset.to_ne_bytes());
+        value.extend_from_slice(&v.table_size.to_ne_bytes());
+        value.extend_from_slice(&v.table_hash.to_ne_bytes());
+        update(&services, &key_bytes(key), &value);
+    }
+    // { netns cookie, client address, service id, pad } -> { backend id, pad, last use }
+    let affinity = create(MAP_TYPE_LRU_HASH, 32, 16, 65536, 0, None);
+    let mut key = vec![0u8; 32];
+    key[24..28].copy_from_slice(&1001u32.to_ne_bytes());
+    update(&affinity, &key, &[1u8; 16]);
+    pin(&services, &dir.join(map_names::SERVICES));
+    pin(&affinity, &dir.join(map_names::AFFINITY));
+    drop((services, affinity));
+
+    agent.restart().expect("the upgraded agent starts");
+    let log = agent.log();
+    assert!(log.contains("maps of a new layout"), "{log}");
+    let maps = PinnedMaps::open(&dir).expect("pinned maps");
+    let migrated = maps.services().expect("services");
+    assert_eq!(migrated.len(), entries.len());
+    for (key, v) in &migrated {
+        assert_eq!(Some(&v.service_id), old_ids.get(key), "{key:?} kept its id");
+        let before = entries.iter().find(|(k, _)| k == key).expect("entry").1;
+        assert_eq!(
+            v.affinity_id, before.affinity_id,
+            "{key:?}: the Service port's id"
+        );
+        assert_eq!(v.table_hash, before.table_hash, "{key:?}: the same table");
+    }
+    let info = aya::maps::MapInfo::from_pin(dir.join(map_names::AFFINITY)).expect("affinity pin");
+    assert_eq!(
+        info.value_size(),
+        size_of::<lb_common::AffinityValue>() as u32
+    );
+    assert_eq!(
+        maps.affinity_entries().expect("affinity").len(),
+        0,
+        "the old entries went with their map"
+    );
+
+    // ClientIP affinity on the new map: 20 connections from the client, one backend.
+    let vip = SocketAddr::new(VIP.parse().expect("vip"), 80);
+    let lines = topo
+        .in_client(probe.tcp_cmd(vip, 20))
+        .run(Duration::from_secs(60))
+        .expect("client run")
+        .probe_lines()
+        .expect("client output");
+    assert!(
+        lines.len() == 20 && lines.iter().all(|l| l.ok),
+        "every connection answered: {lines:?}"
+    );
+    let backends: std::collections::BTreeSet<_> = lines.iter().map(|l| l.backend.clone()).collect();
+    assert_eq!(backends.len(), 1, "affinity holds: {lines:?}");
+    assert_eq!(maps.affinity_entries().expect("affinity").len(), 1);
+}
 
 /// The conntrack layout before the shared key directions, jiffies stamps and per-CPU LRU lists: an LRU hash with one
 /// common list, the SNAT pair under its own directions (2, 3) and `bpf_ktime_get_ns()` stamps. A restarted agent

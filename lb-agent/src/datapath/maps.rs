@@ -29,20 +29,20 @@ fn op(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapsError
 /// Which affinity entries a sync invalidated.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct StaleAffinity {
-    /// Deleted services: every entry of theirs goes.
-    pub services: HashSet<u32>,
-    /// (service id, backend id) pairs whose backend left the service.
-    pub pairs: HashSet<(u32, u32)>,
+    /// Affinity ids (Service ports) no frontend uses any more: every entry of theirs goes.
+    pub ids: HashSet<u64>,
+    /// (affinity id, backend id) pairs whose backend left every frontend of the Service port.
+    pub pairs: HashSet<(u64, u32)>,
 }
 
 impl StaleAffinity {
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && self.pairs.is_empty()
+        self.ids.is_empty() && self.pairs.is_empty()
     }
 
     pub fn covers(&self, key: &AffinityKey, value: &AffinityValue) -> bool {
-        self.services.contains(&key.service_id)
-            || self.pairs.contains(&(key.service_id, value.backend_id))
+        self.ids.contains(&key.affinity_id)
+            || self.pairs.contains(&(key.affinity_id, value.backend_id))
     }
 }
 

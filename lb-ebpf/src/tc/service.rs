@@ -8,23 +8,18 @@
               Rust would copy them onto the stack first, which is what the scratch map exists to avoid"
 )]
 
-use aya_ebpf::{
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
-    programs::TcContext,
-};
+use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
 use lb_common::{
-    ALG_MAGLEV, AffinityKey, AffinityValue, BACKEND_FLAG_LOCAL, CONFIG_FLAG_PASS_UNTRACKED_TCP,
-    PROTO_SCTP, PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_DROP_NO_BACKEND,
-    SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, SrcRangeData, VIP_FLAG_CLUSTER_IP,
-    is_v4_mapped, reason,
+    ALG_MAGLEV, AffinityKey, BACKEND_FLAG_LOCAL, CONFIG_FLAG_PASS_UNTRACKED_TCP, PROTO_SCTP,
+    PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_DROP_NO_BACKEND, SVC_FLAG_SOURCE_RANGES,
+    ServiceKey, ServiceValue, SrcRangeData, VIP_FLAG_CLUSTER_IP, is_v4_mapped, reason,
 };
 
 use super::verdict::reject_packet;
-use crate::ct::NS_PER_SEC;
-use crate::maps::{LB_AFFINITY, LB_LOCAL_NETS, LB_SERVICES, LB_SRC_RANGES, LB_SVC_CIDRS, LB_VIPS};
+use crate::maps::{LB_LOCAL_NETS, LB_SERVICES, LB_SRC_RANGES, LB_SVC_CIDRS, LB_VIPS};
 use crate::packet::{FRAG_NONE, Packet, TCP_SYN};
 use crate::scratch::TcScratch;
-use crate::select::{lookup_backend, mix64, pick_from_table};
+use crate::select::{mix64, pick_from_table, with_affinity};
 
 /// Fixed seed of the flow hash: every node must map a flow to the same slot (ECMP across nodes).
 const FLOW_HASH_SEED: u64 = 0x6c62_5f66_6c6f_7731;
@@ -161,8 +156,8 @@ fn read_service(key: &ServiceKey, out: &mut ServiceValue) -> bool {
     }
 }
 
-/// Affinity first (keyed by the client address), then the lookup table with the flow hash (Maglev) or a random
-/// number.
+/// Affinity first (keyed by the client address, `select::with_affinity`), then the lookup table with the flow hash
+/// (Maglev) or a random number.
 #[inline(always)]
 fn select(svc: &ServiceValue, flow: &Packet) -> Option<crate::select::Backend> {
     if svc.affinity_timeout == 0 {
@@ -171,32 +166,9 @@ fn select(svc: &ServiceValue, flow: &Packet) -> Option<crate::select::Backend> {
     let key = AffinityKey {
         netns_cookie: 0,
         client_addr: flow.saddr,
-        service_id: svc.service_id,
-        _pad: 0,
+        affinity_id: svc.affinity_id,
     };
-    // SAFETY: no argument, no precondition.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let timeout_ns = u64::from(svc.affinity_timeout) * NS_PER_SEC;
-    let remembered = LB_AFFINITY
-        .get_ptr(&key)
-        // SAFETY: read at once, by value; see select.rs for what a concurrent LRU eviction can do.
-        .map(|p| unsafe { p.read() })
-        .filter(|v| now.saturating_sub(v.last_used_ns) < timeout_ns)
-        .and_then(|v| lookup_backend(v.backend_id));
-    let backend = match remembered {
-        Some(b) => b,
-        None => pick_from_table(svc, table_key(svc, flow))?,
-    };
-    let _ = LB_AFFINITY.insert(
-        &key,
-        AffinityValue {
-            backend_id: backend.id,
-            _pad: 0,
-            last_used_ns: now,
-        },
-        0,
-    );
-    Some(backend)
+    with_affinity(&key, svc, || pick_from_table(svc, table_key(svc, flow)))
 }
 
 #[inline(always)]

@@ -42,6 +42,13 @@ pub fn cases() -> Vec<Case> {
             run: affinity,
         },
         Case {
+            name: "loadbalancer/affinity-per-service-port",
+            covers: &[
+                "lb: one ClientIP affinity per Service port: ClusterIP, NodePort and LoadBalancer IP give a client one backend (pods and the outside client); under externalTrafficPolicy Local a remote backend remembered through the ClusterIP is not followed through the NodePort",
+            ],
+            run: affinity_per_service_port,
+        },
+        Case {
             name: "loadbalancer/esipp",
             covers: &[
                 "[sig-network] LoadBalancers ESIPP [Slow] should work for type=LoadBalancer",
@@ -248,6 +255,82 @@ fn affinity(ctx: &Ctx<'_>) -> Result<()> {
         })?;
         check_affinity(ctx, &From::External, to, true)?;
     }
+    Ok(())
+}
+
+/// The one backend that answers 15 connections from `from` to `to` (affinity holds), waiting for the data plane.
+fn sticky_backend(ctx: &Ctx<'_>, from: &From<'_>, to: SocketAddr) -> Result<String> {
+    eventually(&format!("one backend for {to} from {from:?}"), LAG, || {
+        let hosts = ctx.hosts(from, Proto::Tcp, to, 15)?;
+        match hosts.keys().collect::<Vec<_>>()[..] {
+            [one] => Ok(one.clone()),
+            _ => bail!("answers: {hosts:?}"),
+        }
+    })
+}
+
+/// kube-proxy keeps one affinity per Service port, whatever address of it a client uses (one `recent` list per
+/// endpoint chain, checked by every chain holding that endpoint), and follows it only to an endpoint the chain in
+/// use may send to. Six pods over the three nodes, so that a per-address affinity would agree by chance for one
+/// client in 36 (three clients here: 1 in 46656).
+fn affinity_per_service_port(ctx: &Ctx<'_>) -> Result<()> {
+    let name = "affinity-every-address";
+    let (svc, _pods) = ctx.serve_hostname(name, 6, &[0, 1, 2], |s| {
+        s.type_("LoadBalancer")
+            .spec("sessionAffinity", json!("ClientIP"))
+    })?;
+    let (_, lb) = with_ingress(ctx, name)?;
+    let cluster = sa(&cluster_ip(&svc), 80);
+    let node_port_0 = sa(&ctx.c.nodes[0].ip().to_string(), node_port(&svc, 0));
+    let lb = sa(&lb, 80);
+    // Pods on node-0 (the socket LB, keyed by the pod), and the outside client through node-0 (the per-packet
+    // path, keyed by its address): the ClusterIP first, then the other addresses, then the ClusterIP again.
+    let execs = [ctx.exec_pod("execpod-a", 0)?, ctx.exec_pod("execpod-b", 0)?];
+    let clients = [From::Pod(&execs[0]), From::Pod(&execs[1]), From::External];
+    for from in &clients {
+        let first = sticky_backend(ctx, from, cluster)?;
+        for to in [node_port_0, lb, cluster] {
+            let got = sticky_backend(ctx, from, to)?;
+            ensure!(
+                got == first,
+                "{from:?}: {to} answered from {got}, the ClusterIP from {first}: one affinity per Service port"
+            );
+        }
+    }
+
+    // externalTrafficPolicy Local: the outside client's affinity is learned through the ClusterIP (the internal
+    // policy's set: every endpoint) while only remote pods exist; then a pod on node-0 joins. Through node-0's
+    // NodePort (local endpoints only) the client must reach that pod, not the remembered remote one.
+    ctx.cleanup();
+    let name = "affinity-local-policy";
+    let (svc, remote) = ctx.serve_hostname(name, 3, &[1, 2], |s| {
+        s.type_("NodePort")
+            .spec("externalTrafficPolicy", json!("Local"))
+            .spec("sessionAffinity", json!("ClientIP"))
+    })?;
+    let cluster = sa(&cluster_ip(&svc), 80);
+    let node_port_0 = sa(&ctx.c.nodes[0].ip().to_string(), node_port(&svc, 0));
+    let remembered = sticky_backend(ctx, &From::External, cluster)?;
+    ensure!(
+        remote.iter().any(|p| p.name == remembered),
+        "{remembered} is not one of the remote pods"
+    );
+    let local = ctx.c.create_pod(&PodSpec::web(
+        &ctx.ns,
+        &format!("{name}-local"),
+        0,
+        name,
+        &[9376],
+    ))?;
+    ctx.expect_backends(&From::External, Proto::Tcp, node_port_0, &[&local.name])?;
+    // The ClusterIP still lists the remembered pod: the client keeps a backend there (the local pod, which the
+    // NodePort taught it last, or the remembered one), and keeps it.
+    let after = sticky_backend(ctx, &From::External, cluster)?;
+    ensure!(
+        after == local.name || after == remembered,
+        "the ClusterIP answered from {after}, neither {} nor {remembered}",
+        local.name
+    );
     Ok(())
 }
 

@@ -1,13 +1,13 @@
 //! What is programmed, and the counts a partial sync relies on.
 //!
 //! **Invariant (counts):** `refs[id]` is how many programmed frontends' inputs name backend `id`, `keys_by_id` maps
-//! every programmed service id back to its key, `unknown_inputs` is how many programmed frontends have no known
+//! every programmed service id back to its key, `by_affinity` every affinity id to its keys, `unknown_inputs` is how many programmed frontends have no known
 //! inputs (restored, not yet rewritten), and every table in the slot array counts the entries pointing at it
 //! ([`Tables`]). The fields are private and every change of what is programmed goes through [`Ledger::put`] or
 //! [`Ledger::remove`], so nothing else can let them drift. Should they disagree anyway (a bug), the ledger says so
 //! ([`Ledger::needs_full`]) and the next full sync recounts them from what they count.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use lb_common::{BackendValue, ServiceKey, ServiceValue};
@@ -37,6 +37,8 @@ pub(super) struct Ledger {
     frontends: BTreeMap<ServiceKey, Programmed>,
     /// Service id → the key programmed under it.
     keys_by_id: HashMap<u32, ServiceKey>,
+    /// Affinity id → the keys programmed with it (frontends of one Service port with ClientIP affinity).
+    by_affinity: HashMap<u64, BTreeSet<ServiceKey>>,
     /// Programmed frontends whose inputs are unknown (restored, not yet rewritten). Such a frontend's table may
     /// name any backend, so while one remains no backend may be deleted and every sync is a full one.
     unknown_inputs: usize,
@@ -81,9 +83,16 @@ impl Ledger {
         let mut service_ids = IdAllocator::new(max_services.saturating_add(1));
         let mut frontends = BTreeMap::new();
         let mut keys_by_id = HashMap::new();
+        let mut by_affinity: HashMap<u64, BTreeSet<ServiceKey>> = HashMap::new();
         for (key, value) in services {
             service_ids.mark(value.service_id);
             keys_by_id.insert(value.service_id, key);
+            if value.affinity_id != 0 {
+                by_affinity
+                    .entry(value.affinity_id)
+                    .or_default()
+                    .insert(key);
+            }
             frontends.insert(
                 key,
                 Programmed {
@@ -121,6 +130,7 @@ impl Ledger {
             unknown_inputs: frontends.len(),
             frontends,
             keys_by_id,
+            by_affinity,
             service_ids,
             reserved,
             backends: b,
@@ -188,12 +198,44 @@ impl Ledger {
         {
             self.inconsistent("one service id under two keys");
         }
+        let affinity = p.value.affinity_id;
         if let Some(old) = self.frontends.insert(key, p) {
             if old.value.service_id != id {
                 self.inconsistent("a programmed key changed its service id");
             }
             self.release(&old);
+            self.unindex_affinity(old.value.affinity_id, &key);
         }
+        if affinity != 0 {
+            self.by_affinity.entry(affinity).or_default().insert(key);
+        }
+    }
+
+    fn unindex_affinity(&mut self, affinity: u64, key: &ServiceKey) {
+        if let Some(keys) = self.by_affinity.get_mut(&affinity) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.by_affinity.remove(&affinity);
+            }
+        }
+    }
+
+    /// Whether a programmed frontend has affinity id `id`.
+    pub(super) fn affinity_in_use(&self, id: u64) -> bool {
+        self.by_affinity.contains_key(&id)
+    }
+
+    /// Whether a programmed frontend of affinity id `id` sends to `backend_id`. A frontend of unknown inputs
+    /// (restored, not yet rewritten) counts as not: an entry purged too eagerly only costs a client its affinity.
+    pub(super) fn affinity_holds(&self, id: u64, backend_id: u32) -> bool {
+        self.by_affinity.get(&id).is_some_and(|keys| {
+            keys.iter().any(|k| {
+                self.frontends
+                    .get(k)
+                    .and_then(|p| p.inputs.as_ref())
+                    .is_some_and(|inputs| inputs.ids.contains(&backend_id))
+            })
+        })
     }
 
     /// Forgets what is programmed under `key`, dropping the references it held.
@@ -205,6 +247,7 @@ impl Ledger {
             self.inconsistent("a programmed key missing from the id index");
         }
         self.release(&old);
+        self.unindex_affinity(old.value.affinity_id, key);
         Some(old)
     }
 
@@ -295,8 +338,15 @@ impl Ledger {
         let mut unknown = 0;
         let mut keys_by_id = HashMap::with_capacity(self.frontends.len());
         let mut table_refs: HashMap<u64, u32> = HashMap::new();
+        let mut by_affinity: HashMap<u64, BTreeSet<ServiceKey>> = HashMap::new();
         for (key, p) in &self.frontends {
             keys_by_id.insert(p.value.service_id, *key);
+            if p.value.affinity_id != 0 {
+                by_affinity
+                    .entry(p.value.affinity_id)
+                    .or_default()
+                    .insert(*key);
+            }
             if let Some(offset) = table_offset(&p.value) {
                 *table_refs.entry(offset).or_default() += 1;
             }
@@ -316,6 +366,7 @@ impl Ledger {
         self.tables.recount(&table_refs);
         self.unknown_inputs = unknown;
         self.keys_by_id = keys_by_id;
+        self.by_affinity = by_affinity;
         self.backends.values = self.backends.ids.iter().map(|(v, id)| (*id, *v)).collect();
     }
 
@@ -492,6 +543,16 @@ impl Ledger {
             .map(|(k, p)| (p.value.service_id, *k))
             .collect();
         assert_eq!(self.keys_by_id, keys, "service id index");
+        let mut by_affinity: HashMap<u64, BTreeSet<ServiceKey>> = HashMap::new();
+        for (k, p) in &self.frontends {
+            if p.value.affinity_id != 0 {
+                by_affinity
+                    .entry(p.value.affinity_id)
+                    .or_default()
+                    .insert(*k);
+            }
+        }
+        assert_eq!(self.by_affinity, by_affinity, "affinity id index");
         let unknown = self
             .frontends
             .values()

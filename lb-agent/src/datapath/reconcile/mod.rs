@@ -26,6 +26,7 @@
 //! `regions` (the tables in the slot array), `node` (the node-level entries), `ids` (id allocation), `keys`
 //! (frontends and their map keys), `retry`, `error`.
 
+mod affinity;
 mod error;
 mod ids;
 mod keys;
@@ -271,6 +272,8 @@ impl Reconciler {
     ) -> SyncReport {
         let mut report = SyncReport::default();
         let mut stale_affinity = StaleAffinity::default();
+        // (service id, backend id) pairs that ended: the backend left the frontend, or the frontend went.
+        let mut departed: HashSet<(u32, u32)> = HashSet::new();
         let retry = std::mem::take(&mut self.retry);
         let mut failed = Retry::default();
         self.ledger.begin_sync();
@@ -408,14 +411,22 @@ impl Reconciler {
                 continue;
             }
             report.services_written += 1;
-            for gone in p
+            let gone: Vec<u32> = p
                 .previous_ids
-                .into_iter()
+                .iter()
                 .flatten()
                 .filter(|b| !p.inputs.ids.contains(b))
-            {
-                stale_affinity.pairs.insert((value.service_id, gone));
-            }
+                .copied()
+                .collect();
+            departed.extend(gone.iter().map(|b| (value.service_id, *b)));
+            let previous_affinity = p.previous.map_or(0, |v| v.affinity_id);
+            // What the frontend no longer offers under its previous affinity id: the backends that left it, or all
+            // it had when the id changed (affinity switched off, the key taken over by another Service port).
+            let left_affinity = if previous_affinity == value.affinity_id {
+                gone
+            } else {
+                p.previous_ids.unwrap_or_else(|| p.inputs.ids.clone())
+            };
             self.ledger.put(
                 p.key,
                 Programmed {
@@ -423,6 +434,12 @@ impl Reconciler {
                     inputs: Some(p.inputs),
                     entry: Some(p.entry),
                 },
+            );
+            affinity::left(
+                &self.ledger,
+                &mut stale_affinity,
+                previous_affinity,
+                &left_affinity,
             );
         }
         for offset in holds {
@@ -438,12 +455,16 @@ impl Reconciler {
             match maps.delete_service(&key) {
                 Ok(()) => {
                     let backends_of_deleted = self.ledger.backend_ids_of(&key);
+                    let affinity_id = self.ledger.get(&key).map_or(0, |p| p.value.affinity_id);
                     self.ledger.remove(&key);
                     self.ledger.free_service_id(id);
-                    stale_affinity.services.insert(id);
-                    stale_affinity
-                        .pairs
-                        .extend(backends_of_deleted.into_iter().map(|b| (id, b)));
+                    affinity::left(
+                        &self.ledger,
+                        &mut stale_affinity,
+                        affinity_id,
+                        &backends_of_deleted,
+                    );
+                    departed.extend(backends_of_deleted.into_iter().map(|b| (id, b)));
                     report.services_deleted += 1;
                 }
                 Err(e) => {
@@ -463,8 +484,7 @@ impl Reconciler {
         }
 
         // Resolved before stale backends are forgotten below.
-        report.departed = stale_affinity
-            .pairs
+        report.departed = departed
             .iter()
             .filter_map(|(svc, b)| self.ledger.backend_value(*b).map(|v| (*svc, *v)))
             .collect();

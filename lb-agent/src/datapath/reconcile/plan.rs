@@ -15,6 +15,7 @@ use super::super::lut::{self, Encoded, Layout};
 use super::super::maps::Maps;
 use super::ReconcileConfig;
 use super::SyncReport;
+use super::affinity::affinity_id;
 use super::error::FrontendError;
 use super::ledger::{Ledger, Programmed};
 use super::retry::Retry;
@@ -255,6 +256,7 @@ fn plan_service(
         },
         table_size: layout.map_or(0, |l| l.size),
         table_hash,
+        affinity_id: affinity_id(frontend, entry),
     };
     if let (Some((previous_value, _)), TableSource::Held(_) | TableSource::None) =
         (&previous, &table)

@@ -349,8 +349,23 @@ fn with_affinity(mut e: ServiceEntry) -> ServiceEntry {
     e
 }
 
+/// The entry as a port of Service `name`.
+fn named(mut e: ServiceEntry, name: &str) -> ServiceEntry {
+    e.service.name = name.into();
+    e
+}
+
+/// The affinity id of Service port `default/<name>` over TCP in one family.
+fn aff_id(name: &str, v4: bool) -> u64 {
+    let f = frontend(if v4 { "10.96.0.1" } else { "fd00::1" }, 80);
+    super::affinity::affinity_id(
+        &f,
+        &named(with_affinity(entry(&[], Algorithm::Random)), name),
+    )
+}
+
 fn affinity(
-    service_id: u32,
+    affinity_id: u64,
     cookie: u64,
     backend_id: u32,
 ) -> (lb_common::AffinityKey, lb_common::AffinityValue) {
@@ -358,15 +373,160 @@ fn affinity(
         lb_common::AffinityKey {
             netns_cookie: cookie,
             client_addr: [0; 16],
-            service_id,
-            _pad: 0,
+            affinity_id,
         },
         lb_common::AffinityValue {
             backend_id,
             _pad: 0,
             last_used_ns: 1,
+            table_hash: 0,
         },
     )
+}
+
+fn node_port(ip: &str, port: u16) -> Frontend {
+    Frontend {
+        scope: Scope::External,
+        ..frontend(ip, port)
+    }
+}
+
+/// One Service port's frontends (ClusterIP, NodePort, IPv4) share one affinity id; another Service port, another
+/// family and a Service port without affinity do not.
+#[test]
+fn frontends_of_one_service_port_share_one_affinity_id() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::restore(&maps, small_cfg()).expect("restore");
+    let web = named(
+        with_affinity(entry(&["10.0.0.1"], Algorithm::Maglev)),
+        "web",
+    );
+    let web6 = ServiceEntry {
+        backends: vec![Backend {
+            addr: "fd00:1::1".parse().expect("ip"),
+            port: 8080,
+            weight: 1,
+            local: true,
+        }],
+        ..web.clone()
+    };
+    let mut web_local = web.clone();
+    web_local.backends.clear();
+    web_local.drop_if_empty = true;
+    let (cluster_ip, np, cluster_ip6) = (
+        frontend("10.96.0.1", 80),
+        node_port("192.168.0.10", 30080),
+        frontend("fd00::1", 80),
+    );
+    let (db, plain) = (frontend("10.96.0.2", 80), frontend("10.96.0.3", 80));
+    r.sync(
+        &mut maps,
+        &state(vec![
+            (cluster_ip, web),
+            (np, web_local),
+            (cluster_ip6, web6),
+            (
+                db,
+                named(with_affinity(entry(&["10.0.0.1"], Algorithm::Maglev)), "db"),
+            ),
+            (
+                plain,
+                named(entry(&["10.0.0.1"], Algorithm::Maglev), "plain"),
+            ),
+        ]),
+    );
+    let id = |f: &Frontend| maps.services[&service_key(f)].affinity_id;
+    assert_ne!(id(&cluster_ip), 0);
+    assert_eq!(
+        id(&cluster_ip),
+        id(&np),
+        "ClusterIP and NodePort of one Service port"
+    );
+    assert_eq!(
+        id(&cluster_ip),
+        aff_id("web", true),
+        "stable: a function of the Service port"
+    );
+    assert_ne!(id(&cluster_ip), id(&cluster_ip6), "one affinity per family");
+    assert_ne!(id(&cluster_ip), id(&db), "another Service");
+    assert_eq!(id(&plain), 0, "no affinity");
+    assert_ne!(
+        maps.services[&service_key(&cluster_ip)].table_hash,
+        maps.services[&service_key(&np)].table_hash,
+        "different backend sets: the datapath checks membership"
+    );
+}
+
+/// Removing one address of a Service port (an externalIP) keeps its clients' affinity; removing the last one
+/// purges every entry of the Service port, so that a Service recreated under the name inherits nothing.
+#[test]
+fn affinity_lives_as_long_as_any_frontend_of_its_service_port() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::restore(&maps, small_cfg()).expect("restore");
+    let web = with_affinity(entry(&["10.0.0.1", "10.0.0.2"], Algorithm::Random));
+    let (cluster_ip, external_ip) = (frontend("10.96.0.1", 80), node_port("203.0.113.5", 80));
+    r.sync(
+        &mut maps,
+        &state(vec![(cluster_ip, web.clone()), (external_ip, web.clone())]),
+    );
+    let id = aff_id("web", true);
+    maps.affinity = vec![affinity(id, 1, 1), affinity(id, 2, 2)];
+    let report = r.sync(&mut maps, &state(vec![(cluster_ip, web)]));
+    assert_eq!(report.affinity_purged, 0);
+    assert_eq!(maps.affinity.len(), 2);
+    let report = r.sync(&mut maps, &state(vec![]));
+    assert_eq!(report.affinity_purged, 2);
+    assert!(maps.affinity.is_empty());
+}
+
+/// A backend that leaves one frontend of a Service port (the NodePort under `externalTrafficPolicy: Local` once
+/// the endpoint is not local any more, say) keeps its clients while another frontend still sends to it; once it
+/// leaves them all, its entries go, and only its.
+#[test]
+fn affinity_to_a_backend_goes_when_it_leaves_every_frontend_of_the_service_port() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::restore(&maps, small_cfg()).expect("restore");
+    let (cluster_ip, np) = (frontend("10.96.0.1", 80), node_port("192.168.0.10", 30080));
+    let both = with_affinity(entry(&["10.0.0.1", "10.0.0.2"], Algorithm::Maglev));
+    let one = with_affinity(entry(&["10.0.0.1"], Algorithm::Maglev));
+    let two = with_affinity(entry(&["10.0.0.2"], Algorithm::Maglev));
+    r.sync(
+        &mut maps,
+        &state(vec![(cluster_ip, both.clone()), (np, two)]),
+    );
+    let backend = |ip: &str| {
+        *maps
+            .backends
+            .iter()
+            .find(|(_, v)| v.ip() == ip.parse::<IpAddr>().expect("ip"))
+            .expect("backend")
+            .0
+    };
+    let (b1, b2) = (backend("10.0.0.1"), backend("10.0.0.2"));
+    let (id, other) = (aff_id("web", true), aff_id("other", true));
+    maps.affinity = vec![
+        affinity(id, 1, b1),
+        affinity(id, 2, b2),
+        affinity(other, 3, b2),
+    ];
+    let report = r.sync(
+        &mut maps,
+        &state(vec![(cluster_ip, both), (np, one.clone())]),
+    );
+    assert_eq!(
+        report.affinity_purged, 0,
+        "10.0.0.2 is still behind the ClusterIP"
+    );
+    let report = r.sync(
+        &mut maps,
+        &state(vec![(cluster_ip, one.clone()), (np, one)]),
+    );
+    assert_eq!(report.affinity_purged, 1);
+    assert_eq!(
+        maps.affinity,
+        vec![affinity(id, 1, b1), affinity(other, 3, b2)],
+        "10.0.0.2 left the Service port; another Service port's entry stays"
+    );
 }
 
 #[test]
@@ -374,33 +534,54 @@ fn backend_leaving_a_service_loses_its_affinity_there_but_not_elsewhere() {
     let mut maps = FakeMaps::default();
     let mut r = Reconciler::restore(&maps, small_cfg()).expect("restore");
     let (a, b) = (frontend("10.96.0.1", 80), frontend("10.96.0.2", 80));
+    let (ida, idb) = (aff_id("a", true), aff_id("b", true));
     r.sync(
         &mut maps,
         &state(vec![
             (
                 a,
-                with_affinity(entry(&["10.0.0.1", "10.0.0.2"], Algorithm::Random)),
+                named(
+                    with_affinity(entry(&["10.0.0.1", "10.0.0.2"], Algorithm::Random)),
+                    "a",
+                ),
             ),
-            (b, with_affinity(entry(&["10.0.0.2"], Algorithm::Random))),
+            (
+                b,
+                named(with_affinity(entry(&["10.0.0.2"], Algorithm::Random)), "b"),
+            ),
         ]),
     );
     // Backend 2 (10.0.0.2) serves both services; clients of both stick to it.
-    maps.affinity = vec![affinity(1, 1, 1), affinity(1, 2, 2), affinity(2, 3, 2)];
+    maps.affinity = vec![
+        affinity(ida, 1, 1),
+        affinity(ida, 2, 2),
+        affinity(idb, 3, 2),
+    ];
     let report = r.sync(
         &mut maps,
         &state(vec![
-            (a, with_affinity(entry(&["10.0.0.1"], Algorithm::Random))),
-            (b, with_affinity(entry(&["10.0.0.2"], Algorithm::Random))),
+            (
+                a,
+                named(with_affinity(entry(&["10.0.0.1"], Algorithm::Random)), "a"),
+            ),
+            (
+                b,
+                named(with_affinity(entry(&["10.0.0.2"], Algorithm::Random)), "b"),
+            ),
         ]),
     );
     assert_eq!(report.affinity_purged, 1);
-    assert_eq!(maps.affinity, vec![affinity(1, 1, 1), affinity(2, 3, 2)]);
+    assert_eq!(
+        maps.affinity,
+        vec![affinity(ida, 1, 1), affinity(idb, 3, 2)]
+    );
 }
 
 #[test]
 fn deleted_service_affinity_is_purged_after_restart_too() {
     let mut maps = FakeMaps::default();
     let (a, b) = (frontend("10.96.0.1", 80), frontend("10.96.0.2", 80));
+    let (ida, idb) = (aff_id("a", true), aff_id("b", true));
     Reconciler::restore(&maps, small_cfg())
         .expect("restore")
         .sync(
@@ -408,24 +589,34 @@ fn deleted_service_affinity_is_purged_after_restart_too() {
             &state(vec![
                 (
                     a,
-                    with_affinity(entry(&["10.0.0.1", "10.0.0.2"], Algorithm::Random)),
+                    named(
+                        with_affinity(entry(&["10.0.0.1", "10.0.0.2"], Algorithm::Random)),
+                        "a",
+                    ),
                 ),
-                (b, with_affinity(entry(&["10.0.0.3"], Algorithm::Random))),
+                (
+                    b,
+                    named(with_affinity(entry(&["10.0.0.3"], Algorithm::Random)), "b"),
+                ),
             ]),
         );
-    maps.affinity = vec![affinity(1, 1, 1), affinity(1, 2, 2), affinity(2, 3, 3)];
+    maps.affinity = vec![
+        affinity(ida, 1, 1),
+        affinity(ida, 2, 2),
+        affinity(idb, 3, 3),
+    ];
     let mut restarted = Reconciler::restore(&maps, small_cfg()).expect("restore");
     restarted.sync(
         &mut maps,
         &state(vec![(
             a,
-            with_affinity(entry(&["10.0.0.1"], Algorithm::Random)),
+            named(with_affinity(entry(&["10.0.0.1"], Algorithm::Random)), "a"),
         )]),
     );
     assert_eq!(
         maps.affinity,
-        vec![affinity(1, 1, 1)],
-        "backend 2 left service 1; service 2 is gone"
+        vec![affinity(ida, 1, 1)],
+        "backend 2 left service a; service b is gone"
     );
 }
 
@@ -1007,8 +1198,10 @@ fn sync_changed_writes_what_a_full_sync_writes() {
             }
             _ => {}
         }
+        // Every frontend is a port of one Service (`entry`): one affinity id per family, and one nobody has.
+        let ids = [aff_id("web", true), aff_id("web", false), 7];
         let affinity: Vec<_> = (0..next(4))
-            .map(|_| affinity(1 + next(15) as u32, next(3), 1 + next(19) as u32))
+            .map(|_| affinity(ids[next(3) as usize], next(3), 1 + next(19) as u32))
             .collect();
         full_maps.affinity = affinity.clone();
         inc_maps.affinity = affinity;
