@@ -142,7 +142,7 @@ fn reconciler_programs_many_services_with_one_batch() {
     }
 
     // One endpoint change (two tables: the ClusterIP's two frontends).
-    let slice = &mut objects.endpoint_slices[n / 2];
+    let slice = std::sync::Arc::make_mut(&mut objects.endpoint_slices[n / 2]);
     let ep = slice
         .endpoints
         .as_mut()

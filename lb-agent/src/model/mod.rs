@@ -29,7 +29,7 @@ mod frontends;
 mod health;
 mod ip;
 mod node;
-mod objects;
+pub mod objects;
 mod service_cidrs;
 mod service_ports;
 #[cfg(test)]
@@ -44,7 +44,10 @@ pub use explain::{
 };
 pub use health::ServiceHealth;
 pub use node::node_context;
-pub use objects::{ClusterObjects, DEFAULT_NAMESPACE, Diagnostic, object_label};
+pub use objects::{
+    ClusterObjects, DEFAULT_NAMESPACE, Diagnostic, EndpointSlice, Name, Node, Object, ObjectMeta,
+    Service, ServiceCIDR, object_label,
+};
 pub use service_cidrs::parse_service_cidr;
 pub use translator::{ObjectRef, Translator};
 

@@ -1,19 +1,16 @@
 //! This node's name, NodePort addresses and zone (SEMANTICS.md rule 2, inputs "Node").
 
 use std::net::IpAddr;
-
-use k8s_openapi::api::core::v1::Node;
+use std::sync::Arc;
 
 use super::ip::{Family, parse_ip_sloppy};
+use super::objects::{LABEL_TOPOLOGY_ZONE, Node};
 use super::{ModelConfig, NodeContext};
-
-/// `v1.LabelTopologyZone`, the zone topology hints are matched against.
-const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
 
 /// Builds the [`NodeContext`] for `node_name` from its Node object. NodePorts listen on the node's primary address
 /// per family (kube-proxy's `--nodeport-addresses=primary`). Without a Node object (a bare manifest file) or without
 /// addresses in it, they listen on `cfg.fallback_node_addresses`, and an info line says so.
-pub fn node_context(node_name: &str, nodes: &[Node], cfg: &ModelConfig) -> NodeContext {
+pub fn node_context(node_name: &str, nodes: &[Arc<Node>], cfg: &ModelConfig) -> NodeContext {
     let node = nodes
         .iter()
         .find(|n| n.metadata.name.as_deref() == Some(node_name));
@@ -22,7 +19,7 @@ pub fn node_context(node_name: &str, nodes: &[Node], cfg: &ModelConfig) -> NodeC
         .and_then(|labels| labels.get(LABEL_TOPOLOGY_ZONE))
         .filter(|z| !z.is_empty())
         .cloned();
-    let mut addresses = node.map(node_host_ips).unwrap_or_default();
+    let mut addresses = node.map(|n| node_host_ips(n)).unwrap_or_default();
     if addresses.is_empty() {
         let fallback = &cfg.fallback_node_addresses;
         match node {
@@ -48,7 +45,7 @@ pub fn node_context(node_name: &str, nodes: &[Node], cfg: &ModelConfig) -> NodeC
 
 /// This node's networks for the per-packet datapath: its NodePort addresses (`node.addresses`, the first per family
 /// is the SNAT address) and the Node object's `spec.podCIDRs` (local pods, kube-proxy's `--detect-local-mode=NodeCIDR`).
-pub fn node_nets(nodes: &[Node], node: &NodeContext) -> crate::state::NodeNets {
+pub fn node_nets(nodes: &[Arc<Node>], node: &NodeContext) -> crate::state::NodeNets {
     let pod_cidrs = nodes
         .iter()
         .find(|n| n.metadata.name.as_deref() == Some(node.name.as_str()))

@@ -2,9 +2,9 @@
 //! feeding the same pure translation as the file source (`model::translate` on a
 //! [`ClusterObjects`](crate::model::ClusterObjects) snapshot) and, through the run loop, the same `Reconciler`.
 //!
-//! Objects are watched as `DynamicObject`s and converted one by one with the manifest reader's converter, so one
-//! malformed object becomes a diagnostic naming it and its field instead of failing the whole list (a typed list
-//! would fail to deserialize as a unit and the watcher would retry it forever).
+//! Objects are decoded straight into the model's compact types, one by one ([`decode`]), so one malformed object
+//! becomes a diagnostic naming it and its field instead of failing the whole list (a typed list would fail to
+//! deserialize as a unit and the watcher would retry it forever), and nothing of an object lb does not read is kept.
 //!
 //! **Resilience:** kube-runtime's watcher resumes a dropped watch from the last resourceVersion it saw, and after
 //! `410 Gone` relists (`Init`, `InitApply`..., `InitDone`). The [`tracker`] buffers a relist and diffs it against
@@ -18,24 +18,22 @@
 //! but never longer than [`MAX_BATCH`]. This is kube-proxy's `BoundedFrequencyRunner` shape: run at once when the
 //! last run is long enough ago, otherwise coalesce.
 
+pub mod decode;
 pub mod tracker;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::ServiceCIDR;
-use kube::api::{Api, ApiResource, DynamicObject};
+use kube::api::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
-use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::manifest;
-use crate::model::{ClusterObjects, Diagnostic};
+use crate::model::{ClusterObjects, Diagnostic, EndpointSlice, Node, Object, Service, ServiceCIDR};
+use decode::Decoded;
 use tracker::{Change, ObjectKey, Parsed, Update};
 pub use tracker::{Contents, Delta, Kind, Snapshot, Tracker};
 
@@ -226,33 +224,30 @@ impl Drop for KubeSource {
     }
 }
 
-/// Runs one watcher forever, converting its objects and sending them on. Errors are logged; kube-runtime's
+/// Runs one watcher forever, decoding its objects and sending them on. Errors are logged; kube-runtime's
 /// default backoff spaces the retries, and a `410 Gone` makes the watcher relist by itself.
-async fn watch<K>(
+async fn watch<T: Object>(
     client: kube::Client,
     config: watcher::Config,
     kind: Kind,
     tx: mpsc::UnboundedSender<Update>,
-    wrap: fn(Change<K>) -> Update,
-) where
-    K: kube::Resource<DynamicType = ()> + DeserializeOwned,
-{
-    let resource = ApiResource::erase::<K>(&());
-    let api: Api<DynamicObject> = Api::all_with(client, &resource);
+    wrap: fn(Change<T>) -> Update,
+) {
+    let api: Api<Decoded<T>> = Api::all(client);
     let mut stream = watcher::watcher(api, config).default_backoff().boxed();
     while let Some(event) = stream.next().await {
         let change = match event {
             Ok(watcher::Event::Init) => Change::Init,
             Ok(watcher::Event::InitApply(obj)) => {
-                let (key, parsed) = convert::<K>(obj, kind);
+                let (key, parsed) = split(obj);
                 Change::InitApply(key, parsed)
             }
             Ok(watcher::Event::InitDone) => Change::InitDone,
             Ok(watcher::Event::Apply(obj)) => {
-                let (key, parsed) = convert::<K>(obj, kind);
+                let (key, parsed) = split(obj);
                 Change::Apply(key, parsed)
             }
-            Ok(watcher::Event::Delete(obj)) => Change::Delete(object_key(&obj)),
+            Ok(watcher::Event::Delete(obj)) => Change::Delete(split(obj).0),
             Err(watcher::Error::WatchError(status)) if status.code == 410 => {
                 tracing::info!(%kind, message = %status.message, "watch expired (410 Gone); relisting, the datapath stays as it is");
                 continue;
@@ -268,44 +263,10 @@ async fn watch<K>(
     }
 }
 
-fn object_key(obj: &DynamicObject) -> ObjectKey {
-    ObjectKey {
-        namespace: obj.metadata.namespace.clone().unwrap_or_default(),
-        name: obj.metadata.name.clone().unwrap_or_default(),
-    }
-}
-
-/// A `DynamicObject` to its typed form, or a diagnostic naming the object and the field that failed.
-fn convert<K: kube::Resource<DynamicType = ()> + DeserializeOwned>(
-    obj: DynamicObject,
-    kind: Kind,
-) -> (ObjectKey, Parsed<K>) {
-    let key = object_key(&obj);
-    let kind_name = kind.to_string();
-    let value = match serde_json::to_value(&obj) {
-        Ok(mut value) => {
-            // List items carry no apiVersion/kind; the typed conversion does not need them, but keep them whole.
-            if let Some(map) = value.as_object_mut() {
-                map.entry("apiVersion")
-                    .or_insert_with(|| K::api_version(&()).into_owned().into());
-                map.entry("kind")
-                    .or_insert_with(|| kind_name.clone().into());
-            }
-            value
-        }
-        Err(e) => {
-            return (
-                key.clone(),
-                Err(Diagnostic::new(
-                    format!("{kind} {key}"),
-                    None,
-                    format!("unreadable object: {e}"),
-                )),
-            );
-        }
-    };
-    let place = "the API server";
-    (key, manifest::typed_object::<K>(&value, &kind_name, place))
+/// A decoded object's key and content, as the tracker keeps them.
+fn split<T>(decoded: Decoded<T>) -> (ObjectKey, Parsed<T>) {
+    let (namespace, name) = decoded.key();
+    (ObjectKey { namespace, name }, decoded.object.map(Arc::new))
 }
 
 /// Lists every kind the agent watches once, with the same selectors and the same per-object conversion, for
@@ -349,7 +310,7 @@ pub async fn list_once(
 }
 
 /// The readable objects; a diagnostic for each other one.
-fn keep_all<K>(parsed: Vec<Parsed<K>>, diagnostics: &mut Vec<Diagnostic>) -> Vec<K> {
+fn keep_all<T>(parsed: Vec<Parsed<T>>, diagnostics: &mut Vec<Diagnostic>) -> Vec<Arc<T>> {
     let mut out = Vec::with_capacity(parsed.len());
     for p in parsed {
         match p {
@@ -360,17 +321,13 @@ fn keep_all<K>(parsed: Vec<Parsed<K>>, diagnostics: &mut Vec<Diagnostic>) -> Vec
     out
 }
 
-/// One list request of kind `K` with the watcher's selectors, each object converted on its own.
-async fn list_kind<K>(
+/// One list request of kind `T` with the watcher's selectors, each object decoded on its own.
+async fn list_kind<T: Object>(
     client: &kube::Client,
     config: &watcher::Config,
     kind: Kind,
-) -> Result<Vec<Parsed<K>>, KubeError>
-where
-    K: kube::Resource<DynamicType = ()> + DeserializeOwned,
-{
-    let resource = ApiResource::erase::<K>(&());
-    let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+) -> Result<Vec<Parsed<T>>, KubeError> {
+    let api: Api<Decoded<T>> = Api::all(client.clone());
     let mut params = kube::api::ListParams::default();
     if let Some(labels) = &config.label_selector {
         params = params.labels(labels);
@@ -382,11 +339,7 @@ where
         .list(&params)
         .await
         .map_err(|source| KubeError::List { kind, source })?;
-    Ok(list
-        .items
-        .into_iter()
-        .map(|obj| convert::<K>(obj, kind).1)
-        .collect())
+    Ok(list.items.into_iter().map(|obj| split(obj).1).collect())
 }
 
 /// Reads `KUBERNETES_SERVICE_HOST` the way kube-rs's in-cluster config does: set and non-empty means "inside a pod".
@@ -405,7 +358,7 @@ pub fn describe(connection: &Connection) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use crate::model::ObjectMeta;
 
     fn slice(name: &str) -> (ObjectKey, Parsed<EndpointSlice>) {
         let key = ObjectKey {
@@ -421,7 +374,7 @@ mod tests {
             address_type: "IPv4".into(),
             ..Default::default()
         };
-        (key, Ok(obj))
+        (key, Ok(Arc::new(obj)))
     }
 
     fn send_list(tx: &mpsc::UnboundedSender<Update>) {
