@@ -5,11 +5,14 @@
 //! <- `datapath` <- `ops` <- `trace` <- `agent` <- `cli`, with `host` a leaf anyone may use.
 
 pub mod agent;
+pub mod build_info;
 pub mod cli;
 pub mod datapath;
 pub mod host;
+pub mod install;
 pub mod maglev;
 pub mod model;
+pub mod netfilter_keeper;
 pub mod ops;
 pub mod source;
 pub mod state;

@@ -70,7 +70,7 @@ pub struct MaglevBackend<'a> {
     pub weight: u16,
 }
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum MaglevError {
     /// A composite size makes some skips share a factor with M, so those permutations would not cover the table
     /// (§3.4 requires M prime).

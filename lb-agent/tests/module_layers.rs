@@ -17,10 +17,17 @@ use syn::visit::Visit;
 
 /// lb-agent's top-level modules, lowest first. A module may import from the layers before its own only.
 const LAYERS: &[&[&str]] = &[
-    // Leaves: plain values, pure Maglev, the host's interfaces and capabilities; the build's identity and the
-    // rendering of the deployment's objects (`build_info`, `install`, from the installation work), which import
+    // Leaves: plain values, pure Maglev, the host's interfaces and capabilities; the build's identity, the
+    // conntrack keeper table beside kube-proxy and the rendering of the deployment's objects, which import
     // nothing of the crate.
-    &["state", "maglev", "host", "build_info", "install"],
+    &[
+        "state",
+        "maglev",
+        "host",
+        "build_info",
+        "netfilter_keeper",
+        "install",
+    ],
     // The pure translation and its vocabulary.
     &["model"],
     // Where objects come from (manifests, the API server), producing the model's vocabulary.

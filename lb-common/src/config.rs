@@ -29,6 +29,13 @@ pub const LOCALHOST_NODEPORT_ADDR: [u8; 4] = [127, 0, 0, 1];
 /// SNATed flows' packets in `LB_XDP_L2`; without it tc egress skips that work.
 pub const CONFIG_FLAG_XDP: u32 = 4;
 
+/// `ConfigValue.flags`: another proxy also runs on the node (kube-proxy, during a migration or a rollback), so tc
+/// ingress leaves a TCP packet to a frontend alone when it is not a SYN and lb tracks no flow for it: such a packet
+/// belongs to a connection netfilter translated before lb started, and only netfilter's conntrack knows its backend.
+/// New connections (their SYN) are still balanced by lb. UDP has no such marker: a datagram lb does not track starts
+/// a new lb flow.
+pub const CONFIG_FLAG_PASS_UNTRACKED_TCP: u32 = 8;
+
 /// How long (nanoseconds) a learned L2 header (`LB_XDP_L2`) may be used by XDP after tc egress recorded it. Past
 /// that, XDP passes the flow's next packet to tc, whose egress records the header again: a changed neighbour (new
 /// MAC, new route) is picked up within this time.

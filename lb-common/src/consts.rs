@@ -24,7 +24,8 @@ pub const ALG_RANDOM: u8 = 1;
 pub const SVC_FLAG_DROP_NO_BACKEND: u8 = 1;
 
 /// Service flag: the frontend has `loadBalancerSourceRanges`; sources outside `LB_SRC_RANGES` for its id drop
-/// (SEMANTICS.md rule 9). Set only on `SCOPE_EXTERNAL` LoadBalancer frontends.
+/// (SEMANTICS.md rule 9). Set on LoadBalancer frontends of both scopes: tc checks the packet's source, the socket
+/// LB the address of the socket's namespace (`LB_NETNS_ADDRS`).
 pub const SVC_FLAG_SOURCE_RANGES: u8 = 2;
 
 /// Backend flag: the endpoint runs on this node (its `nodeName` is this node's name). A remote backend reached from
@@ -45,14 +46,16 @@ pub const DEFAULT_MAX_SRC_RANGES: u32 = 16384;
 pub const DEFAULT_MAX_VIPS: u32 = 65536;
 /// Service CIDRs (`LB_SVC_CIDRS`): a cluster has a handful of ServiceCIDR objects, each with at most two CIDRs.
 pub const DEFAULT_MAX_SVC_CIDRS: u32 = 256;
+/// Network namespaces whose addresses the socket LB knows (`LB_NETNS_ADDRS`): this node's pods and the host, and
+/// whatever else is pinned under /run/netns.
+pub const DEFAULT_MAX_NETNS_ADDRS: u32 = 8192;
 /// Fragmented datagrams in flight whose first fragment was translated (`LB_FRAGMENTS`, LRU).
 pub const DEFAULT_MAX_FRAGMENTS: u32 = 8192;
 
-/// `BPF_F_INNER_MAP`: lets inner arrays of one map-of-maps differ in `max_entries`, so each service's lookup table
-/// is exactly as large as it needs to be. Inner maps must carry the same flag as the template.
+/// `BPF_F_INNER_MAP`: lets inner arrays of one map-of-maps differ in `max_entries`, so the slot array (`LB_MAGLEV`'s
+/// inner array) can grow without reloading the programs. Inner maps must carry the same flags as the template.
 pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+/// `BPF_F_MMAPABLE`: an array the agent maps into its memory and writes tables into with plain stores.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// `BPF_F_NO_PREALLOC`: required for hash-of-maps updates to be atomic with respect to readers.
 pub const BPF_F_NO_PREALLOC: u32 = 1;
-
-/// Index of the table length inside a lookup table (`LB_MAGLEV` inner array); slots follow from index 1.
-pub const LUT_LEN_INDEX: u32 = 0;

@@ -47,12 +47,14 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 20);
-        assert_eq!(size_of::<ServiceValue>(), 20);
+        assert_eq!(size_of::<ServiceValue>(), 32);
+        assert_eq!(size_of::<SlotBlock>(), LUT_BLOCK_BYTES as usize);
         assert_eq!(size_of::<BackendValue>(), 20);
         assert_eq!(size_of::<AffinityKey>(), 32);
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<SockRevNatKey>(), 32);
         assert_eq!(size_of::<SockRevNatValue>(), 24);
+        assert_eq!(size_of::<NetnsAddrs>(), 40);
         assert_eq!(size_of::<ServiceStats>(), 40);
         assert_eq!(size_of::<BackendStats>(), 24);
         assert_eq!(size_of::<CtKey>(), 40);

@@ -4,7 +4,11 @@
 pub mod map_names {
     pub const SERVICES: &str = "LB_SERVICES";
     pub const BACKENDS: &str = "LB_BACKENDS";
+    /// Array of maps with one element: the slot array holding every service's lookup table.
     pub const MAGLEV: &str = "LB_MAGLEV";
+    /// The slot array itself (`LB_MAGLEV`'s inner map), created, grown and pinned by the agent, which writes it
+    /// through a memory mapping.
+    pub const MAGLEV_SLOTS: &str = "LB_MAGLEV_SLOTS";
     pub const AFFINITY: &str = "LB_AFFINITY";
     pub const SOCK_REVNAT: &str = "LB_SOCK_REVNAT";
     pub const SVC_STATS: &str = "LB_SVC_STATS";
@@ -21,12 +25,14 @@ pub mod map_names {
     /// kernel map name.
     pub const SVC_CIDRS: &str = "LB_SVC_CIDRS";
     pub const XDP_L2: &str = "LB_XDP_L2";
+    /// Each network namespace's own addresses, for the socket LB's source range check.
+    pub const NETNS_ADDRS: &str = "LB_NETNS_ADDRS";
     /// Kubernetes names of the service ids, for operators; created by the agent, not by the object.
     pub const SVC_NAMES: &str = "LB_SVC_NAMES";
     /// Maps the agent creates and pins itself (no program uses them), so the loader does not know them.
-    pub const AGENT_CREATED: [&str; 1] = [SVC_NAMES];
+    pub const AGENT_CREATED: [&str; 2] = [SVC_NAMES, MAGLEV_SLOTS];
     /// Every map the agent pins, in the order it creates them.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -44,6 +50,7 @@ pub mod map_names {
         FRAGMENTS,
         SVC_CIDRS,
         XDP_L2,
+        NETNS_ADDRS,
     ];
 }
 

@@ -32,13 +32,24 @@ impl ServiceKey {
 }
 
 /// `LB_SERVICES` value.
+///
+/// The service's lookup table is a region of the flat slot array (`LB_MAGLEV`'s one inner array, see
+/// [`SlotBlock`]) at `table_offset`: `table_size` slots of `slot_width` bytes each. With `LUT_WIDTH_U8` or
+/// `LUT_WIDTH_U16` the region starts with the table's `backend_count` backend ids (`u32`, little-endian) and each
+/// slot holds an index into that list; with `LUT_WIDTH_U32` each slot holds a backend id itself (random selection's
+/// plain backend list, and Maglev tables of more than 65536 backends). Slot `key % table_size` is the pick.
+///
+/// The agent writes a new table into a free region and only then switches this entry to it with one update, so a
+/// reader sees the old table or the new one, whole; a region is reused only after an RCU grace period, so a reader
+/// that read the old offset never finds another table there.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceValue {
-    /// Agent-allocated id: key of this service's `LB_MAGLEV` table and index into `LB_SVC_STATS`. Stable across
+    /// Agent-allocated id: index into `LB_SVC_STATS`, key of `LB_SVC_NAMES` and `LB_SRC_RANGES`. Stable across
     /// agent restarts (restored from this map).
     pub service_id: u32,
-    /// Number of distinct backends; 0 means reject (or drop, with `SVC_FLAG_DROP_NO_BACKEND`).
+    /// Number of distinct backends; 0 means reject (or drop, with `SVC_FLAG_DROP_NO_BACKEND`). The length of the
+    /// table's backend id list with `LUT_WIDTH_U8` / `LUT_WIDTH_U16`.
     pub backend_count: u32,
     /// ClientIP session affinity timeout in seconds; 0 = no affinity.
     pub affinity_timeout: u32,
@@ -46,11 +57,34 @@ pub struct ServiceValue {
     pub algorithm: u8,
     /// `SVC_FLAG_*` bits.
     pub flags: u8,
-    pub _pad: [u8; 2],
-    /// Agent bookkeeping, ignored by the datapath: a hash of this service's `LB_MAGLEV` table, so a restarted agent
-    /// knows whether the table already holds what it would write without reading it back slot by slot.
-    pub table_hash: u32,
+    /// `LUT_WIDTH_*`: bytes per slot; 0 when the service has no table.
+    pub slot_width: u8,
+    pub _pad: u8,
+    /// Byte offset of the table's region in the slot array (a multiple of `LUT_BLOCK_BYTES`).
+    pub table_offset: u32,
+    /// Slots in the table (the Maglev table size M, or the backend count for random selection); 0 = no table.
+    pub table_size: u32,
+    /// Agent bookkeeping, ignored by the datapath: a hash of the table's region, so a restarted agent knows whether
+    /// the table already holds what it would write without reading it back, and which entries share one table.
+    pub table_hash: u64,
 }
+
+/// One element of the flat slot array (the inner array of `LB_MAGLEV`): 16 little-endian `u32` words, 64 bytes.
+/// Tables are regions of whole blocks; byte `b` of the array is byte `b % 64` of block `b / 64`. Array elements are
+/// rounded up to 8 bytes by the kernel, so a block of 64 wastes nothing where a `u32` element would waste half.
+pub type SlotBlock = [u32; LUT_BLOCK_WORDS];
+
+/// `u32` words per [`SlotBlock`].
+pub const LUT_BLOCK_WORDS: usize = 16;
+/// Bytes per [`SlotBlock`]; regions start and end on block boundaries.
+pub const LUT_BLOCK_BYTES: u32 = (LUT_BLOCK_WORDS * 4) as u32;
+
+/// `ServiceValue::slot_width`: one byte per slot, an index into the table's backend list (at most 256 backends).
+pub const LUT_WIDTH_U8: u8 = 1;
+/// Two bytes per slot, an index into the table's backend list (at most 65536 backends).
+pub const LUT_WIDTH_U16: u8 = 2;
+/// Four bytes per slot, a backend id.
+pub const LUT_WIDTH_U32: u8 = 4;
 
 /// `LB_BACKENDS` value (key: backend id, `u32`).
 #[repr(C)]

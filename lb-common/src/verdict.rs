@@ -49,8 +49,11 @@ pub mod reason {
     pub const XDP_FORWARD: u32 = 17;
     /// XDP translated a reply of such a flow (backend -> client: both reverse translations) and sent it out.
     pub const XDP_REPLY: u32 = 18;
+    /// `CONFIG_FLAG_PASS_UNTRACKED_TCP`: a TCP packet to a frontend that is neither a SYN nor part of a flow lb
+    /// tracks passed to the stack, where another proxy's conntrack (kube-proxy's DNAT) translates it.
+    pub const UNTRACKED_TCP: u32 = 19;
     /// Number of reasons (size of `LB_DROP_STATS`).
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
 
     /// The name `lb-agent trace` prints.
     pub const fn name(reason: u32) -> &'static str {
@@ -73,6 +76,7 @@ pub mod reason {
             UNALLOCATED_CLUSTER_IP => "unallocated-cluster-ip",
             XDP_FORWARD => "xdp-forward",
             XDP_REPLY => "xdp-reply",
+            UNTRACKED_TCP => "untracked-tcp",
             _ => "not-a-service",
         }
     }

@@ -5,23 +5,24 @@
 //! the programs write only session state (`LB_AFFINITY`, `LB_SOCK_REVNAT`) and counters.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, BPF_F_INNER_MAP, BPF_F_NO_PREALLOC, BackendStats, BackendValue,
-    ConfigValue, CtKey, CtValue, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK,
-    DEFAULT_MAX_FRAGMENTS, DEFAULT_MAX_LOCAL_NETS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REVNAT,
-    DEFAULT_MAX_SRC_RANGES, DEFAULT_MAX_SVC_CIDRS, DEFAULT_MAX_VIPS, FragKey, FragValue,
-    ServiceKey, ServiceStats, ServiceValue, SockRevNatKey, SockRevNatValue, SrcRangeData,
-    TraceValue, XdpL2Value, reason,
+    AffinityKey, AffinityValue, BPF_F_INNER_MAP, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BackendStats,
+    BackendValue, ConfigValue, CtKey, CtValue, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGMENTS, DEFAULT_MAX_LOCAL_NETS, DEFAULT_MAX_NETNS_ADDRS,
+    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REVNAT, DEFAULT_MAX_SRC_RANGES, DEFAULT_MAX_SVC_CIDRS,
+    DEFAULT_MAX_VIPS, FragKey, FragValue, NetnsAddrs, ServiceKey, ServiceStats, ServiceValue,
+    SlotBlock, SockRevNatKey, SockRevNatValue, SrcRangeData, TraceValue, XdpL2Value, reason,
 };
 
-/// One service's lookup table, the `LB_MAGLEV` inner map: element `LUT_LEN_INDEX` (0) holds the table length L,
-/// elements 1..=L hold backend ids. Declared with one entry: `BPF_F_INNER_MAP` lets each real table have its own
-/// size, and it also stops the kernel from inlining lookups against the template's size, so a variable index is
-/// checked against the real table at run time.
-pub type LookupTable = Array<u32, 1, { BPF_F_INNER_MAP as usize }>;
+/// The flat slot array, `LB_MAGLEV`'s inner map: every service's lookup table is a region of it (lb-common
+/// `ServiceValue`, `SlotBlock`). Declared with one entry: `BPF_F_INNER_MAP` lets the real array have any size, so the
+/// agent can grow it by swapping in a larger one without reloading the programs (lookups then go through the
+/// helper and are checked against the real array's size at run time), and `BPF_F_MMAPABLE` lets the agent write it
+/// through a memory mapping.
+pub type SlotArray = Array<SlotBlock, 1, { (BPF_F_INNER_MAP | BPF_F_MMAPABLE) as usize }>;
 
 // `BPF_F_NO_PREALLOC` on the two configuration hashes: without it the kernel recycles a replaced or deleted element's
 // memory at once (preallocated freelist), so a value the program is reading could turn into another entry's bytes
@@ -47,15 +48,11 @@ pub static LB_BACKENDS: HashMap<
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
-/// service id (`u32`) -> `LookupTable`: the service's Maglev table (ALG_MAGLEV) or plain backend list (ALG_RANDOM).
-/// Written by the agent, which swaps a whole inner map at once; read by the forward hooks' backend selection.
+/// 0 -> `SlotArray`: the one slot array holding every service's table (Katran's `ch_rings`, one flat array, with
+/// regions allocated by the agent instead of a fixed ring per VIP). Written by the agent, which writes tables into
+/// free regions and swaps the whole array only to grow it; read by the forward hooks' and tc's backend selection.
 #[btf_map]
-pub static LB_MAGLEV: HashOfMaps<
-    u32,
-    LookupTable,
-    { DEFAULT_MAX_SERVICES as usize },
-    { BPF_F_NO_PREALLOC as usize },
-> = HashOfMaps::new();
+pub static LB_MAGLEV: ArrayOfMaps<SlotArray, 1> = ArrayOfMaps::new();
 
 /// `AffinityKey` {netns cookie, 0, service id} -> `AffinityValue` {backend id, last use}: ClientIP session affinity.
 /// Written and read by the forward hooks; entries expire by the service's timeout (checked on read) or LRU eviction.
@@ -116,6 +113,12 @@ pub static LB_VIPS: HashMap<[u8; 16], u8, { DEFAULT_MAX_VIPS as usize }> = HashM
 /// Written by the agent; read by tc ingress and the socket forward hooks.
 #[btf_map]
 pub static LB_SVC_CIDRS: LpmTrie<[u8; 16], u8, { DEFAULT_MAX_SVC_CIDRS as usize }> = LpmTrie::new();
+
+/// Network namespace cookie -> `NetnsAddrs`: the addresses a socket created in that namespace sends from, for the
+/// socket LB's source range check (rule 9). Written by the agent; read by the socket forward hooks.
+#[btf_map]
+pub static LB_NETNS_ADDRS: HashMap<u64, NetnsAddrs, { DEFAULT_MAX_NETNS_ADDRS as usize }> =
+    HashMap::new();
 
 /// `reason::*` -> packets, per CPU: why the tc programs dropped, rejected or passed a packet, and how they
 /// forwarded it. Written by the programs; read by the CLI and `lb-agent trace`.

@@ -7,10 +7,11 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::{
-    ALG_MAGLEV, AffinityKey, AffinityValue, BackendValue, LUT_LEN_INDEX, ServiceValue,
+    ALG_MAGLEV, AffinityKey, AffinityValue, BackendValue, LUT_BLOCK_BYTES, LUT_BLOCK_WORDS,
+    LUT_WIDTH_U8, LUT_WIDTH_U16, LUT_WIDTH_U32, ServiceValue,
 };
 
-use crate::maps::{LB_AFFINITY, LB_BACKENDS, LB_MAGLEV};
+use crate::maps::{LB_AFFINITY, LB_BACKENDS, LB_MAGLEV, SlotArray};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -70,7 +71,7 @@ pub fn select_backend(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<Backe
     Some(backend)
 }
 
-/// One pick from the service's lookup table: slot `1 + key % L`, where L is the table's length (element 0).
+/// One pick from the service's lookup table for a `connect()` / `sendmsg()`.
 #[inline(always)]
 fn select_from_table(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<Backend> {
     let key = if svc.algorithm == ALG_MAGLEV {
@@ -86,35 +87,54 @@ fn select_from_table(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<Backen
         // SAFETY: takes no argument, no precondition.
         unsafe { bpf_get_prandom_u32() }
     };
+    pick_from_table(svc, key)
+}
 
-    // One outer lookup, both reads from the same inner map: the agent swaps a service's whole table at once, and two
-    // outer lookups could straddle a swap and read the length of one table and a slot of the other.
-    // SAFETY: LB_MAGLEV is created with BPF_F_NO_PREALLOC (maps.rs), so the inner map reference stays valid for the
-    // whole program run even if the agent replaces or deletes it meanwhile.
-    let table = unsafe { LB_MAGLEV.get(&svc.service_id) }?;
-    let len = *table.get(LUT_LEN_INDEX)?;
-    if len == 0 {
+/// One pick from the service's lookup table with a caller-given key (a hash of the flow or socket, or a random
+/// number for `ALG_RANDOM`): slot `key % table_size` of the table at `table_offset` in the slot array (lb-common
+/// `ServiceValue` describes the layout). `None` when the service has no table or a read misses, so the caller
+/// rejects: a missing slot or backend is never forwarded to.
+///
+/// Everything that locates the table comes from the one `ServiceValue` the caller copied, which the agent replaces
+/// whole, so offset, size, width and backend count always belong together.
+#[inline(always)]
+pub fn pick_from_table(svc: &ServiceValue, key: u32) -> Option<Backend> {
+    let size = svc.table_size;
+    if size == 0 {
         return None;
     }
-    // `key % len <= len - 1`, so the slot cannot overflow; a slot past the real table's end misses the lookup (the
-    // kernel checks inner arrays at run time, see `LookupTable`) and the service rejects.
-    let slot = 1 + key % len;
-    let backend_id = *table.get(slot)?;
+    let slots = LB_MAGLEV.get(0)?;
+    let slot = key % size;
+    let base = svc.table_offset;
+    let backend_id = if svc.slot_width == LUT_WIDTH_U32 {
+        word(slots, base.wrapping_add(slot.wrapping_mul(4)))?
+    } else {
+        let n = svc.backend_count;
+        let slots_at = base.wrapping_add(n.wrapping_mul(4));
+        let local = if svc.slot_width == LUT_WIDTH_U8 {
+            let byte = slots_at.wrapping_add(slot);
+            (word(slots, byte)? >> ((byte & 3) * 8)) & 0xff
+        } else if svc.slot_width == LUT_WIDTH_U16 {
+            let byte = slots_at.wrapping_add(slot.wrapping_mul(2));
+            (word(slots, byte)? >> ((byte & 2) * 8)) & 0xffff
+        } else {
+            return None;
+        };
+        // Always below n by construction; checked so that nothing else could ever be read as an id.
+        if local >= n {
+            return None;
+        }
+        word(slots, base.wrapping_add(local.wrapping_mul(4)))?
+    };
     lookup_backend(backend_id)
 }
 
-/// One pick from the service's lookup table with a caller-given key (the tc path: a hash of the flow, or a random
-/// number for `ALG_RANDOM`).
+/// The little-endian `u32` word holding byte `byte` of the slot array.
 #[inline(always)]
-pub fn pick_from_table(svc: &ServiceValue, key: u32) -> Option<Backend> {
-    // SAFETY: as in `select_from_table`.
-    let table = unsafe { LB_MAGLEV.get(&svc.service_id) }?;
-    let len = *table.get(LUT_LEN_INDEX)?;
-    if len == 0 {
-        return None;
-    }
-    let backend_id = *table.get(1 + key % len)?;
-    lookup_backend(backend_id)
+fn word(slots: &SlotArray, byte: u32) -> Option<u32> {
+    // The array's size is checked at run time by the lookup (an inner map of any size, `SlotArray`).
+    let block = slots.get(byte / LUT_BLOCK_BYTES)?;
+    Some(block[(byte / 4) as usize % LUT_BLOCK_WORDS])
 }
 
 /// Copies a backend out of `LB_BACKENDS`.

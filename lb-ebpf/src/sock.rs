@@ -9,13 +9,17 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::{
-    CONFIG_FLAG_LOCALHOST_NODEPORTS, LOCALHOST_NODEPORT_ADDR, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL,
-    SVC_FLAG_DROP_NO_BACKEND, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
-    VIP_FLAG_CLUSTER_IP, is_v4_mapped, v4_mapped,
+    CONFIG_FLAG_LOCALHOST_NODEPORTS, LOCALHOST_NODEPORT_ADDR, NETNS_HAS_V4, NETNS_HAS_V6,
+    PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, SVC_FLAG_DROP_NO_BACKEND, SVC_FLAG_SOURCE_RANGES,
+    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SrcRangeData, VIP_FLAG_CLUSTER_IP,
+    is_v4_mapped, v4_mapped,
 };
 
 use crate::{
-    maps::{LB_CONFIG, LB_SERVICES, LB_SOCK_REVNAT, LB_SVC_CIDRS, LB_VIPS},
+    maps::{
+        LB_CONFIG, LB_NETNS_ADDRS, LB_SERVICES, LB_SOCK_REVNAT, LB_SRC_RANGES, LB_SVC_CIDRS,
+        LB_VIPS,
+    },
     select::{Backend, select_backend},
     stats,
 };
@@ -73,6 +77,13 @@ pub fn xlate_fwd(ctx: &SockAddrContext, family: Family) -> Result<i32, Error> {
     let Some(svc) = LB_SERVICES.get_ptr(key).map(|p| unsafe { p.read() }) else {
         return Ok(unknown_vip(&key.addr));
     };
+    // Rule 9 before anything else (before rule 5's short-circuit, before a backend is picked): the ranges hold for
+    // this node's pods and processes too. Outside them the syscall fails with `EPERM`, the socket-level form of the
+    // per-packet path's drop.
+    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !source_in_ranges(ctx, &svc, &vip) {
+        stats::count_reject(svc.service_id);
+        return Ok(SYS_REJECT);
+    }
     // recvmsg/getpeername show the application the address it asked for.
     key.addr = vip;
     if svc.backend_count == 0 {
@@ -94,6 +105,36 @@ pub fn xlate_fwd(ctx: &SockAddrContext, family: Family) -> Result<i32, Error> {
     write_addr(ctx, family, &backend.value.addr);
     write_port(ctx, backend.value.port);
     Ok(SYS_PROCEED)
+}
+
+/// Whether the socket's source is inside the service's `loadBalancerSourceRanges`. At `connect()` the kernel has
+/// not picked a source address yet, so the source is the address of the socket's network namespace of the VIP's
+/// family, as the agent learned it (`LB_NETNS_ADDRS`: a pod's own address, the node's for the host and hostNetwork
+/// pods). A namespace the agent has not learned is outside every range: the ranges are a firewall, and failing
+/// closed is what a firewall does.
+#[inline(always)]
+fn source_in_ranges(ctx: &SockAddrContext, svc: &ServiceValue, vip: &[u8; 16]) -> bool {
+    // SAFETY: bpf_get_netns_cookie takes the program's own context; allowed for cgroup sock_addr hooks (5.7+).
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied at once; the agent replaces whole values.
+    let Some(addrs) = LB_NETNS_ADDRS.get_ptr(cookie).map(|p| unsafe { p.read() }) else {
+        return false;
+    };
+    let (addr, known) = if is_v4_mapped(vip) {
+        (addrs.v4, addrs.flags & NETNS_HAS_V4 != 0)
+    } else {
+        (addrs.v6, addrs.flags & NETNS_HAS_V6 != 0)
+    };
+    if !known {
+        return false;
+    }
+    let data = SrcRangeData {
+        service_id: svc.service_id.to_be_bytes(),
+        addr,
+    };
+    LB_SRC_RANGES
+        .get(&aya_ebpf::maps::lpm_trie::Key::new(32 + 128, data))
+        .is_some()
 }
 
 /// Whether `localhost:nodePort` is on and the socket lives in the host's network namespace (the agent's, which

@@ -1,8 +1,7 @@
-//! Running the agent the way `deploy/daemonset.yaml` runs it: with exactly the Linux capabilities the manifest adds
-//! (read from the manifest itself, so a test fails when the two diverge), no privilege escalation, and its own PID
-//! namespace (no `hostPID`), so it sees only its own processes in `/proc`.
-
-use std::path::{Path, PathBuf};
+//! Running the agent the way the DaemonSet of `lb-agent manifests` runs it: with exactly the Linux capabilities its
+//! container adds (read from the generator's own DaemonSet object, which deploy/lb-agent.yaml is a rendering of, so
+//! a test fails when the two diverge), no privilege escalation, and its own PID namespace (no `hostPID`), so it sees
+//! only its own processes in `/proc`.
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::apps::v1::DaemonSet;
@@ -70,7 +69,7 @@ pub fn mask<S: AsRef<str>>(names: &[S]) -> Result<u64> {
         .try_fold(0u64, |m, n| Ok(m | (1u64 << number(n.as_ref())?)))
 }
 
-/// What the agent's container in `deploy/daemonset.yaml` is granted.
+/// What the agent's container in the generated DaemonSet is granted.
 #[derive(Debug, Clone)]
 pub struct ContainerSecurity {
     /// `securityContext.capabilities.add`, upper case without `CAP_`.
@@ -85,17 +84,20 @@ pub struct ContainerSecurity {
     pub host_paths: Vec<(String, String)>,
 }
 
-pub fn daemonset_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml")
+/// The agent's DaemonSet as `lb-agent manifests` generates it by default (the API server address changes nothing
+/// here).
+pub fn daemonset() -> DaemonSet {
+    use lb_agent::install::{ApiServer, Options, objects::Install};
+    Install::new(&Options::new(ApiServer::InCluster)).daemon_set
 }
 
-/// Reads the `lb-agent` container's security settings from `deploy/daemonset.yaml`.
+/// The `lb-agent` container's security settings in the generated DaemonSet.
 pub fn daemonset_security() -> Result<ContainerSecurity> {
-    let path = daemonset_path();
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let ds: DaemonSet = serde_saphyr::from_str(&text)
-        .with_context(|| format!("{} is not a DaemonSet", path.display()))?;
+    security_of(daemonset())
+}
+
+/// The `lb-agent` container's security settings in `ds`.
+pub fn security_of(ds: DaemonSet) -> Result<ContainerSecurity> {
     let pod = ds
         .spec
         .template

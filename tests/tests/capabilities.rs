@@ -1,6 +1,7 @@
-//! The capabilities of `deploy/daemonset.yaml`, proved rather than argued. The real agent runs as the DaemonSet's
+//! The capabilities of the agent's DaemonSet (`lb-agent manifests`, rendered in deploy/lb-agent.yaml), proved rather
+//! than argued. The real agent runs as the DaemonSet's
 //! container runs it (`lb_tests::caps`): root with exactly the capabilities the manifest adds (read from the
-//! manifest, so this fails when the two diverge), `no_new_privs`, and its own PID namespace (the pod has no
+//! generated DaemonSet object, so this fails when the two diverge), `no_new_privs`, and its own PID namespace (the pod has no
 //! `hostPID`, so `/proc` shows only the agent). It runs inside node A of a [`NodePair`] and must program the
 //! datapath that real traffic then takes: a NodePort from the outside client (tc), a ClusterIP from a pod (socket
 //! LB), and a pod's connected UDP sockets ended when their backend leaves (the pod's namespace found under
@@ -291,7 +292,8 @@ fn each_capability_is_enforced(set: &[String]) {
                 {
                     panic!(
                         "{removed} is listed, but the agent needs nothing of it while it holds {rest:?}: \
-                         remove it from deploy/daemonset.yaml and the capability table of deploy/README.md"
+                         remove it from AGENT_CAPABILITIES (lb-agent/src/install/objects.rs) and the table of \
+                         docs/capabilities.md"
                     )
                 }
                 Outcome::Ran(ran) => panic!(
@@ -353,7 +355,7 @@ fn the_daemonsets_capabilities_carry_traffic_and_end_stale_pod_sockets() {
     if !require_root("the_daemonsets_capabilities_carry_traffic_and_end_stale_pod_sockets") {
         return;
     }
-    let ds = caps::daemonset_security().expect("reading deploy/daemonset.yaml");
+    let ds = caps::daemonset_security().expect("the generated DaemonSet");
     // What the simulation stands for must be what the manifest says.
     assert_eq!(
         ds.drop,
@@ -405,11 +407,11 @@ fn each_capability_the_daemonset_adds_is_enforced_by_the_kernel() {
     if !require_root("each_capability_the_daemonset_adds_is_enforced_by_the_kernel") {
         return;
     }
-    let ds = caps::daemonset_security().expect("reading deploy/daemonset.yaml");
+    let ds = caps::daemonset_security().expect("the generated DaemonSet");
     each_capability_is_enforced(&ds.add);
 }
 
-/// The set deploy/README.md offers for nodes that do without CAP_SYS_ADMIN: the datapath and the traffic work;
+/// The set docs/capabilities.md offers for nodes that do without CAP_SYS_ADMIN: the datapath and the traffic work;
 /// only the pods' stale sockets stay open (the agent says why), and each of the three is still enforced.
 #[test]
 fn without_sys_admin_bpf_net_admin_and_perfmon_run_everything_but_ending_pod_sockets() {
@@ -440,4 +442,92 @@ fn without_sys_admin_bpf_net_admin_and_perfmon_run_everything_but_ending_pod_soc
         ran.log
     );
     each_capability_is_enforced(&set);
+}
+
+/// lb's clsact filters on one hook of `dev` in node A.
+fn lb_filters(pair: &NodePair, dev: &str, hook: &str) -> Vec<String> {
+    lb_tests::run_cmd(
+        "tc",
+        &["-n", pair.node_a.name(), "filter", "show", "dev", dev, hook],
+    )
+    .expect("tc filter show")
+    .lines()
+    .filter(|l| l.contains("lb_tc_"))
+    .map(str::to_owned)
+    .collect()
+}
+
+/// `lb-agent cleanup` as the cleanup DaemonSet's container runs it, with exactly `caps`, in node A.
+fn cleanup_with(pair: &NodePair, caps: &[&str]) -> lb_tests::Output {
+    let prefix = caps::container_prefix(caps).expect("capability prefix");
+    let (program, args) = prefix.split_first().expect("a prefix");
+    lb_tests::Cmd::new(program)
+        .args(args)
+        .arg(agent_bin!())
+        .args(["cleanup", "--bpffs"])
+        .arg(pair.bpf_dir().path())
+        .netns(&pair.node_a)
+        .label("lb-agent-cleanup")
+        .run(RUN)
+        .expect("lb-agent cleanup")
+}
+
+/// The cleanup DaemonSet (`lb-agent manifests --uninstall`) adds only `CLEANUP_CAPABILITIES`: with exactly those,
+/// `lb-agent cleanup` removes every pin and the clsact fallback's filters; without them the filters stay.
+#[test]
+fn the_cleanup_daemonsets_capabilities_remove_all_lb_left_and_are_needed() {
+    if !require_root("the_cleanup_daemonsets_capabilities_remove_all_lb_left_and_are_needed") {
+        return;
+    }
+    use lb_agent::install::objects::CLEANUP_CAPABILITIES;
+    let pair = NodePair::new().expect("building the node pair");
+    let devices = pair.node_a_devices();
+    let filters_left = |pair: &NodePair| -> Vec<String> {
+        devices
+            .iter()
+            .flat_map(|d| ["ingress", "egress"].map(|h| lb_filters(pair, d, h)))
+            .flatten()
+            .collect()
+    };
+    for (caps, enough) in [(&[][..], false), (&CLEANUP_CAPABILITIES[..], true)] {
+        let mut agent = NodeAgent::start(
+            &agent_bin!(),
+            &pair,
+            &manifest(&BOTH),
+            &["--tc-attach", "clsact"],
+        );
+        agent.kill();
+        assert!(
+            !filters_left(&pair).is_empty(),
+            "the agent attached no clsact filter"
+        );
+        let out = cleanup_with(&pair, caps);
+        let pins_left: Vec<_> = std::fs::read_dir(pair.bpf_dir().path())
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        assert!(
+            pins_left.is_empty(),
+            "with {caps:?} cleanup left pins {pins_left:?}:\n{}",
+            out.stderr
+        );
+        let left = filters_left(&pair);
+        if enough {
+            assert!(
+                left.is_empty() && out.stderr.contains("cleanup done"),
+                "with {caps:?} (the cleanup DaemonSet's) cleanup left filters {left:?}:\n{}",
+                out.stderr
+            );
+        } else {
+            assert!(
+                !left.is_empty(),
+                "without any capability cleanup removed the clsact filters: NET_ADMIN is not needed, remove it \
+                 from CLEANUP_CAPABILITIES:\n{}",
+                out.stderr
+            );
+            // Gone with full rights before the next round.
+            let full = cleanup_with(&pair, &["NET_ADMIN", "SYS_ADMIN"]);
+            assert!(filters_left(&pair).is_empty(), "{}", full.stderr);
+        }
+        drop(agent);
+    }
 }

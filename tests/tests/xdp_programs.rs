@@ -435,7 +435,9 @@ fn xdp_drops_sources_outside_load_balancer_source_ranges() {
     let (_, svc) = services
         .iter()
         .find(|(k, _)| {
-            k.ip() == "203.0.113.100".parse::<IpAddr>().expect("address") && k.port == 80
+            k.ip() == "203.0.113.100".parse::<IpAddr>().expect("address")
+                && k.port == 80
+                && k.scope == lb_common::SCOPE_EXTERNAL
         })
         .expect("the LoadBalancer frontend");
     let stats = maps.service_stats(svc.service_id).expect("service stats");

@@ -23,6 +23,21 @@ pub fn object_path() -> PathBuf {
     workspace_root().join("target/ebpf/bpfel-unknown-none/release/lb-ebpf")
 }
 
+/// The prefix the workspace's own paths get inside the object. The object carries source paths (DWARF and BTF line
+/// info); mapped to one fixed prefix, the same tree gives the same object wherever it is checked out (a worktree
+/// here, `/src` in the image build), so `lb-agent --version` can name it by its hash and an image can be compared
+/// with a binary built beside it. Cargo's registry is under the same `$HOME/.cargo` (root's) in both.
+const REMAPPED_ROOT: &str = "/lb";
+
+/// A `--config` value adding `--remap-path-prefix` to the target's rustflags (cargo joins it with
+/// lb-ebpf/.cargo/config.toml's list rather than replacing it, which `RUSTFLAGS` would do).
+fn remap_flags(root: &std::path::Path) -> String {
+    format!(
+        "target.bpfel-unknown-none.rustflags=[\"--remap-path-prefix={}={REMAPPED_ROOT}\"]",
+        root.display()
+    )
+}
+
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     if !std::path::Path::new(EBPF_RUSTC).exists() {
         bail!("{EBPF_RUSTC} is missing: run `cargo xtask setup` first");
@@ -30,6 +45,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let root = workspace_root();
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root.join("lb-ebpf"))
+        .args(["--config", &remap_flags(&root)])
         .args([
             "build",
             "-Z",

@@ -3,7 +3,8 @@
 //! nor Docker Hub: `debian:bookworm` and `debian:bookworm-slim` are then made with debootstrap from Debian's own
 //! archive (with the official images' apt sources and apt/dpkg settings) and imported into podman's store under
 //! `--cache-dir`. Installs what it needs (podman, runc, debootstrap) like `setup`, skipping what is present, and
-//! says what it does. Then runs `lb-agent --version` from the image.
+//! says what it does. Then runs `lb-agent --version` from the image and compares it with the agent built here from the
+//! same tree: the commit and the eBPF object's hash must be the same.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,8 +18,8 @@ mod smoke;
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// The image's name.
-    #[arg(long, default_value = "localhost/lb-agent:dev")]
+    /// The image's name [default: the image `lb-agent manifests` names, localhost/lb-agent:<version>].
+    #[arg(long, default_value = DEFAULT_TAG)]
     pub tag: String,
     /// Where podman keeps its store and the debootstrapped base (several GB; not used with a Docker engine).
     #[arg(long, env = "LB_IMAGE_CACHE", default_value = "/var/tmp/lb-image")]
@@ -27,11 +28,17 @@ pub struct Options {
     #[arg(long)]
     pub podman: bool,
     /// After the build, run the image's agent for real (podman only): in a network namespace of its own with a
-    /// pod namespace behind it, with exactly the capabilities of deploy/daemonset.yaml, until ready; then list
+    /// pod namespace behind it, with exactly the capabilities of deploy/lb-agent.yaml, until ready; then list
     /// its maps, send traffic through the socket LB and a NodePort, and `lb-agent cleanup`. Removes all it made.
     #[arg(long)]
     pub smoke: bool,
 }
+
+/// What `lb-agent manifests` names by default (`lb_agent::install::DEFAULT_IMAGE`: both come from the workspace
+/// version; lb-agent's deploy test checks the rendering names this tag).
+pub const DEFAULT_TAG: &str = concat!("localhost/lb-agent:", env!("CARGO_PKG_VERSION"));
+/// The rendered default manifests (`lb-agent manifests`), whose DaemonSet the smoke run imitates.
+const RENDERED_MANIFESTS: &str = "deploy/lb-agent.yaml";
 
 /// The Debian packages the podman path needs. runc rather than crun: crun refuses hybrid cgroup hosts (cgroup v1
 /// controllers with cgroup2 mounted beside them, as here).
@@ -77,15 +84,20 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let started = Instant::now();
     if !opts.podman && !opts.smoke && succeeds(Command::new("docker").arg("info")) {
         eprintln!("image: a Docker engine answers: docker build");
+        let commit = commit_of(&root);
         exec(Command::new("docker").current_dir(&root).args([
             "build",
+            "--build-arg",
+            &format!("LB_COMMIT={commit}"),
             "-f",
             "deploy/Dockerfile",
             "-t",
             &opts.tag,
             ".",
         ]))?;
-        exec(Command::new("docker").args(["run", "--rm", &opts.tag, "--version"]))?;
+        let image_version =
+            capture(Command::new("docker").args(["run", "--rm", &opts.tag, "--version"]))?;
+        compare_versions(&image_version)?;
         eprintln!(
             "image: built {} with docker in {:.0?}",
             opts.tag,
@@ -126,6 +138,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             .arg(format!("{}:/run/lb-build/ca.crt:ro", ca.display()))
             .args(["--build-arg", "CARGO_HTTP_CAINFO=/run/lb-build/ca.crt"]);
     }
+    // The image has no .git (.dockerignore): the commit comes in as a build argument, as build.rs reads it.
+    build.args(["--build-arg", &format!("LB_COMMIT={}", commit_of(&root))]);
     build.args(["-f", "deploy/Dockerfile", "-t", &opts.tag, "."]);
     exec(&mut build)?;
     let build_time = t.elapsed();
@@ -133,7 +147,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     // No network: podman's default bridge (netavark) would switch on the host's ip_forward and add iptables chains.
     version.args(["run", "--rm", "--runtime", "runc", "--network", "none"]);
     podman.ulimits(&mut version);
-    exec(version.args([&opts.tag, "--version"]))?;
+    let image_version = capture(version.args([&opts.tag, "--version"]))?;
+    compare_versions(&image_version)?;
     exec(podman.cmd().args(["images", &opts.tag]))?;
     eprintln!(
         "image: built {} with podman (store {}) in {:.0?} ({:.0?} of it `podman build`)",
@@ -337,4 +352,68 @@ fn import(podman: &Podman, rootfs: &Path, name: &str) -> anyhow::Result<()> {
     );
     let _ = std::fs::remove_file(&tar);
     result
+}
+
+/// The commit string lb-agent's build.rs computes from git (HEAD, `-dirty` when tracked files differ).
+fn commit_of(root: &Path) -> String {
+    let git = |args: &[&str]| -> Option<String> {
+        let out = Command::new("git")
+            .current_dir(root)
+            .args(args)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let Some(head) = git(&["rev-parse", "HEAD"]) else {
+        return "unknown".to_owned();
+    };
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    if dirty { format!("{head}-dirty") } else { head }
+}
+
+/// Stdout of a command that must succeed, echoed.
+fn capture(cmd: &mut Command) -> anyhow::Result<String> {
+    eprintln!("+ {cmd:?}");
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprint!("{text}");
+    Ok(text)
+}
+
+/// Builds the agent here from the same tree (release, object embedded) and checks that its `--version` names the
+/// same commit and eBPF object as the image's.
+fn compare_versions(image_version: &str) -> anyhow::Result<()> {
+    let root = workspace_root();
+    crate::build_ebpf::run(&crate::build_ebpf::Options::default())?;
+    exec(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["build", "--release", "-p", "lb-agent"]),
+    )?;
+    let local = capture(Command::new(root.join("target/release/lb-agent")).arg("--version"))?;
+    let fields = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with("commit: ") || l.starts_with("ebpf-object: "))
+            .map(str::to_owned)
+            .collect()
+    };
+    let (image, here) = (fields(image_version), fields(&local));
+    if image.len() != 2 || image != here {
+        bail!("the image's agent is not the one this tree builds: image {image:?}, here {here:?}");
+    }
+    eprintln!(
+        "image: the image's agent and the one built here agree: {}",
+        here.join(", ")
+    );
+    Ok(())
 }

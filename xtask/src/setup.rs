@@ -1,4 +1,4 @@
-//! `cargo xtask setup`: the recipe of ../shared/TOOLCHAIN.md, idempotent. Every step checks first and says what it
+//! `cargo xtask setup`: the verified toolchain recipe (docs/development.md), idempotent. Every step checks first and says what it
 //! does, so a second run is quick and silent about work it skips.
 
 use std::path::Path;
@@ -33,7 +33,7 @@ pub fn run() -> anyhow::Result<()> {
     if !is_root() {
         bail!("cargo xtask setup installs Debian packages and mounts bpffs: run it as root");
     }
-    // Exactly the verified recipe (../shared/TOOLCHAIN.md).
+    // Exactly the verified recipe (docs/development.md).
     install_packages("setup", PACKAGES)?;
     install_bpf_linker()?;
     mount_bpffs()?;

@@ -54,6 +54,9 @@ pub struct AgentConfig {
     pub xdp_mode: XdpModeChoice,
     pub conntrack_gc_interval: Duration,
     pub tc_attach: TcAttachMode,
+    /// Leave TCP packets that are not SYNs and belong to no flow lb tracks to netfilter, and keep netfilter's
+    /// conntrack running for them (`--pass-untracked-tcp`, `--coexist-with-kube-proxy`).
+    pub pass_untracked_tcp: bool,
 }
 
 impl AgentConfig {
@@ -76,6 +79,7 @@ impl AgentConfig {
             max_backends: self.capacities.backends,
             maglev_min_size: self.maglev_min_size,
             maglev_max_size: self.maglev_max_size,
+            ..ReconcileConfig::default()
         }
     }
 }

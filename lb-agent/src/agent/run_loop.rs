@@ -1,7 +1,7 @@
 //! The daemon's life: start (watchers, ops servers, datapath, adoption), the first sync, then one loop over the
 //! source's changes, config reloads, signals and the conntrack garbage collector until SIGTERM.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -35,7 +35,7 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let pins = PinDir::new(&config.pins);
     // Before loading, so /healthz answers (and /readyz says "not yet") while the datapath loads.
     let ops = Ops::start(&config.ops, &pins.dir)?;
-    let (datapath, xdp) =
+    let (datapath, xdp, mut pending_attach) =
         startup::load_and_attach(&object, &config, &pins, &fallback_node_addresses)?;
     let reconciler = startup::adopt(&datapath.maps, &config, xdp)?;
     let model = config.model_config(fallback_node_addresses);
@@ -49,10 +49,13 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
         reconciler,
         names: Names::new(&pins.dir, config.capacities.services),
         ops,
+        netns: open_netns_addrs(&pins.dir, config.cgroup.as_deref()),
+        host_cookie: crate::host::netns_cookie().ok(),
+        netns_needed: false,
     };
     let (_config_watcher, mut config_changes) = config_watch(syncer.ops.config_path())?;
     let loader::Datapath {
-        ebpf: _ebpf,
+        mut ebpf,
         mut maps,
         migration,
     } = datapath;
@@ -65,7 +68,7 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let (_file_watcher, mut changes, _no_file_changes) = match &config.source {
         SourceConfig::Manifests(path) => {
             let synced = syncer.sync(&mut maps, path, true);
-            finish_migration(&mut migration, synced)?;
+            finish_migration(&mut migration, synced, &mut pending_attach, &mut ebpf)?;
             tracing::info!("initial sync done");
             syncer.ops.set_ready();
             let (watcher, rx) = crate::source::file::watch(path)?;
@@ -77,8 +80,11 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
     };
     let mut gc = tokio::time::interval(config.conntrack_gc_interval.max(Duration::from_secs(1)));
+    // Pods started since the last sync get their namespace's address learned within this (source ranges).
+    let mut netns_tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
+            _ = netns_tick.tick() => syncer.refresh_netns(None),
             _ = gc.tick() => {
                 let live = syncer.reconciler.service_ids();
                 let now = packet_maps::monotonic_ns();
@@ -95,7 +101,7 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 syncer.ops.change_seen_at(snapshot.first_event.unwrap_or_else(Instant::now));
                 let initial = snapshot.initial;
                 syncer.apply_snapshot(&mut maps, snapshot, false);
-                finish_migration(&mut migration, true)?;
+                finish_migration(&mut migration, true, &mut pending_attach, &mut ebpf)?;
                 if initial {
                     // The readiness moment: every kind listed and programmed once (tests wait for this line).
                     tracing::info!("initial sync done");
@@ -128,6 +134,30 @@ pub(super) async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // The pinned links and maps stay: the datapath keeps serving while the agent restarts or upgrades.
     tracing::info!("exiting; the datapath stays in place (lb-agent cleanup removes it)");
     Ok(())
+}
+
+/// The namespace address map's writer (socket-level source ranges), or `None`, logged, when the map cannot be opened.
+fn open_netns_addrs(
+    pins: &Path,
+    cgroup: Option<&Path>,
+) -> Option<crate::datapath::netns_addrs::NetnsAddrsWriter> {
+    let cgroup = match cgroup {
+        Some(c) => c.to_path_buf(),
+        None => match loader::cgroup2_root() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "no cgroup v2 root: pods' namespace addresses are not learned");
+                return None;
+            }
+        },
+    };
+    match crate::datapath::netns_addrs::NetnsAddrsWriter::open(pins, &cgroup) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the namespace address map: pods' connections to LoadBalancer IPs with loadBalancerSourceRanges are refused");
+            None
+        }
+    }
 }
 
 /// The events that say the config file may have changed: its whole directory watched, or a receiver that never
@@ -191,12 +221,21 @@ fn resync(
     }
 }
 
-/// After the first sync: drops the old pins of migrated maps, or puts them back when that sync could not run.
-fn finish_migration(migration: &mut Option<Migration>, synced: bool) -> anyhow::Result<()> {
+/// After the first sync: attaches the programs if that waited for migrated maps to be filled, and drops the old
+/// pins of migrated maps; or puts them back when that sync could not run.
+fn finish_migration(
+    migration: &mut Option<Migration>,
+    synced: bool,
+    pending_attach: &mut Option<startup::Attachment>,
+    ebpf: &mut aya::Ebpf,
+) -> anyhow::Result<()> {
     let Some(migration) = migration.take() else {
         return Ok(());
     };
     if synced {
+        if let Some(attachment) = pending_attach.take() {
+            attachment.attach(ebpf)?;
+        }
         if !migration.moved().is_empty() {
             tracing::info!(maps = ?migration.moved(), "migrated maps refilled; dropping their old pins");
         }

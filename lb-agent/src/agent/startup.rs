@@ -2,6 +2,7 @@
 //! (a restarted agent moves no flow).
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 
 use anyhow::Context;
 
@@ -34,42 +35,76 @@ fn hostname() -> anyhow::Result<String> {
     Ok(name.trim().to_string())
 }
 
-/// Loads the object (maps pinned, old pins migrated) and attaches its programs: socket LB to the cgroup, tc to the
-/// devices, XDP when asked (else removes a previous agent's XDP links). Returns the datapath and whether XDP is on.
+/// Loads the object (maps pinned, old pins migrated) and says how its programs attach; attaches them at once unless
+/// maps were migrated, and returns the attachment then, for after the first sync: maps of a new layout start empty,
+/// and until they are filled the programs already attached (the previous agent's, reading the previous maps) keep
+/// serving, so an upgrade refuses no connection.
 pub(super) fn load_and_attach(
     object: &[u8],
     config: &AgentConfig,
     pins: &PinDir,
     node_addresses: &[IpAddr],
-) -> anyhow::Result<(Datapath, bool)> {
-    let explain = explain_datapath_error;
-    let mut datapath = loader::load(object, pins, &config.capacities).map_err(explain)?;
+) -> anyhow::Result<(Datapath, bool, Option<Attachment>)> {
+    let mut datapath =
+        loader::load(object, pins, &config.capacities).map_err(explain_datapath_error)?;
     let cgroup = match &config.cgroup {
         Some(c) => c.clone(),
         None => loader::cgroup2_root()?,
     };
-    loader::attach_sock_programs(&mut datapath.ebpf, &cgroup, pins).map_err(explain)?;
-    tracing::info!(cgroup = %cgroup.display(), pins = %pins.dir.display(), "socket load balancing attached");
     let devices: Vec<String> = match &config.devices {
         None => tc_attach::devices_with_addresses(node_addresses),
         Some(devices) => devices.clone(),
     };
-    tc_attach::attach_tc_programs(&mut datapath.ebpf, &devices, pins, config.tc_attach)
-        .map_err(explain)?;
     let xdp = config.xdp && !devices.is_empty();
-    if xdp {
-        xdp_attach::attach_xdp(&mut datapath.ebpf, &devices, config.xdp_mode, pins)
-            .map_err(explain)?;
-    } else {
-        let removed = xdp_attach::detach_xdp(pins)?;
-        if removed > 0 {
-            tracing::info!(
-                links = removed,
-                "XDP fast path off: removed the XDP links of a previous agent"
-            );
-        }
+    let attachment = Attachment {
+        cgroup,
+        devices,
+        pins: pins.clone(),
+        tc_attach: config.tc_attach,
+        xdp,
+        xdp_mode: config.xdp_mode,
+    };
+    if datapath.migration.moved().is_empty() {
+        attachment.attach(&mut datapath.ebpf)?;
+        return Ok((datapath, xdp, None));
     }
-    Ok((datapath, xdp))
+    tracing::info!(maps = ?datapath.migration.moved(), "maps of a new layout: the programs attached now keep serving until they are filled");
+    Ok((datapath, xdp, Some(attachment)))
+}
+
+/// Where and how the programs attach: the socket programs to the cgroup, tc (and XDP) to the devices.
+pub(super) struct Attachment {
+    cgroup: PathBuf,
+    devices: Vec<String>,
+    pins: PinDir,
+    tc_attach: tc_attach::TcAttachMode,
+    xdp: bool,
+    xdp_mode: xdp_attach::XdpModeChoice,
+}
+
+impl Attachment {
+    /// Attaches every program through pinned links, replacing those of a previous agent; removes a previous
+    /// agent's XDP links when XDP is off.
+    pub(super) fn attach(&self, ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
+        let explain = explain_datapath_error;
+        loader::attach_sock_programs(ebpf, &self.cgroup, &self.pins).map_err(explain)?;
+        tracing::info!(cgroup = %self.cgroup.display(), pins = %self.pins.dir.display(), "socket load balancing attached");
+        tc_attach::attach_tc_programs(ebpf, &self.devices, &self.pins, self.tc_attach)
+            .map_err(explain)?;
+        if self.xdp {
+            xdp_attach::attach_xdp(ebpf, &self.devices, self.xdp_mode, &self.pins)
+                .map_err(explain)?;
+        } else {
+            let removed = xdp_attach::detach_xdp(&self.pins)?;
+            if removed > 0 {
+                tracing::info!(
+                    links = removed,
+                    "XDP fast path off: removed the XDP links of a previous agent"
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The reconciler, rebuilt from what the pinned maps hold, with the node-wide flags set.
@@ -94,6 +129,32 @@ pub(super) fn adopt(
     if xdp {
         // tc egress then records the L2 headers the XDP fast path sends with.
         reconciler.set_config_flags(lb_common::CONFIG_FLAG_XDP);
+    }
+    if config.pass_untracked_tcp {
+        reconciler.set_config_flags(lb_common::CONFIG_FLAG_PASS_UNTRACKED_TCP);
+        tracing::info!(
+            "TCP packets of flows lb does not track pass to netfilter (kube-proxy's connections keep their backend)"
+        );
+        match crate::netfilter_keeper::keep() {
+            Ok(()) => tracing::info!(
+                table = crate::netfilter_keeper::TABLE,
+                "keeping netfilter's conntrack and NAT running for kube-proxy's connections"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot keep netfilter's conntrack running: kube-proxy's connections end when its rules are removed, \
+                 unless other rules on the node use conntrack"
+            ),
+        }
+    } else {
+        match crate::netfilter_keeper::release() {
+            Ok(true) => tracing::info!(
+                table = crate::netfilter_keeper::TABLE,
+                "removed the conntrack keeper table"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::debug!(error = %e, "cannot check for the conntrack keeper table"),
+        }
     }
     tracing::info!(
         services = reconciler.programmed_services(),

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use crate::datapath::maps::{MapsRead, PinnedMaps};
 use crate::datapath::names::{NameWriter, PinnedNames};
+use crate::datapath::netns_addrs::NetnsAddrsWriter;
 use crate::datapath::reconcile::{Reconciler, SyncReport, service_key};
 use crate::datapath::sock_destroy;
 use crate::model::{self, Diagnostic, ModelConfig};
@@ -27,6 +28,13 @@ pub(super) struct Syncer {
     pub(super) names: Names,
     /// Health, metrics, config reload.
     pub(super) ops: Ops,
+    /// The socket LB's view of each namespace's address, for source ranges (`None`: the map could not be opened,
+    /// logged; the socket LB then refuses connections to LoadBalancer IPs with ranges).
+    pub(super) netns: Option<NetnsAddrsWriter>,
+    /// This namespace's cookie (the host's entry in `netns`).
+    pub(super) host_cookie: Option<u64>,
+    /// Some Internal frontend has source ranges (as of the last sync): `netns` must be kept up to date.
+    pub(super) netns_needed: bool,
 }
 
 /// The names map and its writer; opened lazily so an agent whose names map cannot be opened still programs
@@ -132,9 +140,24 @@ impl Syncer {
             started,
         );
         self.ops.note_source_diagnostics(diagnostics);
-        for (frontend, reason) in &report.failed {
+        // A full map fails every frontend beyond it: the first few say why, the rest are counted.
+        const SHOWN: usize = 10;
+        for (frontend, reason) in report.failed.iter().take(SHOWN) {
             tracing::error!(%frontend, %reason, "frontend not programmed; the others are");
         }
+        if report.failed.len() > SHOWN {
+            tracing::error!(
+                more = report.failed.len() - SHOWN,
+                "more frontends not programmed (lb_unprogrammed_frontends)"
+            );
+        }
+        self.netns_needed =
+            translation.state.services.iter().any(|(f, e)| {
+                f.scope == crate::state::Scope::Internal && !e.source_ranges.is_empty()
+            });
+        let node_addresses = node.addresses.clone();
+        self.refresh_netns(Some(&node_addresses));
+        let translation = self.translator.translation();
         tracing::info!(
             frontends = translation.state.services.len(),
             changed = changed.len(),
@@ -148,6 +171,30 @@ impl Syncer {
             "synced"
         );
         end_stale_sockets(maps, &report, &translation.state);
+    }
+
+    /// Brings `LB_NETNS_ADDRS` up to date while some LoadBalancer IP with source ranges is served to this node's
+    /// pods (the socket LB reads it for those only): after every sync, and on the run loop's timer for pods started
+    /// since. `node_addresses`: the node's addresses as of this sync (the host's entry), `None` to keep them.
+    pub(super) fn refresh_netns(&mut self, node_addresses: Option<&[std::net::IpAddr]>) {
+        let Some(netns) = self.netns.as_mut() else {
+            return;
+        };
+        if let (Some(cookie), Some(addresses)) = (self.host_cookie, node_addresses) {
+            netns.set_host(cookie, addresses);
+        }
+        if !self.netns_needed {
+            return;
+        }
+        let r = netns.refresh();
+        if r != Default::default() {
+            tracing::debug!(
+                learned = r.learned,
+                written = r.written,
+                deleted = r.deleted,
+                "namespace addresses refreshed"
+            );
+        }
     }
 }
 

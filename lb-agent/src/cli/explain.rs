@@ -233,10 +233,7 @@ pub fn compare(e: &ServiceExplanation, maps: &PinnedMaps) -> anyhow::Result<Vec<
                 continue;
             };
             let ids: BTreeSet<u32> = if value.backend_count > 0 {
-                maps.table(value.service_id)?
-                    .unwrap_or_default()
-                    .into_iter()
-                    .collect()
+                maps.table(value)?.unwrap_or_default().into_iter().collect()
             } else {
                 BTreeSet::new()
             };

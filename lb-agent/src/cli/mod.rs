@@ -5,9 +5,11 @@
 pub mod args;
 pub mod backends;
 pub mod cleanup;
+pub mod completions;
 pub mod conntrack;
 pub mod explain;
 pub mod maglev;
+pub mod manifests;
 pub mod run;
 pub mod services;
 pub mod stats;
@@ -50,7 +52,8 @@ pub fn init_logging(format: LogFormat, level: &str) {
 #[derive(Parser)]
 #[command(
     name = "lb-agent",
-    version,
+    version = crate::build_info::VERSION,
+    long_version = crate::build_info::LONG_VERSION,
     about = "lb: an eBPF service load balancer for Kubernetes (kube-proxy replacement)"
 )]
 struct Cli {
@@ -91,6 +94,10 @@ enum Command {
     Stats(stats::StatsArgs),
     /// Why each endpoint of a Service is or is not used, per VIP and traffic class, next to what the maps hold.
     Explain(explain::ExplainArgs),
+    /// Print the YAML that installs lb on a cluster (or, with --uninstall, removes it from every node).
+    Manifests(Box<manifests::ManifestsArgs>),
+    /// Print a shell completion script: bash, zsh or fish.
+    Completions(completions::CompletionsArgs),
 }
 
 /// The `lb-agent` command line, as a function so test binaries can embed exactly this agent.
@@ -113,6 +120,8 @@ pub fn main() -> std::process::ExitCode {
         Command::Conntrack(args) => conntrack::run(&args),
         Command::Stats(args) => stats::run(&args),
         Command::Explain(args) => explain::run(&args),
+        Command::Manifests(args) => manifests::run(&args),
+        Command::Completions(args) => completions::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

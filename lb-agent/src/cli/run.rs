@@ -116,6 +116,18 @@ pub struct RunArgs {
     /// tcx works: for hosts whose tooling expects them, and to exercise the fallback).
     #[arg(long, env = "LB_TC_ATTACH", value_enum, default_value_t = TcAttachMode::Auto)]
     tc_attach: TcAttachMode,
+    /// kube-proxy also runs on this node (a canary during the migration, or on the way back): leave the
+    /// `healthCheckNodePort`s to it (both cannot listen there), and `--pass-untracked-tcp`. Give `--health-addr`
+    /// another port than kube-proxy's 10256. Needs a restart.
+    #[arg(long, env = "LB_COEXIST_WITH_KUBE_PROXY")]
+    coexist_with_kube_proxy: bool,
+    /// At tc ingress, leave a TCP packet to a Service alone when it is not a SYN and lb tracks no flow for it: it
+    /// belongs to a connection netfilter translated (kube-proxy, before lb ran on this node), which lb would
+    /// otherwise send to its own choice of backend and so reset. Only lb's own flows and new connections are
+    /// balanced. UDP cannot be told apart: a datagram of such a flow is balanced by lb like a new one. Needs a
+    /// restart.
+    #[arg(long, env = "LB_PASS_UNTRACKED_TCP")]
+    pass_untracked_tcp: bool,
 }
 
 /// `lb-agent run`'s operational flags.
@@ -174,7 +186,12 @@ pub(super) fn agent_config(args: RunArgs) -> anyhow::Result<AgentConfig> {
         ops: OpsConfig {
             health_addr: args.ops.health_addr,
             metrics_addr: args.ops.metrics_addr,
-            health_check_node_port_addresses: args.ops.health_check_node_port_addresses,
+            // Beside kube-proxy, it serves the healthCheckNodePorts (and would make every bind fail).
+            health_check_node_port_addresses: if args.coexist_with_kube_proxy {
+                Vec::new()
+            } else {
+                args.ops.health_check_node_port_addresses
+            },
         },
         bpf_object: args.bpf_object,
         algorithm: args.algorithm,
@@ -197,5 +214,6 @@ pub(super) fn agent_config(args: RunArgs) -> anyhow::Result<AgentConfig> {
         xdp_mode: args.xdp_mode,
         conntrack_gc_interval: Duration::from_secs(args.conntrack_gc_interval),
         tc_attach: args.tc_attach,
+        pass_untracked_tcp: args.pass_untracked_tcp || args.coexist_with_kube_proxy,
     })
 }

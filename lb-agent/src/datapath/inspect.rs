@@ -51,7 +51,7 @@ pub fn services(maps: &impl MapsRead) -> Result<Vec<ServiceListing>, MapsError> 
     let mut out = Vec::with_capacity(services.len());
     for (key, value) in services {
         let table = if value.backend_count > 0 {
-            maps.table(value.service_id)?.unwrap_or_default()
+            maps.table(&value)?.unwrap_or_default()
         } else {
             Vec::new()
         };
@@ -248,7 +248,7 @@ mod tests {
             6,
             BackendValue::new("10.0.0.6".parse().expect("ip"), 8080, 6),
         );
-        m.tables.insert(1, vec![5, 6, 6, 6]);
+        m.set_table(1, &[5, 6, 6, 6]);
         let names = HashMap::from([(1, ServiceNameValue::new("ns/web:http", 0))]);
         let list = with_names(services(&m).expect("services"), &names);
         assert_eq!(list.len(), 2);

@@ -26,9 +26,17 @@ pub fn map_fill(dir: &Path) -> Vec<(&'static str, u64, u64)> {
     let mut out = Vec::new();
     if let Ok(maps) = PinnedMaps::open(dir) {
         let services = maps.services().unwrap_or_default();
-        let tables = services.iter().filter(|(_, v)| v.backend_count > 0).count() as u64;
+        // The slot array's elements are 64-byte blocks: those the distinct tables occupy.
+        let regions: std::collections::BTreeMap<u32, u64> = services
+            .iter()
+            .filter_map(|(_, v)| {
+                let layout = super::lut::Layout::of(v)?;
+                Some((v.table_offset, layout.region_len()))
+            })
+            .collect();
+        let blocks = regions.values().sum::<u64>() / u64::from(lb_common::LUT_BLOCK_BYTES);
         out.push((map_names::SERVICES, services.len() as u64));
-        out.push((map_names::MAGLEV, tables));
+        out.push((map_names::MAGLEV_SLOTS, blocks));
         out.push((
             map_names::BACKENDS,
             maps.backends().map_or(0, |b| b.len() as u64),
@@ -70,7 +78,7 @@ pub fn backends(maps: &impl MapsRead) -> Result<Vec<BackendRow>, MapsError> {
         if v.backend_count == 0 {
             continue;
         }
-        let mut ids = maps.table(v.service_id)?.unwrap_or_default();
+        let mut ids = maps.table(&v)?.unwrap_or_default();
         ids.sort_unstable();
         ids.dedup();
         for id in ids {
@@ -159,7 +167,7 @@ pub fn table(
 ) -> Result<TableView, MapsError> {
     let backends: HashMap<u32, lb_common::BackendValue> = maps.backends()?.into_iter().collect();
     let slots = if value.backend_count > 0 {
-        maps.table(value.service_id)?.unwrap_or_default()
+        maps.table(value)?.unwrap_or_default()
     } else {
         Vec::new()
     };
@@ -368,9 +376,9 @@ mod tests {
             8,
             BackendValue::new("10.0.0.8".parse().expect("ip"), 8080, 6),
         );
-        m.tables.insert(1, vec![7, 7, 7]);
-        m.tables.insert(2, vec![7, 8, 8, 8]);
-        m.tables.insert(3, vec![9]);
+        m.set_table(1, &[7, 7, 7]);
+        m.set_table(2, &[7, 8, 8, 8]);
+        m.set_table(3, &[9]);
         m
     }
 

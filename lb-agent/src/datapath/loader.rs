@@ -107,7 +107,7 @@ pub fn load(object: &[u8], pins: &PinDir, caps: &Capacities) -> anyhow::Result<D
             return Err(e).context("loading the eBPF object");
         }
     };
-    let maps = match PinnedMaps::from_ebpf(&mut ebpf) {
+    let maps = match PinnedMaps::from_ebpf(&mut ebpf, &pins.dir) {
         Ok(m) => m,
         Err(e) => {
             migration.revert();
@@ -186,7 +186,11 @@ pub fn cleanup(pins: &PinDir) -> anyhow::Result<Vec<PathBuf>> {
         fs::remove_dir(&link_dir).with_context(|| format!("removing {}", link_dir.display()))?;
     }
     for name in map_names::ALL.iter().chain(&map_names::AGENT_CREATED) {
-        for path in [pins.map(name), pins.dir.join(format!("{name}:pending"))] {
+        for path in [
+            pins.map(name),
+            pins.dir.join(format!("{name}:pending")),
+            pins.dir.join(format!("{name}:next")),
+        ] {
             if path.exists() {
                 fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
                 removed.push(path);

@@ -21,11 +21,11 @@ pub enum MapsError {
     },
     #[error("counting CPUs: {0}")]
     Cpus(String),
-    #[error("duplicating the fd of {map}: {source}")]
-    Fd {
-        map: &'static str,
-        source: std::io::Error,
-    },
+    #[error("an RCU fence failed: {0}")]
+    Fence(std::io::Error),
+    /// A failure already reported for another frontend of the same sync (one write covers many tables).
+    #[error("{0}")]
+    Again(String),
 }
 
 /// Opens the map pinned as `dir/name`, checking that it is a map aya understands.

@@ -6,19 +6,20 @@
 use std::collections::HashSet;
 #[cfg(any(test, feature = "test-support"))]
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::Path;
 
-use super::map_batch;
+use super::lut::{self, Layout};
 use super::map_error::{MapsError, open_pinned};
 use super::packet_maps::NodeEntry;
-use aya::maps::{
-    Array, HashMap, HashOfMaps, IterableMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
-};
+use super::rcu_fence::Fence;
+use super::slot_array::SlotArray;
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+#[cfg(any(test, feature = "test-support"))]
 use aya::sys::SyscallError;
 use lb_common::{
-    AffinityKey, AffinityValue, BPF_F_INNER_MAP, BackendStats, BackendValue, LUT_LEN_INDEX,
-    ServiceKey, ServiceStats, ServiceValue, SockRevNatKey, SockRevNatValue, map_names,
+    AffinityKey, AffinityValue, BackendStats, BackendValue, ServiceKey, ServiceStats, ServiceValue,
+    SockRevNatKey, SockRevNatValue, map_names,
 };
 
 fn op(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapsError {
@@ -49,9 +50,38 @@ impl StaleAffinity {
 /// views take this trait, not [`PinnedMaps`], so they run on [`FakeMaps`] in tests just as on the pins.
 pub trait MapsRead {
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapsError>;
+    /// The service ids of an `LB_SERVICES` of an older layout this start migrates from, by key (`pins`), so that
+    /// the frontends keep their ids.
+    fn migrated_service_ids(&self) -> Vec<(ServiceKey, u32)> {
+        Vec::new()
+    }
     fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapsError>;
-    /// Reads a service's lookup table (slots only); `None` when it has none.
-    fn table(&self, service_id: u32) -> Result<Option<Vec<u32>>, MapsError>;
+
+    // The slot array behind `LB_MAGLEV` (`slot_array`): every service's lookup table is a region of it.
+
+    /// Bytes the slot array holds; 0 before it exists.
+    fn slot_capacity(&self) -> u64;
+    /// Reads `len` bytes of the slot array at `offset`.
+    fn read_slots(&self, offset: u64, len: u64) -> Result<Vec<u8>, MapsError>;
+    /// The backend id of every slot of the table `value` points at; `None` when it has none.
+    fn table(&self, value: &ServiceValue) -> Result<Option<Vec<u32>>, MapsError> {
+        let Some(layout) = Layout::of(value) else {
+            return Ok(None);
+        };
+        let bytes = self.read_slots(u64::from(value.table_offset), layout.bytes())?;
+        Ok(lut::decode_slots(&layout, &bytes))
+    }
+
+    // RCU fences (`rcu_fence`): a region freed when `fences_started()` was `s` may be reused once
+    // `fences_completed() > s`.
+
+    fn fences_started(&self) -> u64 {
+        0
+    }
+    fn fences_completed(&self) -> u64 {
+        0
+    }
+
     /// A service's counters summed over CPUs (zero for maps that keep none).
     fn service_stats(&self, _service_id: u32) -> Result<ServiceStats, MapsError> {
         Ok(ServiceStats::default())
@@ -88,17 +118,15 @@ pub trait Maps: MapsRead {
     fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapsError>;
     fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapsError>;
     fn delete_backend(&mut self, id: u32) -> Result<(), MapsError>;
-    /// Installs `slots` (backend ids) as service `service_id`'s lookup table, replacing any previous table in one
-    /// atomic update, so a reader sees the old table or the new one, never a mix.
-    fn put_table(&mut self, service_id: u32, slots: &[u32]) -> Result<(), MapsError>;
-    fn delete_table(&mut self, service_id: u32) -> Result<(), MapsError>;
-    /// Installs many tables as [`Maps::put_table`] does each, in as few kernel operations as possible: every
-    /// update of the map-of-maps waits for an RCU grace period, a batch only once (Linux >= 6.7). Returns the
-    /// service ids whose table could not be installed, with why; every other table is installed.
-    fn put_tables(&mut self, tables: &[(u32, Vec<u32>)]) -> Vec<(u32, MapsError)>;
-    /// Deletes many tables (a missing one counts as deleted), batched as [`Maps::put_tables`]. Returns the ids
-    /// that could not be deleted.
-    fn delete_tables(&mut self, service_ids: &[u32]) -> Vec<(u32, MapsError)>;
+    /// Replaces the slot array with one of at least `bytes` whose first `keep` bytes are the current array's, and
+    /// returns its size. Returns after an RCU grace period, which counts as a fence.
+    fn grow_slots(&mut self, bytes: u64, keep: u64) -> Result<u64, MapsError>;
+    /// Writes each `(offset, bytes)` into the slot array. The caller writes only regions no entry points at.
+    fn write_slots(&mut self, writes: &[(u64, &[u8])]) -> Result<(), MapsError>;
+    /// Starts a fence soon, without waiting for it.
+    fn request_fence(&mut self) -> Result<(), MapsError>;
+    /// Waits until fence `target` has completed.
+    fn wait_fence(&mut self, target: u64) -> Result<(), MapsError>;
     /// Zeroes a service's counters when its id is (re)allocated, so a new service never inherits old numbers.
     fn reset_service_stats(&mut self, service_id: u32) -> Result<(), MapsError>;
     fn reset_backend_stats(&mut self, backend_id: u32) -> Result<(), MapsError>;
@@ -125,14 +153,13 @@ pub trait Maps: MapsRead {
 pub struct PinnedMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, BackendValue>,
-    maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
-    /// `LB_MAGLEV`'s fd again, for the batch commands aya 0.14 lacks (`map_batch`).
-    maglev_fd: OwnedFd,
-    /// Set once the kernel refused a batch command that a single update then accepted: use single updates.
-    batch_unsupported: bool,
-    /// The same for filling inner tables (array maps), which is decided separately: the outer hash-of-maps and
-    /// the inner arrays have separate batch implementations.
-    fill_batch_unsupported: bool,
+    /// `LB_MAGLEV`, the array of maps whose one element is the slot array.
+    maglev: MapData,
+    slots: SlotArray,
+    /// Created at the first fence (the CLI, which only reads, never needs one).
+    fence: Option<Fence>,
+    /// See [`MapsRead::migrated_service_ids`].
+    migrated_ids: Vec<(ServiceKey, u32)>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     sock_revnat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
     svc_stats: PerCpuArray<MapData, ServiceStats>,
@@ -143,8 +170,8 @@ pub struct PinnedMaps {
 }
 
 impl PinnedMaps {
-    /// Takes the maps out of a freshly loaded object (they are already pinned by the loader).
-    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self, MapsError> {
+    /// Takes the maps out of a freshly loaded object (they are already pinned by the loader, under `dir`).
+    pub fn from_ebpf(ebpf: &mut aya::Ebpf, dir: &Path) -> Result<Self, MapsError> {
         let mut take =
             |name: &'static str| ebpf.take_map(name).ok_or(MapsError::Missing { map: name });
         let maps = [
@@ -157,7 +184,9 @@ impl PinnedMaps {
             take(map_names::BE_STATS)?,
         ];
         let packet = super::packet_maps::PacketMaps::from_ebpf(ebpf)?;
-        Self::from_maps(maps, packet)
+        let mut maps = Self::from_maps(maps, packet, dir)?;
+        maps.migrated_ids = super::pins::migrated_service_ids(dir);
+        Ok(maps)
     }
 
     /// Opens the maps pinned under `dir`, for the CLI (works whether or not the agent runs).
@@ -174,12 +203,14 @@ impl PinnedMaps {
                 open(map_names::BE_STATS)?,
             ],
             super::packet_maps::PacketMaps::open(dir)?,
+            dir,
         )
     }
 
     fn from_maps(
         maps: [Map; 7],
         packet: super::packet_maps::PacketMaps,
+        dir: &Path,
     ) -> Result<Self, MapsError> {
         let [
             services,
@@ -191,28 +222,19 @@ impl PinnedMaps {
             be_stats,
         ] = maps;
         let layout = |map: &'static str| move |source| MapsError::Layout { map, source };
-        // aya 0.14's HashOfMaps does not expose its fd; keep a duplicate for the batch commands.
-        let maglev_fd = match &maglev {
-            Map::HashOfMaps(data) => Some(data.fd().as_fd().try_clone_to_owned().map_err(
-                |source| MapsError::Fd {
-                    map: map_names::MAGLEV,
-                    source,
-                },
-            )?),
-            _ => None,
+        let Map::ArrayOfMaps(maglev) = maglev else {
+            return Err(MapsError::Missing {
+                map: map_names::MAGLEV,
+            });
         };
-        let maglev = HashOfMaps::try_from(maglev).map_err(layout(map_names::MAGLEV))?;
-        // Not a HashOfMaps would have failed the conversion above.
-        let maglev_fd = maglev_fd.ok_or(MapsError::Missing {
-            map: map_names::MAGLEV,
-        })?;
+        let slots = SlotArray::open(dir, maglev.fd().as_fd())?;
         Ok(Self {
-            maglev_fd,
-            batch_unsupported: false,
-            fill_batch_unsupported: false,
+            maglev,
+            slots,
+            fence: None,
+            migrated_ids: Vec::new(),
             services: HashMap::try_from(services).map_err(layout(map_names::SERVICES))?,
             backends: HashMap::try_from(backends).map_err(layout(map_names::BACKENDS))?,
-            maglev,
             affinity: HashMap::try_from(affinity).map_err(layout(map_names::AFFINITY))?,
             sock_revnat: HashMap::try_from(sock_revnat).map_err(layout(map_names::SOCK_REVNAT))?,
             svc_stats: PerCpuArray::try_from(svc_stats).map_err(layout(map_names::SVC_STATS))?,
@@ -223,59 +245,13 @@ impl PinnedMaps {
         })
     }
 
-    /// One `BPF_MAP_UPDATE_BATCH` of at most [`TABLE_BATCH`] tables (see [`Maps::put_tables`]).
-    fn put_tables_chunk(&mut self, tables: &[(u32, Vec<u32>)]) -> Vec<(u32, MapsError)> {
-        let mut failed = Vec::new();
-        // Every inner map stays open until the batch returns; the outer map then holds its own reference.
-        let mut ids = Vec::with_capacity(tables.len());
-        let mut inners = Vec::with_capacity(tables.len());
-        for (id, slots) in tables {
-            match inner_table(slots, &mut self.fill_batch_unsupported) {
-                Ok(inner) => {
-                    ids.push(*id);
-                    inners.push(inner);
-                }
-                Err(e) => failed.push((*id, e)),
-            }
+    fn fence(&mut self) -> Result<&mut Fence, MapsError> {
+        if self.fence.is_none() {
+            self.fence = Some(Fence::new().map_err(MapsError::Fence)?);
         }
-        let fds: Vec<u32> = inners
-            .iter()
-            .map(|inner| inner.map().fd().as_fd().as_raw_fd() as u32)
-            .collect();
-        let mut start = 0;
-        while start < ids.len() {
-            if self.batch_unsupported {
-                for (id, inner) in ids[start..].iter().zip(&inners[start..]) {
-                    if let Err(e) = self.maglev.insert(id, inner, 0) {
-                        failed.push((*id, op(map_names::MAGLEV, "update")(e)));
-                    }
-                }
-                break;
-            }
-            let failure =
-                match map_batch::update_u32(self.maglev_fd.as_fd(), &ids[start..], &fds[start..]) {
-                    Ok(()) => break,
-                    Err(f) => f,
-                };
-            // Elements before the failing one are installed; that one is retried alone or reported, the rest
-            // go in the next batch.
-            let i = start + failure.applied;
-            start = i + 1;
-            if failure.applied == 0 && map_batch::means_unsupported(&failure.error) {
-                match self.maglev.insert(ids[i], &inners[i], 0) {
-                    Ok(()) => {
-                        // The element is fine, so the command is what the kernel refused (before 5.6 it has no
-                        // batch commands).
-                        tracing::warn!(error = %failure.error, "BPF_MAP_UPDATE_BATCH refused on {}; updating tables one by one (one RCU grace period each)", map_names::MAGLEV);
-                        self.batch_unsupported = true;
-                    }
-                    Err(e) => failed.push((ids[i], op(map_names::MAGLEV, "update")(e))),
-                }
-                continue;
-            }
-            failed.push((ids[i], batch_error("bpf_map_update_batch", failure.error)));
-        }
-        failed
+        self.fence
+            .as_mut()
+            .ok_or_else(|| MapsError::Fence(std::io::Error::other("no fence")))
     }
 
     /// One frontend's entry in `LB_SERVICES`, `None` when it has none.
@@ -301,25 +277,26 @@ impl MapsRead for PinnedMaps {
             .collect::<Result<Vec<_>, _>>()
             .map_err(op(map_names::BACKENDS, "iterate"))
     }
-    fn table(&self, service_id: u32) -> Result<Option<Vec<u32>>, MapsError> {
-        let inner = match self.maglev.get(&service_id, 0) {
-            Ok(inner) => inner,
-            Err(MapError::KeyNotFound) => return Ok(None),
-            Err(e) => return Err(op(map_names::MAGLEV, "lookup")(e)),
-        };
-        let len = inner
-            .get(&LUT_LEN_INDEX, 0)
-            .map_err(op(map_names::MAGLEV, "read inner table"))?;
-        let mut slots = Vec::with_capacity(len as usize);
-        for i in 1..=len {
-            slots.push(
-                inner
-                    .get(&i, 0)
-                    .map_err(op(map_names::MAGLEV, "read inner table"))?,
-            );
-        }
-        Ok(Some(slots))
+    fn migrated_service_ids(&self) -> Vec<(ServiceKey, u32)> {
+        self.migrated_ids.clone()
     }
+
+    fn slot_capacity(&self) -> u64 {
+        self.slots.capacity()
+    }
+
+    fn read_slots(&self, offset: u64, len: u64) -> Result<Vec<u8>, MapsError> {
+        self.slots.read(offset, len)
+    }
+
+    fn fences_started(&self) -> u64 {
+        self.fence.as_ref().map_or(0, Fence::started)
+    }
+
+    fn fences_completed(&self) -> u64 {
+        self.fence.as_ref().map_or(0, Fence::completed)
+    }
+
     fn config(&self) -> Result<lb_common::ConfigValue, MapsError> {
         self.packet.config()
     }
@@ -394,70 +371,26 @@ impl Maps for PinnedMaps {
         ignore_missing(self.backends.remove(&id)).map_err(op(map_names::BACKENDS, "delete"))
     }
 
-    fn put_table(&mut self, service_id: u32, slots: &[u32]) -> Result<(), MapsError> {
-        let inner = inner_table(slots, &mut self.fill_batch_unsupported)?;
-        self.maglev
-            .insert(service_id, &inner, 0)
-            .map_err(op(map_names::MAGLEV, "update"))
-    }
-
-    fn delete_table(&mut self, service_id: u32) -> Result<(), MapsError> {
-        ignore_missing(self.maglev.remove(&service_id)).map_err(op(map_names::MAGLEV, "delete"))
-    }
-
-    fn put_tables(&mut self, tables: &[(u32, Vec<u32>)]) -> Vec<(u32, MapsError)> {
-        let mut failed = Vec::new();
-        // Every inner map of a batch is an open fd until the batch returns, so a batch is capped: 20k tables at
-        // once would hit a 20k RLIMIT_NOFILE (EMFILE) and hold every table in memory. A few more grace periods
-        // (one per chunk) are the price.
-        for chunk in tables.chunks(TABLE_BATCH) {
-            failed.extend(self.put_tables_chunk(chunk));
+    fn grow_slots(&mut self, bytes: u64, keep: u64) -> Result<u64, MapsError> {
+        // The update of `LB_MAGLEV` waits for a grace period: a fence for everything freed before it.
+        let seq = self.fence()?.external_begin();
+        let grown = self.slots.grow(self.maglev.fd().as_fd(), bytes, keep);
+        if grown.is_ok() {
+            self.fence()?.external_done(seq);
         }
-        failed
+        grown.map(|()| self.slots.capacity())
     }
 
-    fn delete_tables(&mut self, service_ids: &[u32]) -> Vec<(u32, MapsError)> {
-        let mut failed = Vec::new();
-        // A batch stops at a missing key (ENOENT) and still waits for a grace period, so skip the absent ones
-        // first: a lookup waits for nothing.
-        let ids: Vec<u32> = service_ids
-            .iter()
-            .copied()
-            .filter(|id| map_batch::contains_u32(self.maglev_fd.as_fd(), *id).unwrap_or(true))
-            .collect();
-        let mut start = 0;
-        while start < ids.len() {
-            if self.batch_unsupported {
-                for id in &ids[start..] {
-                    if let Err(e) = self.delete_table(*id) {
-                        failed.push((*id, e));
-                    }
-                }
-                break;
-            }
-            let failure = match map_batch::delete_u32(self.maglev_fd.as_fd(), &ids[start..]) {
-                Ok(()) => break,
-                Err(f) => f,
-            };
-            let i = start + failure.applied;
-            start = i + 1;
-            if failure.error.raw_os_error() == Some(libc::ENOENT) {
-                // Gone since the lookup: deleted is what we want.
-                continue;
-            }
-            if failure.applied == 0 && map_batch::means_unsupported(&failure.error) {
-                match self.delete_table(ids[i]) {
-                    Ok(()) => {
-                        tracing::warn!(error = %failure.error, "BPF_MAP_DELETE_BATCH refused on {}; deleting tables one by one (one RCU grace period each)", map_names::MAGLEV);
-                        self.batch_unsupported = true;
-                    }
-                    Err(e) => failed.push((ids[i], e)),
-                }
-                continue;
-            }
-            failed.push((ids[i], batch_error("bpf_map_delete_batch", failure.error)));
-        }
-        failed
+    fn write_slots(&mut self, writes: &[(u64, &[u8])]) -> Result<(), MapsError> {
+        self.slots.write(writes)
+    }
+
+    fn request_fence(&mut self) -> Result<(), MapsError> {
+        self.fence()?.request().map_err(MapsError::Fence)
+    }
+
+    fn wait_fence(&mut self, target: u64) -> Result<(), MapsError> {
+        self.fence()?.wait(target).map_err(MapsError::Fence)
     }
 
     fn reset_service_stats(&mut self, service_id: u32) -> Result<(), MapsError> {
@@ -503,68 +436,6 @@ impl Maps for PinnedMaps {
     }
 }
 
-/// Tables per `BPF_MAP_UPDATE_BATCH`: bounds the open inner-map fds and the memory of one batch.
-const TABLE_BATCH: usize = 1024;
-
-/// A new inner table: element 0 carries the length, so the datapath reads the length and the slots from the same
-/// map and can never pair a new length with an old table. It is filled completely here, before the caller can
-/// install it in `LB_MAGLEV`, so no packet ever sees a partly filled table.
-///
-/// Filled with one `BPF_MAP_UPDATE_BATCH` (array maps have it since Linux 5.6): a 16381-slot table was 16382
-/// update syscalls, the most of what programming a service cost once the grace periods were batched. A kernel
-/// that refuses the command gets single updates, and `fill_batch_unsupported` remembers that.
-fn inner_table(
-    slots: &[u32],
-    fill_batch_unsupported: &mut bool,
-) -> Result<Array<MapData, u32>, MapsError> {
-    let len = u32::try_from(slots.len()).unwrap_or(u32::MAX);
-    let mut inner = Array::<MapData, u32>::create(len.saturating_add(1), BPF_F_INNER_MAP)
-        .map_err(op(map_names::MAGLEV, "create inner table"))?;
-    // Index LUT_LEN_INDEX (0) holds the length, indices 1..=len the slots; the create above checked that
-    // len + 1 fits in u32.
-    let mut values = Vec::with_capacity(slots.len() + 1);
-    values.push(len);
-    values.extend_from_slice(slots);
-    debug_assert_eq!(LUT_LEN_INDEX, 0);
-    if !*fill_batch_unsupported {
-        let keys: Vec<u32> = (0..=len).collect();
-        let failure = match map_batch::update_u32(inner.map().fd().as_fd(), &keys, &values) {
-            Ok(()) => return Ok(inner),
-            Err(f) => f,
-        };
-        if failure.applied != 0 || !map_batch::means_unsupported(&failure.error) {
-            return Err(batch_error(
-                "bpf_map_update_batch (inner table)",
-                failure.error,
-            ));
-        }
-        fill_one_by_one(&mut inner, &values)?;
-        tracing::warn!(error = %failure.error, "BPF_MAP_UPDATE_BATCH refused on a Maglev inner table; filling tables one element at a time");
-        *fill_batch_unsupported = true;
-        return Ok(inner);
-    }
-    fill_one_by_one(&mut inner, &values)?;
-    Ok(inner)
-}
-
-fn fill_one_by_one(inner: &mut Array<MapData, u32>, values: &[u32]) -> Result<(), MapsError> {
-    for (i, v) in values.iter().enumerate() {
-        // i <= len <= u32::MAX - 1, checked by the create.
-        inner
-            .set(i as u32, v, 0)
-            .map_err(op(map_names::MAGLEV, "fill inner table"))?;
-    }
-    Ok(())
-}
-
-fn batch_error(call: &'static str, io_error: std::io::Error) -> MapsError {
-    MapsError::Op {
-        map: map_names::MAGLEV,
-        op: "batch",
-        source: MapError::SyscallError(SyscallError { call, io_error }),
-    }
-}
-
 /// Deleting what is already gone is success: the reconciler converges on "absent".
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
@@ -580,18 +451,22 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
 pub struct FakeMaps {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, BackendValue>,
-    pub tables: BTreeMap<u32, Vec<u32>>,
+    /// The slot array (its length is its capacity).
+    pub slots: Vec<u8>,
+    /// Fences: started, completed. Requested fences complete at once unless `manual_fences`.
+    pub fences: (u64, u64),
+    pub manual_fences: bool,
     pub affinity: Vec<(AffinityKey, AffinityValue)>,
     pub stats_resets: Vec<(&'static str, u32)>,
     /// Every write in order, for tests of update ordering.
     pub log: Vec<String>,
     pub max_services: Option<usize>,
-    /// Service ids whose table installs fail (as a kernel error would).
-    pub fail_tables: HashSet<u32>,
-    /// Service ids whose entry delete fails, service ids whose (existing) table's delete fails, backend ids whose
-    /// delete fails.
+    /// What `migrated_service_ids` answers.
+    pub migrated_ids: Vec<(ServiceKey, u32)>,
+    /// Table writes fail (as a kernel error would).
+    pub fail_slot_writes: bool,
+    /// Service ids whose entry delete fails, backend ids whose delete fails.
     pub fail_service_deletes: HashSet<u32>,
-    pub fail_table_deletes: HashSet<u32>,
     pub fail_backend_deletes: HashSet<u32>,
     /// `LB_CONFIG` and the node-level maps (`packet_maps`), kept like the rest.
     pub config: lb_common::ConfigValue,
@@ -600,6 +475,36 @@ pub struct FakeMaps {
     pub node_log: Vec<String>,
     /// Node entries whose write or delete fails.
     pub fail_node_entries: HashSet<NodeEntry>,
+}
+
+#[cfg(any(test, feature = "test-support"))]
+impl FakeMaps {
+    /// Gives the service programmed under `service_id` (already in `services`) a table whose slots are these backend
+    /// ids, appended to the slot array.
+    pub fn set_table(&mut self, service_id: u32, slots: &[u32]) {
+        let table = super::lut::Encoded::plain(slots);
+        let offset = self.slots.len();
+        self.slots.extend_from_slice(&table.bytes);
+        for v in self
+            .services
+            .values_mut()
+            .filter(|v| v.service_id == service_id)
+        {
+            v.table_offset = offset as u32;
+            v.table_size = table.layout.size;
+            v.slot_width = table.layout.width;
+            v.table_hash = table.hash(v.algorithm);
+        }
+    }
+
+    /// The backend id of every slot of the table of the service programmed under `service_id`.
+    pub fn table_of(&self, service_id: u32) -> Option<Vec<u32>> {
+        let value = self
+            .services
+            .values()
+            .find(|v| v.service_id == service_id)?;
+        self.table(value).ok().flatten()
+    }
 }
 
 #[cfg(any(test, feature = "test-support"))]
@@ -622,8 +527,24 @@ impl MapsRead for FakeMaps {
     fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapsError> {
         Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
     }
-    fn table(&self, service_id: u32) -> Result<Option<Vec<u32>>, MapsError> {
-        Ok(self.tables.get(&service_id).cloned())
+    fn migrated_service_ids(&self) -> Vec<(ServiceKey, u32)> {
+        self.migrated_ids.clone()
+    }
+    fn slot_capacity(&self) -> u64 {
+        self.slots.len() as u64
+    }
+    fn read_slots(&self, offset: u64, len: u64) -> Result<Vec<u8>, MapsError> {
+        let at = offset as usize;
+        self.slots
+            .get(at..at + len as usize)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| fake_failure("read"))
+    }
+    fn fences_started(&self) -> u64 {
+        self.fences.0
+    }
+    fn fences_completed(&self) -> u64 {
+        self.fences.1
     }
     fn config(&self) -> Result<lb_common::ConfigValue, MapsError> {
         Ok(self.config)
@@ -679,41 +600,39 @@ impl Maps for FakeMaps {
         self.backends.remove(&id);
         Ok(())
     }
-    fn put_table(&mut self, service_id: u32, slots: &[u32]) -> Result<(), MapsError> {
-        self.log.push(format!("put_table {service_id}"));
-        self.tables.insert(service_id, slots.to_vec());
+    fn grow_slots(&mut self, bytes: u64, keep: u64) -> Result<u64, MapsError> {
+        self.log.push(format!("grow_slots {bytes}"));
+        let mut grown = vec![0u8; bytes as usize];
+        let keep = keep.min(self.slots.len() as u64) as usize;
+        grown[..keep].copy_from_slice(&self.slots[..keep]);
+        self.slots = grown;
+        // The kernel's growth is a grace period: a fence.
+        self.fences.0 += 1;
+        self.fences.1 = self.fences.0;
+        Ok(bytes)
+    }
+    fn write_slots(&mut self, writes: &[(u64, &[u8])]) -> Result<(), MapsError> {
+        if self.fail_slot_writes {
+            return Err(fake_failure("write"));
+        }
+        self.log.push(format!("write_slots {}", writes.len()));
+        for (offset, bytes) in writes {
+            let at = *offset as usize;
+            self.slots[at..at + bytes.len()].copy_from_slice(bytes);
+        }
         Ok(())
     }
-    fn delete_table(&mut self, service_id: u32) -> Result<(), MapsError> {
-        self.log.push(format!("delete_table {service_id}"));
-        self.tables.remove(&service_id);
+    fn request_fence(&mut self) -> Result<(), MapsError> {
+        self.fences.0 += 1;
+        if !self.manual_fences {
+            self.fences.1 = self.fences.0;
+        }
         Ok(())
     }
-    fn put_tables(&mut self, tables: &[(u32, Vec<u32>)]) -> Vec<(u32, MapsError)> {
-        let ids: Vec<String> = tables.iter().map(|(id, _)| id.to_string()).collect();
-        self.log.push(format!("put_tables {}", ids.join(",")));
-        let mut failed = Vec::new();
-        for (id, slots) in tables {
-            if self.fail_tables.contains(id) {
-                failed.push((*id, fake_failure("update")));
-            } else {
-                self.tables.insert(*id, slots.clone());
-            }
-        }
-        failed
-    }
-    fn delete_tables(&mut self, service_ids: &[u32]) -> Vec<(u32, MapsError)> {
-        let ids: Vec<String> = service_ids.iter().map(u32::to_string).collect();
-        self.log.push(format!("delete_tables {}", ids.join(",")));
-        let mut failed = Vec::new();
-        for id in service_ids {
-            if self.fail_table_deletes.contains(id) && self.tables.contains_key(id) {
-                failed.push((*id, fake_failure("delete")));
-            } else {
-                self.tables.remove(id);
-            }
-        }
-        failed
+    fn wait_fence(&mut self, target: u64) -> Result<(), MapsError> {
+        self.fences.0 = self.fences.0.max(target);
+        self.fences.1 = self.fences.1.max(target);
+        Ok(())
     }
     fn reset_service_stats(&mut self, service_id: u32) -> Result<(), MapsError> {
         self.stats_resets.push((map_names::SVC_STATS, service_id));

@@ -55,7 +55,7 @@ fn size<T>() -> u32 {
 }
 
 impl Capacities {
-    pub fn specs(&self) -> [MapSpec; 17] {
+    pub fn specs(&self) -> [MapSpec; 18] {
         let spec = |name, map_type, key_size, value_size, max_entries| MapSpec {
             name,
             map_type,
@@ -78,12 +78,13 @@ impl Capacities {
                 size::<BackendValue>(),
                 self.backends,
             ),
+            // One element, the slot array (created, grown and pinned by the agent: `slot_array`).
             spec(
                 map_names::MAGLEV,
-                MapType::HashOfMaps,
+                MapType::ArrayOfMaps,
                 size::<u32>(),
                 size::<u32>(),
-                self.services,
+                1,
             ),
             spec(
                 map_names::AFFINITY,
@@ -99,19 +100,21 @@ impl Capacities {
                 size::<SockRevNatValue>(),
                 self.sock_revnat,
             ),
+            // Indexed by service id, 1..=services (0 means "no service" to the programs).
             spec(
                 map_names::SVC_STATS,
                 MapType::PerCpuArray,
                 size::<u32>(),
                 size::<ServiceStats>(),
-                self.services,
+                self.services.saturating_add(1),
             ),
+            // Indexed by backend id, 1..=backends.
             spec(
                 map_names::BE_STATS,
                 MapType::PerCpuArray,
                 size::<u32>(),
                 size::<BackendStats>(),
-                self.backends,
+                self.backends.saturating_add(1),
             ),
             spec(
                 map_names::CONNTRACK,
@@ -184,6 +187,13 @@ impl Capacities {
                 size::<CtKey>(),
                 size::<XdpL2Value>(),
                 (self.conntrack / 2).max(1),
+            ),
+            spec(
+                map_names::NETNS_ADDRS,
+                MapType::Hash,
+                size::<u64>(),
+                size::<lb_common::NetnsAddrs>(),
+                lb_common::DEFAULT_MAX_NETNS_ADDRS,
             ),
         ]
     }
@@ -301,6 +311,47 @@ pub fn prepare(dir: &Path, specs: &[MapSpec]) -> Result<Migration, PinError> {
         }
     }
     Ok(migration)
+}
+
+/// The service ids of a migrated `LB_SERVICES` (its pin moved to `:pending`), by key: the new map starts empty, and
+/// the agent gives each frontend its old id again, so that counters, names, session affinity and the conntrack
+/// entries of established flows (all keyed by service id) carry over. Every layout so far keeps `ServiceKey` as
+/// the key and the id as the value's first field; a pin that does not is ignored (ids are then allocated afresh).
+pub fn migrated_service_ids(dir: &Path) -> Vec<(ServiceKey, u32)> {
+    let path = pending_path(dir, map_names::SERVICES);
+    if !path.exists() {
+        return Vec::new();
+    }
+    let read = || -> Result<Vec<(ServiceKey, u32)>, String> {
+        let data = aya::maps::MapData::from_pin(&path).map_err(|e| e.to_string())?;
+        let info = data.info().map_err(|e| e.to_string())?;
+        let (key_size, value_size) = (info.key_size() as usize, info.value_size() as usize);
+        if key_size != size_of::<ServiceKey>() || value_size < 4 {
+            return Err(format!("key size {key_size}, value size {value_size}"));
+        }
+        let entries =
+            super::map_batch::entries(std::os::fd::AsFd::as_fd(data.fd()), key_size, value_size)
+                .map_err(|e| e.to_string())?;
+        Ok(entries
+            .into_iter()
+            .map(|(k, v)| {
+                let key = ServiceKey {
+                    addr: k[..16].try_into().unwrap_or([0; 16]),
+                    port: u16::from_ne_bytes([k[16], k[17]]),
+                    proto: k[18],
+                    scope: k[19],
+                };
+                (key, u32::from_ne_bytes([v[0], v[1], v[2], v[3]]))
+            })
+            .collect())
+    };
+    match read() {
+        Ok(ids) => ids,
+        Err(why) => {
+            tracing::warn!(path = %path.display(), %why, "cannot read the previous service ids; new ones are allocated");
+            Vec::new()
+        }
+    }
 }
 
 /// An interface name as it may appear in a pin name. bpffs refuses names containing a dot (EPERM), and VLAN

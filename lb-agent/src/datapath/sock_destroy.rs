@@ -9,7 +9,7 @@
 //! is destroyed only if both its cookie is lb's and its destination is the departed backend.
 //!
 //! The namespaces searched are those of the processes in `/proc` and those pinned under [`NETNS_DIR`]: in a pod
-//! without `hostPID` (deploy/daemonset.yaml) `/proc` shows only the agent's own processes, while containerd and
+//! without `hostPID` (the DaemonSet of `lb-agent manifests`) `/proc` shows only the agent's own processes, while containerd and
 //! CRI-O pin every pod's network namespace there. Entering another namespace (`setns`) needs `CAP_SYS_ADMIN`,
 //! `SOCK_DESTROY` needs `CAP_NET_ADMIN`; the agent's own namespace is searched without `setns`.
 

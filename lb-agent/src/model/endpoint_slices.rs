@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use super::endpoints::Endpoint;
-use super::ip::{Family, parse_ip_sloppy};
+use super::ip::{Family, is_ipv4_mapped_literal, parse_ip_sloppy};
 use super::objects::{
     DEFAULT_NAMESPACE, Diagnostic, EndpointSlice, LABEL_SERVICE_NAME, Name, object_label,
 };
@@ -298,6 +298,17 @@ fn slice_info(
             );
             continue;
         };
+        if is_ipv4_mapped_literal(raw) {
+            diag(
+                diagnostics,
+                format!("endpoints[{i}].addresses[0]"),
+                format!(
+                    "{raw} is an IPv4-mapped IPv6 address, not a valid {} endpoint address (the API server refuses it); endpoint skipped",
+                    family.address_type()
+                ),
+            );
+            continue;
+        }
         let Some(addr) = parse_ip_sloppy(raw) else {
             diag(
                 diagnostics,
@@ -357,6 +368,8 @@ pub(crate) fn listed_addresses(slice: &EndpointSlice) -> Vec<IpAddr> {
         .iter()
         .flatten()
         .flat_map(|e| e.addresses.iter())
+        // Not a listed endpoint: the slice's reader skips it too.
+        .filter(|a| !is_ipv4_mapped_literal(a))
         .filter_map(|a| parse_ip_sloppy(a))
         .collect()
 }
@@ -423,6 +436,47 @@ endpoints: {endpoints}
             backends(entry(&t, "10.96.0.10", 80, Scope::Internal)),
             ["10.0.0.1:8080", "10.0.0.2:9090"]
         );
+    }
+
+    #[test]
+    fn an_ipv4_mapped_ipv6_literal_is_not_an_ipv4_endpoint() {
+        // The API server refuses `::ffff:a.b.c.d` in an IPv4 slice (and in an IPv6 one); a file can still hold it.
+        // It is skipped with a warning naming the slice and the address, and the slice's other endpoints serve.
+        let yaml = format!(
+            "{SERVICE}{}{}",
+            slice(
+                "web-v4",
+                "ns",
+                "IPv4",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [\"::ffff:10.0.0.1\"]}, {addresses: [10.0.0.2]}]"
+            ),
+            slice(
+                "web-v6",
+                "ns",
+                "IPv6",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [\"::ffff:10.0.0.3\"]}]"
+            ),
+        );
+        let t = translate_yaml(&yaml, &worker());
+        assert_eq!(
+            backends(entry(&t, "10.96.0.10", 80, Scope::Internal)),
+            ["10.0.0.2:8080"]
+        );
+        let warned: Vec<(&str, &str)> = t
+            .diagnostics
+            .iter()
+            .map(|d| (d.object.as_str(), d.message.as_str()))
+            .collect();
+        assert_eq!(warned.len(), 2, "{warned:?}");
+        assert_eq!(warned[0].0, "EndpointSlice ns/web-v4");
+        assert!(
+            warned[0].1.contains("::ffff:10.0.0.1") && warned[0].1.contains("IPv4-mapped"),
+            "{warned:?}"
+        );
+        assert_eq!(warned[1].0, "EndpointSlice ns/web-v6");
+        assert!(warned[1].1.contains("::ffff:10.0.0.3"), "{warned:?}");
     }
 
     #[test]

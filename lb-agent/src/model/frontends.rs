@@ -25,7 +25,8 @@ use super::objects::Diagnostic;
 use super::service_ports::{PortInfo, ServiceInfo};
 use crate::state::{Backend, DesiredState, Frontend, Scope, ServiceEntry, VipKind};
 
-/// Accumulates frontends across Services; the first Service (in namespace/name order) to claim a frontend keeps it.
+/// Accumulates frontends across Services; the first Service to claim a frontend keeps it (callers add them oldest
+/// first, the conflict rule of SEMANTICS.md rule 1; the translator resolves conflicts between Services itself).
 #[derive(Debug, Default)]
 pub(crate) struct StateBuilder {
     services: BTreeMap<Frontend, ServiceEntry>,
@@ -67,11 +68,6 @@ impl StateBuilder {
                 external_ips: of_family(&info.external_ips),
                 load_balancer_ips: of_family(&info.load_balancer_ips),
                 node_addresses: of_family(&node.addresses),
-                // Rule 9 is checked per packet by the datapath, before rule 5's short-circuit; a socket-level
-                // frontend would translate a local client's connect() before any packet exists, bypassing the
-                // ranges. So LoadBalancer IPs of a Service with source ranges (of this family, as kube-proxy
-                // filters them) get no Internal frontend: local clients' packets then reach the per-packet path.
-                internal_load_balancer: !info.has_source_ranges(family),
                 source_ranges: lb_source_ranges(info, family, node),
             };
             for port in &info.ports {
@@ -174,14 +170,20 @@ impl StateBuilder {
                     ..entry(VipKind::LoadBalancer, external_policy_set)
                 },
             );
-            if vips.internal_load_balancer {
-                add(
-                    ip,
-                    port.port,
-                    Scope::Internal,
-                    entry(VipKind::LoadBalancer, &sets.cluster),
-                );
-            }
+            // Rule 9 holds for this node's pods and processes too, before rule 5's short-circuit: the Internal
+            // frontend carries the ranges, and the socket LB checks them against the address of the socket's network
+            // namespace. Without it, with the address a local route on the node (GCE's guest agent adds one for
+            // every LB IP), a pod's packets would be delivered to the node itself, across no tc device: refused,
+            // where kube-proxy serves them.
+            add(
+                ip,
+                port.port,
+                Scope::Internal,
+                ServiceEntry {
+                    source_ranges: vips.source_ranges.clone(),
+                    ..entry(VipKind::LoadBalancer, &sets.cluster)
+                },
+            );
         }
         if let Some(node_port) = port.node_port {
             // Rule 14, kube-proxy iptables' `--iptables-localhost-nodeports` (default true): `127.0.0.0/8:nodePort`
@@ -242,7 +244,6 @@ struct FamilyVips {
     external_ips: Vec<IpAddr>,
     load_balancer_ips: Vec<IpAddr>,
     node_addresses: Vec<IpAddr>,
-    internal_load_balancer: bool,
     /// The allowed sources of the LoadBalancer IPs (empty = all), see [`lb_source_ranges`].
     source_ranges: Vec<(IpAddr, u8)>,
 }
@@ -553,11 +554,13 @@ endpoints:
     }
 
     #[test]
-    fn load_balancer_source_ranges_leave_no_internal_lb_frontend() {
+    fn load_balancer_source_ranges_hold_for_the_internal_frontend_too() {
+        // Rule 9 before rule 5: this node's pods reach the LB IP through the socket LB, which checks the same
+        // ranges (and the LB IPs themselves, allowed because a range holds this node's address).
         let yaml = web(
             "  type: LoadBalancer
   clusterIP: 10.96.0.10
-  loadBalancerSourceRanges: [203.0.113.0/24]
+  loadBalancerSourceRanges: [203.0.113.0/24, 192.168.0.0/24]
   allocateLoadBalancerNodePorts: false
   ports: [{name: http, port: 80}]",
             &format!("status: {{loadBalancer: {{ingress: [{{ip: 198.51.100.7}}]}}}}\n{SLICE}"),
@@ -570,7 +573,30 @@ endpoints:
                 "10.96.0.10:80/TCP External ClusterIp",
                 "10.96.0.10:80/TCP Internal ClusterIp",
                 "198.51.100.7:80/TCP External LoadBalancer",
+                "198.51.100.7:80/TCP Internal LoadBalancer",
             ]
+        );
+        let ranges = vec![
+            (ip("192.168.0.0"), 24),
+            (ip("198.51.100.7"), 32),
+            (ip("203.0.113.0"), 24),
+        ];
+        for scope in [Scope::External, Scope::Internal] {
+            assert_eq!(
+                entry(&t, "198.51.100.7", 80, scope).source_ranges,
+                ranges,
+                "{scope:?}"
+            );
+        }
+        // The Internal frontend serves the whole cluster set (rule 5's short-circuit), once the ranges allow.
+        assert_eq!(
+            backends(entry(&t, "198.51.100.7", 80, Scope::Internal)),
+            BOTH
+        );
+        assert!(
+            entry(&t, "10.96.0.10", 80, Scope::Internal)
+                .source_ranges
+                .is_empty()
         );
     }
 
@@ -694,6 +720,51 @@ spec: {clusterIP: 10.96.0.1, externalIPs: [203.0.113.5], ports: [{port: 80}]}
         );
         let objects: Vec<&str> = t.diagnostics.iter().map(|d| d.object.as_str()).collect();
         assert_eq!(objects, ["Service ns/b", "Service ns/b"]);
+    }
+
+    #[test]
+    fn conflicting_frontend_kept_by_the_older_service() {
+        // SEMANTICS.md rule 1: the older Service (creationTimestamp, then namespace/name) keeps a VIP, port and
+        // protocol two Services claim, whatever their names; the warning names the one skipped. `z` is older but
+        // sorts last; `u` has no creationTimestamp (its age is unknown: it yields to any Service with one).
+        let yaml = "
+apiVersion: v1
+kind: Service
+metadata: {name: a, namespace: ns, creationTimestamp: \"2025-06-01T00:00:00Z\"}
+spec: {clusterIP: 10.96.0.1, externalIPs: [203.0.113.5], ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: z, namespace: ns, creationTimestamp: \"2025-01-01T00:00:00Z\"}
+spec: {clusterIP: 10.96.0.2, externalIPs: [203.0.113.5], ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: u, namespace: ns}
+spec: {clusterIP: 10.96.0.3, externalIPs: [203.0.113.5], ports: [{port: 80}]}
+";
+        let t = translate_yaml(yaml, &worker());
+        let owner = |scope| entry(&t, "203.0.113.5", 80, scope).service.name.clone();
+        assert_eq!(
+            (owner(Scope::External), owner(Scope::Internal)),
+            ("z".to_owned(), "z".to_owned())
+        );
+        let mut skipped: Vec<(&str, &str)> = t
+            .diagnostics
+            .iter()
+            .map(|d| (d.object.as_str(), d.message.as_str()))
+            .collect();
+        skipped.sort();
+        assert_eq!(skipped.len(), 4, "{skipped:?}");
+        for (i, (object, message)) in skipped.iter().enumerate() {
+            let loser = if i < 2 { "a" } else { "u" };
+            assert_eq!(*object, format!("Service ns/{loser}"));
+            assert!(
+                message.contains("already served for ns/z")
+                    && message.contains(&format!("not added for ns/{loser}")),
+                "{message}"
+            );
+        }
     }
 
     #[test]

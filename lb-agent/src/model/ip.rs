@@ -50,6 +50,15 @@ pub(crate) fn parse_ip_sloppy(s: &str) -> Option<IpAddr> {
     Some(IpAddr::V4(Ipv4Addr::from(octets)))
 }
 
+/// Whether `s` is an IPv4-mapped IPv6 literal (`::ffff:10.0.0.1`). `parse_ip_sloppy` reads it as the IPv4 address,
+/// as kube-proxy's parser does, but the API server's endpoint validation refuses it in an `IPv4` slice (it is not an
+/// IPv4 address) and in an `IPv6` one (it is not an IPv6 endpoint): such an endpoint comes only from a file or a
+/// client that skipped validation, and is no endpoint of either family (SEMANTICS.md rule 1).
+pub(crate) fn is_ipv4_mapped_literal(s: &str) -> bool {
+    s.parse::<std::net::Ipv6Addr>()
+        .is_ok_and(|ip| ip.to_ipv4_mapped().is_some())
+}
+
 /// Parses a CIDR (`10.0.0.0/8`, `2001:db8::/32`) like `netutils.ParseCIDRSloppy`, after trimming spaces as the API
 /// server does for `loadBalancerSourceRanges`.
 pub(crate) fn parse_cidr_sloppy(s: &str) -> Option<(IpAddr, u8)> {
@@ -88,6 +97,18 @@ mod tests {
             let want: Option<IpAddr> = want.map(|w| w.parse().expect("test address"));
             assert_eq!(parse_ip_sloppy(input), want, "parse_ip_sloppy({input:?})");
         }
+    }
+
+    #[test]
+    fn ipv4_mapped_literals_are_recognised() {
+        assert!(is_ipv4_mapped_literal("::ffff:10.0.0.1"));
+        assert!(is_ipv4_mapped_literal("::FFFF:a00:1"));
+        assert!(!is_ipv4_mapped_literal("10.0.0.1"));
+        assert!(!is_ipv4_mapped_literal("fd00::1"));
+        assert!(
+            !is_ipv4_mapped_literal("::10.0.0.1"),
+            "IPv4-compatible, not mapped"
+        );
     }
 
     #[test]

@@ -72,13 +72,6 @@ impl ServiceInfo {
         }
     }
 
-    /// kube-proxy keeps only the source ranges of the proxier's family (`proxyutil.MapCIDRsByIPFamily`).
-    pub(crate) fn has_source_ranges(&self, family: Family) -> bool {
-        self.source_ranges
-            .iter()
-            .any(|(ip, _)| Family::of(ip) == family)
-    }
-
     pub(crate) fn label(&self) -> String {
         object_label("Service", Some(&self.namespace), Some(&self.name))
     }

@@ -4,8 +4,8 @@
 //! only the Services with pending changes are rebuilt, and the nftables proxier rewrites only their chains. Here
 //! every Service's share of the desired state (its frontends, diagnostics and health check) is kept as a [`Part`],
 //! rebuilt only when the Service, one of its EndpointSlices, the node or the configuration changed. Frontends two
-//! Services claim go to the first in namespace/name order, as in a full translation, so the result never depends
-//! on the order changes arrived in: after any sequence of changes the [`Translation`] equals what
+//! Services claim go to the older one ([`Claimant`]: `creationTimestamp`, then namespace/name; SEMANTICS.md rule 1),
+//! as in a full translation, so the result never depends on the order changes arrived in: after any sequence of changes the [`Translation`] equals what
 //! [`translate`](super::translate) computes from the same objects (a property test checks this). The set of
 //! frontends whose entry changed is handed to the reconciler, which then visits only those.
 
@@ -34,6 +34,28 @@ struct Part {
     health: Option<ServiceHealth>,
 }
 
+/// A Service claiming a frontend, ordered as the rule for two claims on one VIP, port and protocol wants it: the
+/// older Service keeps it (`creationTimestamp`), then namespace/name decides. A Service without a
+/// `creationTimestamp` (a manifest file that does not say) counts as the newest: a Service of unknown age never
+/// takes a frontend from one whose age is known.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Claimant {
+    age_unknown: bool,
+    created: Option<k8s_openapi::jiff::Timestamp>,
+    key: ObjectRef,
+}
+
+impl Claimant {
+    fn of(svc: &Service, key: &ObjectRef) -> Claimant {
+        let created = svc.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        Claimant {
+            age_unknown: created.is_none(),
+            created,
+            key: key.clone(),
+        }
+    }
+}
+
 /// One EndpointSlice as last seen, with what it contributed.
 #[derive(Debug)]
 struct SliceRecord {
@@ -58,8 +80,8 @@ pub struct Translator {
     nodes: Vec<Arc<Node>>,
     service_cidr_objects: Vec<Arc<ServiceCIDR>>,
     parts: BTreeMap<ObjectRef, Part>,
-    /// Every Service claiming a frontend, in namespace/name order: the first one serves it.
-    claims: BTreeMap<Frontend, Vec<ObjectRef>>,
+    /// Every Service claiming a frontend, oldest first: the first one serves it.
+    claims: BTreeMap<Frontend, Vec<Claimant>>,
     /// Frontends claimed by more than one Service (each loser is a diagnostic).
     contested: BTreeSet<Frontend>,
     /// Services whose part has diagnostics or a health check, and slices with diagnostics: what a translation
@@ -331,8 +353,9 @@ impl Translator {
             }
             if let Some(svc) = self.services.get(&key) {
                 let part = build_part(svc, &self.cfg, &self.index, &self.node);
+                let claimant = Claimant::of(svc, &key);
                 for f in part.entries.keys() {
-                    self.claim(f, &key);
+                    self.claim(f, &claimant);
                     touched.insert(*f);
                 }
                 if !part.diagnostics.is_empty() || part.health.is_some() {
@@ -346,7 +369,7 @@ impl Translator {
                 .claims
                 .get(&f)
                 .and_then(|c| c.first())
-                .and_then(|k| self.parts.get(k))
+                .and_then(|c| self.parts.get(&c.key))
                 .and_then(|p| p.entries.get(&f));
             let have = self.out.state.services.get(&f);
             match (want, have) {
@@ -387,10 +410,10 @@ impl Translator {
         std::mem::take(&mut self.changed)
     }
 
-    fn claim(&mut self, f: &Frontend, key: &ObjectRef) {
+    fn claim(&mut self, f: &Frontend, claimant: &Claimant) {
         let claimants = self.claims.entry(*f).or_default();
-        if let Err(at) = claimants.binary_search(key) {
-            claimants.insert(at, key.clone());
+        if let Err(at) = claimants.binary_search(claimant) {
+            claimants.insert(at, claimant.clone());
         }
         if claimants.len() > 1 {
             self.contested.insert(*f);
@@ -401,9 +424,8 @@ impl Translator {
         let Some(claimants) = self.claims.get_mut(f) else {
             return;
         };
-        if let Ok(at) = claimants.binary_search(key) {
-            claimants.remove(at);
-        }
+        // By key: the claim was made with the Service's age as it was then.
+        claimants.retain(|c| &c.key != key);
         if claimants.len() < 2 {
             self.contested.remove(f);
         }
@@ -431,7 +453,7 @@ impl Translator {
             let Some(claimants) = self.claims.get(f) else {
                 continue;
             };
-            let entry_of = |k: &ObjectRef| self.parts.get(k).and_then(|p| p.entries.get(f));
+            let entry_of = |c: &Claimant| self.parts.get(&c.key).and_then(|p| p.entries.get(f));
             let Some(winner) = claimants.first().and_then(entry_of) else {
                 continue;
             };
@@ -440,7 +462,7 @@ impl Translator {
                     continue;
                 };
                 out.push(Diagnostic::new(
-                    object_label("Service", Some(&loser.0), Some(&loser.1)),
+                    object_label("Service", Some(&loser.key.0), Some(&loser.key.1)),
                     None,
                     format!(
                         "{f} ({:?}) is already served for {}; not added for {}",
@@ -553,8 +575,13 @@ mod tests {
         } else {
             ""
         };
+        // Ages decide conflicts: some Services are as old as others, some have no age at all.
+        let created = match rng.below(3) {
+            0 => String::new(),
+            d => format!(", creationTimestamp: \"2025-01-0{d}T00:00:00Z\""),
+        };
         format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: {ns}}}\nspec: {{{spec}}}{status}\n"
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: {ns}{created}}}\nspec: {{{spec}}}{status}\n"
         )
     }
 
@@ -599,12 +626,17 @@ mod tests {
     fn one_pass(objects: &ClusterObjects, node: &NodeContext, cfg: &ModelConfig) -> Translation {
         let mut diagnostics = Vec::new();
         let slices = SliceIndex::build(&objects.endpoint_slices, &node.name, &mut diagnostics);
-        let mut services = BTreeMap::new();
+        let mut by_key = BTreeMap::new();
         for svc in &objects.services {
             let namespace = namespace_of(svc.metadata.namespace.as_deref());
             let name = svc.metadata.name.clone().unwrap_or_default();
-            services.insert((namespace, name), svc);
+            by_key.insert((namespace, name), svc);
         }
+        // The first to claim a frontend keeps it: the oldest first, as the conflict rule says.
+        let services: BTreeMap<Claimant, &Service> = by_key
+            .into_iter()
+            .map(|(key, svc)| (Claimant::of(svc, &key), &**svc))
+            .collect();
         let mut state = frontends::StateBuilder::default();
         state.localhost_nodeports = cfg.localhost_nodeports;
         let mut health = Vec::new();
@@ -614,6 +646,8 @@ mod tests {
                 health.extend(health::service_health(svc, &info, &slices));
             }
         }
+        // Health checks are listed by Service, whatever order the Services were added in.
+        health.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         let (mut state, conflicts) = state.finish();
         state.node = node::node_nets(&objects.nodes, node);
         state.endpoint_addresses = objects
@@ -781,6 +815,45 @@ mod tests {
             "{:?}",
             t.translation().diagnostics
         );
+    }
+
+    #[test]
+    fn the_older_service_keeps_a_contested_frontend_whatever_the_order_changes_arrive_in() {
+        let svc = |name: &str, created: &str| {
+            let yaml = format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns, creationTimestamp: \"{created}\"}}\nspec: {{clusterIP: 10.96.0.{}, externalIPs: [203.0.113.5], ports: [{{port: 80}}]}}\n",
+                if name == "a" { 1 } else { 2 }
+            );
+            parse(&yaml).services.remove(0)
+        };
+        let owner = |t: &Translator| {
+            t.translation()
+                .state
+                .services
+                .iter()
+                .find(|(f, _)| f.addr == ip("203.0.113.5"))
+                .map(|(_, e)| e.service.name.clone())
+        };
+        let mut t = Translator::new(ModelConfig::default(), worker());
+        // The newer one first: it serves until the older one arrives.
+        t.upsert_service(("ns".into(), "a".into()), svc("a", "2025-06-01T00:00:00Z"));
+        t.translate();
+        assert_eq!(owner(&t), Some("a".into()));
+        t.upsert_service(("ns".into(), "z".into()), svc("z", "2025-01-01T00:00:00Z"));
+        let changed = t.translate();
+        assert_eq!(owner(&t), Some("z".into()));
+        assert!(changed.iter().any(|f| f.addr == ip("203.0.113.5")));
+        let objects: Vec<&str> = t
+            .translation()
+            .diagnostics
+            .iter()
+            .map(|d| d.object.as_str())
+            .collect();
+        assert_eq!(objects, ["Service ns/a", "Service ns/a"]);
+        // Recreated (a new creationTimestamp), the older one yields.
+        t.upsert_service(("ns".into(), "z".into()), svc("z", "2025-09-01T00:00:00Z"));
+        t.translate();
+        assert_eq!(owner(&t), Some("a".into()));
     }
 
     #[test]

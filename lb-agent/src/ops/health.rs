@@ -143,7 +143,8 @@ pub struct ServiceHealthServers {
 }
 
 struct Running {
-    service: (String, String),
+    /// The Service this server answers for; a port handed to another Service keeps its server and changes this.
+    service: Arc<Mutex<(String, String)>>,
     stop: watch::Sender<bool>,
 }
 
@@ -181,26 +182,47 @@ impl ServiceHealthServers {
                 )
             })
             .collect();
+        // A port no Service wants any more is closed. A port that moves from one Service to another keeps its
+        // server, which answers for the new Service from now on: closing is asynchronous (the server's task drops
+        // its listeners later), so reopening the port within this sync could fail with EADDRINUSE.
         let stale: Vec<u16> = self
             .running
-            .iter()
-            .filter(|(port, r)| wanted.get(port) != Some(&r.service))
-            .map(|(port, _)| *port)
+            .keys()
+            .filter(|port| !wanted.contains_key(port))
+            .copied()
             .collect();
         for port in stale {
             if let Some(r) = self.running.remove(&port) {
-                tracing::info!(port, service = %format!("{}/{}", r.service.0, r.service.1), "closing health check server");
+                let service = r.service.lock().map(|s| s.clone()).unwrap_or_default();
+                tracing::info!(port, service = %format!("{}/{}", service.0, service.1), "closing health check server");
                 let _ = r.stop.send(true);
             }
         }
         for (port, service) in wanted {
-            if self.running.contains_key(&port) {
+            if let Some(r) = self.running.get(&port) {
+                if let Ok(mut current) = r.service.lock()
+                    && *current != service
+                {
+                    tracing::info!(port, from = %format!("{}/{}", current.0, current.1), to = %format!("{}/{}", service.0, service.1), "health check server handed to another Service");
+                    *current = service;
+                }
                 continue;
             }
-            match self.open(port, &service) {
+            // No addresses: another proxy on this node serves the health check ports (`--coexist-with-kube-proxy`).
+            if self.addresses.is_empty() {
+                continue;
+            }
+            let shared = Arc::new(Mutex::new(service.clone()));
+            match self.open(port, shared.clone()) {
                 Ok(stop) => {
                     tracing::info!(port, service = %format!("{}/{}", service.0, service.1), "health check server listening");
-                    self.running.insert(port, Running { service, stop });
+                    self.running.insert(
+                        port,
+                        Running {
+                            service: shared,
+                            stop,
+                        },
+                    );
                 }
                 Err(e) => tracing::error!(
                     event = "Warning",
@@ -215,7 +237,11 @@ impl ServiceHealthServers {
     }
 
     /// Binds every address first, so a port is either served on all of them or on none.
-    fn open(&self, port: u16, service: &(String, String)) -> std::io::Result<watch::Sender<bool>> {
+    fn open(
+        &self,
+        port: u16,
+        service: Arc<Mutex<(String, String)>>,
+    ) -> std::io::Result<watch::Sender<bool>> {
         let mut listeners = Vec::new();
         for addr in &self.addresses {
             let std_listener = std::net::TcpListener::bind(SocketAddr::new(*addr, port))?;
@@ -224,8 +250,10 @@ impl ServiceHealthServers {
         }
         let (stop, stop_rx) = watch::channel(false);
         let state = self.state.clone();
-        let (namespace, name) = service.clone();
-        let handler: Handler = Arc::new(move |_path| state.service_response(&namespace, &name));
+        let handler: Handler = Arc::new(move |_path| {
+            let (namespace, name) = service.lock().map(|s| s.clone()).unwrap_or_default();
+            state.service_response(&namespace, &name)
+        });
         for l in listeners {
             let handler = handler.clone();
             let stop_rx = stop_rx.clone();
@@ -244,6 +272,63 @@ impl ServiceHealthServers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A GET of `/healthz` on 127.0.0.1:`port`: the response, or `None` when nothing answers.
+    fn get(port: u16) -> Option<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    }
+
+    #[test]
+    fn a_port_handed_from_one_service_to_another_in_one_sync_answers_for_the_new_one() {
+        // The API server releases a health-check nodePort (externalTrafficPolicy Local to Cluster) and may give it to
+        // another Service at once; one sync then sees the port leave one Service and join another. Closing the old
+        // server is asynchronous (its task drops the listener later), so reopening the port in the same sync used to
+        // fail with EADDRINUSE and leave the new Service unserved until some later sync.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let state = Arc::new(HealthState::default());
+        let mut servers = ServiceHealthServers::new(
+            state,
+            vec!["127.0.0.1".parse().expect("address")],
+            runtime.handle().clone(),
+        );
+        let health = |name: &str| ServiceHealth {
+            namespace: "ns".into(),
+            name: name.into(),
+            health_check_node_port: port,
+            local_endpoints: 1,
+        };
+        servers.sync(&[health("first")]);
+        let r = get(port).expect("the first Service's health check answers");
+        assert!(r.contains("\"name\":\"first\""), "{r}");
+        // Keep the runtime's only worker busy across the handover, as a loaded node does: the old server's task
+        // cannot run (and close its listener) before the sync is over.
+        let (busy_tx, busy_rx) = std::sync::mpsc::channel();
+        runtime.spawn(async move {
+            let _ = busy_tx.send(());
+            std::thread::sleep(Duration::from_millis(300));
+        });
+        busy_rx.recv().expect("the worker is busy");
+        servers.sync(&[health("second")]);
+        assert_eq!(servers.ports(), [port]);
+        let r = get(port).expect("the port answers after the handover");
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(r.contains("\"name\":\"second\""), "{r}");
+    }
 
     #[test]
     fn readyz_waits_for_the_first_sync() {

@@ -539,7 +539,10 @@ mod tests {
                     proto: crate::state::Protocol::Tcp,
                     scope: crate::state::Scope::Internal,
                 },
-                crate::datapath::reconcile::FrontendError::ServiceCapacity { capacity: 15 },
+                crate::datapath::reconcile::FrontendError::ServiceCapacity {
+                    capacity: 15,
+                    needed: None,
+                },
             )],
             ..Default::default()
         };

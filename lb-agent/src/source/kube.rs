@@ -105,6 +105,17 @@ pub struct KubeSource {
     tasks: Vec<JoinHandle<()>>,
     /// When the last snapshot was handed out.
     last_handed_out: Option<tokio::time::Instant>,
+    /// The batch being gathered, kept here rather than in `next`'s locals: the run loop polls `next` in a
+    /// `select!`, and a timer or signal firing mid-batch drops the future. The changes it applied are in the
+    /// tracker; with the batch remembered, the next call finishes it instead of waiting for a new event.
+    batch: Option<Batch>,
+}
+
+/// A batch of changes in progress: when its first event arrived, and when it is handed out at the latest.
+#[derive(Clone, Copy, Debug)]
+struct Batch {
+    first_event: std::time::Instant,
+    deadline: tokio::time::Instant,
 }
 
 impl KubeSource {
@@ -158,40 +169,56 @@ impl KubeSource {
             tracker: Tracker::default(),
             tasks,
             last_handed_out: None,
+            batch: None,
         }
     }
 
     /// Waits for the next snapshot worth syncing: the first once every kind has been listed ([`Snapshot::initial`];
     /// the run loop logs "initial sync done" after programming it), then one per batch of events that changed
     /// something. `None` when every watcher has stopped (they do not, short of a panic).
+    ///
+    /// Cancel-safe: every await is a channel receive (which loses nothing when dropped), an event is applied as soon
+    /// as it is received, and the batch's timing lives in `self`, so a call dropped mid-batch is resumed by the next.
     pub async fn next(&mut self) -> Option<Snapshot> {
         loop {
-            let first = self.events.recv().await?;
-            let first_at = std::time::Instant::now();
-            self.apply(first);
-            // Everything already queued belongs to this batch whatever happens next.
-            while let Ok(update) = self.events.try_recv() {
-                self.apply(update);
-            }
-            let idle = self
-                .last_handed_out
-                .is_none_or(|at| at.elapsed() >= MAX_BATCH);
-            // Idle: no waiting at all (the deadline has passed already).
-            let deadline =
-                tokio::time::Instant::now() + if idle { Duration::ZERO } else { MAX_BATCH };
+            let batch = match self.batch {
+                Some(batch) => batch,
+                None => {
+                    let first = self.events.recv().await?;
+                    let first_event = std::time::Instant::now();
+                    self.apply(first);
+                    // Everything already queued belongs to this batch whatever happens next.
+                    while let Ok(update) = self.events.try_recv() {
+                        self.apply(update);
+                    }
+                    let idle = self
+                        .last_handed_out
+                        .is_none_or(|at| at.elapsed() >= MAX_BATCH);
+                    // Idle: no waiting at all (the deadline has passed already).
+                    let wait = if idle { Duration::ZERO } else { MAX_BATCH };
+                    let batch = Batch {
+                        first_event,
+                        deadline: tokio::time::Instant::now() + wait,
+                    };
+                    self.batch = Some(batch);
+                    batch
+                }
+            };
             loop {
                 let now = tokio::time::Instant::now();
-                if now >= deadline {
+                if now >= batch.deadline {
                     break;
                 }
-                match tokio::time::timeout(QUIET.min(deadline - now), self.events.recv()).await {
+                let quiet = QUIET.min(batch.deadline - now);
+                match tokio::time::timeout(quiet, self.events.recv()).await {
                     Ok(Some(update)) => self.apply(update),
                     Ok(None) => return None,
                     Err(_quiet) => break,
                 }
             }
+            self.batch = None;
             if let Some(mut snapshot) = self.tracker.take() {
-                snapshot.first_event = Some(first_at);
+                snapshot.first_event = Some(batch.first_event);
                 self.last_handed_out = Some(tokio::time::Instant::now());
                 return Some(snapshot);
             }
@@ -447,5 +474,30 @@ mod tests {
         let follower = source.next().await.expect("the follower");
         assert_eq!(follower.changes, 1);
         assert_eq!(started.elapsed(), QUIET);
+    }
+
+    /// The run loop polls `next` in a `select!` next to the conntrack GC timer, signals and the config watch: any of
+    /// them firing while a batch waits for its quiet spell drops the future. What it had applied must still come
+    /// out, without waiting for another event (which may not come for minutes: a Service switched from
+    /// `externalTrafficPolicy: Local` to `Cluster` kept its health check server answering until then).
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_interrupted_by_another_select_branch_is_handed_out_by_the_next_call() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut source = KubeSource::from_events(rx, Vec::new());
+        send_list(&tx);
+        source.next().await.expect("initial snapshot");
+        // Right after a hand-out, so the change waits for a quiet spell.
+        let (key, obj) = slice("changed");
+        tx.send(Update::EndpointSlice(Change::Apply(key, obj)))
+            .expect("send");
+        let interrupted = tokio::time::timeout(QUIET / 2, source.next()).await;
+        assert!(interrupted.is_err(), "the batch did not wait");
+        // No further event: the next call must still hand the change out, within one batch window.
+        let resumed = tokio::time::timeout(MAX_BATCH, source.next())
+            .await
+            .expect("the change applied before the interruption was not handed out")
+            .expect("a snapshot");
+        assert_eq!(resumed.changes, 1);
+        assert!(resumed.first_event.is_some());
     }
 }

@@ -13,15 +13,16 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    ALG_MAGLEV, AffinityKey, AffinityValue, BACKEND_FLAG_LOCAL, PROTO_SCTP, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, SVC_FLAG_DROP_NO_BACKEND, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue,
-    SrcRangeData, VIP_FLAG_CLUSTER_IP, is_v4_mapped, reason,
+    ALG_MAGLEV, AffinityKey, AffinityValue, BACKEND_FLAG_LOCAL, CONFIG_FLAG_PASS_UNTRACKED_TCP,
+    PROTO_SCTP, PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_DROP_NO_BACKEND,
+    SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, SrcRangeData, VIP_FLAG_CLUSTER_IP,
+    is_v4_mapped, reason,
 };
 
 use super::verdict::reject_packet;
 use crate::ct::NS_PER_SEC;
 use crate::maps::{LB_AFFINITY, LB_LOCAL_NETS, LB_SERVICES, LB_SRC_RANGES, LB_SVC_CIDRS, LB_VIPS};
-use crate::packet::{FRAG_NONE, Packet};
+use crate::packet::{FRAG_NONE, Packet, TCP_SYN};
 use crate::scratch::TcScratch;
 use crate::select::{lookup_backend, mix64, pick_from_table};
 
@@ -67,6 +68,15 @@ pub(super) fn choose(ctx: &TcContext, s: &mut TcScratch) -> u32 {
     }
     if !found {
         unknown_vip(ctx, s);
+        return 0;
+    }
+    // Beside kube-proxy: a mid-stream TCP packet of a flow lb does not track is one netfilter translated before lb
+    // started; taking it over would send it to lb's choice of backend, which resets it.
+    if s.cfg.flags & CONFIG_FLAG_PASS_UNTRACKED_TCP != 0
+        && s.pkt.proto == PROTO_TCP
+        && s.pkt.tcp_flags & TCP_SYN == 0
+    {
+        s.out.pass(reason::UNTRACKED_TCP);
         return 0;
     }
     let svc_id = s.svc.service_id;

@@ -9,7 +9,7 @@
 //!   --probability 1/(n-i)` (the last one unconditionally) and jumps to `KUBE-SEP-<hash>`, which marks hairpin
 //!   traffic and DNATs. NodePorts go through `KUBE-NODEPORTS`, reached from the last rule of `KUBE-SERVICES`
 //!   (`--dst-type LOCAL`). `KUBE-POSTROUTING` masquerades marked packets. (Releases before 1.28 put the masquerade
-//!   rule in `KUBE-SERVICES` as a second rule per service, as ../shared/seeds/004 shows; the current shape is the
+//!   rule in `KUBE-SERVICES` as a second rule per service; the current shape is the
 //!   kinder one for iptables: half the linear list.)
 //! - nftables (table `ip kube-proxy`): a `service-ips` verdict map keyed by `daddr . l4proto . dport`, one
 //!   `service-*` chain per service port doing the masquerade mark and `numgen random mod n vmap { i : goto

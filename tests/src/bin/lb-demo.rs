@@ -222,7 +222,7 @@ fn udp_table(topo: &Topology) -> Result<Option<Vec<String>>> {
     let Some((_, svc)) = maps.services()?.into_iter().find(|(k, _)| *k == key) else {
         return Ok(None);
     };
-    Ok(maps.table(svc.service_id)?.map(|t| {
+    Ok(maps.table(&svc)?.map(|t| {
         t.into_iter()
             .map(|id| backends.get(&id).cloned().unwrap_or_default())
             .collect()

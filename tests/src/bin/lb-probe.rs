@@ -13,9 +13,11 @@
 //! lb-probe serve ... [--echo-port P]...
 //!   Also: TCP ports that echo every byte back until the client closes (bulk transfers through the datapath).
 //!
-//! lb-probe echo --to <IP:PORT> [--rounds N] [--size S] [--pause-ms X] [--timeout-ms 5000]
+//! lb-probe echo --to <IP:PORT> [--rounds N] [--size S] [--pause-ms X] [--timeout-ms 5000] [--pause-file PATH]
 //!   One TCP connection: N rounds of sending S bytes (a pattern that differs per round and offset) and reading the
-//!   S bytes back, compared byte for byte, pausing X ms between rounds. One line at the end:
+//!   S bytes back, compared byte for byte, pausing X ms between rounds. With --pause-file, each round but the first
+//!   waits for PATH to exist (and deletes it), and each round prints {"round":r,"ok":true,"event":"round-done"}.
+//!   One line at the end:
 //!   {"ok":true,"i":<rounds done>,"local":"<getsockname()>"} or {"ok":false,"i":<round>,"error":...,"stage":...}
 //!   (stage `verify` when the bytes came back different).
 //!
@@ -133,6 +135,12 @@ struct EchoArgs {
     pause_ms: u64,
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
+    /// Before each round but the first, wait for this file to exist and delete it; print a line after each round.
+    /// One connection held across whatever the test does between rounds.
+    #[arg(long)]
+    pause_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 120_000)]
+    pause_timeout_ms: u64,
 }
 
 #[derive(Args)]
@@ -1460,6 +1468,19 @@ fn echo(args: EchoArgs) {
         if round > 0 && args.pause_ms > 0 {
             std::thread::sleep(Duration::from_millis(args.pause_ms));
         }
+        if round > 0
+            && let Some(path) = &args.pause_file
+            && let Err(e) = wait_for_file(path, Duration::from_millis(args.pause_timeout_ms))
+        {
+            return fail(
+                round,
+                Failure {
+                    stage: "pause",
+                    error: format!("{e:#}"),
+                    errno: 0,
+                },
+            );
+        }
         let data: Vec<u8> = (0..args.size).map(|o| echo_pattern(round, o)).collect();
         // Written from another thread while this one reads: a large round would otherwise fill both directions'
         // buffers and stall.
@@ -1488,6 +1509,15 @@ fn echo(args: EchoArgs) {
                     errno: 0,
                 },
             );
+        }
+        if args.pause_file.is_some() {
+            Line {
+                round: Some(round),
+                ok: Some(true),
+                event: Some("round-done"),
+                ..Line::default()
+            }
+            .print();
         }
     }
     let _ = stream.shutdown(Shutdown::Write);

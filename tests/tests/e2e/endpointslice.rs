@@ -29,6 +29,13 @@ pub fn cases() -> Vec<Case> {
             ],
             run: custom_slices,
         },
+        Case {
+            name: "endpointslice/ipv4-mapped-address",
+            covers: &[
+                "lb: an IPv4-mapped IPv6 literal in an IPv4 EndpointSlice is skipped with a warning naming the slice",
+            ],
+            run: bad_address,
+        },
     ]
 }
 
@@ -287,4 +294,60 @@ fn custom_slices(ctx: &Ctx<'_>) -> Result<()> {
         );
         Ok(())
     })
+}
+
+/// An IPv4-mapped IPv6 literal (`::ffff:a.b.c.d`) in an `addressType: IPv4` slice is no IPv4 endpoint: the API
+/// server refuses it, a file can still hold it. The agent skips that endpoint with a warning naming the slice, and
+/// serves the others (rule 1 of the Service semantics).
+fn bad_address(ctx: &Ctx<'_>) -> Result<()> {
+    let name = "mapped-address";
+    let svc = ctx.c.create_service(
+        service(&ctx.ns, name, "none")
+            .without_selector()
+            .port("http", 80, 8080, "TCP")
+            .build(),
+    )?;
+    let mapped = ctx
+        .c
+        .create_pod(&PodSpec::exec(&ctx.ns, "mapped", 1).with_port("", 8080, "TCP"))?;
+    let plain = ctx
+        .c
+        .create_pod(&PodSpec::exec(&ctx.ns, "plain", 2).with_port("", 8080, "TCP"))?;
+    // Written as a file or a client skipping validation would: the double stores it as given.
+    ctx.c.api.apply_value(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "mapped-address-1", "namespace": ctx.ns,
+            "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4",
+        "endpoints": [
+            {"addresses": [format!("::ffff:{}", mapped.ip)], "conditions": {"ready": true}},
+            {"addresses": [plain.ip.to_string()], "conditions": {"ready": true}},
+        ],
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+    }))?;
+    let exec = ctx.exec_pod("execpod", 0)?;
+    ctx.expect_backends(
+        &From::Pod(&exec),
+        Proto::Tcp,
+        sa(&cluster_ip(&svc), 80),
+        &["plain"],
+    )?;
+    let object = format!("object=EndpointSlice {}/mapped-address-1", ctx.ns);
+    for i in 0..ctx.c.nodes.len() {
+        eventually(
+            &format!("node-{i}'s agent warns about the mapped address"),
+            LAG,
+            || {
+                let log = ctx.c.agent_log(i);
+                ensure!(
+                    log.lines().any(
+                        |l| l.contains(&object) && l.contains(&format!("::ffff:{}", mapped.ip))
+                    ),
+                    "no warning naming the slice and the address"
+                );
+                Ok(())
+            },
+        )?;
+    }
+    Ok(())
 }

@@ -58,6 +58,13 @@ pub fn cases() -> Vec<Case> {
             ],
             run: esipp_updates,
         },
+        Case {
+            name: "loadbalancer/source-ranges",
+            covers: &[
+                "[sig-network] LoadBalancers should only allow access from service loadbalancer source ranges [Slow]",
+            ],
+            run: source_ranges,
+        },
     ]
 }
 
@@ -424,4 +431,63 @@ fn esipp_updates(ctx: &Ctx<'_>) -> Result<()> {
         "Source IP is not the client IP even after ESIPP turned on: {seen}"
     );
     Ok(())
+}
+
+/// "should only allow access from service loadbalancer source ranges", in the GCE shape: the cloud adds the load
+/// balancer IP as a local route on every node, so a pod's packets to it never cross a tc device and only the socket
+/// LB can serve (or refuse) them. Pods inside the ranges reach it (kube-proxy DNATs them), pods outside do not
+/// (SEMANTICS.md rule 9: pods and the node are checked too); the outside client likewise through the tc path.
+fn source_ranges(ctx: &Ctx<'_>) -> Result<()> {
+    let name = "lb-sourcerange";
+    let accept = ctx.exec_pod("execpod-accept", 0)?;
+    let drop = ctx.exec_pod("execpod-drop", 1)?;
+    ctx.pods(name, 1, 80, &[2])?;
+    let backend = format!("{name}-0");
+    let range = |pod: &Pod| json!([format!("{}/32", pod.ip)]);
+    ctx.c.create_service(
+        service(&ctx.ns, name, name)
+            .type_("LoadBalancer")
+            .port("", 80, 80, "TCP")
+            .spec("loadBalancerSourceRanges", range(&accept))
+            .build(),
+    )?;
+    let (_, lb) = with_ingress(ctx, name)?;
+    let to = sa(&lb, 80);
+    let reach = |pod: &Pod, yes: bool| -> Result<()> {
+        if yes {
+            ctx.expect_backends(&From::Pod(pod), Proto::Tcp, to, &[&backend])
+        } else {
+            ctx.expect_unreachable(&From::Pod(pod), Proto::Tcp, to)
+                .map(|_| ())
+        }
+    };
+    reach(&accept, true)?;
+    reach(&drop, false)?;
+    ctx.expect_unreachable(&From::External, Proto::Tcp, to)?;
+    ctx.c.update_service(&ctx.ns, name, |s| {
+        s["spec"]["loadBalancerSourceRanges"] = range(&drop)
+    })?;
+    reach(&accept, false)?;
+    reach(&drop, true)?;
+    // The outside client's own range: it gets in through node-0's tc path.
+    ctx.c.update_service(&ctx.ns, name, |s| {
+        s["spec"]["loadBalancerSourceRanges"] = json!([format!("{CLIENT_IP}/32")])
+    })?;
+    ctx.expect_backends(&From::External, Proto::Tcp, to, &[&backend])?;
+    reach(&accept, false)?;
+    // The node itself (and its hostNetwork pods) is checked too: a range holding node-0's address lets node-0 in,
+    // not node-1.
+    ctx.c.update_service(&ctx.ns, name, |s| {
+        s["spec"]["loadBalancerSourceRanges"] = json!([format!("{}/32", ctx.c.nodes[0].ip())])
+    })?;
+    ctx.expect_backends(&From::Host(0), Proto::Tcp, to, &[&backend])?;
+    ctx.expect_unreachable(&From::Host(1), Proto::Tcp, to)?;
+    reach(&accept, false)?;
+    ctx.c.update_service(&ctx.ns, name, |s| {
+        if let Some(spec) = s["spec"].as_object_mut() {
+            spec.remove("loadBalancerSourceRanges");
+        }
+    })?;
+    reach(&accept, true)?;
+    reach(&drop, true)
 }

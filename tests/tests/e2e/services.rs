@@ -190,6 +190,13 @@ pub fn cases() -> Vec<Case> {
             ],
             run: proxy_labels,
         },
+        Case {
+            name: "services/duplicate-vip",
+            covers: &[
+                "lb: two Services claiming one VIP:port: the older keeps it, the newer is named as skipped",
+            ],
+            run: duplicate_vip,
+        },
     ]
 }
 
@@ -1159,6 +1166,53 @@ fn proxy_labels(ctx: &Ctx<'_>) -> Result<()> {
         })?;
         verify_up(ctx, &pods_t, &ip_t, &exec)?;
         verify_down(ctx, &ip_d)?;
+    }
+    Ok(())
+}
+
+/// Two Services claiming one VIP, port and protocol (an externalIP: the API server does not refuse that, and files
+/// can hold anything): the older one (creationTimestamp, then namespace/name) keeps it, and every agent names the
+/// newer one as skipped (rule 1 of the Service semantics).
+fn duplicate_vip(ctx: &Ctx<'_>) -> Result<()> {
+    let vip = "203.0.113.240";
+    let mk = |name: &str| {
+        service(&ctx.ns, name, name)
+            .port("http", 80, 9376, "TCP")
+            .spec("externalIPs", json!([vip]))
+            .build()
+    };
+    // The older one sorts last by name: a name order would pick the newer.
+    ctx.c.create_service(mk("z-older"))?;
+    ctx.pods("z-older", 1, 9376, &[1])?;
+    // creationTimestamp has a resolution of one second.
+    std::thread::sleep(Duration::from_millis(1100));
+    ctx.c.create_service(mk("a-newer"))?;
+    ctx.pods("a-newer", 1, 9376, &[2])?;
+    let exec = ctx.exec_pod("execpod", 0)?;
+    ctx.expect_backends(&From::Pod(&exec), Proto::Tcp, sa(vip, 80), &["z-older-0"])?;
+    ctx.expect_backends(&From::External, Proto::Tcp, sa(vip, 80), &["z-older-0"])?;
+    let skipped = format!("{}/a-newer", ctx.ns);
+    let kept = format!("{}/z-older", ctx.ns);
+    for i in 0..ctx.c.nodes.len() {
+        eventually(
+            &format!("node-{i}'s agent names {skipped} as skipped"),
+            LAG,
+            || {
+                let log = ctx.c.agent_log(i);
+                let line = log
+                    .lines()
+                    .rev()
+                    .find(|l| {
+                        l.contains("skipped") && l.contains(vip) && l.contains("already served")
+                    })
+                    .unwrap_or_default();
+                ensure!(
+                    line.contains(&format!("object=Service {skipped}")) && line.contains(&kept),
+                    "no warning naming {skipped} as the skipped one (last: {line:?})"
+                );
+                Ok(())
+            },
+        )?;
     }
     Ok(())
 }

@@ -6,7 +6,7 @@
 //!    n0 10.244.7.1 ── p0 10.244.7.2  pod namespace (lb-probe serve, identity pod-7)
 //! ```
 //!
-//! The container gets `--cap-drop all` plus exactly the capabilities deploy/daemonset.yaml adds, no-new-privileges,
+//! The container gets `--cap-drop all` plus exactly the capabilities deploy/lb-agent.yaml adds, no-new-privileges,
 //! a read-only root, its own PID namespace, and the DaemonSet's mounts (/sys/fs/bpf, the cgroup v2 root at
 //! /sys/fs/cgroup, /run/netns). Drop removes the container, the server, the pins, the cgroup and the namespaces.
 
@@ -73,10 +73,11 @@ impl Drop for Made {
     }
 }
 
-/// The capabilities the DaemonSet adds (the `add:` list under `capabilities:`), read without a YAML parser: xtask
-/// stays small, and tests/tests/capabilities.rs reads the same list with the k8s-openapi types.
+/// The capabilities the agent's DaemonSet adds (the first `add:` list under `capabilities:` in the rendered
+/// deploy/lb-agent.yaml, whose only DaemonSet is the agent's), read without a YAML parser: xtask stays small, and
+/// tests/tests/capabilities.rs proves the same list from the generator's k8s-openapi objects.
 fn daemonset_capabilities() -> anyhow::Result<Vec<String>> {
-    let path = workspace_root().join("deploy/daemonset.yaml");
+    let path = workspace_root().join(super::RENDERED_MANIFESTS);
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut lines = text.lines().skip_while(|l| l.trim() != "capabilities:");
@@ -132,7 +133,10 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
 
 pub fn run(podman: &Podman, tag: &str) -> anyhow::Result<()> {
     let caps = daemonset_capabilities()?;
-    eprintln!("smoke: capabilities from deploy/daemonset.yaml: {caps:?}");
+    eprintln!(
+        "smoke: capabilities from {}: {caps:?}",
+        super::RENDERED_MANIFESTS
+    );
     let root = workspace_root();
     exec(
         Command::new("cargo")
@@ -293,6 +297,14 @@ pub fn run(podman: &Podman, tag: &str) -> anyhow::Result<()> {
     ensure!(
         eff.count_ones() as usize == caps.len() && field("NoNewPrivs:") == "1",
         "the agent's capabilities are not exactly {caps:?} with no_new_privs"
+    );
+    // The DaemonSet asks for the runtime's default seccomp profile; podman's default applies here (mode 2: a
+    // filter), so the agent is shown to work under such a profile.
+    eprintln!("smoke: the agent's seccomp mode: {}", field("Seccomp:"));
+    ensure!(
+        field("Seccomp:") == "2",
+        "the agent runs without a seccomp filter (Seccomp: {}), unlike the DaemonSet's RuntimeDefault",
+        field("Seccomp:")
     );
     for cap in &caps {
         ensure!(

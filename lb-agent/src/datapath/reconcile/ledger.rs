@@ -1,36 +1,36 @@
 //! What is programmed, and the counts a partial sync relies on.
 //!
 //! **Invariant (counts):** `refs[id]` is how many programmed frontends' inputs name backend `id`, `keys_by_id` maps
-//! every programmed service id back to its key, and `unknown_inputs` is how many programmed frontends have no
-//! known inputs (restored, not yet rewritten). The fields are private and every change of what is programmed goes
-//! through [`Ledger::put`] or [`Ledger::remove`], so nothing else can let them drift. Should they disagree anyway
-//! (a bug), the ledger says so ([`Ledger::needs_full`]) and the next full sync recounts them from what they count.
+//! every programmed service id back to its key, `unknown_inputs` is how many programmed frontends have no known
+//! inputs (restored, not yet rewritten), and every table in the slot array counts the entries pointing at it
+//! ([`Tables`]). The fields are private and every change of what is programmed goes through [`Ledger::put`] or
+//! [`Ledger::remove`], so nothing else can let them drift. Should they disagree anyway (a bug), the ledger says so
+//! ([`Ledger::needs_full`]) and the next full sync recounts them from what they count.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use lb_common::{BackendValue, ServiceKey, ServiceValue};
 
 use super::ids::IdAllocator;
-use crate::state::{Algorithm, ServiceEntry};
+use super::tables::{Inputs, Tables};
+use crate::state::ServiceEntry;
 
-/// What a frontend's table was built from: algorithm, backend ids in table order, table size.
-pub(super) type Inputs = (Algorithm, Vec<u32>, u32);
+fn table_offset(v: &ServiceValue) -> Option<u64> {
+    (v.table_size > 0).then_some(u64::from(v.table_offset))
+}
 
 /// What is programmed for one frontend, mirrored in memory so unchanged services cost nothing.
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct Programmed {
     pub(super) value: ServiceValue,
-    /// Backend ids and algorithm the table was built from; `None` after a restart until rebuilt once.
-    pub(super) inputs: Option<Inputs>,
+    /// What the table was built from; `None` after a restart until rebuilt once.
+    pub(super) inputs: Option<Arc<Inputs>>,
     /// The desired entry `value` and `inputs` were computed from, `None` until then, after the table size bounds
     /// change, and once the service entry is deleted. An equal desired entry plans to exactly the same writes
     /// (none), so the sync skips it without looking up its backends: the backend ids it names stay allocated
     /// because its inputs hold a reference to each.
     pub(super) entry: Option<ServiceEntry>,
-    /// The frontend went and its service entry is deleted, but its table could not be: it stays here (id and
-    /// backends held) so the table delete is retried. Should the frontend come back meanwhile, its entry is
-    /// written again even though `value` says it is there.
-    pub(super) entry_deleted: bool,
 }
 
 pub(super) struct Ledger {
@@ -41,7 +41,12 @@ pub(super) struct Ledger {
     /// name any backend, so while one remains no backend may be deleted and every sync is a full one.
     unknown_inputs: usize,
     service_ids: IdAllocator,
+    /// Ids a migrated `LB_SERVICES` gave these keys, kept for them until the first full sync (whose frontends take
+    /// them back) is done.
+    reserved: HashMap<ServiceKey, u32>,
     backends: Backends,
+    /// The tables in the slot array, with the entries pointing at each.
+    tables: Tables,
     /// The counts cannot be trusted to skip anything (after a restore, a change of the table size bounds, or an
     /// inconsistency): the next sync visits every frontend, and recounts.
     needs_full: bool,
@@ -67,8 +72,13 @@ impl Ledger {
         backends: Vec<(u32, BackendValue)>,
         max_services: u32,
         max_backends: u32,
+        slot_capacity: u64,
+        fence_epoch: u64,
+        migrated: Vec<(ServiceKey, u32)>,
     ) -> Self {
-        let mut service_ids = IdAllocator::new(max_services);
+        let tables = Tables::restore(services.iter().map(|(_, v)| v), slot_capacity, fence_epoch);
+        // Ids 1..=max: 0 means "none" to the programs, and the counter maps have one element more.
+        let mut service_ids = IdAllocator::new(max_services.saturating_add(1));
         let mut frontends = BTreeMap::new();
         let mut keys_by_id = HashMap::new();
         for (key, value) in services {
@@ -80,7 +90,6 @@ impl Ledger {
                     value,
                     inputs: None,
                     entry: None,
-                    entry_deleted: false,
                 },
             );
         }
@@ -88,7 +97,7 @@ impl Ledger {
             ids: BTreeMap::new(),
             values: HashMap::new(),
             refs: Vec::new(),
-            alloc: IdAllocator::new(max_backends),
+            alloc: IdAllocator::new(max_backends.saturating_add(1)),
             candidates: Vec::new(),
         };
         for (id, value) in backends {
@@ -96,12 +105,26 @@ impl Ledger {
             b.ids.insert(value, id);
             b.values.insert(id, value);
         }
+        let mut reserved = HashMap::new();
+        for (key, id) in migrated {
+            if id > 0
+                && id <= max_services
+                && !frontends.contains_key(&key)
+                && !keys_by_id.contains_key(&id)
+                && !reserved.values().any(|r| *r == id)
+            {
+                service_ids.mark(id);
+                reserved.insert(key, id);
+            }
+        }
         Self {
             unknown_inputs: frontends.len(),
             frontends,
             keys_by_id,
             service_ids,
+            reserved,
             backends: b,
+            tables,
             needs_full: true,
         }
     }
@@ -122,8 +145,12 @@ impl Ledger {
         self.frontends.len()
     }
 
+    /// Every id in use: programmed, or kept for a frontend of a migrated map.
     pub(super) fn service_ids(&self) -> impl Iterator<Item = u32> + '_ {
-        self.frontends.values().map(|p| p.value.service_id)
+        self.frontends
+            .values()
+            .map(|p| p.value.service_id)
+            .chain(self.reserved.values().copied())
     }
 
     pub(super) fn service_id(&self, key: &ServiceKey) -> Option<u32> {
@@ -135,11 +162,17 @@ impl Ledger {
         self.keys_by_id.get(&service_id)
     }
 
-    /// Records `p` as programmed under `key`, counting the references its inputs hold.
+    /// Records `p` as programmed under `key`, counting the references its inputs and its table hold.
     pub(super) fn put(&mut self, key: ServiceKey, p: Programmed) {
+        // The new table's reference first: should the old entry hold the same table, it must not drop to zero.
+        if let Some(offset) = table_offset(&p.value)
+            && !self.tables.reference(offset)
+        {
+            self.inconsistent("an entry points at a table the ledger does not know");
+        }
         match &p.inputs {
-            Some((_, ids, _)) => {
-                for &id in ids {
+            Some(inputs) => {
+                for &id in &inputs.ids {
                     let i = id as usize;
                     if i >= self.backends.refs.len() {
                         self.backends.refs.resize(i + 1, 0);
@@ -175,15 +208,6 @@ impl Ledger {
         Some(old)
     }
 
-    /// The frontend's entry is deleted but its table is not: it stays programmed (id and backends held) and a
-    /// comeback must write its entry again.
-    pub(super) fn mark_entry_deleted(&mut self, key: &ServiceKey) {
-        if let Some(p) = self.frontends.get_mut(key) {
-            p.entry = None;
-            p.entry_deleted = true;
-        }
-    }
-
     /// Forgets every remembered desired entry (the counts do not depend on them), so the next sync plans every
     /// frontend in full.
     pub(super) fn forget_entries(&mut self) {
@@ -193,11 +217,16 @@ impl Ledger {
     }
 
     fn release(&mut self, old: &Programmed) {
-        let Some((_, ids, _)) = &old.inputs else {
+        if let Some(offset) = table_offset(&old.value)
+            && !self.tables.unreference(offset)
+        {
+            self.inconsistent("a table reference count below zero");
+        }
+        let Some(inputs) = &old.inputs else {
             self.unknown_inputs = self.unknown_inputs.saturating_sub(1);
             return;
         };
-        for &id in ids {
+        for &id in &inputs.ids {
             match self.backends.refs.get_mut(id as usize) {
                 Some(n) if *n > 0 => {
                     *n -= 1;
@@ -231,7 +260,7 @@ impl Ledger {
         };
         p.inputs
             .as_ref()
-            .map(|(_, ids, _)| ids.clone())
+            .map(|inputs| inputs.ids.clone())
             .unwrap_or_else(|| {
                 // After a restart the inputs are unknown until the first successful write: any backend may be named.
                 self.backends.values.keys().copied().collect()
@@ -265,13 +294,17 @@ impl Ledger {
         let mut refs: Vec<u32> = Vec::new();
         let mut unknown = 0;
         let mut keys_by_id = HashMap::with_capacity(self.frontends.len());
+        let mut table_refs: HashMap<u64, u32> = HashMap::new();
         for (key, p) in &self.frontends {
             keys_by_id.insert(p.value.service_id, *key);
-            let Some((_, ids, _)) = &p.inputs else {
+            if let Some(offset) = table_offset(&p.value) {
+                *table_refs.entry(offset).or_default() += 1;
+            }
+            let Some(inputs) = &p.inputs else {
                 unknown += 1;
                 continue;
             };
-            for &id in ids {
+            for &id in &inputs.ids {
                 let i = id as usize;
                 if i >= refs.len() {
                     refs.resize(i + 1, 0);
@@ -280,6 +313,7 @@ impl Ledger {
             }
         }
         self.backends.refs = refs;
+        self.tables.recount(&table_refs);
         self.unknown_inputs = unknown;
         self.keys_by_id = keys_by_id;
         self.backends.values = self.backends.ids.iter().map(|(v, id)| (*id, *v)).collect();
@@ -294,8 +328,45 @@ impl Ledger {
         self.needs_full = true;
     }
 
-    pub(super) fn allocate_service_id(&mut self) -> Option<u32> {
-        self.service_ids.allocate()
+    /// Keeps the table at `offset` alive while a sync plans to point an entry at it (other frontends of the same
+    /// sync may move away from it first). Every hold is dropped with [`Ledger::unhold_table`] once the entries are
+    /// written, so between syncs the counts are entries alone.
+    pub(super) fn hold_table(&mut self, offset: u64) {
+        if !self.tables.reference(offset) {
+            self.inconsistent("a sync holds a table the ledger does not know");
+        }
+    }
+
+    pub(super) fn unhold_table(&mut self, offset: u64) {
+        if !self.tables.unreference(offset) {
+            self.inconsistent("a table hold released twice");
+        }
+    }
+
+    pub(super) fn tables(&self) -> &Tables {
+        &self.tables
+    }
+
+    /// The table store, for what does not change which entries point where: finding, claiming and adding tables,
+    /// holding one for the length of a sync, managing regions.
+    pub(super) fn tables_mut(&mut self) -> &mut Tables {
+        &mut self.tables
+    }
+
+    /// An id for a new frontend: the one a migrated map gave its key (`true`: its counters carry over and must not
+    /// be reset), or a fresh one.
+    pub(super) fn allocate_service_id(&mut self, key: &ServiceKey) -> Option<(u32, bool)> {
+        if let Some(id) = self.reserved.remove(key) {
+            return Some((id, true));
+        }
+        self.service_ids.allocate().map(|id| (id, false))
+    }
+
+    /// The first full sync is done: ids no frontend took back are free.
+    pub(super) fn release_reservations(&mut self) {
+        for (_, id) in self.reserved.drain() {
+            self.service_ids.free(id);
+        }
     }
 
     pub(super) fn free_service_id(&mut self, id: u32) {
@@ -377,9 +448,11 @@ impl Ledger {
                 self.backends.values.iter().collect::<BTreeMap<_, _>>(),
                 refs,
                 self.keys_by_id.iter().collect::<BTreeMap<_, _>>(),
+                self.reserved.iter().collect::<BTreeMap<_, _>>(),
                 self.unknown_inputs,
                 self.needs_full,
                 (&self.service_ids, &self.backends.alloc),
+                self.tables.snapshot(),
             )
         )
     }
@@ -398,7 +471,7 @@ impl Ledger {
     pub(super) fn check_counts(&self, kept: impl Fn(u32) -> bool) {
         let mut refs: Vec<u32> = Vec::new();
         for p in self.frontends.values() {
-            for &id in p.inputs.iter().flat_map(|(_, ids, _)| ids) {
+            for &id in p.inputs.iter().flat_map(|inputs| &inputs.ids) {
                 if refs.len() <= id as usize {
                     refs.resize(id as usize + 1, 0);
                 }
@@ -425,6 +498,17 @@ impl Ledger {
             .filter(|p| p.inputs.is_none())
             .count();
         assert_eq!(self.unknown_inputs, unknown);
+        let mut table_refs: BTreeMap<u64, u32> = BTreeMap::new();
+        for p in self.frontends.values() {
+            if let Some(offset) = table_offset(&p.value) {
+                *table_refs.entry(offset).or_default() += 1;
+            }
+        }
+        assert_eq!(
+            self.tables.references(),
+            table_refs,
+            "table reference counts"
+        );
         let values: HashMap<u32, BackendValue> =
             self.backends.ids.iter().map(|(v, id)| (*id, *v)).collect();
         assert_eq!(self.backends.values, values);

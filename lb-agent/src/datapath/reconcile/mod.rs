@@ -1,25 +1,30 @@
 //! Brings the maps to a [`DesiredState`], touching only what differs (cilium's
 //! `pkg/loadbalancer/reconciler/bpf_reconciler.go` is the model).
 //!
-//! **Invariant (no half-written service):** for every service the order is backends, then the lookup table (a
-//! whole new inner map swapped in atomically), then the service entry; deletions come last (service entry, then
-//! its table, then backends nobody uses). A packet or `connect()` at any moment sees either the old service or the
-//! new one, each with valid backend ids. A sync keeps this order across all services at once (phases, see
-//! [`Reconciler::sync`]) so that the tables of every changed service go to the kernel in one batch: each update of
-//! the map-of-maps `LB_MAGLEV` waits for an RCU grace period, a batch only once (Linux >= 6.7).
+//! **Invariant (no half-written service):** for every service the order is backends, then the lookup table, then
+//! the service entry; deletions come last (service entry, then backends nobody uses). A table is written whole into
+//! a free region of the slot array (`slot_array`, `lut`) before the one entry update that switches to it, so a
+//! packet or `connect()` at any moment sees the old service or the new one, each with a whole table of valid
+//! backend ids. A sync keeps this order across all services at once (phases, see [`Reconciler::sync`]).
+//!
+//! **Invariant (no table of another service):** a region an entry stopped pointing at is reused only after an RCU
+//! grace period (`regions`, `rcu_fence`), so a reader that read the old offset never finds another table there;
+//! identical tables are stored once (`tables`) and counted, so no region is freed while an entry points at it.
 //!
 //! **Invariant (stable ids):** service and backend ids are restored from the maps at start ([`Reconciler::restore`]),
-//! so a restarted agent rewrites nothing that is already right and established flows keep their backend.
+//! and so are the tables, from the entries pointing at them, so a restarted agent rewrites nothing that is already
+//! right and established flows keep their backend. A migrated `LB_SERVICES` gives its ids back to the same keys.
 //!
 //! **Invariant (partial syncs):** [`Reconciler::sync_changed`] visits only the frontends it is told changed (and
 //! every failure of the previous sync) and makes exactly the writes [`Reconciler::sync`] would: both run the same
 //! phases, they differ only in which frontends they visit and in which backend ids and node entries they check.
 //! What a full sync finds by walking everything, the reconciler keeps counted in its [`ledger`]: how many
-//! programmed frontends name each backend id, which service id belongs to which key; what failed last time is in
-//! [`retry`].
+//! programmed frontends name each backend id and point at each table, which service id belongs to which key; what
+//! failed last time is in [`retry`].
 //!
-//! Modules: `ledger` (what is programmed, and its counts), `plan` (phase 1 for one frontend), `node` (the
-//! node-level entries), `ids` (id allocation), `keys` (frontends and their map keys), `retry`, `error`.
+//! Modules: `ledger` (what is programmed, and its counts), `plan` (phase 1 for one frontend), `tables` and
+//! `regions` (the tables in the slot array), `node` (the node-level entries), `ids` (id allocation), `keys`
+//! (frontends and their map keys), `retry`, `error`.
 
 mod error;
 mod ids;
@@ -27,16 +32,20 @@ mod keys;
 mod ledger;
 mod node;
 mod plan;
+mod regions;
 mod retry;
+mod tables;
 #[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use lb_common::{BackendValue, ServiceKey};
 
 use super::map_error::MapsError;
 use super::maps::{Maps, StaleAffinity};
+use super::slot_array;
 use crate::maglev;
 use crate::state::{DesiredState, Frontend};
 pub use error::FrontendError;
@@ -44,18 +53,21 @@ pub use keys::service_key;
 use keys::{alias, desired_entry_of_key};
 use ledger::{Ledger, Programmed};
 use node::{NodeScope, NodeState};
-use plan::{Pending, plan_frontend};
+use plan::{Plan, TableSource, plan_frontend};
 use retry::Retry;
 
 /// Sizes and limits the reconciler works within.
 #[derive(Clone, Debug)]
 pub struct ReconcileConfig {
-    /// Service ids are 1..max_services (the capacity of `LB_SERVICES` and `LB_SVC_STATS`).
+    /// Frontends the maps hold (`LB_SERVICES`); service ids are 1..=max_services (`LB_SVC_STATS` has one element
+    /// more: 0 means "no service" to the programs).
     pub max_services: u32,
-    /// Backend ids are 1..max_backends.
+    /// Backends the maps hold; ids 1..=max_backends.
     pub max_backends: u32,
     pub maglev_min_size: u32,
     pub maglev_max_size: u32,
+    /// The slot array never grows beyond this many bytes.
+    pub max_table_bytes: u64,
 }
 
 impl Default for ReconcileConfig {
@@ -65,6 +77,7 @@ impl Default for ReconcileConfig {
             max_backends: lb_common::DEFAULT_MAX_BACKENDS,
             maglev_min_size: maglev::TABLE_SIZES[0],
             maglev_max_size: 16381,
+            max_table_bytes: slot_array::MAX_BYTES,
         }
     }
 }
@@ -122,6 +135,9 @@ impl Reconciler {
             maps.backends().map_err(ReconcileError::Restore)?,
             cfg.max_services,
             cfg.max_backends,
+            maps.slot_capacity(),
+            maps.fences_started(),
+            maps.migrated_service_ids(),
         );
         Ok(Self {
             cfg,
@@ -191,12 +207,12 @@ impl Reconciler {
     /// others.
     ///
     /// The writes go in phases over the whole sync, so the per-service order (backends, table, service entry,
-    /// deletes last) holds for every service at once: (1) new backends, and every changed table built in memory
-    /// ([`plan`]); (2) all changed tables installed with one batched update of `LB_MAGLEV`; (3) the service entries;
-    /// (4) the deletions: stale service entries, then their tables in one batched delete, then unused backends,
-    /// then affinity; then the node-level entries ([`node`]). The batching is the point: every userspace update of
-    /// a map-of-maps waits for an RCU grace period (`maybe_wait_bpf_programs()`, ~13 ms here), a batch only once
-    /// (Linux >= 6.7), so N changed frontends cost one wait instead of N.
+    /// deletes last) holds for every service at once: (1) new backends, and every new table built in memory
+    /// ([`plan`]); (2) all new tables written into free regions of the slot array in one pass; (3) the service
+    /// entries, each switching to its table with one update; (4) the deletions: stale service entries (their tables'
+    /// regions go to quarantine), then unused backends, then affinity; then the node-level entries ([`node`]). No
+    /// step waits for an RCU grace period unless the slot array is out of room (`rcu_fence` pays for quarantine in
+    /// the background).
     pub fn sync(&mut self, maps: &mut impl Maps, desired: &DesiredState) -> SyncReport {
         self.run(maps, desired, None)
     }
@@ -261,10 +277,11 @@ impl Reconciler {
         if changed.is_none() {
             self.ledger.begin_full_sync();
         }
+        self.release_regions(maps);
 
-        // Phase 1: backends written, tables built, nothing else touched yet. Frontends are visited in the order of
-        // `desired.services` either way, so the writes come in the same order.
-        let mut pending: Vec<Pending> = Vec::new();
+        // Phase 1: backends written, tables found or built, nothing else touched yet. Frontends are visited in the
+        // order of `desired.services` either way, so the writes come in the same order.
+        let mut plan = Plan::default();
         let (stale, node_scope): (Vec<ServiceKey>, Option<(NodeScope, Vec<ServiceKey>)>) =
             match changed {
                 None => {
@@ -280,7 +297,7 @@ impl Reconciler {
                             frontend,
                             key,
                             entry,
-                            &mut pending,
+                            &mut plan,
                             &mut report,
                             &mut failed,
                         );
@@ -315,7 +332,7 @@ impl Reconciler {
                                 frontend,
                                 key,
                                 entry,
-                                &mut pending,
+                                &mut plan,
                                 &mut report,
                                 &mut failed,
                             ),
@@ -334,82 +351,101 @@ impl Reconciler {
                     (stale.into_iter().collect(), Some((scope, visited_keys)))
                 }
             };
+        count_what_capacity_errors_need(desired, &mut report);
 
-        // Phase 2: every changed table in one batch. Service ids are unique among `pending`, so a failure names
-        // exactly one frontend.
-        let tables: Vec<(u32, Vec<u32>)> = pending
-            .iter_mut()
-            .filter_map(|p| p.table.take().map(|t| (p.value.service_id, t)))
-            .collect();
-        let installed: HashSet<u32> = tables.iter().map(|(id, _)| *id).collect();
-        let mut table_failures: HashMap<u32, MapsError> = if tables.is_empty() {
-            HashMap::new()
-        } else {
-            maps.put_tables(&tables).into_iter().collect()
-        };
-        drop(tables);
-        report.tables_written += installed.len().saturating_sub(table_failures.len());
-
-        // Phase 3: service entries, only of frontends whose table is in place.
-        let mut unused_tables: Vec<u32> = Vec::new();
-        for p in pending {
-            let service_id = p.value.service_id;
-            let is_new = p.previous.is_none();
-            let reason = match table_failures.remove(&service_id) {
-                Some(e) => Some(FrontendError::from(e)),
-                None => maps.put_service(&p.key, &p.value).err().map(|e| {
-                    // The new table is live under the old entry, and it may name the new backends: keep them.
-                    failed.pinned.extend(p.ids.iter().copied());
-                    if is_new && installed.contains(&service_id) {
-                        // Nothing will read a table under an id that goes back to the pool.
-                        unused_tables.push(service_id);
+        // Phase 2: every new table into a free region of the slot array, in one pass of writes. No reader can see
+        // them yet: no entry points there.
+        report.tables_written = self.write_tables(maps, &mut plan);
+        let mut holds: Vec<u64> = Vec::new();
+        for p in &plan.pending {
+            match p.table {
+                TableSource::Held(offset) => holds.push(offset),
+                TableSource::New(i) => {
+                    if let Some(Ok(offset)) = plan.new_tables[i].outcome {
+                        // Until phase 3 is done, as the held ones.
+                        self.ledger.hold_table(offset);
+                        holds.push(offset);
                     }
-                    FrontendError::from(e)
-                }),
+                }
+                TableSource::None => {}
+            }
+        }
+
+        // Phase 3: service entries, each switching to its table with one update.
+        for p in plan.pending {
+            let is_new = p.previous.is_none();
+            let mut value = p.value;
+            let table = match p.table {
+                TableSource::None => Ok(()),
+                TableSource::Held(_) => Ok(()),
+                TableSource::New(i) => match &plan.new_tables[i].outcome {
+                    Some(Ok(offset)) => {
+                        value.table_offset = *offset as u32;
+                        Ok(())
+                    }
+                    Some(Err(e)) => Err(e.again()),
+                    None => Err(FrontendError::TableCapacity {
+                        needed_mib: 0,
+                        limit_mib: 0,
+                    }),
+                },
+            };
+            let reason = match table {
+                Err(e) => Some(e),
+                Ok(()) => maps
+                    .put_service(&p.key, &value)
+                    .err()
+                    .map(FrontendError::from),
             };
             if let Some(reason) = reason {
                 if is_new {
-                    self.ledger.free_service_id(service_id);
+                    self.ledger.free_service_id(value.service_id);
                 }
-                // The frontend keeps whatever it had (its programmed inputs still hold its backends): a failed
-                // update must not take down a working service.
+                // The frontend keeps whatever it had, its old entry pointing at its old table: a failed update
+                // must not take down a working service.
                 failed.frontends.insert(p.frontend);
                 report.failed.push((p.frontend, reason));
                 continue;
-            }
-            if p.ids.is_empty() && p.previous.as_ref().is_some_and(|v| v.backend_count > 0) {
-                // The entry now says "no backend", so nothing reads the table any more.
-                unused_tables.push(service_id);
             }
             report.services_written += 1;
             for gone in p
                 .previous_ids
                 .into_iter()
                 .flatten()
-                .filter(|b| !p.ids.contains(b))
+                .filter(|b| !p.inputs.ids.contains(b))
             {
-                stale_affinity.pairs.insert((service_id, gone));
+                stale_affinity.pairs.insert((value.service_id, gone));
             }
             self.ledger.put(
                 p.key,
                 Programmed {
-                    value: p.value,
+                    value,
                     inputs: Some(p.inputs),
                     entry: Some(p.entry),
-                    entry_deleted: false,
                 },
             );
         }
+        for offset in holds {
+            self.ledger.unhold_table(offset);
+        }
 
-        // Phase 4: deletions. Entries first (a reader then no longer reaches the table), then every table that
-        // went out of use in one batch, then backends nobody uses.
-        let mut unreferenced: Vec<(ServiceKey, u32)> = Vec::new();
+        // Phase 4: deletions. Entries first (their tables go to quarantine with their last entry), then backends
+        // nobody uses.
         for key in stale {
             let Some(id) = self.ledger.service_id(&key) else {
                 continue;
             };
             match maps.delete_service(&key) {
-                Ok(()) => unreferenced.push((key, id)),
+                Ok(()) => {
+                    let backends_of_deleted = self.ledger.backend_ids_of(&key);
+                    self.ledger.remove(&key);
+                    self.ledger.free_service_id(id);
+                    stale_affinity.services.insert(id);
+                    stale_affinity
+                        .pairs
+                        .extend(backends_of_deleted.into_iter().map(|b| (id, b)));
+                    report.services_deleted += 1;
+                }
                 Err(e) => {
                     // Kept as programmed (its inputs keep its backends), deleted again by the next sync.
                     tracing::warn!(service_id = id, error = %e, "could not delete a stale service; will retry");
@@ -417,38 +453,13 @@ impl Reconciler {
                 }
             }
         }
-        let doomed: Vec<u32> = unreferenced
-            .iter()
-            .map(|(_, id)| *id)
-            .chain(unused_tables.iter().copied())
-            .collect();
-        let delete_failures: HashMap<u32, MapsError> = if doomed.is_empty() {
-            HashMap::new()
-        } else {
-            maps.delete_tables(&doomed).into_iter().collect()
-        };
-        for (key, id) in unreferenced {
-            if let Some(e) = delete_failures.get(&id) {
-                // Kept as programmed, so the next sync deletes it again (entry deletion is idempotent); marked so
-                // that a comeback of the frontend writes its entry again.
-                tracing::warn!(service_id = id, error = %e, "could not delete a stale service's table; will retry");
-                failed.stale.insert(key);
-                self.ledger.mark_entry_deleted(&key);
-                continue;
-            }
-            let backends_of_deleted = self.ledger.backend_ids_of(&key);
-            self.ledger.remove(&key);
-            self.ledger.free_service_id(id);
-            stale_affinity.services.insert(id);
-            stale_affinity
-                .pairs
-                .extend(backends_of_deleted.into_iter().map(|b| (id, b)));
-            report.services_deleted += 1;
-        }
-        for id in unused_tables {
-            if let Some(e) = delete_failures.get(&id) {
-                tracing::debug!(service_id = id, error = %e, "could not delete an unused lookup table");
-            }
+        // Every entry that moved away from a table has been written: its region waits for a grace period from now.
+        if self
+            .ledger
+            .tables_mut()
+            .quarantine_released(maps.fences_started())
+        {
+            self.request_fence(maps);
         }
 
         // Resolved before stale backends are forgotten below.
@@ -466,7 +477,6 @@ impl Reconciler {
                     .candidates()
                     .iter()
                     .chain(&retry.backends)
-                    .chain(&retry.pinned)
                     .copied()
                     .collect();
                 let mut values: Vec<(BackendValue, u32)> = ids
@@ -480,9 +490,7 @@ impl Reconciler {
         };
         // A frontend of unknown inputs may have a table naming any backend.
         let keep_all = self.ledger.unknown_inputs() > 0;
-        stale_backends.retain(|(_, id)| {
-            !keep_all && self.ledger.references(*id) == 0 && !failed.pinned.contains(id)
-        });
+        stale_backends.retain(|(_, id)| !keep_all && self.ledger.references(*id) == 0);
         for (value, id) in stale_backends {
             match maps.delete_backend(id) {
                 Ok(()) => {
@@ -517,7 +525,200 @@ impl Reconciler {
                 tracing::warn!(error = %e, "could not purge affinity entries of deleted services/backends")
             }
         }
+        if changed.is_none() {
+            self.ledger.release_reservations();
+        }
         self.retry = failed;
         report
+    }
+
+    /// Frees the quarantined regions whose grace period is over, and asks for the fence the rest wait for.
+    fn release_regions(&mut self, maps: &mut impl Maps) {
+        let regions = self.ledger.tables_mut().regions_mut();
+        regions.release(maps.fences_completed());
+        if regions.has_quarantine() {
+            self.request_fence(maps);
+        }
+    }
+
+    /// Asks for the fence the quarantine waits for, unless one that serves has started.
+    fn request_fence(&mut self, maps: &mut impl Maps) {
+        let Some(needed) = self.ledger.tables().regions().fence_needed() else {
+            return;
+        };
+        if maps.fences_started() < needed
+            && let Err(e) = maps.request_fence()
+        {
+            tracing::warn!(error = %e, "could not start an RCU fence; freed table regions wait");
+        }
+    }
+
+    /// Phase 2: allocates a region for every new table (waiting for the quarantine's fence, then growing the slot
+    /// array, when the free regions do not suffice) and writes them all. Records each table's outcome; returns how
+    /// many were written.
+    fn write_tables(&mut self, maps: &mut impl Maps, plan: &mut Plan) -> usize {
+        if plan.new_tables.is_empty() {
+            return 0;
+        }
+        // Only the tables some planned entry will point at (a frontend can fail after its table was planned).
+        let mut wanted = vec![false; plan.new_tables.len()];
+        for p in &plan.pending {
+            if let TableSource::New(i) = p.table {
+                wanted[i] = true;
+            }
+        }
+        let lens: Vec<u64> = plan
+            .new_tables
+            .iter()
+            .map(|t| t.encoded.layout.region_len())
+            .collect();
+        let mut offsets: Vec<Option<u64>> = vec![None; lens.len()];
+        let allocate = |regions: &mut regions::Regions, offsets: &mut Vec<Option<u64>>| {
+            for ((o, len), wanted) in offsets.iter_mut().zip(&lens).zip(&wanted) {
+                if o.is_none() && *wanted {
+                    *o = regions.allocate(*len);
+                }
+            }
+            offsets
+                .iter()
+                .zip(&lens)
+                .zip(&wanted)
+                .filter(|((o, _), wanted)| o.is_none() && **wanted)
+                .map(|((_, l), _)| *l)
+                .sum::<u64>()
+        };
+        let mut missing = allocate(self.ledger.tables_mut().regions_mut(), &mut offsets);
+        if missing > 0
+            && let Some(needed) = self.ledger.tables().regions().fence_needed()
+            && self.ledger.tables().regions().quarantined() >= missing
+        {
+            // Enough waits in quarantine: one grace period frees it.
+            if let Err(e) = maps.wait_fence(needed) {
+                tracing::warn!(error = %e, "waiting for an RCU fence failed");
+            }
+            let completed = maps.fences_completed();
+            self.ledger.tables_mut().regions_mut().release(completed);
+            missing = allocate(self.ledger.tables_mut().regions_mut(), &mut offsets);
+        }
+        let mut failure: Option<FrontendError> = None;
+        if missing > 0 {
+            let regions = self.ledger.tables().regions();
+            // New space at the end fits every missing table whatever the fragmentation; a quarter more leaves room
+            // for the next changes (each needs room for its new table while the old one waits for a fence).
+            let wanted = (regions.capacity() + missing).max((regions.live() + missing) * 5 / 4);
+            let mut wanted = wanted.max(MIN_SLOT_BYTES);
+            let limit = self.cfg.max_table_bytes.min(slot_array::MAX_BYTES);
+            if wanted > limit && regions.capacity() + missing <= limit {
+                // A quarter more does not fit, the bare need does.
+                wanted = limit;
+            }
+            if wanted > limit {
+                failure = Some(FrontendError::TableCapacity {
+                    needed_mib: (regions.capacity() + missing).div_ceil(1 << 20),
+                    limit_mib: limit >> 20,
+                });
+            } else {
+                let keep = regions.high_water();
+                match maps.grow_slots(wanted, keep) {
+                    Ok(capacity) => {
+                        tracing::info!(
+                            bytes = capacity,
+                            live = self.ledger.tables().regions().live(),
+                            "grew the Maglev slot array"
+                        );
+                        let regions = self.ledger.tables_mut().regions_mut();
+                        regions.grow(capacity);
+                        // The growth's grace period was a fence too.
+                        regions.release(maps.fences_completed());
+                        allocate(regions, &mut offsets);
+                    }
+                    Err(e) => failure = Some(e.into()),
+                }
+            }
+        }
+        let writes: Vec<(u64, &[u8])> = offsets
+            .iter()
+            .zip(&plan.new_tables)
+            .filter_map(|(o, t)| o.map(|o| (o, t.encoded.bytes.as_slice())))
+            .collect();
+        let written = if writes.is_empty() {
+            Ok(())
+        } else {
+            maps.write_slots(&writes)
+        };
+        drop(writes);
+        let mut count = 0;
+        let write_error = written.err().map(FrontendError::from);
+        for (i, t) in plan.new_tables.iter_mut().enumerate() {
+            t.outcome = Some(match (offsets[i], &write_error) {
+                (Some(offset), None) => {
+                    self.ledger.tables_mut().add(
+                        offset,
+                        t.encoded.layout,
+                        t.hash,
+                        Arc::clone(&t.inputs),
+                    );
+                    count += 1;
+                    Ok(offset)
+                }
+                (Some(offset), Some(e)) => {
+                    // Never pointed at: free at once.
+                    self.ledger
+                        .tables_mut()
+                        .regions_mut()
+                        .free_now(offset, lens[i]);
+                    Err(e.again())
+                }
+                (None, _) => Err(match &failure {
+                    Some(e) => e.again(),
+                    None => FrontendError::TableCapacity {
+                        needed_mib: 0,
+                        limit_mib: self.cfg.max_table_bytes >> 20,
+                    },
+                }),
+            });
+        }
+        count
+    }
+}
+
+/// The smallest slot array: a few small tables' worth, so that a node with a handful of Services does not grow it
+/// table by table.
+const MIN_SLOT_BYTES: u64 = 64 << 10;
+
+/// Completes the capacity errors of a sync with what the desired state needs (counted only when one occurred).
+fn count_what_capacity_errors_need(desired: &DesiredState, report: &mut SyncReport) {
+    let backends = report
+        .failed
+        .iter()
+        .any(|(_, e)| matches!(e, FrontendError::BackendCapacity { .. }));
+    let services = report
+        .failed
+        .iter()
+        .any(|(_, e)| matches!(e, FrontendError::ServiceCapacity { .. }));
+    if !backends && !services {
+        return;
+    }
+    let frontends = desired.services.len();
+    let distinct_backends = if backends {
+        desired
+            .services
+            .iter()
+            .flat_map(|(f, e)| {
+                e.backends
+                    .iter()
+                    .map(|b| (b.addr, b.port, f.proto, b.local))
+            })
+            .collect::<HashSet<_>>()
+            .len()
+    } else {
+        0
+    };
+    for (_, e) in &mut report.failed {
+        match e {
+            FrontendError::BackendCapacity { needed, .. } => *needed = Some(distinct_backends),
+            FrontendError::ServiceCapacity { needed, .. } => *needed = Some(frontends),
+            _ => {}
+        }
     }
 }

@@ -1,37 +1,36 @@
-//! Phase 1 of a sync for one frontend: its new backends written, its service id allocated, its table built in
-//! memory. Nothing a reader follows is touched yet: the table and the service entry are written by the later
-//! phases (`Reconciler::run`), for every planned frontend at once.
+//! Phase 1 of a sync for one frontend: its new backends written, its service id allocated, its table found (an
+//! identical table already in the slot array, or one planned earlier in this sync) or built in memory. Nothing a
+//! reader follows is touched yet: new tables and service entries are written by the later phases
+//! (`Reconciler::run`), for every planned frontend at once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use lb_common::{
     BACKEND_FLAG_LOCAL, BackendValue, SVC_FLAG_DROP_NO_BACKEND, SVC_FLAG_SOURCE_RANGES, ServiceKey,
     ServiceValue,
 };
 
+use super::super::lut::{self, Encoded, Layout};
 use super::super::maps::Maps;
 use super::ReconcileConfig;
 use super::SyncReport;
 use super::error::FrontendError;
-use super::ledger::{Inputs, Ledger, Programmed};
+use super::ledger::{Ledger, Programmed};
 use super::retry::Retry;
+use super::tables::Inputs;
 use crate::maglev;
 use crate::state::{Algorithm, Frontend, ServiceEntry};
 
-/// Phase 1's verdict on one frontend.
-enum Planned {
-    /// Nothing to write.
-    Unchanged,
-    Write(Box<Pending>),
-}
-
-/// A frontend whose backends are written and whose table is built, waiting for phases 2 and 3 of a sync.
+/// A frontend whose backends are written and whose table is found or built, waiting for phases 2 and 3.
 pub(super) struct Pending {
     pub(super) frontend: Frontend,
     pub(super) key: ServiceKey,
+    /// The entry to write; its `table_offset` is filled in by phase 2 when the table is new.
     pub(super) value: ServiceValue,
-    pub(super) inputs: Inputs,
-    pub(super) ids: Vec<u32>,
-    /// The new table, when it changed and the service has backends (taken by phase 2).
-    pub(super) table: Option<Vec<u32>>,
+    pub(super) inputs: Arc<Inputs>,
+    /// Where its table comes from.
+    pub(super) table: TableSource,
     /// The backends of the table being replaced, for affinity purges and departures.
     pub(super) previous_ids: Option<Vec<u32>>,
     /// The programmed entry, `None` for a new frontend (whose id goes back to the pool on failure).
@@ -40,7 +39,33 @@ pub(super) struct Pending {
     pub(super) entry: ServiceEntry,
 }
 
-/// Phase 1 for one desired frontend: skipped when its entry is the one programmed, else planned into `pending`,
+pub(super) enum TableSource {
+    /// No backends, no table.
+    None,
+    /// A table already in the slot array, held for this sync (`Ledger::hold_table`).
+    Held(u64),
+    /// A table this sync writes: index into [`Plan::new_tables`].
+    New(usize),
+}
+
+/// A table to write in phase 2.
+pub(super) struct NewTable {
+    pub(super) inputs: Arc<Inputs>,
+    pub(super) encoded: Encoded,
+    pub(super) hash: u64,
+    /// Where phase 2 wrote it, or why it could not.
+    pub(super) outcome: Option<Result<u64, FrontendError>>,
+}
+
+/// What phase 1 of one sync planned.
+#[derive(Default)]
+pub(super) struct Plan {
+    pub(super) pending: Vec<Pending>,
+    pub(super) new_tables: Vec<NewTable>,
+    new_by_inputs: HashMap<Arc<Inputs>, usize>,
+}
+
+/// Phase 1 for one desired frontend: skipped when its entry is the one programmed, else planned into `plan`,
 /// or failed into `report` and `failed` (keeping whatever it had).
 #[expect(
     clippy::too_many_arguments,
@@ -53,7 +78,7 @@ pub(super) fn plan_frontend(
     frontend: &Frontend,
     key: ServiceKey,
     entry: &ServiceEntry,
-    pending: &mut Vec<Pending>,
+    plan: &mut Plan,
     report: &mut SyncReport,
     failed: &mut Retry,
 ) {
@@ -66,19 +91,19 @@ pub(super) fn plan_frontend(
     {
         return;
     }
-    match plan_service(ledger, cfg, maps, frontend, &key, entry, report) {
-        Ok(Planned::Unchanged) => {}
-        Ok(Planned::Write(p)) => pending.push(*p),
-        Err(reason) => {
-            // Keeps whatever it had, as in phase 3.
-            failed.frontends.insert(*frontend);
-            report.failed.push((*frontend, reason));
-        }
+    if let Err(reason) = plan_service(ledger, cfg, maps, frontend, &key, entry, plan, report) {
+        // Keeps whatever it had, as in phase 3.
+        failed.frontends.insert(*frontend);
+        report.failed.push((*frontend, reason));
     }
 }
 
-/// Writes the frontend's new backends, allocates its id, builds its table if that changed. Writes neither the
-/// table nor the service entry.
+/// Writes the frontend's new backends, allocates its id, finds or builds its table. Writes neither the table nor
+/// the service entry.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one argument per piece of the sync's state that planning reads or updates, each owned elsewhere"
+)]
 fn plan_service(
     ledger: &mut Ledger,
     cfg: &ReconcileConfig,
@@ -86,8 +111,9 @@ fn plan_service(
     frontend: &Frontend,
     key: &ServiceKey,
     entry: &ServiceEntry,
+    plan: &mut Plan,
     report: &mut SyncReport,
-) -> Result<Planned, FrontendError> {
+) -> Result<(), FrontendError> {
     let proto = frontend.proto.number();
     let mut ids = Vec::with_capacity(entry.backends.len());
     for b in &entry.backends {
@@ -103,6 +129,7 @@ fn plan_service(
                         .allocate_backend_id()
                         .ok_or_else(|| FrontendError::BackendCapacity {
                             capacity: ledger.backend_id_capacity(),
+                            needed: None,
                             backend: *b,
                         })?;
                 let written = maps
@@ -120,45 +147,95 @@ fn plan_service(
         ids.push(id);
     }
 
-    // The remembered entry is not needed here (and cloning it is not free).
-    let previous = ledger
-        .get(key)
-        .map(|p| (p.value, p.inputs.clone(), p.entry_deleted));
-    let inputs = (
-        entry.algorithm,
-        ids.clone(),
-        table_size(cfg, entry.algorithm, ids.len()),
-    );
-    let (slots, table_hash) = match &previous {
-        Some((value, previous_inputs, _)) if previous_inputs.as_ref() == Some(&inputs) => {
-            (None, value.table_hash)
-        }
-        _ => {
-            let slots = build_slots(entry, &ids, inputs.2)?;
-            let hash = table_hash(entry.algorithm, &slots);
-            (Some(slots), hash)
-        }
+    let previous = ledger.get(key).map(|p| (p.value, p.inputs.clone()));
+    let weights: Vec<u32> = if entry.backends.iter().all(|b| b.weight == 1) {
+        Vec::new()
+    } else {
+        entry.backends.iter().map(|b| u32::from(b.weight)).collect()
+    };
+    let wanted = Inputs {
+        algorithm: entry.algorithm,
+        size: table_size(cfg, entry.algorithm, ids.len()),
+        ids,
+        weights,
+    };
+    // The programmed inputs when equal, so that equal inputs share one allocation.
+    let inputs = match &previous {
+        Some((_, Some(p))) if **p == wanted => Arc::clone(p),
+        _ => Arc::new(wanted),
     };
 
+    // The table: none; the one programmed (same inputs); an identical one in the slot array or planned this sync;
+    // the restored one when its bytes are what would be written; or a new one.
+    let mut table = TableSource::None;
+    let mut described: Option<(Layout, u64)> = None;
+    if !inputs.ids.is_empty() {
+        let programmed = previous.as_ref().and_then(|(v, p)| {
+            let offset = u64::from(v.table_offset);
+            let t = ledger.tables().get(offset)?;
+            Layout::of(v).map(|_| (offset, t.layout, t.hash, p.as_ref()))
+        });
+        if let Some((offset, layout, hash, Some(p))) = programmed
+            && **p == *inputs
+        {
+            table = TableSource::Held(offset);
+            described = Some((layout, hash));
+        } else if let Some((offset, t)) = ledger.tables().find(&inputs) {
+            described = Some((t.layout, t.hash));
+            table = TableSource::Held(offset);
+        } else if let Some(&i) = plan.new_by_inputs.get(&inputs) {
+            let t = &plan.new_tables[i];
+            described = Some((t.encoded.layout, t.hash));
+            table = TableSource::New(i);
+        } else {
+            let encoded = build(entry, &inputs)?;
+            let hash = encoded.hash(inputs.algorithm.number());
+            match programmed {
+                Some((offset, layout, h, None)) if layout == encoded.layout && h == hash => {
+                    // Restored, and holding exactly these bytes: known by these inputs from now on.
+                    ledger.tables_mut().claim(offset, &inputs);
+                    table = TableSource::Held(offset);
+                }
+                _ => {
+                    let i = plan.new_tables.len();
+                    plan.new_by_inputs.insert(Arc::clone(&inputs), i);
+                    plan.new_tables.push(NewTable {
+                        inputs: Arc::clone(&inputs),
+                        encoded: encoded.clone(),
+                        hash,
+                        outcome: None,
+                    });
+                    table = TableSource::New(i);
+                }
+            }
+            described = Some((encoded.layout, hash));
+        }
+    }
+
     let service_id = match &previous {
-        Some((value, _, _)) => value.service_id,
+        Some((value, _)) => value.service_id,
         None => {
-            let id =
+            let (id, carried_over) =
                 ledger
-                    .allocate_service_id()
+                    .allocate_service_id(key)
                     .ok_or_else(|| FrontendError::ServiceCapacity {
                         capacity: ledger.service_id_capacity(),
+                        needed: None,
                     })?;
-            if let Err(e) = maps.reset_service_stats(id) {
+            if !carried_over && let Err(e) = maps.reset_service_stats(id) {
                 ledger.free_service_id(id);
                 return Err(e.into());
             }
             id
         }
     };
+    let (layout, table_hash) = match described {
+        Some((l, h)) => (Some(l), h),
+        None => (None, 0),
+    };
     let value = ServiceValue {
         service_id,
-        backend_count: ids.len() as u32,
+        backend_count: inputs.ids.len() as u32,
         affinity_timeout: entry.affinity_timeout.unwrap_or(0),
         algorithm: entry.algorithm.number(),
         flags: if entry.drop_if_empty {
@@ -170,63 +247,64 @@ fn plan_service(
         } else {
             SVC_FLAG_SOURCE_RANGES
         },
-        _pad: [0; 2],
+        slot_width: layout.map_or(0, |l| l.width),
+        _pad: 0,
+        table_offset: match table {
+            TableSource::Held(offset) => offset as u32,
+            TableSource::None | TableSource::New(_) => 0,
+        },
+        table_size: layout.map_or(0, |l| l.size),
         table_hash,
     };
-    if let Some((previous_value, _, false)) = &previous
+    if let (Some((previous_value, _)), TableSource::Held(_) | TableSource::None) =
+        (&previous, &table)
         && *previous_value == value
     {
+        // Nothing to write; what it was built from is known now (after a restart it was not).
         ledger.put(
             *key,
             Programmed {
                 value,
                 inputs: Some(inputs),
                 entry: Some(entry.clone()),
-                entry_deleted: false,
             },
         );
-        return Ok(Planned::Unchanged);
+        return Ok(());
     }
 
-    let table_changed = previous
-        .as_ref()
-        .is_none_or(|(v, _, _)| v.table_hash != table_hash);
-    // Backends that leave a service must not keep its clients through affinity, nor through sockets connected
-    // to them. Read before the table is replaced: after a restart the previous set is known only from the table.
+    // Backends that leave a service must not keep its clients through affinity, nor through sockets connected to
+    // them. Read before the entry is replaced: after a restart the previous set is known only from the table.
     let previous_ids: Option<Vec<u32>> = match &previous {
-        Some((_, previous_inputs, _)) if table_changed => Some(match previous_inputs {
-            Some((_, before, _)) => before.clone(),
-            None => maps.table(service_id).ok().flatten().unwrap_or_default(),
+        Some((v, previous_inputs)) if v.table_hash != table_hash => Some(match previous_inputs {
+            Some(p) => p.ids.clone(),
+            None => read_backend_ids(maps, v).unwrap_or_default(),
         }),
         _ => None,
     };
-    let table = if table_changed && !ids.is_empty() {
-        match slots {
-            Some(s) => Some(s),
-            None => match build_slots(entry, &ids, inputs.2) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    if previous.is_none() {
-                        ledger.free_service_id(service_id);
-                    }
-                    return Err(e);
-                }
-            },
-        }
-    } else {
-        None
-    };
-    Ok(Planned::Write(Box::new(Pending {
+    if let TableSource::Held(offset) = table {
+        // Kept alive until phase 3 is done, whatever other frontends do meanwhile.
+        ledger.hold_table(offset);
+    }
+    plan.pending.push(Pending {
         frontend: *frontend,
         key: *key,
         value,
         inputs,
-        ids,
         table,
         previous_ids,
-        previous: previous.map(|(v, _, _)| v),
+        previous: previous.map(|(v, _)| v),
         entry: entry.clone(),
-    })))
+    });
+    Ok(())
+}
+
+/// The distinct backends a programmed table names, read from the slot array.
+fn read_backend_ids(maps: &impl Maps, value: &ServiceValue) -> Option<Vec<u32>> {
+    let layout = Layout::of(value)?;
+    let bytes = maps
+        .read_slots(u64::from(value.table_offset), layout.bytes())
+        .ok()?;
+    lut::backend_ids(&layout, &bytes)
 }
 
 fn table_size(cfg: &ReconcileConfig, algorithm: Algorithm, backends: usize) -> u32 {
@@ -238,13 +316,10 @@ fn table_size(cfg: &ReconcileConfig, algorithm: Algorithm, backends: usize) -> u
     }
 }
 
-/// The lookup table: Maglev slots, or the plain backend list for random selection.
-fn build_slots(entry: &ServiceEntry, ids: &[u32], size: u32) -> Result<Vec<u32>, FrontendError> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    match entry.algorithm {
-        Algorithm::Random => Ok(ids.to_vec()),
+/// The table's bytes: Maglev slots, or the plain backend list for random selection.
+fn build(entry: &ServiceEntry, inputs: &Inputs) -> Result<Encoded, FrontendError> {
+    match inputs.algorithm {
+        Algorithm::Random => Ok(Encoded::plain(&inputs.ids)),
         Algorithm::Maglev => {
             let keys: Vec<String> = entry.backends.iter().map(|b| b.to_string()).collect();
             let input: Vec<maglev::MaglevBackend<'_>> = keys
@@ -255,22 +330,8 @@ fn build_slots(entry: &ServiceEntry, ids: &[u32], size: u32) -> Result<Vec<u32>,
                     weight: b.weight,
                 })
                 .collect();
-            let table = maglev::build_table(&input, size)?;
-            Ok(table.into_iter().map(|i| ids[i as usize]).collect())
+            let slots = maglev::build_table(&input, inputs.size)?;
+            Ok(Encoded::maglev(&inputs.ids, &slots))
         }
     }
-}
-
-/// FNV-1a over the algorithm and slots: a fingerprint, not a security boundary.
-fn table_hash(algorithm: Algorithm, slots: &[u32]) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    let mut eat = |b: u8| {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    };
-    eat(algorithm.number());
-    for s in slots {
-        s.to_le_bytes().into_iter().for_each(&mut eat);
-    }
-    h
 }

@@ -13,13 +13,10 @@ use crate::state::Frontend;
 pub(super) struct Retry {
     /// Frontends whose plan, table or entry write failed.
     pub(super) frontends: BTreeSet<Frontend>,
-    /// Programmed keys gone from the desired state whose entry or table delete failed.
+    /// Programmed keys gone from the desired state whose entry delete failed.
     pub(super) stale: BTreeSet<ServiceKey>,
     /// Unused backends whose delete failed.
     pub(super) backends: BTreeSet<u32>,
-    /// Backends kept alive only because a failed `put_service` left a new table naming them live under the old
-    /// entry: kept for that sync alone, checked again by the next.
-    pub(super) pinned: BTreeSet<u32>,
     /// Addresses whose `LB_VIPS` entry could not be written or deleted.
     pub(super) vips: BTreeSet<[u8; 16]>,
     /// Service ids whose `LB_SRC_RANGES` entries could not be written or deleted.
