@@ -387,7 +387,7 @@ fn kube_latency(agent_bin: &Path, svcs: &[Svc], changes: usize) -> Result<KubeLa
 /// Starts the real agent on `source` (`--manifests <file>` or `--kubeconfig <file>`) in the root namespace with
 /// nothing attached to any interface (`--devices none`; socket programs on the empty test cgroup) and waits for its
 /// "initial sync done" line.
-fn start_agent(
+pub(super) fn start_agent(
     agent_bin: &Path,
     source: &[&OsStr],
     pins: &Path,
@@ -430,7 +430,7 @@ fn start_agent(
     Ok(child)
 }
 
-struct RemoveDir(std::path::PathBuf);
+pub(super) struct RemoveDir(pub(super) std::path::PathBuf);
 
 impl Drop for RemoveDir {
     fn drop(&mut self) {
