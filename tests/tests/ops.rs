@@ -553,3 +553,71 @@ fn config_file_changes_apply_live_or_say_they_need_a_restart() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// kube-proxy's own config file given to `--config`: the agent starts on it, logs the settings it took from it
+/// and, in one warning, the fields it does not apply; the command line's flags beat the file's values.
+#[test]
+fn a_kube_proxy_configuration_file_is_read_and_its_unapplied_fields_named() {
+    if !require_root("a_kube_proxy_configuration_file_is_read_and_its_unapplied_fields_named") {
+        return;
+    }
+    let topo = Topology::star(1).expect("topology");
+    let dir = std::env::temp_dir().join(format!("lb-tests-kpconfig-{}", topo.token()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("config.conf");
+    std::fs::write(
+        &config,
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: nftables\n\
+         hostnameOverride: another-node\nhealthzBindAddress: 127.0.0.1:1\nconntrack:\n  maxPerCore: 1024\n  \
+         tcpEstablishedTimeout: 2h0m0s\niptables: {masqueradeAll: true}\nclusterCIDR: 10.244.0.0/16\n",
+    )
+    .expect("config");
+    let agent = Agent::start_with_args(
+        &agent_bin!(),
+        &topo,
+        &web(1, "test-node", None),
+        &["--config", config.to_str().expect("utf-8")],
+    )
+    .expect("an agent started on a KubeProxyConfiguration");
+    let log = agent.log();
+    let line = |needle: &str| {
+        log.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle:?}:\n{log}"))
+            .to_owned()
+    };
+    let settings = line("KubeProxyConfiguration read as these lb settings");
+    assert!(
+        settings.contains("conntrack-max-per-core") && settings.contains("localhost-nodeports"),
+        "{settings}"
+    );
+    let warning = line("kube-proxy settings lb does not apply");
+    assert!(
+        warning.contains("WARN")
+            && warning.contains("conntrack.tcpEstablishedTimeout")
+            && warning.contains("iptables.masqueradeAll")
+            && !warning.contains("hostnameOverride"),
+        "{warning}"
+    );
+    assert!(
+        log.contains("conntrack map:") && log.contains("--max-conntrack"),
+        "maxPerCore sized the conntrack map:\n{log}"
+    );
+    // The test's own --health-addr 127.0.0.1:0 beats the file's address.
+    let addr = agent.health_addr().expect("health address");
+    assert_ne!(
+        addr.port(),
+        1,
+        "the flag beats the file's healthzBindAddress"
+    );
+    assert_eq!(get(addr, "/readyz").expect("readyz").0, 200);
+    assert!(
+        agent
+            .services()
+            .expect("maps")
+            .iter()
+            .any(|s| s.frontend.starts_with(VIP)),
+        "the Service is programmed"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

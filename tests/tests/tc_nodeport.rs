@@ -547,3 +547,67 @@ fn established_nodeport_connections_survive_kill_9_and_restart_of_the_agent() {
     assert!(fresh.iter().all(|l| l.ok), "{fresh:?}");
     drop(s.agent);
 }
+
+/// kube-proxy's `--nodeport-addresses` with a CIDR: node A gets a second address, 192.0.2.11, on its uplink, and
+/// NodePorts listen only there; the Node's InternalIP 192.0.2.10 (still the SNAT address) serves none, so a
+/// connection to it reaches node A's own stack, where nothing listens on the port.
+#[test]
+fn nodeport_addresses_limit_where_nodeports_listen() {
+    if !require_root("nodeport_addresses_limit_where_nodeports_listen") {
+        return;
+    }
+    let probe = probe!();
+    let mut pair = NodePair::new().expect("building the node pair");
+    let uplink = pair.node_a_devices()[0].clone();
+    pair.node_a
+        .ip(&["addr", "add", "192.0.2.11/24", "dev", &uplink])
+        .expect("a second address on node A's uplink");
+    let cmd = probe
+        .serve_cmd("pod-b", &[TCP_PORT], &[UDP_PORT])
+        .netns(&pair.pod_b);
+    let pod_b = pair.serve(cmd).expect("serving in pod B");
+    let services = service(
+        "remote",
+        "IPv4",
+        (30083, 30084),
+        "Cluster",
+        &[(node_pair::POD_B_V4, "node-b")],
+    );
+    let agent = NodeAgent::start(
+        &agent_bin!(),
+        &pair,
+        &format!("{NODE_A}{services}"),
+        &[
+            "--node-address",
+            "192.0.2.11",
+            "--nodeport-addresses",
+            "192.0.2.11/32",
+        ],
+    );
+
+    let lines = client(&pair, probe.tcp_cmd(sa("192.0.2.11", 30083), 3));
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.ok && l.backend.as_deref() == Some("pod-b")),
+        "the NodePort on the address inside --nodeport-addresses: {lines:?}"
+    );
+    let peers = peers_seen(pair.child(pod_b), "tcp");
+    assert!(
+        peers.len() == 3 && peers.iter().all(|p| p == node_pair::NODE_A_V4),
+        "the remote backend sees the node's primary address (SNAT), not the NodePort address: {peers:?}"
+    );
+    let lines = client(&pair, probe.tcp_cmd(sa(node_pair::NODE_A_V4, 30083), 2));
+    assert!(
+        lines
+            .iter()
+            .all(|l| !l.ok && l.error.as_deref() == Some("ECONNREFUSED")),
+        "no NodePort on the InternalIP outside --nodeport-addresses (node A's stack refuses it): {lines:?}"
+    );
+    assert_eq!(
+        peers_seen(pair.child(pod_b), "tcp").len(),
+        3,
+        "nothing more reached the backend"
+    );
+    drop(agent);
+}

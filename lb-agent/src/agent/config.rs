@@ -9,7 +9,7 @@ use crate::datapath::pins::Capacities;
 use crate::datapath::reconcile::ReconcileConfig;
 use crate::datapath::tc_attach::TcAttachMode;
 use crate::datapath::xdp_attach::XdpModeChoice;
-use crate::model::ModelConfig;
+use crate::model::{ModelConfig, NodePortAddresses};
 use crate::ops::OpsConfig;
 use crate::source::kube::Connection;
 use crate::state::Algorithm;
@@ -42,6 +42,8 @@ pub struct AgentConfig {
     pub node_addresses: Vec<IpAddr>,
     /// Service CIDRs when there is no ServiceCIDR object.
     pub service_cidrs: Vec<(IpAddr, u8)>,
+    /// kube-proxy's `--nodeport-addresses`.
+    pub nodeport_addresses: NodePortAddresses,
     pub localhost_nodeports: bool,
     pub service_proxy_name: Option<String>,
     pub maglev_min_size: u32,
@@ -68,6 +70,7 @@ impl AgentConfig {
             service_proxy_name: self.service_proxy_name.clone(),
             fallback_node_addresses,
             fallback_service_cidrs: self.service_cidrs.clone(),
+            nodeport_addresses: self.nodeport_addresses.clone(),
             localhost_nodeports: self.localhost_nodeports,
         }
     }

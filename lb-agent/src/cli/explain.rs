@@ -55,6 +55,13 @@ pub struct ExplainArgs {
         value_parser = super::args::parse_cidr_arg
     )]
     service_cidrs: Vec<(IpAddr, u8)>,
+    /// As `lb-agent run --nodeport-addresses` (CIDRs matched against --node-address).
+    #[arg(
+        long = "nodeport-addresses",
+        env = "LB_NODEPORT_ADDRESSES",
+        value_delimiter = ','
+    )]
+    nodeport_addresses: Vec<String>,
     /// As `lb-agent run --localhost-nodeports`.
     #[arg(long, env = "LB_LOCALHOST_NODEPORTS", default_value_t = true, action = clap::ArgAction::Set)]
     localhost_nodeports: bool,
@@ -104,12 +111,15 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
         None => (DEFAULT_NAMESPACE.to_owned(), args.service.clone()),
     };
     let (source, objects, diagnostics) = load_objects(args)?;
+    let nodeport_addresses =
+        model::NodePortAddresses::parse(&args.nodeport_addresses).map_err(anyhow::Error::msg)?;
     let cfg = ModelConfig {
         default_algorithm: args.algorithm,
         service_proxy_name: args.service_proxy_name.clone(),
         fallback_node_addresses: args.node_addresses.clone(),
         fallback_service_cidrs: args.service_cidrs.clone(),
-        localhost_nodeports: args.localhost_nodeports,
+        localhost_nodeports: args.localhost_nodeports && nodeport_addresses.allows_ipv4_loopback(),
+        nodeport_addresses,
     };
     let node = model::node_context(&args.node_name, &objects.nodes, &cfg);
     let Some(explanation) = model::explain(&objects, &node, &cfg, &namespace, &name) else {

@@ -64,7 +64,8 @@ struct Cli {
     /// (`info,lb_agent::datapath=debug`). Changes live when set in the config file.
     #[arg(long, global = true, default_value = "info", env = "LB_LOG")]
     log_level: String,
-    /// YAML config file of `lb-agent run` settings, keyed by long flag name (`algorithm: random`). Precedence:
+    /// YAML config file of `lb-agent run` settings, keyed by long flag name (`algorithm: random`), or kube-proxy's
+    /// `KubeProxyConfiguration` (v1alpha1; the fields lb does not apply are named in a warning). Precedence:
     /// flag > environment > file > default. Reloaded on change and on SIGHUP: algorithm, maglev-min-size,
     /// maglev-max-size and log-level apply at once, other changes are logged as needing a restart.
     #[arg(long, global = true, env = "LB_CONFIG")]

@@ -67,7 +67,7 @@ impl StateBuilder {
                 cluster_ip,
                 external_ips: of_family(&info.external_ips),
                 load_balancer_ips: of_family(&info.load_balancer_ips),
-                node_addresses: of_family(&node.addresses),
+                node_addresses: of_family(node.nodeport_addresses()),
                 source_ranges: lb_source_ranges(info, family, node),
             };
             for port in &info.ports {

@@ -43,7 +43,7 @@ pub use explain::{
     EndpointExplanation, FrontendExplanation, PortExplanation, ServiceExplanation, explain,
 };
 pub use health::ServiceHealth;
-pub use node::node_context;
+pub use node::{NodePortAddresses, node_context};
 pub use objects::{
     ClusterObjects, DEFAULT_NAMESPACE, Diagnostic, EndpointSlice, Name, Node, Object, ObjectMeta,
     Service, ServiceCIDR, object_label,
@@ -58,9 +58,11 @@ use crate::state::{Algorithm, DesiredState};
 pub struct NodeContext {
     /// The Node name; endpoints whose `nodeName` equals it are local (an empty name makes none local).
     pub name: String,
-    /// The node's primary addresses, where NodePorts listen: the Node object's InternalIP per family, else the
-    /// addresses the caller gave (flag or host addresses).
+    /// The node's primary addresses (the first of a family is its SNAT address): the Node object's InternalIP per
+    /// family, else the addresses the caller gave (flag or host addresses).
     pub addresses: Vec<IpAddr>,
+    /// Where NodePorts listen when not on `addresses` (`--nodeport-addresses`, see [`NodePortAddresses`]).
+    pub nodeport_addresses: Option<Vec<IpAddr>>,
     /// The node's `topology.kubernetes.io/zone` label, for topology hints.
     pub zone: Option<String>,
 }
@@ -73,12 +75,24 @@ pub struct ModelConfig {
     /// kube-proxy's `--service-proxy-name` convention: `None` proxies only Services without the
     /// `service.kubernetes.io/service-proxy-name` label; `Some(name)` proxies only Services whose label equals it.
     pub service_proxy_name: Option<String>,
-    /// NodePort addresses to use when no Node object for this node is known.
+    /// The node's addresses when no Node object for this node is known, and the candidates
+    /// `--nodeport-addresses` selects from.
     pub fallback_node_addresses: Vec<IpAddr>,
+    /// kube-proxy's `--nodeport-addresses`.
+    pub nodeport_addresses: NodePortAddresses,
     /// Service CIDRs to use when there is no ServiceCIDR object (`--service-cidrs`).
     pub fallback_service_cidrs: Vec<(IpAddr, u8)>,
     /// Serve `localhost:nodePort` to the host's own processes (`--localhost-nodeports`, rule 14).
     pub localhost_nodeports: bool,
+}
+
+impl NodeContext {
+    /// The addresses NodePorts listen on.
+    pub fn nodeport_addresses(&self) -> &[IpAddr] {
+        self.nodeport_addresses
+            .as_deref()
+            .unwrap_or(&self.addresses)
+    }
 }
 
 /// The translation's result: the desired state and what had to be skipped on the way.

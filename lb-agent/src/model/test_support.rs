@@ -29,6 +29,7 @@ pub(crate) fn worker() -> NodeContext {
     NodeContext {
         name: "worker-1".into(),
         addresses: vec![ip("192.168.0.10"), ip("fd00::10")],
+        nodeport_addresses: None,
         zone: Some("zone-a".into()),
     }
 }

@@ -693,6 +693,7 @@ mod tests {
         let other_node = NodeContext {
             name: "worker-2".into(),
             addresses: vec![ip("192.168.0.11")],
+            nodeport_addresses: None,
             zone: Some("zone-b".into()),
         };
         let mut node = worker();

@@ -1,5 +1,6 @@
 //! The configuration file (`--config`, YAML) and its live reload. A leaf: it works on whatever `clap::Command` it is
-//! given (the CLI passes its own) and imports nothing of the crate.
+//! given (the CLI passes its own) and imports nothing of the crate but its sibling `kube_proxy_config`, which reads
+//! a kube-proxy `KubeProxyConfiguration` file into the same settings.
 //!
 //! **Precedence:** flag > environment variable > config file > built-in default. clap already orders the first two
 //! before its defaults, so the file's values are installed as the defaults of the matching arguments before the
@@ -53,6 +54,8 @@ pub enum ConfigError {
 pub struct ConfigFile {
     pub path: PathBuf,
     pub values: BTreeMap<String, String>,
+    /// A kube-proxy `KubeProxyConfiguration` file: its fields that are set and mean nothing to lb (for one warning).
+    pub kube_proxy_ignored: Option<Vec<String>>,
 }
 
 /// Parses the file's text.
@@ -71,6 +74,14 @@ pub fn parse(path: &Path, text: &str) -> Result<ConfigFile, ConfigError> {
         serde_json::Value::Null => Default::default(),
         _ => return Err(err("expected a mapping of setting: value".into())),
     };
+    if super::kube_proxy_config::is_kube_proxy_config(&map) {
+        let t = super::kube_proxy_config::translate(&map).map_err(err)?;
+        return Ok(ConfigFile {
+            path: path.to_path_buf(),
+            values: t.values,
+            kube_proxy_ignored: Some(t.ignored),
+        });
+    }
     let mut values = BTreeMap::new();
     for (key, value) in map {
         let text = match value {
@@ -99,6 +110,7 @@ pub fn parse(path: &Path, text: &str) -> Result<ConfigFile, ConfigError> {
     Ok(ConfigFile {
         path: path.to_path_buf(),
         values,
+        kube_proxy_ignored: None,
     })
 }
 

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod health;
 pub mod http;
+pub mod kube_proxy_config;
 pub mod metrics;
 
 use std::net::{IpAddr, SocketAddr};

@@ -123,7 +123,7 @@ pub fn run(
         }
     };
     eprintln!("lb-bench: control plane, agent programming {n} x {e}");
-    match agent_memory(agent_bin, &yaml, &pins) {
+    match agent_memory(agent_bin, &yaml, &pins, &[]) {
         Ok(r) => out.agent = Some(r),
         Err(err) => out.agent_error = Some(format!("{err:#}")),
     }
@@ -241,7 +241,12 @@ fn lb_control(yaml: &str, changes: usize, pins: &Path) -> Result<LbControl> {
 
 /// Runs the real agent on the manifest (`--devices none`: nothing attached to any interface; socket programs on
 /// an empty test cgroup) and reads its peak RSS and the memory of its maps once it has programmed everything.
-fn agent_memory(agent_bin: &Path, yaml: &str, pins: &BpfDir) -> Result<AgentMemory> {
+pub(super) fn agent_memory(
+    agent_bin: &Path,
+    yaml: &str,
+    pins: &BpfDir,
+    extra_args: &[String],
+) -> Result<AgentMemory> {
     let token = unique_token();
     let dir = std::env::temp_dir().join(format!("lb-bench-{token}"));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -250,7 +255,8 @@ fn agent_memory(agent_bin: &Path, yaml: &str, pins: &BpfDir) -> Result<AgentMemo
     std::fs::write(&manifest, yaml).context("writing the manifest")?;
     let cgroup = Cgroup::new(&format!("lb-bench-{token}"))?;
     let started = Instant::now();
-    let source = [OsStr::new("--manifests"), manifest.as_os_str()];
+    let mut source = vec![OsStr::new("--manifests"), manifest.as_os_str()];
+    source.extend(extra_args.iter().map(OsStr::new));
     let mut child = start_agent(agent_bin, &source, pins.path(), &cgroup)?;
     let start_to_programmed_ms = ms(started.elapsed());
     let pid = child.pid();
@@ -264,11 +270,12 @@ fn agent_memory(agent_bin: &Path, yaml: &str, pins: &BpfDir) -> Result<AgentMemo
             .unwrap_or(0)
     };
     let (vm_hwm_kib, vm_rss_kib) = (field("VmHWM:"), field("VmRSS:"));
-    let (map_memlock_bytes, maps_counted) = fd_map_memlock(pid)?;
-    let (inner, inner_tables, inner_error) = match inner_table_memlock(&pins.join("LB_MAGLEV")) {
-        Ok((bytes, n)) => (Some(bytes), n, None),
-        Err(e) => (None, 0, Some(format!("{e:#}"))),
-    };
+    let (fd_maps, map_memlock_bytes, maps_counted) = fd_map_memlock(pid)?;
+    let (inner, inner_tables, inner_error) =
+        match inner_table_memlock(&pins.join("LB_MAGLEV"), &fd_maps) {
+            Ok((bytes, n)) => (Some(bytes), n, None),
+            Err(e) => (None, 0, Some(format!("{e:#}"))),
+        };
     // The agent's own measure of its first sync (read manifests, translate, write the maps), from its log.
     let first_sync_ms = child
         .stderr()
@@ -393,9 +400,18 @@ pub(super) fn start_agent(
     pins: &Path,
     cgroup: &Cgroup,
 ) -> Result<crate::Child> {
+    // The bench's own backend capacity unless the caller sized it.
+    let backends = MAX_BACKENDS.to_string();
+    let default_backends = [OsStr::new("--max-backends"), OsStr::new(&backends)];
+    let sized = source.iter().any(|a| *a == "--max-backends");
     let mut child = Cmd::new(agent_bin)
         .arg("run")
         .args(source)
+        .args(if sized {
+            &[][..]
+        } else {
+            &default_backends[..]
+        })
         .args(["--node-name", workload::NODE_NAME])
         .arg("--cgroup")
         .arg(cgroup.path())
@@ -410,7 +426,6 @@ pub(super) fn start_agent(
             "127.0.0.1:0",
         ])
         .args(["--health-check-node-port-addresses", "127.0.0.1"])
-        .args(["--max-backends", &MAX_BACKENDS.to_string()])
         .env("LB_LOG", "info")
         .label("lb-agent")
         .spawn()?;
@@ -446,8 +461,8 @@ fn tail(s: &str) -> &str {
     &s[start..]
 }
 
-/// Sums `memlock` over the distinct BPF maps a process holds fds of.
-fn fd_map_memlock(pid: u32) -> Result<(u64, usize)> {
+/// Sums `memlock` over the distinct BPF maps a process holds fds of; also returns their ids.
+fn fd_map_memlock(pid: u32) -> Result<(BTreeSet<u64>, u64, usize)> {
     let mut seen = BTreeMap::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).context("reading fdinfo")? {
         let Ok(text) = std::fs::read_to_string(entry?.path()) else {
@@ -462,12 +477,16 @@ fn fd_map_memlock(pid: u32) -> Result<(u64, usize)> {
             seen.insert(id, memlock);
         }
     }
-    Ok((seen.values().sum(), seen.len()))
+    Ok((
+        seen.keys().copied().collect(),
+        seen.values().sum(),
+        seen.len(),
+    ))
 }
 
 /// The Maglev tables: the inner map ids LB_MAGLEV holds (bpftool dumps them as values), each one's memlock from
-/// `bpftool map show`.
-fn inner_table_memlock(pin: &Path) -> Result<(u64, usize)> {
+/// `bpftool map show`, leaving out the maps in `counted` (the agent may hold an fd of the slot array too).
+fn inner_table_memlock(pin: &Path, counted: &BTreeSet<u64>) -> Result<(u64, usize)> {
     let dump = crate::run_cmd(
         "bpftool",
         &["-j", "map", "dump", "pinned", &pin.to_string_lossy()],
@@ -480,7 +499,11 @@ fn inner_table_memlock(pin: &Path) -> Result<(u64, usize)> {
             let v = e.get("inner_map_id").or_else(|| e.get("value"))?;
             v.as_u64().or_else(|| v.as_array().and_then(|a| le_u32(a)))
         })
+        .filter(|id| !counted.contains(id))
         .collect();
+    if ids.is_empty() {
+        return Ok((0, 0));
+    }
     let show = crate::run_cmd("bpftool", &["-j", "map", "show"])?;
     let maps: Vec<serde_json::Value> =
         serde_json::from_str(&show).context("parsing bpftool's map list")?;

@@ -9,6 +9,7 @@ pub mod maglev;
 pub mod memory;
 pub mod packet;
 pub mod report;
+pub mod scale;
 pub mod stats;
 pub mod traffic;
 pub mod workload;
@@ -26,6 +27,8 @@ pub struct Plan {
     pub maglev_repeats: usize,
     pub control_services: usize,
     pub control_changes: usize,
+    /// Services per run of the scale sweep (the agent from empty to programmed, memory).
+    pub scale_counts: Vec<usize>,
     pub iptables_changes: usize,
     /// `iptables-restore` with the nf_tables backend runs at no more services than this (see [`Plan::new`]).
     pub iptables_nft_max_services: usize,
@@ -46,6 +49,7 @@ impl Plan {
                 // full plan), which would break the 5-minute budget.
                 control_services: 1000,
                 control_changes: 100,
+                scale_counts: vec![10, 1000],
                 iptables_changes: 3,
                 iptables_nft_max_services: 1000,
                 traffic_counts: vec![10, 1000],
@@ -60,6 +64,8 @@ impl Plan {
                 maglev_repeats: 10,
                 control_services: 10_000,
                 control_changes: 1000,
+                // 50k: issue-sized clusters must run, with a cost per Service flat from 1k up.
+                scale_counts: vec![10, 1000, 10_000, 50_000],
                 // Each full iptables-restore is a change here; at 10k services one takes ~10 s (legacy).
                 iptables_changes: 3,
                 // iptables-restore's nf_tables backend grows much faster than linearly with the rule set: on the
@@ -101,6 +107,7 @@ pub struct Results {
     pub maglev: Option<Vec<maglev::MaglevRow>>,
     pub maglev_error: Option<String>,
     pub control: Option<control::ControlResults>,
+    pub scale: Option<Vec<scale::ScaleRow>>,
     pub traffic: Option<traffic::TrafficResults>,
     pub packet: Option<packet::PacketResults>,
     /// Wall-clock time of each part that ran, in run order (what a full run's budget is planned from).
@@ -116,6 +123,7 @@ pub struct RunOptions {
     pub only: Vec<String>,
     /// Overrides of the plan's sizes, for targeted runs (the report says what was run).
     pub control_services: Option<usize>,
+    pub scale_counts: Vec<usize>,
     pub packet_counts: Vec<usize>,
     pub packet_runs: Option<usize>,
     pub traffic_counts: Vec<usize>,
@@ -127,6 +135,9 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     let mut plan = Plan::new(opts.quick);
     if let Some(n) = opts.control_services {
         plan.control_services = n;
+    }
+    if !opts.scale_counts.is_empty() {
+        plan.scale_counts = opts.scale_counts.clone();
     }
     if !opts.packet_counts.is_empty() {
         plan.packet_counts = opts.packet_counts.clone();
@@ -153,6 +164,7 @@ pub fn run(opts: &RunOptions) -> Result<()> {
         maglev: None,
         maglev_error: None,
         control: None,
+        scale: None,
         traffic: None,
         packet: None,
         part_seconds: Vec::new(),
@@ -186,6 +198,10 @@ pub fn run(opts: &RunOptions) -> Result<()> {
             plan.iptables_nft_max_services,
         ));
         lap(&mut results, "control");
+    }
+    if want("scale") {
+        results.scale = Some(scale::run(&opts.agent, &plan.scale_counts));
+        lap(&mut results, "scale");
     }
     if want("packet") {
         results.packet = Some(packet::run(&plan.packet_counts, plan.packet_runs));

@@ -94,6 +94,7 @@ pub fn write(r: &Results, root: &Path, json_path: &str) -> Result<()> {
     }
     maglev_section(&mut md, r);
     control_section(&mut md, r);
+    scale_section(&mut md, r);
     traffic_section(&mut md, r, &plots)?;
     packet_section(&mut md, r, &plots)?;
 
@@ -230,18 +231,13 @@ fn control_section(md: &mut String, r: &Results) {
             a.first_sync_ms.map(f).unwrap_or_else(|| "-".into())
         );
         if let Some(first) = a.first_sync_ms {
-            let tables = 2 * c.services;
             let _ = writeln!(
                 md,
-                "That is about **{} ms per Maglev table** ({tables} tables), everything included. Every userspace \
-                 update of the hash-of-maps `LB_MAGLEV` waits for an RCU grace period (`maybe_wait_bpf_programs` → \
-                 `synchronize_rcu`), so the reconciler installs all the tables a sync changed with one \
-                 `BPF_MAP_UPDATE_BATCH` per 1024 tables, which waits once per batch since Linux 6.7 (one wait per \
-                 element before; ~13 ms per table on the machine this was developed on). Each inner table is \
-                 created, then filled whole with one `BPF_MAP_UPDATE_BATCH` of its own before it is installed (one \
-                 update per slot before: a 2039-slot table was 2040 syscalls). An endpoint change below (two tables \
-                 per ClusterIP) is one batch too.\n",
-                f(first / tables as f64)
+                "That is about **{} µs per Service** (two frontends each), everything included. Every Maglev table \
+                 is a region of one flat slot array written through a memory mapping (no map-in-map update, no RCU \
+                 grace period per table), and a ClusterIP's two frontends share one table when both traffic \
+                 policies are Cluster.\n",
+                f(first * 1000.0 / c.services as f64)
             );
         }
         let _ = writeln!(
@@ -254,13 +250,13 @@ fn control_section(md: &mut String, r: &Results) {
             a.maps_counted,
             match (a.inner_table_memlock_bytes, &a.inner_error) {
                 (Some(b), _) => format!(
-                    ", plus {:.1} MiB in the {} Maglev tables (inner maps, held by LB_MAGLEV; bpftool), {:.1} MiB in all",
+                    ", plus {:.1} MiB in {} map(s) held only by LB_MAGLEV (the slot array; bpftool), {:.1} MiB in all",
                     b as f64 / 1048576.0,
                     a.inner_tables,
                     (a.map_memlock_bytes + b) as f64 / 1048576.0
                 ),
                 (None, Some(e)) =>
-                    format!("; the Maglev tables (inner maps) could not be counted: {e}"),
+                    format!("; the slot array (LB_MAGLEV's inner map) could not be counted: {e}"),
                 (None, None) => String::new(),
             }
         );
@@ -324,6 +320,62 @@ fn control_section(md: &mut String, r: &Results) {
 }
 
 const MODES: [&str; 5] = ["lb-socket", "iptables", "nftables", "direct", "lb-tc"];
+
+fn scale_section(md: &mut String, r: &Results) {
+    let Some(rows) = &r.scale else { return };
+    let _ = writeln!(
+        md,
+        "## 2b. Scale: the agent from an empty node to programmed\n"
+    );
+    let _ = writeln!(
+        md,
+        "`lb-agent run` on a manifest of N ClusterIP Services x {} endpoints (`--devices none`, socket programs on an \
+         empty test cgroup), from start to its \"initial sync done\" line; peak RSS (VmHWM) then; BPF map memory \
+         (memlock of every map it holds plus the slot array). `--max-backends {}` (the control-plane section's) unless the row names its own capacity flags.\n",
+        super::scale::ENDPOINTS,
+        super::control::MAX_BACKENDS,
+    );
+    let _ = writeln!(
+        md,
+        "| Services | flags | start → programmed | first sync | first sync per Service | peak RSS | map memory |\n|---:|---|---:|---:|---:|---:|---:|"
+    );
+    for row in rows {
+        match (&row.agent, &row.error) {
+            (Some(a), _) => {
+                let maps = a.map_memlock_bytes + a.inner_table_memlock_bytes.unwrap_or(0);
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} ms | {} | {} | {:.1} MiB | {:.1} MiB |",
+                    row.services,
+                    if row.flags.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        format!("`{}`", row.flags.join(" "))
+                    },
+                    f(a.start_to_programmed_ms),
+                    a.first_sync_ms
+                        .map(|v| format!("{} ms", f(v)))
+                        .unwrap_or_else(|| "-".into()),
+                    a.first_sync_ms
+                        .map(|v| format!("{} µs", f(v * 1000.0 / row.services.max(1) as f64)))
+                        .unwrap_or_else(|| "-".into()),
+                    a.vm_hwm_kib as f64 / 1024.0,
+                    maps as f64 / 1048576.0,
+                );
+            }
+            (None, e) => {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | not run: {} | | | | |",
+                    row.services,
+                    row.flags.join(" "),
+                    e.as_deref().unwrap_or("no result").replace('|', "/")
+                );
+            }
+        }
+    }
+    let _ = writeln!(md);
+}
 
 fn traffic_section(md: &mut String, r: &Results, plots: &Path) -> Result<()> {
     let Some(t) = &r.traffic else { return Ok(()) };

@@ -36,12 +36,15 @@ enum Command {
         /// The command line to print in BENCHMARKS.md.
         #[arg(long, default_value = "lb-bench run")]
         command: String,
-        /// Only these parts: maglev, control, packet, traffic (repeatable).
+        /// Only these parts: maglev, control, scale, packet, traffic (repeatable).
         #[arg(long)]
         only: Vec<String>,
         /// Targeted runs: services in the control-plane part instead of the plan's.
         #[arg(long)]
         control_services: Option<usize>,
+        /// Targeted runs: service counts of the scale part instead of the plan's (repeatable).
+        #[arg(long = "scale-count")]
+        scale_counts: Vec<usize>,
         /// Targeted runs: service counts of the per-packet part instead of the plan's (repeatable).
         #[arg(long = "packet-count")]
         packet_counts: Vec<usize>,
@@ -132,6 +135,7 @@ fn run(command: Command) -> Result<()> {
             command,
             only,
             control_services,
+            scale_counts,
             packet_counts,
             packet_runs,
             traffic_counts,
@@ -143,6 +147,7 @@ fn run(command: Command) -> Result<()> {
             command,
             only,
             control_services,
+            scale_counts,
             packet_counts,
             packet_runs,
             traffic_counts,
