@@ -199,7 +199,7 @@ fn reconciler_programs_many_services_sharing_tables() {
     }
 
     // One endpoint change: one new table for both frontends.
-    let slice = &mut objects.endpoint_slices[n / 2];
+    let slice = std::sync::Arc::make_mut(&mut objects.endpoint_slices[n / 2]);
     let ep = slice
         .endpoints
         .as_mut()

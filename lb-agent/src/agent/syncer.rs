@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use crate::model::EndpointSlice;
 
 use crate::datapath::maps::{MapsRead, PinnedMaps};
 use crate::datapath::names::{NameWriter, PinnedNames};
@@ -147,17 +147,21 @@ impl Syncer {
         let node = model::node_context(&self.node_name, self.translator.nodes(), &self.model);
         self.translator.set_config(&self.model);
         self.translator.set_node(&node);
+        let translating = Instant::now();
         let changed = self.translator.translate();
+        let translate_ms = translating.elapsed().as_secs_f64() * 1e3;
         let translation = self.translator.translation();
         for d in &translation.diagnostics {
             tracing::warn!(event = "Warning", reason = "InvalidObject", object = %d.object, field = d.field.as_deref().unwrap_or(""), "skipped: {}", d.message);
         }
+        let writing = Instant::now();
         let report = if full {
             self.reconciler.sync(maps, &translation.state)
         } else {
             self.reconciler
                 .sync_changed(maps, &translation.state, &changed)
         };
+        let write_ms = writing.elapsed().as_secs_f64() * 1e3;
         self.names.write(
             &translation.state,
             (!full).then_some(&changed),
@@ -203,6 +207,10 @@ impl Syncer {
             backends_added = report.backends_written,
             backends_removed = report.backends_deleted,
             failed = report.failed.len(),
+            // The sync's time split: translation, the reconciler's writes, and everything since the sync started
+            // (for the file source that includes reading and parsing the manifests).
+            translate_ms,
+            write_ms,
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "synced"
         );

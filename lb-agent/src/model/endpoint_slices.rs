@@ -16,15 +16,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-
 use super::endpoints::Endpoint;
 use super::ip::{Family, is_ipv4_mapped_literal, parse_ip_sloppy};
-use super::objects::{DEFAULT_NAMESPACE, Diagnostic, object_label};
+use super::objects::{
+    DEFAULT_NAMESPACE, Diagnostic, EndpointSlice, LABEL_SERVICE_NAME, Name, object_label,
+};
 use crate::state::Protocol;
-
-/// `discovery.LabelServiceName`.
-const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 
 #[derive(Clone, Debug)]
 struct SlicePort {
@@ -36,12 +33,12 @@ struct SlicePort {
 #[derive(Clone, Debug)]
 struct SliceEndpoint {
     addr: IpAddr,
-    node_name: Option<String>,
+    node_name: Option<Name>,
     ready: bool,
     serving: bool,
     terminating: bool,
-    zone_hints: BTreeSet<String>,
-    node_hints: BTreeSet<String>,
+    zone_hints: BTreeSet<Name>,
+    node_hints: BTreeSet<Name>,
 }
 
 /// One valid EndpointSlice, reduced to what the model reads.
@@ -77,7 +74,7 @@ pub(crate) struct SliceIndex {
 impl SliceIndex {
     /// Validates and indexes the slices once; problems become diagnostics and the bad part is left out.
     pub(crate) fn build(
-        slices: &[EndpointSlice],
+        slices: &[std::sync::Arc<EndpointSlice>],
         node_name: &str,
         diagnostics: &mut Vec<Diagnostic>,
     ) -> Self {
@@ -88,8 +85,9 @@ impl SliceIndex {
             let namespace = slice
                 .metadata
                 .namespace
-                .clone()
-                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+                .as_deref()
+                .unwrap_or(DEFAULT_NAMESPACE)
+                .to_owned();
             let Some(name) = slice.metadata.name.clone().filter(|n| !n.is_empty()) else {
                 diagnostics.push(Diagnostic::new(
                     object_label("EndpointSlice", Some(&namespace), None),

@@ -10,6 +10,7 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
+use super::objects::Name;
 use crate::state::Backend;
 
 /// One endpoint of one service port, with what kube-proxy reads from its EndpointSlice (`BaseEndpointInfo`).
@@ -22,8 +23,8 @@ pub(crate) struct Endpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub zone_hints: BTreeSet<String>,
-    pub node_hints: BTreeSet<String>,
+    pub zone_hints: BTreeSet<Name>,
+    pub node_hints: BTreeSet<Name>,
 }
 
 impl Endpoint {
@@ -269,6 +270,7 @@ mod tests {
     //! worked out by hand from the rule the test names. The node is `worker-1` in `zone-a`.
 
     use super::super::test_support::*;
+    use crate::model::Name;
     use crate::state::Scope;
 
     /// A ClusterIP Service `ns/web` (10.96.0.10:80) with the given extra spec lines, plus one IPv4 slice with the
@@ -540,8 +542,8 @@ endpoints:
                         ready: bits & 2 != 0,
                         serving: bits & 4 != 0,
                         terminating: bits & 8 != 0,
-                        zone_hints: hint.into_iter().map(String::from).collect(),
-                        node_hints: node_hint.into_iter().map(String::from).collect(),
+                        zone_hints: hint.into_iter().map(Name::from).collect(),
+                        node_hints: node_hint.into_iter().map(Name::from).collect(),
                     });
                 }
             }

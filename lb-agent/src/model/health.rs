@@ -6,11 +6,11 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Service;
 use serde::Serialize;
 
 use super::endpoint_slices::SliceIndex;
 use super::ip::Family;
+use super::objects::Service;
 use super::service_ports::ServiceInfo;
 
 /// One health check server's content.

@@ -31,7 +31,7 @@ mod frontends;
 mod health;
 mod ip;
 mod node;
-mod objects;
+pub mod objects;
 mod service_cidrs;
 mod service_ports;
 #[cfg(test)]
@@ -47,7 +47,10 @@ pub use explain::{
 };
 pub use health::ServiceHealth;
 pub use node::{NodePortAddresses, node_context};
-pub use objects::{ClusterObjects, DEFAULT_NAMESPACE, Diagnostic, object_label};
+pub use objects::{
+    ClusterObjects, DEFAULT_NAMESPACE, Diagnostic, EndpointSlice, Name, Node, Object, ObjectMeta,
+    Service, ServiceCIDR, object_label,
+};
 pub use service_cidrs::parse_service_cidr;
 pub use translator::{ChangeCounts, ObjectRef, Translator};
 

@@ -2,11 +2,11 @@
 //! `--nodeport-addresses` ([`NodePortAddresses`]).
 
 use std::net::IpAddr;
-
-use k8s_openapi::api::core::v1::Node;
+use std::sync::Arc;
 
 use super::frontends::prefix_contains;
 use super::ip::{Family, parse_cidr_sloppy, parse_ip_sloppy};
+use super::objects::{LABEL_TOPOLOGY_ZONE, Node};
 use super::{ModelConfig, NodeContext};
 
 /// kube-proxy's `--nodeport-addresses` (`pkg/proxy/util/nodeport_addresses.go`): which of the node's addresses
@@ -89,15 +89,12 @@ impl NodePortAddresses {
     }
 }
 
-/// `v1.LabelTopologyZone`, the zone topology hints are matched against.
-const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
-
 /// Builds the [`NodeContext`] for `node_name` from its Node object. The node's primary address per family comes from
 /// it (the SNAT address); without a Node object (a bare manifest file) or without addresses in it,
 /// `cfg.fallback_node_addresses` stand in, and an info line says so. NodePorts listen on the addresses
 /// `cfg.nodeport_addresses` selects among the primary ones and `cfg.fallback_node_addresses` (the host's own
 /// addresses unless `--node-address` names them; kube-proxy reads the host's interfaces the same way).
-pub fn node_context(node_name: &str, nodes: &[Node], cfg: &ModelConfig) -> NodeContext {
+pub fn node_context(node_name: &str, nodes: &[Arc<Node>], cfg: &ModelConfig) -> NodeContext {
     let node = nodes
         .iter()
         .find(|n| n.metadata.name.as_deref() == Some(node_name));
@@ -106,7 +103,7 @@ pub fn node_context(node_name: &str, nodes: &[Node], cfg: &ModelConfig) -> NodeC
         .and_then(|labels| labels.get(LABEL_TOPOLOGY_ZONE))
         .filter(|z| !z.is_empty())
         .cloned();
-    let mut addresses = node.map(node_host_ips).unwrap_or_default();
+    let mut addresses = node.map(|n| node_host_ips(n)).unwrap_or_default();
     if addresses.is_empty() {
         let fallback = &cfg.fallback_node_addresses;
         match node {
@@ -136,7 +133,7 @@ pub fn node_context(node_name: &str, nodes: &[Node], cfg: &ModelConfig) -> NodeC
 
 /// This node's networks for the per-packet datapath: its NodePort addresses (`node.addresses`, the first per family
 /// is the SNAT address) and the Node object's `spec.podCIDRs` (local pods, kube-proxy's `--detect-local-mode=NodeCIDR`).
-pub fn node_nets(nodes: &[Node], node: &NodeContext) -> crate::state::NodeNets {
+pub fn node_nets(nodes: &[Arc<Node>], node: &NodeContext) -> crate::state::NodeNets {
     let pod_cidrs = nodes
         .iter()
         .find(|n| n.metadata.name.as_deref() == Some(node.name.as_str()))

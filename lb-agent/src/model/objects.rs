@@ -1,20 +1,36 @@
 //! The model's input and what it reports back: the cluster objects (from any source) and the diagnostics of what it
 //! had to skip. Sources (`crate::source`) produce these; the model consumes them and knows nothing of YAML or watches.
+//!
+//! The objects are lb's own compact types ([`kinds`]), not k8s-openapi's: only the fields the model reads, decoded
+//! straight from the API server's JSON or a manifest, with repeated names interned ([`meta`]). An object is shared
+//! (`Arc`) between the source that keeps it and the translator that reads it, never copied.
+
+mod kinds;
+mod meta;
 
 use std::fmt;
+use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::ServiceCIDR;
+pub use kinds::{
+    ClientIpConfig, Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice,
+    ForNode, ForZone, LoadBalancerIngress, LoadBalancerStatus, Node, NodeAddress, NodeSpec,
+    NodeStatus, Object, Service, ServiceCIDR, ServiceCIDRSpec, ServicePort, ServiceSpec,
+    ServiceStatus, SessionAffinityConfig,
+};
+pub use meta::{
+    ANNOTATION_ALGORITHM, ANNOTATION_LAST_CHANGE_TRIGGER_TIME, Annotations, KEPT_ANNOTATIONS,
+    KEPT_LABELS, LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_TOPOLOGY_ZONE,
+    Labels, Name, ObjectMeta,
+};
 
 /// The objects the model reads, in the order they were found.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterObjects {
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
-    pub nodes: Vec<Node>,
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub nodes: Vec<Arc<Node>>,
     /// `networking.k8s.io/v1` ServiceCIDRs (cluster-scoped): the ranges ClusterIPs are allocated from.
-    pub service_cidrs: Vec<ServiceCIDR>,
+    pub service_cidrs: Vec<Arc<ServiceCIDR>>,
 }
 
 impl ClusterObjects {

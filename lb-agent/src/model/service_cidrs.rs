@@ -12,10 +12,9 @@
 //! a cluster without the API still has a `--service-cluster-ip-range`.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
-use k8s_openapi::api::networking::v1::ServiceCIDR;
-
-use super::objects::{Diagnostic, object_label};
+use super::objects::{Diagnostic, ServiceCIDR, object_label};
 
 use super::ModelConfig;
 use super::ip::parse_cidr_sloppy;
@@ -24,7 +23,7 @@ use super::ip::parse_cidr_sloppy;
 /// every ServiceCIDR object, else `cfg.fallback_service_cidrs`. An unreadable CIDR is a diagnostic and is skipped
 /// (the API server validates them, so this only happens with hand-written manifests).
 pub(crate) fn service_cidrs(
-    objects: &[ServiceCIDR],
+    objects: &[Arc<ServiceCIDR>],
     cfg: &ModelConfig,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Vec<(IpAddr, u8)> {

@@ -10,20 +10,15 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Service, ServicePort as K8sServicePort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::ModelConfig;
 use super::ip::{Family, parse_cidr_sloppy, parse_ip_sloppy};
-use super::objects::{DEFAULT_NAMESPACE, Diagnostic, object_label};
+use super::objects::{
+    ANNOTATION_ALGORITHM, DEFAULT_NAMESPACE, Diagnostic, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME,
+    Service, ServicePort as K8sServicePort, ServiceSpec, object_label,
+};
 use crate::state::{Algorithm, Protocol, ServicePortName};
-
-/// Services for another proxy carry this label (kube-proxy's `apis.LabelServiceProxyName`).
-pub(crate) const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
-/// kube-proxy's informers exclude objects with this label (`v1.IsHeadlessService`).
-pub(crate) const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
-/// Per-Service backend selection (SEMANTICS.md rule 11).
-pub(crate) const ANNOTATION_ALGORITHM: &str = "lb.io/algorithm";
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` default and maximum (API defaulting and validation).
 const DEFAULT_AFFINITY_TIMEOUT: i32 = 10800;
 const MAX_AFFINITY_TIMEOUT: i32 = 86400;
@@ -117,9 +112,7 @@ pub(crate) fn service_info(
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Option<ServiceInfo> {
     let meta = &svc.metadata;
-    let namespace = non_empty(&meta.namespace)
-        .unwrap_or(DEFAULT_NAMESPACE)
-        .to_owned();
+    let namespace = meta.namespace().unwrap_or(DEFAULT_NAMESPACE).to_owned();
     let name = non_empty(&meta.name).unwrap_or_default().to_owned();
     let mut check = Check {
         object: object_label("Service", Some(&namespace), Some(&name)),
@@ -262,10 +255,7 @@ enum ClusterIps {
 
 /// `spec.clusterIP` / `spec.clusterIPs` as the API server stores them (clusterIPs[0] == clusterIP, at most one per
 /// family). A manifest may give either field; the API server would fill in the other.
-fn cluster_ips(
-    spec: &k8s_openapi::api::core::v1::ServiceSpec,
-    check: &mut Check<'_>,
-) -> ClusterIps {
+fn cluster_ips(spec: &ServiceSpec, check: &mut Check<'_>) -> ClusterIps {
     let single = non_empty(&spec.cluster_ip);
     let list: Vec<&str> = spec
         .cluster_ips
@@ -492,10 +482,7 @@ fn traffic_policy(value: &Option<String>, field: &str, check: &mut Check<'_>) ->
 }
 
 /// Rule 10: `ClientIP` affinity and its timeout, with the API server's default and bounds.
-fn session_affinity(
-    spec: &k8s_openapi::api::core::v1::ServiceSpec,
-    check: &mut Check<'_>,
-) -> Option<u32> {
+fn session_affinity(spec: &ServiceSpec, check: &mut Check<'_>) -> Option<u32> {
     match non_empty(&spec.session_affinity) {
         None | Some("None") => None,
         Some("ClientIP") => {

@@ -11,14 +11,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::ServiceCIDR;
+use std::sync::Arc;
 
 use super::changes::{ServiceChange, service_change};
 use super::endpoint_slices::{SliceIndex, index_slice, listed_addresses};
-use super::objects::{ClusterObjects, DEFAULT_NAMESPACE, Diagnostic, object_label};
+use super::objects::{
+    ClusterObjects, DEFAULT_NAMESPACE, Diagnostic, EndpointSlice, Node, Service, ServiceCIDR,
+    object_label,
+};
 use super::{ModelConfig, NodeContext, ServiceHealth, Translation};
 use super::{frontends, health, node, service_cidrs, service_ports};
 use crate::state::{Frontend, ServiceEntry};
@@ -60,9 +60,8 @@ impl Claimant {
 /// One EndpointSlice as last seen, with what it contributed.
 #[derive(Debug)]
 struct SliceRecord {
-    /// The object's JSON: enough to tell a real change from a repeat, at a fraction of the typed object's memory
-    /// (its parsed content is in the index).
-    fingerprint: Vec<u8>,
+    /// The object, shared with the source that keeps it: a repeat is told from a real change by comparing it.
+    object: Arc<EndpointSlice>,
     /// The Service it is indexed under; `None` when it is unusable.
     service: Option<String>,
     diagnostics: Vec<Diagnostic>,
@@ -75,11 +74,12 @@ struct SliceRecord {
 pub struct Translator {
     cfg: ModelConfig,
     node: NodeContext,
-    services: BTreeMap<ObjectRef, Service>,
+    /// Shared with the source that keeps them (the kube source's tracker): one copy of each object in the agent.
+    services: BTreeMap<ObjectRef, Arc<Service>>,
     slices: BTreeMap<ObjectRef, SliceRecord>,
     index: SliceIndex,
-    nodes: Vec<Node>,
-    service_cidr_objects: Vec<ServiceCIDR>,
+    nodes: Vec<Arc<Node>>,
+    service_cidr_objects: Vec<Arc<ServiceCIDR>>,
     parts: BTreeMap<ObjectRef, Part>,
     /// Every Service claiming a frontend, oldest first: the first one serves it.
     claims: BTreeMap<Frontend, Vec<Claimant>>,
@@ -182,25 +182,26 @@ impl Translator {
     }
 
     /// The Node objects last given (this node's, for the caller's [`node_context`](super::node_context)).
-    pub fn nodes(&self) -> &[Node] {
+    pub fn nodes(&self) -> &[Arc<Node>] {
         &self.nodes
     }
 
-    pub fn set_nodes(&mut self, nodes: &[Node]) {
+    pub fn set_nodes(&mut self, nodes: &[Arc<Node>]) {
         if nodes != self.nodes.as_slice() {
             self.nodes = nodes.to_vec();
             self.node_dirty = true;
         }
     }
 
-    pub fn set_service_cidrs(&mut self, cidrs: &[ServiceCIDR]) {
+    pub fn set_service_cidrs(&mut self, cidrs: &[Arc<ServiceCIDR>]) {
         if cidrs != self.service_cidr_objects.as_slice() {
             self.service_cidr_objects = cidrs.to_vec();
             self.cidrs_dirty = true;
         }
     }
 
-    pub fn upsert_service(&mut self, key: ObjectRef, svc: Service) {
+    pub fn upsert_service(&mut self, key: ObjectRef, svc: impl Into<Arc<Service>>) {
+        let svc = svc.into();
         if self.services.get(&key) != Some(&svc) {
             self.services.insert(key.clone(), svc);
             self.dirty.insert(key);
@@ -215,15 +216,9 @@ impl Translator {
         }
     }
 
-    pub fn upsert_slice(&mut self, key: ObjectRef, slice: EndpointSlice) {
-        // Serializing a typed object only fails for maps with non-string keys, which these do not have; an empty
-        // fingerprint then just means "always changed".
-        let fingerprint = serde_json::to_vec(&slice).unwrap_or_default();
-        if self
-            .slices
-            .get(&key)
-            .is_some_and(|r| !fingerprint.is_empty() && r.fingerprint == fingerprint)
-        {
+    pub fn upsert_slice(&mut self, key: ObjectRef, slice: impl Into<Arc<EndpointSlice>>) {
+        let slice = slice.into();
+        if self.slices.get(&key).is_some_and(|r| r.object == slice) {
             return;
         }
         let existed = self.slices.contains_key(&key);
@@ -255,7 +250,7 @@ impl Translator {
         self.slices.insert(
             key,
             SliceRecord {
-                fingerprint,
+                object: slice,
                 service,
                 diagnostics,
                 addresses,
@@ -291,7 +286,7 @@ impl Translator {
     pub fn replace_all(&mut self, objects: ClusterObjects) {
         let mut diagnostics = Vec::new();
 
-        let mut services: BTreeMap<ObjectRef, Service> = BTreeMap::new();
+        let mut services: BTreeMap<ObjectRef, Arc<Service>> = BTreeMap::new();
         for svc in objects.services {
             let namespace = namespace_of(svc.metadata.namespace.as_deref());
             let name = svc.metadata.name.clone().unwrap_or_default();
@@ -325,7 +320,7 @@ impl Translator {
             self.upsert_service(key, svc);
         }
 
-        let mut slices: BTreeMap<ObjectRef, EndpointSlice> = BTreeMap::new();
+        let mut slices: BTreeMap<ObjectRef, Arc<EndpointSlice>> = BTreeMap::new();
         for slice in objects.endpoint_slices {
             let namespace = namespace_of(slice.metadata.namespace.as_deref());
             let Some(name) = slice.metadata.name.clone().filter(|n| !n.is_empty()) else {
@@ -685,7 +680,7 @@ mod tests {
         // The first to claim a frontend keeps it: the oldest first, as the conflict rule says.
         let services: BTreeMap<Claimant, &Service> = by_key
             .into_iter()
-            .map(|(key, svc)| (Claimant::of(svc, &key), svc))
+            .map(|(key, svc)| (Claimant::of(svc, &key), &**svc))
             .collect();
         let mut state = frontends::StateBuilder::default();
         state.localhost_nodeports = cfg.localhost_nodeports;
@@ -703,7 +698,7 @@ mod tests {
         state.endpoint_addresses = objects
             .endpoint_slices
             .iter()
-            .flat_map(listed_addresses)
+            .flat_map(|s| listed_addresses(s))
             .collect();
         state.service_cidrs =
             service_cidrs::service_cidrs(&objects.service_cidrs, cfg, &mut diagnostics);

@@ -2,9 +2,9 @@
 //! feeding the same pure translation as the file source (`model::translate` on a
 //! [`ClusterObjects`](crate::model::ClusterObjects) snapshot) and, through the run loop, the same `Reconciler`.
 //!
-//! Objects are watched as `DynamicObject`s and converted one by one with the manifest reader's converter, so one
-//! malformed object becomes a diagnostic naming it and its field instead of failing the whole list (a typed list
-//! would fail to deserialize as a unit and the watcher would retry it forever).
+//! Objects are decoded straight into the model's compact types, one by one ([`decode`]), so one malformed object
+//! becomes a diagnostic naming it and its field instead of failing the whole list (a typed list would fail to
+//! deserialize as a unit and the watcher would retry it forever), and nothing of an object lb does not read is kept.
 //!
 //! **Resilience:** kube-runtime's watcher resumes a dropped watch from the last resourceVersion it saw, and after
 //! `410 Gone` relists (`Init`, `InitApply`..., `InitDone`). The [`tracker`] buffers a relist and diffs it against
@@ -25,6 +25,7 @@
 //! last run is long enough ago, otherwise coalesce.
 
 pub mod api_metrics;
+pub mod decode;
 pub mod tracker;
 pub mod watch_health;
 
@@ -33,18 +34,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::ServiceCIDR;
-use kube::api::{Api, ApiResource, DynamicObject};
+use kube::api::Api;
 use kube::runtime::watcher;
-use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::manifest;
-use crate::model::{ClusterObjects, Diagnostic};
+use crate::model::{ClusterObjects, Diagnostic, EndpointSlice, Node, Object, Service, ServiceCIDR};
 use api_metrics::{ApiMetrics, ApiMetricsLayer};
+use decode::Decoded;
 use tracker::{Change, ObjectKey, Parsed, Update};
 pub use tracker::{Contents, Delta, Kind, Snapshot, Tracker};
 use watch_health::{Backoff, Report, WatchHealth, error_chain};
@@ -307,20 +304,17 @@ impl Drop for KubeSource {
     }
 }
 
-/// Runs one watcher forever, converting its objects and sending them on. Failures are logged (with the server's
+/// Runs one watcher forever, decoding its objects and sending them on. Failures are logged (with the server's
 /// URL) and retried with [`Backoff`]; a `410 Gone` makes the watcher relist at once, by itself.
-async fn watch<K>(
+async fn watch<T: Object>(
     client: kube::Client,
     config: watcher::Config,
     kind: Kind,
     tx: mpsc::UnboundedSender<Update>,
-    wrap: fn(Change<K>) -> Update,
+    wrap: fn(Change<T>) -> Update,
     health: Arc<WatchHealth>,
-) where
-    K: kube::Resource<DynamicType = ()> + DeserializeOwned,
-{
-    let resource = ApiResource::erase::<K>(&());
-    let api: Api<DynamicObject> = Api::all_with(client, &resource);
+) {
+    let api: Api<Decoded<T>> = Api::all(client);
     health.register(kind);
     // No `default_backoff()`: it is reset by the `Init` event kube-runtime sends before every list attempt, so it
     // never grows (see `watch_health`).
@@ -339,14 +333,14 @@ async fn watch<K>(
                 }
                 match event {
                     watcher::Event::InitApply(obj) => {
-                        let (key, parsed) = convert::<K>(obj, kind);
+                        let (key, parsed) = split(obj);
                         Change::InitApply(key, parsed)
                     }
                     watcher::Event::Apply(obj) => {
-                        let (key, parsed) = convert::<K>(obj, kind);
+                        let (key, parsed) = split(obj);
                         Change::Apply(key, parsed)
                     }
-                    watcher::Event::Delete(obj) => Change::Delete(object_key(&obj)),
+                    watcher::Event::Delete(obj) => Change::Delete(split(obj).0),
                     watcher::Event::InitDone => Change::InitDone,
                     watcher::Event::Init => Change::Init,
                 }
@@ -378,44 +372,10 @@ async fn watch<K>(
     }
 }
 
-fn object_key(obj: &DynamicObject) -> ObjectKey {
-    ObjectKey {
-        namespace: obj.metadata.namespace.clone().unwrap_or_default(),
-        name: obj.metadata.name.clone().unwrap_or_default(),
-    }
-}
-
-/// A `DynamicObject` to its typed form, or a diagnostic naming the object and the field that failed.
-fn convert<K: kube::Resource<DynamicType = ()> + DeserializeOwned>(
-    obj: DynamicObject,
-    kind: Kind,
-) -> (ObjectKey, Parsed<K>) {
-    let key = object_key(&obj);
-    let kind_name = kind.to_string();
-    let value = match serde_json::to_value(&obj) {
-        Ok(mut value) => {
-            // List items carry no apiVersion/kind; the typed conversion does not need them, but keep them whole.
-            if let Some(map) = value.as_object_mut() {
-                map.entry("apiVersion")
-                    .or_insert_with(|| K::api_version(&()).into_owned().into());
-                map.entry("kind")
-                    .or_insert_with(|| kind_name.clone().into());
-            }
-            value
-        }
-        Err(e) => {
-            return (
-                key.clone(),
-                Err(Diagnostic::new(
-                    format!("{kind} {key}"),
-                    None,
-                    format!("unreadable object: {e}"),
-                )),
-            );
-        }
-    };
-    let place = "the API server";
-    (key, manifest::typed_object::<K>(&value, &kind_name, place))
+/// A decoded object's key and content, as the tracker keeps them.
+fn split<T>(decoded: Decoded<T>) -> (ObjectKey, Parsed<T>) {
+    let (namespace, name) = decoded.key();
+    (ObjectKey { namespace, name }, decoded.object.map(Arc::new))
 }
 
 /// Lists every kind the agent watches once, with the same selectors and the same per-object conversion, for
@@ -459,7 +419,7 @@ pub async fn list_once(
 }
 
 /// The readable objects; a diagnostic for each other one.
-fn keep_all<K>(parsed: Vec<Parsed<K>>, diagnostics: &mut Vec<Diagnostic>) -> Vec<K> {
+fn keep_all<T>(parsed: Vec<Parsed<T>>, diagnostics: &mut Vec<Diagnostic>) -> Vec<Arc<T>> {
     let mut out = Vec::with_capacity(parsed.len());
     for p in parsed {
         match p {
@@ -470,17 +430,13 @@ fn keep_all<K>(parsed: Vec<Parsed<K>>, diagnostics: &mut Vec<Diagnostic>) -> Vec
     out
 }
 
-/// One list request of kind `K` with the watcher's selectors, each object converted on its own.
-async fn list_kind<K>(
+/// One list request of kind `T` with the watcher's selectors, each object decoded on its own.
+async fn list_kind<T: Object>(
     client: &kube::Client,
     config: &watcher::Config,
     kind: Kind,
-) -> Result<Vec<Parsed<K>>, KubeError>
-where
-    K: kube::Resource<DynamicType = ()> + DeserializeOwned,
-{
-    let resource = ApiResource::erase::<K>(&());
-    let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+) -> Result<Vec<Parsed<T>>, KubeError> {
+    let api: Api<Decoded<T>> = Api::all(client.clone());
     let mut params = kube::api::ListParams::default();
     if let Some(labels) = &config.label_selector {
         params = params.labels(labels);
@@ -492,11 +448,7 @@ where
         .list(&params)
         .await
         .map_err(|source| KubeError::List { kind, source })?;
-    Ok(list
-        .items
-        .into_iter()
-        .map(|obj| convert::<K>(obj, kind).1)
-        .collect())
+    Ok(list.items.into_iter().map(|obj| split(obj).1).collect())
 }
 
 /// Reads `KUBERNETES_SERVICE_HOST` the way kube-rs's in-cluster config does: set and non-empty means "inside a pod".
@@ -515,7 +467,7 @@ pub fn describe(connection: &Connection) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use crate::model::ObjectMeta;
 
     fn slice(name: &str) -> (ObjectKey, Parsed<EndpointSlice>) {
         let key = ObjectKey {
@@ -531,7 +483,7 @@ mod tests {
             address_type: "IPv4".into(),
             ..Default::default()
         };
-        (key, Ok(obj))
+        (key, Ok(Arc::new(obj)))
     }
 
     fn send_list(tx: &mpsc::UnboundedSender<Update>) {

@@ -7,15 +7,16 @@
 //! name are known before the typed conversion, whose errors are then reported with the field path that failed.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::ServiceCIDR;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::tracked::from_value_tracked;
-use crate::model::{ClusterObjects, DEFAULT_NAMESPACE, Diagnostic, object_label};
+use crate::model::{
+    ClusterObjects, DEFAULT_NAMESPACE, Diagnostic, EndpointSlice, Name, Node, Object, Service,
+    ServiceCIDR, object_label,
+};
 
 /// Errors that stop [`load_path`] as a whole. Problems inside a document are [`Diagnostic`]s instead.
 #[derive(Debug, thiserror::Error)]
@@ -239,25 +240,23 @@ impl Collector {
             return;
         }
         match (api_version.as_str(), kind.as_str()) {
-            ("v1", "Service") => {
-                if let Some(mut svc) = self.convert::<Service>(&value, &kind, place) {
-                    default_namespace(&mut svc.metadata);
+            (Service::API_VERSION, Service::KIND) => {
+                if let Some(svc) = self.object::<Service>(&value, place) {
                     self.objects.services.push(svc);
                 }
             }
-            ("discovery.k8s.io/v1", "EndpointSlice") => {
-                if let Some(mut slice) = self.convert::<EndpointSlice>(&value, &kind, place) {
-                    default_namespace(&mut slice.metadata);
+            (EndpointSlice::API_VERSION, EndpointSlice::KIND) => {
+                if let Some(slice) = self.object::<EndpointSlice>(&value, place) {
                     self.objects.endpoint_slices.push(slice);
                 }
             }
-            ("v1", "Node") => {
-                if let Some(node) = self.convert::<Node>(&value, &kind, place) {
+            (Node::API_VERSION, Node::KIND) => {
+                if let Some(node) = self.object::<Node>(&value, place) {
                     self.objects.nodes.push(node);
                 }
             }
-            ("networking.k8s.io/v1", "ServiceCIDR") => {
-                if let Some(cidr) = self.convert::<ServiceCIDR>(&value, &kind, place) {
+            (ServiceCIDR::API_VERSION, ServiceCIDR::KIND) => {
+                if let Some(cidr) = self.object::<ServiceCIDR>(&value, place) {
                     self.objects.service_cidrs.push(cidr);
                 }
             }
@@ -291,6 +290,13 @@ impl Collector {
         }
     }
 
+    /// One object of a kind lb reads, as the model reads it, or `None` with a diagnostic.
+    fn object<T: Object>(&mut self, value: &Value, place: &str) -> Option<Arc<T>> {
+        let mut obj = self.convert::<T>(value, T::KIND, place)?;
+        normalize(&mut obj);
+        Some(Arc::new(obj))
+    }
+
     /// Converts a generic object to its typed form, or records why not (with the failing field's path).
     fn convert<T: DeserializeOwned>(
         &mut self,
@@ -298,6 +304,10 @@ impl Collector {
         kind: &str,
         place: &str,
     ) -> Option<T> {
+        // The plain conversion first; only a failure pays for the one that tracks where it is.
+        if let Ok(obj) = T::deserialize(value) {
+            return Some(obj);
+        }
         match from_value_tracked::<T>(value) {
             Ok(obj) => Some(obj),
             Err((field, message)) => {
@@ -337,9 +347,14 @@ pub fn typed_object<T: DeserializeOwned>(
     }
 }
 
-fn default_namespace(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
-    if meta.namespace.as_deref().is_none_or(str::is_empty) {
-        meta.namespace = Some(DEFAULT_NAMESPACE.to_owned());
+/// What every source does to an object before the model sees it: a namespaced object written without a namespace
+/// is in `default` (as `kubectl apply` puts it), and the resourceVersion (the watcher's business) is dropped, so
+/// two versions of an object that differ only there compare equal.
+pub(crate) fn normalize<T: Object>(obj: &mut T) {
+    let meta = obj.metadata_mut();
+    meta.resource_version = None;
+    if T::NAMESPACED && meta.namespace().is_none() {
+        meta.namespace = Some(Name::new(DEFAULT_NAMESPACE));
     }
 }
 

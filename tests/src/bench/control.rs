@@ -141,7 +141,7 @@ pub fn run(
     eprintln!(
         "lb-bench: control plane, the agent on an API server: {kube_changes} EndpointSlice updates"
     );
-    match kube_latency(agent_bin, &svcs, &yaml, kube_changes) {
+    match kube_latency(agent_bin, &svcs, kube_changes) {
         Ok(r) => out.kube = Some(r),
         Err(err) => out.kube_error = Some(format!("{err:#}")),
     }
@@ -201,13 +201,13 @@ fn lb_control(yaml: &str, changes: usize, pins: &Path) -> Result<LbControl> {
     let mut change_sync = Vec::with_capacity(changes);
     let slices = objects.endpoint_slices.len();
     for k in 0..changes {
-        let slice = &mut objects.endpoint_slices[k * 7919 % slices];
+        let slice = std::sync::Arc::make_mut(&mut objects.endpoint_slices[k * 7919 % slices]);
         let eps = slice.endpoints.get_or_insert_with(Vec::new);
         let j = k % eps.len().max(1);
         let ep = eps.get_mut(j).context("a slice without endpoints")?;
         ep.addresses = vec![changed_address(k).to_string()];
         let key = (
-            slice.metadata.namespace.clone().unwrap_or_default(),
+            slice.metadata.namespace().unwrap_or_default().to_owned(),
             slice.metadata.name.clone().unwrap_or_default(),
         );
         // What the kube source hands the run loop: the one changed object, copied out of its store.
@@ -307,26 +307,18 @@ pub(super) fn agent_memory(
 /// `LB_SERVICES` has switched (its table fingerprint changes with its backends): watch delivery, batching,
 /// translation and the reconciler's writes, everything a user waits for. Changes are spaced beyond the source's
 /// batching window, as lone changes are.
-fn kube_latency(agent_bin: &Path, svcs: &[Svc], yaml: &str, changes: usize) -> Result<KubeLatency> {
+fn kube_latency(agent_bin: &Path, svcs: &[Svc], changes: usize) -> Result<KubeLatency> {
     use lb_agent::datapath::reconcile::service_key;
     use lb_agent::state::{Frontend, Protocol, Scope};
 
-    let (mut objects, diags) = manifest::parse_manifests("bench", yaml);
-    if !diags.is_empty() {
-        bail!(
-            "the generated manifest has diagnostics: {:?}",
-            &diags[..diags.len().min(3)]
-        );
-    }
+    let mut objects = workload::api_objects(svcs);
     let api = crate::ApiServer::start()?;
-    for node in &objects.nodes {
-        api.apply(node)?;
-    }
+    api.apply_value(objects.node.clone())?;
     for svc in &objects.services {
-        api.apply(svc)?;
+        api.apply_value(svc.clone())?;
     }
-    for slice in &objects.endpoint_slices {
-        api.apply(slice)?;
+    for slice in &objects.slices {
+        api.apply_value(slice.clone())?;
     }
     let token = unique_token();
     let dir = std::env::temp_dir().join(format!("lb-bench-kube-{token}"));
@@ -344,7 +336,7 @@ fn kube_latency(agent_bin: &Path, svcs: &[Svc], yaml: &str, changes: usize) -> R
 
     let mut change = Vec::with_capacity(changes);
     for k in 0..changes {
-        let i = k * 7919 % objects.endpoint_slices.len();
+        let i = k * 7919 % objects.slices.len();
         let svc = &svcs[i];
         let key = service_key(&Frontend {
             addr: svc.vip.into(),
@@ -358,16 +350,17 @@ fn kube_latency(agent_bin: &Path, svcs: &[Svc], yaml: &str, changes: usize) -> R
         let before = maps
             .service(&key)?
             .context("the changed service is not programmed")?;
-        let slice = &mut objects.endpoint_slices[i];
-        let eps = slice.endpoints.get_or_insert_with(Vec::new);
+        let slice = &mut objects.slices[i];
+        let eps = slice["endpoints"]
+            .as_array_mut()
+            .context("a slice without endpoints")?;
         let j = k % eps.len().max(1);
-        eps.get_mut(j)
-            .context("a slice without endpoints")?
-            .addresses = vec![changed_address(k).to_string()];
+        eps.get_mut(j).context("a slice without endpoints")?["addresses"] =
+            serde_json::json!([changed_address(k).to_string()]);
         // Beyond the source's batching window: this is a lone change.
         std::thread::sleep(Duration::from_millis(300));
         let t = Instant::now();
-        api.apply(&*slice)?;
+        api.apply_value(slice.clone())?;
         let give_up = t + Duration::from_secs(10);
         loop {
             if maps.service(&key)? != Some(before) {
@@ -401,7 +394,7 @@ fn kube_latency(agent_bin: &Path, svcs: &[Svc], yaml: &str, changes: usize) -> R
 /// Starts the real agent on `source` (`--manifests <file>` or `--kubeconfig <file>`) in the root namespace with
 /// nothing attached to any interface (`--devices none`; socket programs on the empty test cgroup) and waits for its
 /// "initial sync done" line.
-fn start_agent(
+pub(super) fn start_agent(
     agent_bin: &Path,
     source: &[&OsStr],
     pins: &Path,
@@ -452,7 +445,7 @@ fn start_agent(
     Ok(child)
 }
 
-struct RemoveDir(std::path::PathBuf);
+pub(super) struct RemoveDir(pub(super) std::path::PathBuf);
 
 impl Drop for RemoveDir {
     fn drop(&mut self) {

@@ -6,6 +6,7 @@ pub mod control;
 pub mod kubeproxy;
 pub mod load;
 pub mod maglev;
+pub mod memory;
 pub mod packet;
 pub mod report;
 pub mod scale;

@@ -122,6 +122,61 @@ pub fn manifest(svcs: &[Svc]) -> String {
     out
 }
 
+/// The same objects as [`manifest`], as the JSON an API server stores (for the benchmarks that serve them through
+/// the in-process API server).
+pub struct ApiObjects {
+    pub node: serde_json::Value,
+    pub services: Vec<serde_json::Value>,
+    /// One per Service, in the same order.
+    pub slices: Vec<serde_json::Value>,
+}
+
+pub fn api_objects(svcs: &[Svc]) -> ApiObjects {
+    use serde_json::json;
+    let node = json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": NODE_NAME},
+        "status": {"addresses": [{"type": "InternalIP", "address": NODE_IP.to_string()}]},
+    });
+    let mut services = Vec::with_capacity(svcs.len());
+    let mut slices = Vec::with_capacity(svcs.len());
+    for s in svcs {
+        let mut port = json!({"name": "p", "protocol": s.proto.upper(), "port": s.port, "targetPort": TARGET_PORT});
+        if let Some(p) = s.node_port {
+            port["nodePort"] = json!(p);
+        }
+        services.push(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": s.name, "namespace": NAMESPACE},
+            "spec": {
+                "type": if s.node_port.is_some() { "NodePort" } else { "ClusterIP" },
+                "clusterIP": s.vip.to_string(),
+                "ports": [port],
+            },
+        }));
+        let endpoints: Vec<serde_json::Value> = s
+            .endpoints
+            .iter()
+            .map(|ep| json!({"addresses": [ep.to_string()], "conditions": {"ready": true}, "nodeName": NODE_NAME}))
+            .collect();
+        slices.push(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {
+                "name": format!("{}-x", s.name), "namespace": NAMESPACE,
+                "labels": {"kubernetes.io/service-name": s.name},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "p", "protocol": s.proto.upper(), "port": TARGET_PORT}],
+            "endpoints": endpoints,
+        }));
+    }
+    ApiObjects {
+        node,
+        services,
+        slices,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +197,29 @@ mod tests {
             "ClusterIP: External + Internal scope"
         );
         assert!(t.state.services.values().all(|e| e.backends.len() == 10));
+    }
+
+    #[test]
+    fn api_objects_are_the_manifests_objects() {
+        let svcs = services(3, 10, true);
+        let (from_yaml, diags) =
+            lb_agent::source::manifest::parse_manifests("bench", &manifest(&svcs));
+        assert!(diags.is_empty(), "diagnostics: {diags:?}");
+        let api = api_objects(&svcs);
+        let docs: Vec<String> = std::iter::once(&api.node)
+            .chain(
+                api.services
+                    .iter()
+                    .zip(&api.slices)
+                    .flat_map(|(a, b)| [a, b]),
+            )
+            .map(|v| v.to_string())
+            .collect();
+        let (from_json, diags) =
+            lb_agent::source::manifest::parse_manifests("bench.json", &docs.join("\n"));
+        assert!(diags.is_empty(), "diagnostics: {diags:?}");
+        assert_eq!(from_json.services, from_yaml.services);
+        assert_eq!(from_json.endpoint_slices, from_yaml.endpoint_slices);
+        assert_eq!(from_json.nodes, from_yaml.nodes);
     }
 }

@@ -66,6 +66,23 @@ enum Command {
         #[arg(long)]
         crr_seconds: Option<f64>,
     },
+    /// The real agent's peak RSS, RSS after its first sync and time to programmed, for several agent binaries
+    /// interleaved run by run (a change against its baseline). Prints a Markdown table; writes nothing.
+    Memory {
+        /// `label=path` of an lb-agent binary (repeatable; the first is the baseline by convention).
+        #[arg(long = "agent", required = true, value_parser = parse_agent)]
+        agents: Vec<(String, PathBuf)>,
+        /// Services in the workload (repeatable).
+        #[arg(long = "services", required = true)]
+        services: Vec<usize>,
+        #[arg(long, default_value_t = 10)]
+        endpoints: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Where the agent reads the objects from (repeatable).
+        #[arg(long = "source", value_enum, default_values_t = [bench::memory::Source::Manifest])]
+        sources: Vec<bench::memory::Source>,
+    },
     /// Worker: serve TCP_CRR, bulk and UDP on a port until killed.
     Serve {
         #[arg(long)]
@@ -148,6 +165,20 @@ fn run(command: Command) -> Result<()> {
             traffic_counts,
             crr_seconds,
         }),
+        Command::Memory {
+            agents,
+            services,
+            endpoints,
+            runs,
+            sources,
+        } => bench::memory::run(&bench::memory::Options {
+            agents,
+            services,
+            endpoints,
+            runs,
+            sources,
+        })
+        .map(drop),
         Command::Serve { port, udp_addrs } => load::serve(port, &udp_addrs),
         Command::Crr {
             to,
@@ -162,6 +193,13 @@ fn run(command: Command) -> Result<()> {
         } => print(&load::udp_flood(to, payload, capped(duration_ms), max)?),
         Command::Bulk { to, duration_ms } => print(&load::tcp_bulk(to, capped(duration_ms))?),
     }
+}
+
+fn parse_agent(s: &str) -> Result<(String, PathBuf), String> {
+    let (label, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected label=path, got {s:?}"))?;
+    Ok((label.to_owned(), PathBuf::from(path)))
 }
 
 fn print<T: serde::Serialize>(v: &T) -> Result<()> {

@@ -21,12 +21,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::ServiceCIDR;
-
-use crate::model::{ClusterObjects, Diagnostic};
+use crate::model::{ClusterObjects, Diagnostic, EndpointSlice, Node, Service, ServiceCIDR};
 
 /// The kinds the source watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -65,9 +62,9 @@ impl fmt::Display for ObjectKey {
     }
 }
 
-/// An object as the source keeps it: its typed form, or why it could not be read (reported on every sync, as a
-/// malformed manifest is, and otherwise skipped).
-pub type Parsed<T> = Result<T, Diagnostic>;
+/// An object as the source keeps it: the model's object (shared with the translator, never copied), or why it
+/// could not be read (reported on every sync, as a malformed manifest is, and otherwise skipped).
+pub type Parsed<T> = Result<Arc<T>, Diagnostic>;
 
 /// One watcher event for one kind, objects already converted: kube-runtime's `watcher::Event` with keys.
 #[derive(Clone, Debug)]
@@ -80,12 +77,6 @@ pub enum Change<T> {
 }
 
 /// A typed event for any of the watched kinds.
-// Each update is moved once through a channel into the store, where the object lives unboxed anyway; boxing the
-// larger variants would only add an allocation per event.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "moved once into the store, where the object lives unboxed anyway"
-)]
 #[derive(Clone, Debug)]
 pub enum Update {
     Service(Change<Service>),
@@ -132,7 +123,7 @@ struct Pending<T> {
     current: Option<Parsed<T>>,
 }
 
-impl<T: Clone + PartialEq> Store<T> {
+impl<T: PartialEq> Store<T> {
     fn apply(
         &mut self,
         change: Change<T>,
@@ -189,7 +180,7 @@ impl<T: Clone + PartialEq> Store<T> {
     }
 
     /// The readable objects in key order, and a diagnostic for each unreadable one.
-    fn objects(&self, diagnostics: &mut Vec<Diagnostic>) -> Vec<T> {
+    fn objects(&self, diagnostics: &mut Vec<Diagnostic>) -> Vec<Arc<T>> {
         let mut out = Vec::with_capacity(self.current.len());
         for obj in self.current.values() {
             match obj {
@@ -212,7 +203,7 @@ impl<T: Clone + PartialEq> Store<T> {
 
 /// Merges one object's change into the pending set (kube-proxy's `ServiceChangeTracker.Update`): the first
 /// `previous` is kept, and a change back to it is dropped. Returns 1 when the object's content changed.
-fn record<T: Clone + PartialEq>(
+fn record<T: PartialEq>(
     pending: &mut BTreeMap<ObjectKey, Pending<T>>,
     key: &ObjectKey,
     previous: Option<Parsed<T>>,
@@ -262,10 +253,10 @@ pub enum Contents {
 /// longer be read. Nodes and ServiceCIDRs are few and come whole when any of them changed.
 #[derive(Clone, Debug, Default)]
 pub struct Delta {
-    pub services: Vec<(ObjectKey, Option<Service>)>,
-    pub endpoint_slices: Vec<(ObjectKey, Option<EndpointSlice>)>,
-    pub nodes: Option<Vec<Node>>,
-    pub service_cidrs: Option<Vec<ServiceCIDR>>,
+    pub services: Vec<(ObjectKey, Option<Arc<Service>>)>,
+    pub endpoint_slices: Vec<(ObjectKey, Option<Arc<EndpointSlice>>)>,
+    pub nodes: Option<Vec<Arc<Node>>>,
+    pub service_cidrs: Option<Vec<Arc<ServiceCIDR>>>,
 }
 
 impl Snapshot {
@@ -418,7 +409,7 @@ impl Tracker {
 }
 
 /// The current version of every pending object (`None`: gone or unreadable).
-fn latest<T>(pending: BTreeMap<ObjectKey, Pending<T>>) -> Vec<(ObjectKey, Option<T>)> {
+fn latest<T>(pending: BTreeMap<ObjectKey, Pending<T>>) -> Vec<(ObjectKey, Option<Arc<T>>)> {
     pending
         .into_iter()
         .map(|(key, p)| (key, p.current.and_then(Result::ok)))
@@ -428,7 +419,8 @@ fn latest<T>(pending: BTreeMap<ObjectKey, Pending<T>>) -> Vec<(ObjectKey, Option
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use crate::model::ObjectMeta;
+    use crate::model::objects::{ServiceCIDRSpec, ServiceSpec};
 
     fn key(name: &str) -> ObjectKey {
         ObjectKey {
@@ -438,22 +430,22 @@ mod tests {
     }
 
     fn svc(name: &str, ip: &str) -> Parsed<Service> {
-        Ok(Service {
+        Ok(Arc::new(Service {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 namespace: Some("default".into()),
                 ..Default::default()
             },
-            spec: Some(k8s_openapi::api::core::v1::ServiceSpec {
+            spec: Some(ServiceSpec {
                 cluster_ip: Some(ip.into()),
                 ..Default::default()
             }),
             ..Default::default()
-        })
+        }))
     }
 
     fn slice(name: &str) -> Parsed<EndpointSlice> {
-        Ok(EndpointSlice {
+        Ok(Arc::new(EndpointSlice {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 namespace: Some("default".into()),
@@ -461,7 +453,7 @@ mod tests {
             },
             address_type: "IPv4".into(),
             ..Default::default()
-        })
+        }))
     }
 
     /// Feeds a full list of one kind: Init, InitApply..., InitDone.
@@ -552,17 +544,16 @@ mod tests {
                 name: Some(name.into()),
                 ..Default::default()
             },
-            spec: Some(k8s_openapi::api::networking::v1::ServiceCIDRSpec {
+            spec: Some(ServiceCIDRSpec {
                 cidrs: Some(vec![cidr.into()]),
             }),
-            ..Default::default()
         };
         (
             ObjectKey {
                 namespace: String::new(),
                 name: name.into(),
             },
-            Ok(obj),
+            Ok(Arc::new(obj)),
         )
     }
 
