@@ -83,7 +83,7 @@ impl Scope {
     }
 }
 
-/// Backend selection algorithm (SEMANTICS.md rule 11).
+/// Backend selection algorithm (docs/semantics.md rule 11).
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
 )]
@@ -133,7 +133,7 @@ impl std::str::FromStr for Algorithm {
     }
 }
 
-/// Which kind of VIP a frontend is (SEMANTICS.md rule 2).
+/// Which kind of VIP a frontend is (docs/semantics.md rule 2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VipKind {

@@ -20,16 +20,16 @@ pub const ALG_MAGLEV: u8 = 0;
 pub const ALG_RANDOM: u8 = 1;
 
 /// Service flag: endpoints exist but none may be used from this scope (a `Local` policy with no local endpoint):
-/// drop rather than reject (SEMANTICS.md rule 8).
+/// drop rather than reject (docs/semantics.md rule 8).
 pub const SVC_FLAG_DROP_NO_BACKEND: u8 = 1;
 
 /// Service flag: the frontend has `loadBalancerSourceRanges`; sources outside `LB_SRC_RANGES` for its id drop
-/// (SEMANTICS.md rule 9). Set on LoadBalancer frontends of both scopes: tc checks the packet's source, the socket
+/// (docs/semantics.md rule 9). Set on LoadBalancer frontends of both scopes: tc checks the packet's source, the socket
 /// LB the address of the socket's namespace (`LB_NETNS_ADDRS`).
 pub const SVC_FLAG_SOURCE_RANGES: u8 = 2;
 
 /// Backend flag: the endpoint runs on this node (its `nodeName` is this node's name). A remote backend reached from
-/// outside the node needs SNAT (SEMANTICS.md rule 6).
+/// outside the node needs SNAT (docs/semantics.md rule 6).
 pub const BACKEND_FLAG_LOCAL: u8 = 1;
 
 /// Map capacities compiled into the object. The agent overrides them from its configuration at load time

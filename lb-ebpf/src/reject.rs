@@ -1,4 +1,4 @@
-//! Rejecting a packet (SEMANTICS.md rule 8, and rule 12 for TCP): the packet is turned, in place, into the answer
+//! Rejecting a packet (docs/semantics.md rule 8, and rule 12 for TCP): the packet is turned, in place, into the answer
 //! the client's stack understands, and sent back out of the interface it came in on. TCP gets a RST (RFC 9293
 //! §3.10.7.1: seq from the segment's ACK, or 0 with ACK = seq + length); UDP and SCTP get ICMP / ICMPv6 destination
 //! port unreachable quoting the original IP header and 8 bytes of L4 (RFC 792, RFC 4443 §3.1).

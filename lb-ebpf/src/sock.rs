@@ -221,7 +221,7 @@ fn no_endpoints_reason(svc: &ServiceValue) -> u32 {
     }
 }
 
-/// Fails the syscall for a service without a usable backend (SEMANTICS.md rule 8): `ECONNREFUSED`, as a TCP RST or
+/// Fails the syscall for a service without a usable backend (docs/semantics.md rule 8): `ECONNREFUSED`, as a TCP RST or
 /// an ICMP port unreachable would give, or the hook's default `EPERM` when the service asks for a drop (a socket
 /// cannot be "dropped"; `EPERM` is what a firewall drop of a local socket looks like).
 #[inline(always)]

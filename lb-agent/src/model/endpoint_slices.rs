@@ -1,4 +1,4 @@
-//! A Service's EndpointSlices to one endpoint list per service port (SEMANTICS.md rules 3, 4, 13).
+//! A Service's EndpointSlices to one endpoint list per service port (docs/semantics.md rules 3, 4, 13).
 //!
 //! Mirrors kube-proxy's `EndpointSliceCache` (pkg/proxy/endpointslicecache.go): `endpointSliceCacheKeys` (slices
 //! join their Service through the `kubernetes.io/service-name` label, in the same namespace),
@@ -9,8 +9,8 @@
 //! Where kube-proxy would see API-server defaults (a port without `name` or `protocol`), the defaults apply.
 //!
 //! Endpoint conditions are read exactly as `addEndpoints` reads them: ready nil = true, serving nil = **true**,
-//! terminating nil = false. SEMANTICS.md rule 4 says "serving nil = ready" (the API documentation's wording);
-//! kube-proxy wins, which only matters for an endpoint with `ready: false`, `terminating: true` and no `serving`:
+//! terminating nil = false (docs/semantics.md rule 4). The API documentation says "serving nil = ready"; kube-proxy
+//! wins, which only matters for an endpoint with `ready: false`, `terminating: true` and no `serving`:
 //! kube-proxy (and lb) use it as a serving-terminating fallback.
 
 use std::collections::{BTreeMap, BTreeSet};

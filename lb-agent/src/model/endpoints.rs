@@ -1,4 +1,4 @@
-//! Which endpoints each traffic policy may use (SEMANTICS.md rules 4, 5, 7).
+//! Which endpoints each traffic policy may use (docs/semantics.md rules 4, 5, 7).
 //!
 //! A line-by-line mirror of kube-proxy's `CategorizeEndpoints`, `topologyModeFromHints` and `availableForTopology`
 //! (pkg/proxy/topology.go). Current kube-proxy decides topology from the hints alone: the EndpointSlice controller

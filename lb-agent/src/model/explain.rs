@@ -52,7 +52,7 @@ pub struct EndpointExplanation {
 pub struct FrontendExplanation {
     pub frontend: Frontend,
     pub kind: VipKind,
-    /// Which set it takes: `cluster` or `local` (SEMANTICS.md rule 5; see `frontends.rs`).
+    /// Which set it takes: `cluster` or `local` (docs/semantics.md rule 5; see `frontends.rs`).
     pub traffic_class: &'static str,
     /// The backends the model wants programmed, `address:port`.
     pub backends: Vec<String>,
@@ -114,7 +114,7 @@ pub fn explain(
     let Some(info) = service_ports::service_info(svc, cfg, &mut ignored) else {
         if notes.is_empty() {
             notes.push(
-                "not proxied: headless, ExternalName, or labelled for another service proxy (SEMANTICS.md rule 1)"
+                "not proxied: headless, ExternalName, or labelled for another service proxy (docs/semantics.md rule 1)"
                     .to_owned(),
             );
         }

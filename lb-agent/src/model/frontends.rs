@@ -1,4 +1,4 @@
-//! One [`ServiceEntry`] per VIP, port and scope (SEMANTICS.md rules 2, 5, 8, 13, 14).
+//! One [`ServiceEntry`] per VIP, port and scope (docs/semantics.md rules 2, 5, 8, 13, 14).
 //!
 //! This is what kube-proxy's nftables `syncProxyRules` writes into its `service-ips`, `service-nodeports` and
 //! `no-endpoint-*` maps, split by who sends the packet:
@@ -26,7 +26,7 @@ use super::service_ports::{PortInfo, ServiceInfo};
 use crate::state::{Backend, DesiredState, Frontend, Scope, ServiceEntry, VipKind};
 
 /// Accumulates frontends across Services; the first Service to claim a frontend keeps it (callers add them oldest
-/// first, the conflict rule of SEMANTICS.md rule 1; the translator resolves conflicts between Services itself).
+/// first, the conflict rule of docs/semantics.md rule 1; the translator resolves conflicts between Services itself).
 #[derive(Debug, Default)]
 pub(crate) struct StateBuilder {
     services: BTreeMap<Frontend, ServiceEntry>,
@@ -724,7 +724,7 @@ spec: {clusterIP: 10.96.0.1, externalIPs: [203.0.113.5], ports: [{port: 80}]}
 
     #[test]
     fn conflicting_frontend_kept_by_the_older_service() {
-        // SEMANTICS.md rule 1: the older Service (creationTimestamp, then namespace/name) keeps a VIP, port and
+        // docs/semantics.md rule 1: the older Service (creationTimestamp, then namespace/name) keeps a VIP, port and
         // protocol two Services claim, whatever their names; the warning names the one skipped. `z` is older but
         // sorts last; `u` has no creationTimestamp (its age is unknown: it yields to any Service with one).
         let yaml = "

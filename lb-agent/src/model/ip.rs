@@ -53,7 +53,7 @@ pub(crate) fn parse_ip_sloppy(s: &str) -> Option<IpAddr> {
 /// Whether `s` is an IPv4-mapped IPv6 literal (`::ffff:10.0.0.1`). `parse_ip_sloppy` reads it as the IPv4 address,
 /// as kube-proxy's parser does, but the API server's endpoint validation refuses it in an `IPv4` slice (it is not an
 /// IPv4 address) and in an `IPv6` one (it is not an IPv6 endpoint): such an endpoint comes only from a file or a
-/// client that skipped validation, and is no endpoint of either family (SEMANTICS.md rule 1).
+/// client that skipped validation, and is no endpoint of either family (docs/semantics.md rule 1).
 pub(crate) fn is_ipv4_mapped_literal(s: &str) -> bool {
     s.parse::<std::net::Ipv6Addr>()
         .is_ok_and(|ip| ip.to_ipv4_mapped().is_some())

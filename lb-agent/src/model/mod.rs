@@ -1,4 +1,4 @@
-//! The pure translation from Kubernetes objects to the datapath's desired state (SEMANTICS.md rules 1-8, 10, 11, 13,
+//! The pure translation from Kubernetes objects to the datapath's desired state (docs/semantics.md rules 1-8, 10, 11, 13,
 //! 14; rule 9's source ranges are enforced per packet by the datapath).
 //!
 //! It follows kube-proxy's own pipeline, one module per step, each named after the upstream code it mirrors:
@@ -19,7 +19,8 @@
 //! given addresses): problems come back as [`Diagnostic`]s for the caller to report, so the same input always gives
 //! the same output.
 //!
-//! Where SEMANTICS.md and kube-proxy differ, kube-proxy wins; each case is explained where it is implemented:
+//! Where kube-proxy differs from the API documentation, lb does as kube-proxy; each case is explained where it is
+//! implemented:
 //! serving nil reads as true (`endpoint_slices`), topology hints apply whenever present and node hints come first
 //! (`endpoints`), the Node's ExternalIP is a NodePort address when it has no InternalIP (`node`).
 

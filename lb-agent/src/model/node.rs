@@ -1,4 +1,4 @@
-//! This node's name, NodePort addresses and zone (SEMANTICS.md rule 2, inputs "Node"), and kube-proxy's
+//! This node's name, NodePort addresses and zone (docs/semantics.md rule 2, inputs "Node"), and kube-proxy's
 //! `--nodeport-addresses` ([`NodePortAddresses`]).
 
 use std::net::IpAddr;
@@ -154,8 +154,8 @@ pub fn node_nets(nodes: &[Arc<Node>], node: &NodeContext) -> crate::state::NodeN
 }
 
 /// kube-proxy's primary node IPs (`utilnode.GetNodeHostIPs`): the first InternalIP, else the first ExternalIP, and
-/// then the first address of the other family, InternalIPs before ExternalIPs. SEMANTICS.md says "InternalIP per
-/// family"; upstream also falls back to ExternalIP, and upstream wins.
+/// then the first address of the other family, InternalIPs before ExternalIPs: not only "InternalIP per
+/// family", as one might expect; upstream also falls back to ExternalIP, and lb follows upstream.
 fn node_host_ips(node: &Node) -> Vec<IpAddr> {
     let addresses = node.status.as_ref().and_then(|s| s.addresses.as_ref());
     let of_type = |type_: &str| -> Vec<IpAddr> {

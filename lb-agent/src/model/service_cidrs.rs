@@ -1,4 +1,4 @@
-//! The cluster's service CIDRs (SEMANTICS.md rule 8's last clause: an address inside a service CIDR that no Service
+//! The cluster's service CIDRs (docs/semantics.md rule 8's last clause: an address inside a service CIDR that no Service
 //! holds drops).
 //!
 //! kube-proxy (nftables mode, `pkg/proxy/config`'s `ServiceCIDRConfig` and the proxier's `OnServiceCIDRsChanged`)

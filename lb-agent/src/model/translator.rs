@@ -4,7 +4,7 @@
 //! only the Services with pending changes are rebuilt, and the nftables proxier rewrites only their chains. Here
 //! every Service's share of the desired state (its frontends, diagnostics and health check) is kept as a [`Part`],
 //! rebuilt only when the Service, one of its EndpointSlices, the node or the configuration changed. Frontends two
-//! Services claim go to the older one ([`Claimant`]: `creationTimestamp`, then namespace/name; SEMANTICS.md rule 1),
+//! Services claim go to the older one ([`Claimant`]: `creationTimestamp`, then namespace/name; docs/semantics.md rule 1),
 //! as in a full translation, so the result never depends on the order changes arrived in: after any sequence of changes the [`Translation`] equals what
 //! [`translate`](super::translate) computes from the same objects (a property test checks this). The set of
 //! frontends whose entry changed is handed to the reconciler, which then visits only those.

@@ -42,7 +42,7 @@ pub enum Source {
     Node,
 }
 
-/// `lb-agent trace`'s JSON answer (SEMANTICS.md, "The packet-trace interface").
+/// `lb-agent trace`'s JSON answer (docs/operations.md and docs/observability.md).
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct TraceResult {
     /// `forward`, `drop`, `reject` or `pass`.

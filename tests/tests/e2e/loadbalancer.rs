@@ -519,7 +519,7 @@ fn esipp_updates(ctx: &Ctx<'_>) -> Result<()> {
 /// "should only allow access from service loadbalancer source ranges", in the GCE shape: the cloud adds the load
 /// balancer IP as a local route on every node, so a pod's packets to it never cross a tc device and only the socket
 /// LB can serve (or refuse) them. Pods inside the ranges reach it (kube-proxy DNATs them), pods outside do not
-/// (SEMANTICS.md rule 9: pods and the node are checked too); the outside client likewise through the tc path.
+/// (docs/semantics.md rule 9: pods and the node are checked too); the outside client likewise through the tc path.
 fn source_ranges(ctx: &Ctx<'_>) -> Result<()> {
     let name = "lb-sourcerange";
     let accept = ctx.exec_pod("execpod-accept", 0)?;

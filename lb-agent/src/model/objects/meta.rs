@@ -23,7 +23,7 @@ pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// A Node's zone, for topology hints.
 pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
-/// Per-Service backend selection (SEMANTICS.md rule 11).
+/// Per-Service backend selection (docs/semantics.md rule 11).
 pub const ANNOTATION_ALGORITHM: &str = "lb.io/algorithm";
 /// The time of the change behind an EndpointSlice update, stamped by the EndpointSlice controller (RFC 3339;
 /// kube-proxy's network programming latency starts there).
