@@ -154,11 +154,11 @@ fn control_section(md: &mut String, r: &Results) {
     let _ = writeln!(
         md,
         "lb: the agent's own model and reconciler writing real pinned maps (object loaded privately into a scratch \
-         bpffs directory, nothing attached). Each ClusterIP is two frontends (External and Internal scope), each with \
-         its own Maglev table; the {} endpoints are distinct addresses (the backends map is raised to {} entries, as \
+         bpffs directory, nothing attached). Each ClusterIP is two frontends (External and Internal scope) sharing \
+         one Maglev table (both traffic policies are Cluster); the {} endpoints are distinct addresses (the backends map is raised to {} entries, as \
          the default 65536 would not hold 10k x 10). An endpoint change replaces one address in one EndpointSlice and runs \
          what the agent runs per change: the translator rebuilds that one Service, then the reconciler visits only \
-         the frontends whose entries changed (rewriting the two tables of that service).\n",
+         the frontends whose entries changed (writing that Service's new table into a free region of the slot array and switching its two entries).\n",
         c.services * c.endpoints_per_service,
         super::control::MAX_BACKENDS
     );
@@ -208,8 +208,8 @@ fn control_section(md: &mut String, r: &Results) {
              holding the same {} Services and EndpointSlices, `--devices none`): start → \"initial sync done\" \
              {} ms. **One EndpointSlice update through the API → that service's entry switched in the pinned \
              maps: p50 / p99 {} ms** over {} updates, each after a quiet spell (a lone change goes out at once). \
-             This is what a user waits for: watch delivery, translation of the one Service, its two new Maglev \
-             tables (one RCU grace period for the batched install), the entry switch.\n",
+             This is what a user waits for: watch delivery, translation of the one Service, its new Maglev \
+             table (written into the slot array through a mapping, no grace period), the entry switch.\n",
             c.services,
             f(k.start_to_programmed_ms),
             p50_99(&k.change_ms),
@@ -585,7 +585,7 @@ fn packet_section(md: &mut String, r: &Results, plots: &Path) -> Result<()> {
     if !programmed.is_empty() {
         let _ = writeln!(
             md,
-            "Programming the private maps (the reconciler's first sync, 2 tables per service): {}.\n",
+            "Programming the private maps (the reconciler's first sync, one table per service shared by its two frontends): {}.\n",
             programmed.join(", ")
         );
     }
