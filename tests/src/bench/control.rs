@@ -260,16 +260,7 @@ pub(super) fn agent_memory(
     let mut child = start_agent(agent_bin, &source, pins.path(), &cgroup)?;
     let start_to_programmed_ms = ms(started.elapsed());
     let pid = child.pid();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .context("reading the agent's status")?;
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    let (vm_hwm_kib, vm_rss_kib) = (field("VmHWM:"), field("VmRSS:"));
+    let (vm_hwm_kib, vm_rss_kib) = peak_and_current_rss_kib(pid)?;
     let (fd_maps, map_memlock_bytes, maps_counted) = fd_map_memlock(pid)?;
     let (inner, inner_tables, inner_error) =
         match inner_table_memlock(&pins.join("LB_MAGLEV"), &fd_maps) {
@@ -459,6 +450,20 @@ fn tail(s: &str) -> &str {
         .find(|&i| s.is_char_boundary(i))
         .unwrap_or(s.len());
     &s[start..]
+}
+
+/// A process's peak and current resident set (`VmHWM`, `VmRSS`), in KiB; 0 for a field the kernel did not print.
+pub(super) fn peak_and_current_rss_kib(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .context("reading the agent's status")?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((field("VmHWM:"), field("VmRSS:")))
 }
 
 /// Sums `memlock` over the distinct BPF maps a process holds fds of; also returns their ids.

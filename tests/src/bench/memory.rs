@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use super::control::{RemoveDir, start_agent};
+use super::control::{RemoveDir, peak_and_current_rss_kib, start_agent};
 use super::stats::{Summary, summarize};
 use super::workload;
 use crate::{BpfDir, Cgroup, unique_token};
@@ -161,15 +161,7 @@ fn measure(
     let mut child = start_agent(bin, &input.args(), pins.path(), &cgroup)?;
     let start_to_programmed_ms = started.elapsed().as_secs_f64() * 1e3;
     let pid = child.pid();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .context("reading the agent's status")?;
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
+    let (vm_hwm_kib, vm_rss_kib) = peak_and_current_rss_kib(pid)?;
     let stderr = child.stderr();
     let synced = stderr.lines().find(|l| l.contains("synced"));
     let logged = |key: &str| -> Option<f64> {
@@ -184,8 +176,8 @@ fn measure(
         source: input.source(),
         services: n,
         run,
-        vm_hwm_kib: field("VmHWM:"),
-        vm_rss_kib: field("VmRSS:"),
+        vm_hwm_kib,
+        vm_rss_kib,
         start_to_programmed_ms,
         first_sync_ms: logged("elapsed_ms="),
         translate_ms: logged("translate_ms="),
