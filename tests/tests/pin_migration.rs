@@ -510,3 +510,61 @@ fn the_previous_conntrack_is_carried_into_per_cpu_lru_lists() {
         );
     }
 }
+
+/// The layout before `LB_SOCK_PEER` (TCP sockets' reverse NAT in socket-local storage): a pin of that name with
+/// another layout (here a hash, as a foreign or older object might leave) is moved aside and replaced by the
+/// socket storage, and the socket LB's reverse translation then reads it (getpeername shows the VIP).
+#[test]
+fn a_foreign_sock_peer_pin_is_replaced_by_socket_storage() {
+    if !require_root("a_foreign_sock_peer_pin_is_replaced_by_socket_storage") {
+        return;
+    }
+    let probe = probe!();
+    let mut topo = Topology::star(1).expect("topology");
+    topo.serve(&probe, &[8080], &[]).expect("backend servers");
+    let mut agent = Agent::start(&agent_bin!(), &topo, &manifest(1)).expect("agent");
+    let dir = agent.pins().to_path_buf();
+    let info = aya::maps::MapInfo::from_pin(dir.join(map_names::SOCK_PEER)).expect("info");
+    assert_eq!(
+        info.map_type().ok(),
+        Some(aya::maps::MapType::SkStorage),
+        "this build pins LB_SOCK_PEER as socket storage"
+    );
+    agent.kill();
+    std::fs::remove_file(dir.join(map_names::SOCK_PEER)).expect("removing the LB_SOCK_PEER pin");
+    let foreign = create(MAP_TYPE_HASH, 4, 48, 16, 0, None);
+    pin(&foreign, &dir.join(map_names::SOCK_PEER));
+    drop(foreign);
+
+    agent.restart().expect("the upgraded agent starts");
+    let log = agent.log();
+    assert!(log.contains("maps of a new layout"), "{log}");
+    let info = aya::maps::MapInfo::from_pin(dir.join(map_names::SOCK_PEER)).expect("info");
+    assert_eq!(
+        info.map_type().ok(),
+        Some(aya::maps::MapType::SkStorage),
+        "the foreign pin was replaced"
+    );
+    assert!(
+        !dir.join(format!("{}:pending", map_names::SOCK_PEER))
+            .exists(),
+        "the old pin is dropped once the agent runs"
+    );
+
+    let vip = SocketAddr::new(VIP.parse().expect("vip"), 80);
+    let lines = topo
+        .in_client(probe.tcp_cmd(vip, 5))
+        .run(Duration::from_secs(60))
+        .expect("client run")
+        .probe_lines()
+        .expect("client output");
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    for l in &lines {
+        assert!(l.ok, "{l:?}");
+        assert_eq!(
+            l.peer.as_deref(),
+            Some("10.96.0.10:80"),
+            "getpeername shows the VIP, from the socket's storage: {l:?}"
+        );
+    }
+}
