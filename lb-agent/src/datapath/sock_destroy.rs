@@ -580,10 +580,17 @@ mod tests {
         let mut attrs = Vec::new();
         attrs.extend_from_slice(&nla(8, 1));
         attrs.extend_from_slice(&[1, 0, 0, 0]);
-        attrs.extend_from_slice(&nla(INET_DIAG_SK_BPF_STORAGES | NLA_F_NESTED, storages.len()));
+        attrs.extend_from_slice(&nla(
+            INET_DIAG_SK_BPF_STORAGES | NLA_F_NESTED,
+            storages.len(),
+        ));
         attrs.extend_from_slice(&storages);
         assert_eq!(socket_peer(&attrs), Some(peer));
-        assert_eq!(socket_peer(&attrs[..8]), None, "no storage attribute, no peer");
+        assert_eq!(
+            socket_peer(&attrs[..8]),
+            None,
+            "no storage attribute, no peer"
+        );
         let target = Target {
             backend: backend("10.244.1.2", 8080, PROTO_TCP),
             service_ids: [7].into(),
