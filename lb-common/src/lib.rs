@@ -54,7 +54,6 @@ mod tests {
         assert_eq!(size_of::<AffinityValue>(), 24);
         assert_eq!(size_of::<SockRevNatKey>(), 32);
         assert_eq!(size_of::<SockRevNatValue>(), 24);
-        assert_eq!(size_of::<SockPeer>(), 48);
         assert_eq!(size_of::<NetnsAddrs>(), 40);
         assert_eq!(size_of::<ServiceStats>(), 40);
         assert_eq!(size_of::<BackendStats>(), 24);

@@ -11,8 +11,6 @@ pub mod map_names {
     pub const MAGLEV_SLOTS: &str = "LB_MAGLEV_SLOTS";
     pub const AFFINITY: &str = "LB_AFFINITY";
     pub const SOCK_REVNAT: &str = "LB_SOCK_REVNAT";
-    /// Socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`): each translated socket's backend and VIP.
-    pub const SOCK_PEER: &str = "LB_SOCK_PEER";
     pub const SVC_STATS: &str = "LB_SVC_STATS";
     pub const BE_STATS: &str = "LB_BE_STATS";
     pub const CONNTRACK: &str = "LB_CONNTRACK";
@@ -36,7 +34,7 @@ pub mod map_names {
     /// Maps the agent creates and pins itself (no program uses them), so the loader does not know them.
     pub const AGENT_CREATED: [&str; 2] = [SVC_NAMES, MAGLEV_SLOTS];
     /// Every map the agent pins, in the order it creates them.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 19] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -56,7 +54,6 @@ pub mod map_names {
         XDP_L2,
         NETNS_ADDRS,
         SOCK_STATS,
-        SOCK_PEER,
     ];
 }
 

@@ -11,7 +11,6 @@ unsafe impl aya::Pod for AffinityKey {}
 unsafe impl aya::Pod for AffinityValue {}
 unsafe impl aya::Pod for SockRevNatKey {}
 unsafe impl aya::Pod for SockRevNatValue {}
-unsafe impl aya::Pod for SockPeer {}
 unsafe impl aya::Pod for NetnsAddrs {}
 unsafe impl aya::Pod for ServiceStats {}
 unsafe impl aya::Pod for BackendStats {}

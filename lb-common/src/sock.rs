@@ -1,5 +1,4 @@
-//! The socket LB's reverse translation: per socket in `LB_SOCK_PEER` (socket-local storage), and keyed by (socket,
-//! backend) in `LB_SOCK_REVNAT` for the sockets that reach more than one.
+//! The socket LB's reverse translation (`LB_SOCK_REVNAT`).
 
 /// `LB_SOCK_REVNAT` key: (socket cookie, backend address, backend port): what `recvmsg` and `getpeername` see
 /// after the socket LB translated a VIP.
@@ -25,34 +24,6 @@ pub struct SockRevNatValue {
     pub _pad: [u8; 2],
     pub service_id: u32,
 }
-
-/// `LB_SOCK_PEER` value (`BPF_MAP_TYPE_SK_STORAGE`: one per socket, created by the socket LB's connect hooks for
-/// TCP sockets and freed with the socket): the backend the socket LB chose for this socket and the VIP it stands
-/// for. A TCP socket has one peer; one translated again to another backend keeps its first here, sets
-/// `SOCK_PEER_MULTI`, and records the others in `LB_SOCK_REVNAT` (where UDP sockets keep theirs: sock_diag reports
-/// socket storage for TCP sockets only, and the agent needs to find the UDP sockets to end). Read by the reverse
-/// hooks and, through sock_diag, by the agent (which sockets to end when their backend goes).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct SockPeer {
-    /// Backend address, network byte order.
-    pub backend: [u8; 16],
-    /// VIP, network byte order (`::ffff:a.b.c.d` for IPv4).
-    pub vip: [u8; 16],
-    /// Backend port, host byte order.
-    pub backend_port: u16,
-    /// Service port, host byte order.
-    pub vip_port: u16,
-    pub service_id: u32,
-    /// `SOCK_PEER_*` bits; 0 in a storage just created.
-    pub flags: u32,
-    pub _pad: u32,
-}
-
-/// `SockPeer::flags`: the fields hold a translation.
-pub const SOCK_PEER_SET: u32 = 1;
-/// `SockPeer::flags`: the socket also reached other backends, recorded in `LB_SOCK_REVNAT`.
-pub const SOCK_PEER_MULTI: u32 = 2;
 
 /// `LB_NETNS_ADDRS` value (key: network namespace cookie, `u64`): the namespace's own addresses, which a socket
 /// created there will send from. The socket LB has no source address at `connect()` time (the kernel picks it after

@@ -2,10 +2,10 @@
 //! map name). Keys and values are lb-common's types; their byte order is described there once.
 //!
 //! The agent's reconciler is the only writer of the configuration maps (`LB_SERVICES`, `LB_BACKENDS`, `LB_MAGLEV`);
-//! the programs write only session state (`LB_AFFINITY`, `LB_SOCK_PEER`, `LB_SOCK_REVNAT`) and counters.
+//! the programs write only session state (`LB_AFFINITY`, `LB_SOCK_REVNAT`) and counters.
 
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, SkStorage},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
@@ -14,8 +14,8 @@ use lb_common::{
     DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGMENTS,
     DEFAULT_MAX_LOCAL_NETS, DEFAULT_MAX_NETNS_ADDRS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REVNAT,
     DEFAULT_MAX_SRC_RANGES, DEFAULT_MAX_SVC_CIDRS, DEFAULT_MAX_VIPS, FragKey, FragValue,
-    NetnsAddrs, ServiceKey, ServiceStats, ServiceValue, SlotBlock, SockPeer, SockRevNatKey,
-    SockRevNatValue, SrcRangeData, TraceValue, XdpL2Value, reason,
+    NetnsAddrs, ServiceKey, ServiceStats, ServiceValue, SlotBlock, SockRevNatKey, SockRevNatValue,
+    SrcRangeData, TraceValue, XdpL2Value, reason,
 };
 
 /// The flat slot array, `LB_MAGLEV`'s inner map: every service's lookup table is a region of it (lb-common
@@ -62,16 +62,8 @@ pub static LB_MAGLEV: ArrayOfMaps<SlotArray, 1> = ArrayOfMaps::new();
 pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue, { DEFAULT_MAX_AFFINITY as usize }> =
     LruHashMap::new();
 
-/// Socket -> `SockPeer` {backend, VIP, service id}: socket-local storage, created by the forward hooks on a socket's
-/// first translation and freed by the kernel with the socket, so the common case (one peer per socket) costs no
-/// shared-map insert. Read by the reverse hooks; the agent reads it through sock_diag (stale sockets).
-#[btf_map]
-pub static LB_SOCK_PEER: SkStorage<SockPeer> = SkStorage::new();
-
 /// `SockRevNatKey` {socket cookie, backend address, backend port} -> `SockRevNatValue` {VIP, service port, service
-/// id}: the translations of a socket beyond the one in `LB_SOCK_PEER` (an unconnected UDP socket sending to
-/// several VIPs), and those a previous build recorded. Written by the forward hooks; read by the reverse hooks
-/// (recvmsg, getpeername) when the socket's `LB_SOCK_PEER` does not answer.
+/// id}. Written by the forward hooks; read by the reverse hooks (recvmsg, getpeername).
 #[btf_map]
 pub static LB_SOCK_REVNAT: LruHashMap<
     SockRevNatKey,

@@ -10,15 +10,15 @@ use aya_ebpf::{
 };
 use lb_common::{
     CONFIG_FLAG_LOCALHOST_NODEPORTS, LOCALHOST_NODEPORT_ADDR, NETNS_HAS_V4, NETNS_HAS_V6,
-    PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, SOCK_PEER_MULTI, SOCK_PEER_SET, SVC_FLAG_DROP_NO_BACKEND,
-    SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SrcRangeData,
-    VIP_FLAG_CLUSTER_IP, is_v4_mapped, reason, v4_mapped,
+    PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, SVC_FLAG_DROP_NO_BACKEND, SVC_FLAG_SOURCE_RANGES,
+    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SrcRangeData, VIP_FLAG_CLUSTER_IP,
+    is_v4_mapped, reason, v4_mapped,
 };
 
 use crate::{
     maps::{
-        LB_CONFIG, LB_NETNS_ADDRS, LB_SERVICES, LB_SOCK_PEER, LB_SOCK_REVNAT, LB_SRC_RANGES,
-        LB_SVC_CIDRS, LB_VIPS,
+        LB_CONFIG, LB_NETNS_ADDRS, LB_SERVICES, LB_SOCK_REVNAT, LB_SRC_RANGES, LB_SVC_CIDRS,
+        LB_VIPS,
     },
     select::{Backend, select_backend},
     stats,
@@ -100,7 +100,7 @@ pub fn xlate_fwd(ctx: &SockAddrContext, family: Family) -> Result<i32, Error> {
     }
 
     // Every map write before the context is rewritten, so that `Err` really means "untouched".
-    if record_revnat(ctx, &key, &svc, &backend, proto)? {
+    if record_revnat(ctx, &key, &svc, &backend)? {
         stats::count_connect(svc.service_id, backend.id);
     }
     write_addr(ctx, family, &backend.value.addr);
@@ -189,56 +189,26 @@ fn unknown_vip(addr: &[u8; 16]) -> i32 {
 
 /// The reverse translation for recvmsg4/6 and getpeername4/6: if this socket's peer is a backend the forward core
 /// chose, show the application the VIP and service port it asked for instead. Never fails (these hooks must not
-/// fail the syscall): no record means the peer was not translated. The socket's own storage answers first (TCP);
-/// the keyed map for a socket without one (UDP, or translated by a previous build) or that reached several backends.
+/// fail the syscall): no entry means the peer was not translated.
 #[inline(always)]
 pub fn xlate_rev(ctx: &SockAddrContext, family: Family) {
-    let addr = read_addr(ctx, family);
-    let port = read_port(ctx);
-    // SAFETY: the context's socket is valid for the program run; without F_CREATE nothing is allocated.
-    let peer = unsafe { LB_SOCK_PEER.get_ptr_mut(ctx) };
-    let (vip, vip_port) = if peer.is_null() {
-        let Some(v) = keyed_revnat(ctx, addr, port) else {
-            return;
-        };
-        v
-    } else {
-        // SAFETY: non-null, from the lookup above; read at once, by value.
-        let p = unsafe { peer.read() };
-        if p.flags & SOCK_PEER_SET != 0 && p.backend == addr && p.backend_port == port {
-            (p.vip, p.vip_port)
-        } else if p.flags & SOCK_PEER_MULTI != 0 {
-            let Some(v) = keyed_revnat(ctx, addr, port) else {
-                return;
-            };
-            v
-        } else {
-            return;
-        }
-    };
-    // An IPv4 hook's peer is IPv4, so its entry's VIP is too; checked all the same rather than write half an address.
-    if family == Family::V4 && !is_v4_mapped(&vip) {
-        return;
-    }
-    write_addr(ctx, family, &vip);
-    write_port(ctx, vip_port);
-}
-
-/// `LB_SOCK_REVNAT`'s VIP and port for (this socket, backend `addr`:`port`).
-#[inline(always)]
-fn keyed_revnat(ctx: &SockAddrContext, addr: [u8; 16], port: u16) -> Option<([u8; 16], u16)> {
     let key = SockRevNatKey {
         cookie: socket_cookie(ctx),
-        addr,
-        port,
+        addr: read_addr(ctx, family),
+        port: read_port(ctx),
         _pad: [0; 6],
     };
-    // SAFETY: the pointer comes from a successful lookup and is read at once, by value; see `record_keyed` for what
+    // SAFETY: the pointer comes from a successful lookup and is read at once, by value; see `record_revnat` for what
     // a concurrent LRU eviction can do.
-    LB_SOCK_REVNAT
-        .get_ptr(key)
-        .map(|p| unsafe { p.read() })
-        .map(|rev| (rev.addr, rev.port))
+    let Some(rev) = LB_SOCK_REVNAT.get_ptr(key).map(|p| unsafe { p.read() }) else {
+        return;
+    };
+    // An IPv4 hook's peer is IPv4, so its entry's VIP is too; checked all the same rather than write half an address.
+    if family == Family::V4 && !is_v4_mapped(&rev.addr) {
+        return;
+    }
+    write_addr(ctx, family, &rev.addr);
+    write_port(ctx, rev.port);
 }
 
 /// Why a service without backends in this scope refuses: none at all, or none local under a Local policy.
@@ -267,63 +237,11 @@ fn reject(svc: &ServiceValue, why: u32) -> i32 {
     SYS_REJECT
 }
 
-/// Remembers, for this socket, that `backend` stands for the VIP in `key`. Returns whether the record is new (the
+/// Remembers, for this socket, that `backend` stands for the VIP in `key`. Returns whether the entry is new (the
 /// socket's first translation to this backend), which is what the connect counters count: an unconnected UDP socket
-/// runs the forward hook on every datagram, and rewriting an unchanged record each time would cost a write.
-///
-/// A TCP socket's record is its own storage (`LB_SOCK_PEER`, created here): it has one peer, so connect() costs one
-/// storage lookup-or-create instead of an insert into a shared LRU hash (a bucket lock, an eviction list). A TCP
-/// socket that reaches a second backend (connect() called again) keeps the first in its storage and records the
-/// others in `LB_SOCK_REVNAT`. UDP sockets keep the keyed map: the agent finds the sockets to end when a backend
-/// goes (`sock_destroy.rs`) through sock_diag, which reports socket storage for TCP sockets only (kernel 6.18's
-/// `inet_sk_diag_fill` returns before it for sockets without a connection state), and by cookie otherwise.
+/// runs the forward hook on every datagram, and rewriting an unchanged entry each time would cost a bucket lock.
 #[inline(always)]
 fn record_revnat(
-    ctx: &SockAddrContext,
-    key: &ServiceKey,
-    svc: &ServiceValue,
-    backend: &Backend,
-    proto: u8,
-) -> Result<bool, Error> {
-    if proto != PROTO_TCP {
-        return record_keyed(ctx, key, svc, backend);
-    }
-    // SAFETY: the context's socket is valid for the program run; F_CREATE with no initial value allocates a zeroed
-    // storage (flags 0: not set yet).
-    let peer = unsafe { LB_SOCK_PEER.get_or_insert_ptr_mut(ctx, None) };
-    if peer.is_null() {
-        // No memory for the storage (the socket's optmem limit): the keyed map still works.
-        return record_keyed(ctx, key, svc, backend);
-    }
-    // SAFETY: non-null, from the lookup above; the storage lives as long as the socket. Two threads translating on
-    // one socket at once could interleave their writes; the reverse hooks then find no match and leave the backend's
-    // address (the socket LB's behaviour before this map), never another socket's VIP.
-    let p = unsafe { &mut *peer };
-    if p.flags & SOCK_PEER_SET != 0
-        && (p.backend != backend.value.addr || p.backend_port != backend.value.port)
-    {
-        p.flags |= SOCK_PEER_MULTI;
-        return record_keyed(ctx, key, svc, backend);
-    }
-    if p.flags & SOCK_PEER_SET != 0
-        && p.vip == key.addr
-        && p.vip_port == key.port
-        && p.service_id == svc.service_id
-    {
-        return Ok(false);
-    }
-    p.backend = backend.value.addr;
-    p.backend_port = backend.value.port;
-    p.vip = key.addr;
-    p.vip_port = key.port;
-    p.service_id = svc.service_id;
-    p.flags |= SOCK_PEER_SET;
-    Ok(true)
-}
-
-/// [`record_revnat`] in `LB_SOCK_REVNAT`, keyed by (socket cookie, backend).
-#[inline(always)]
-fn record_keyed(
     ctx: &SockAddrContext,
     key: &ServiceKey,
     svc: &ServiceValue,

@@ -366,17 +366,10 @@ fn end_stale_sockets(maps: &PinnedMaps, report: &SyncReport, desired: &DesiredSt
         }
     };
     let cookies = sock_destroy::cookies(&revnat, &targets);
-    let storage_map = maps.sock_peer_fd();
-    if cookies.is_empty() && storage_map.is_none() {
+    if cookies.is_empty() {
         return;
     }
-    // Sockets known by cookie; those known by their own storage are found in the dump.
-    let candidates = cookies.len();
-    let result = sock_destroy::destroy(&sock_destroy::Stale {
-        cookies,
-        targets: &targets,
-        storage_map,
-    });
+    let result = sock_destroy::destroy(&cookies);
     let mut denied: std::collections::BTreeMap<&str, (usize, String)> = Default::default();
     for e in &result.errors {
         match e.missing_capability() {
@@ -402,7 +395,7 @@ fn end_stale_sockets(maps: &PinnedMaps, report: &SyncReport, desired: &DesiredSt
     }
     tracing::info!(
         backends = targets.len(),
-        candidates,
+        candidates = cookies.len(),
         destroyed = result.destroyed,
         namespaces = result.namespaces,
         "ended sockets connected to departed backends"

@@ -165,9 +165,6 @@ pub struct PinnedMaps {
     svc_stats: PerCpuArray<MapData, ServiceStats>,
     be_stats: PerCpuArray<MapData, BackendStats>,
     nr_cpus: usize,
-    /// `LB_SOCK_PEER` (socket-local storage: no userspace lookup or iteration; sock_diag reads it), `None` in
-    /// pins of an older build.
-    sock_peer: Option<MapData>,
     /// The per-packet datapath's maps.
     pub packet: super::packet_maps::PacketMaps,
 }
@@ -244,16 +241,8 @@ impl PinnedMaps {
             be_stats: PerCpuArray::try_from(be_stats).map_err(layout(map_names::BE_STATS))?,
             nr_cpus: aya::util::nr_cpus()
                 .map_err(|(what, e)| MapsError::Cpus(format!("{what}: {e}")))?,
-            // The loader pinned it beside the others; opened from the pin either way.
-            sock_peer: MapData::from_pin(dir.join(map_names::SOCK_PEER)).ok(),
             packet,
         })
-    }
-
-    /// `LB_SOCK_PEER`'s fd, for the sock_diag dump that reads each socket's storage (`sock_destroy`).
-    pub fn sock_peer_fd(&self) -> Option<i32> {
-        use std::os::fd::AsRawFd as _;
-        self.sock_peer.as_ref().map(|m| m.fd().as_fd().as_raw_fd())
     }
 
     fn fence(&mut self) -> Result<&mut Fence, MapsError> {

@@ -58,7 +58,7 @@ fn size<T>() -> u32 {
 }
 
 impl Capacities {
-    pub fn specs(&self) -> [MapSpec; 20] {
+    pub fn specs(&self) -> [MapSpec; 19] {
         let spec = |name, map_type, key_size, value_size, max_entries| MapSpec {
             name,
             map_type,
@@ -210,16 +210,6 @@ impl Capacities {
                 size::<u32>(),
                 size::<u64>(),
                 lb_common::reason::COUNT,
-            ),
-            // Socket-local storage: the key is a socket fd (4 bytes), and the kernel wants max_entries 0 (one value
-            // per socket, freed with it). Pinned so that a restarted agent's programs keep reading the storage of
-            // the sockets translated before.
-            spec(
-                map_names::SOCK_PEER,
-                MapType::SkStorage,
-                size::<i32>(),
-                size::<lb_common::SockPeer>(),
-                0,
             ),
         ]
     }

@@ -4,12 +4,9 @@
 //!
 //! aya 0.14 cannot load kfunc calls, so `bpf_sock_destroy` from a socket iterator is out of reach; the kernel's
 //! other way in is sock_diag's `SOCK_DESTROY` over netlink (CONFIG_INET_DIAG_DESTROY), which works per network
-//! namespace. Which sockets to end is decided from lb's own records: each TCP socket the socket LB translated
-//! carries its backend and service in its socket-local storage (`LB_SOCK_PEER`), which sock_diag reports beside the
-//! socket when the dump asks for that map (`INET_DIAG_REQ_SK_BPF_STORAGES`, needs `CAP_BPF` or `CAP_SYS_ADMIN`;
-//! kernel 6.18 reports it for TCP sockets only); UDP sockets, the further backends of a TCP socket that reached
-//! several, and sockets translated by a previous build are in `LB_SOCK_REVNAT` under the socket's cookie. A socket is destroyed only if one of those records is lb's
-//! translation to the departed backend for one of the services it left, and its destination is that backend.
+//! namespace. Which sockets to end is decided from lb's own records: `LB_SOCK_REVNAT` holds the cookie of every
+//! socket the socket LB translated, with the backend it chose, and sock_diag reports each socket's cookie. A socket
+//! is destroyed only if both its cookie is lb's and its destination is the departed backend.
 //!
 //! The namespaces searched are those of the processes in `/proc` and those pinned under [`NETNS_DIR`]: in a pod
 //! without `hostPID` (the DaemonSet of `lb-agent manifests`) `/proc` shows only the agent's own processes, while containerd and
@@ -24,10 +21,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use lb_common::{
-    BackendValue, PROTO_TCP, PROTO_UDP, SOCK_PEER_SET, SockPeer, SockRevNatKey, SockRevNatValue,
-    addr_bytes,
-};
+use lb_common::{BackendValue, PROTO_TCP, PROTO_UDP, SockRevNatKey, SockRevNatValue, addr_bytes};
 
 const NETLINK_SOCK_DIAG: libc::c_int = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -37,17 +31,6 @@ const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
-const NLA_F_NESTED: u16 = 0x8000;
-const NLA_TYPE_MASK: u16 = 0x3fff;
-/// inet_diag.h: the request attribute naming socket-storage maps, and the reply attribute carrying their values.
-const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
-const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
-/// sock_diag.h: `SK_DIAG_BPF_STORAGE_REQ_MAP_FD`, `SK_DIAG_BPF_STORAGE`, `SK_DIAG_BPF_STORAGE_MAP_VALUE`.
-const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
-const SK_DIAG_BPF_STORAGE: u16 = 1;
-const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
-/// `struct inet_diag_msg`'s full size; its attributes follow.
-const INET_DIAG_MSG_LEN: usize = 72;
 
 /// `struct nlmsghdr`.
 #[repr(C)]
@@ -195,46 +178,18 @@ pub fn cookies(
     out
 }
 
-/// Which sockets are lb's translations to a departed backend: by cookie (`LB_SOCK_REVNAT`) or by their own
-/// `LB_SOCK_PEER` storage, read in the dump through `storage_map` (the map's fd; `None` for an agent without it).
-pub struct Stale<'a> {
-    pub cookies: HashMap<u64, BackendValue>,
-    pub targets: &'a [Target],
-    pub storage_map: Option<i32>,
-}
-
-impl Stale<'_> {
-    /// The departed backend this socket was translated to, if it is one.
-    fn backend_of(&self, cookie: u64, peer: Option<&SockPeer>) -> Option<BackendValue> {
-        if let Some(b) = self.cookies.get(&cookie) {
-            return Some(*b);
-        }
-        let peer = peer.filter(|p| p.flags & SOCK_PEER_SET != 0)?;
-        self.targets
-            .iter()
-            .find(|t| {
-                t.backend.addr == peer.backend
-                    && t.backend.port == peer.backend_port
-                    && t.service_ids.contains(&peer.service_id)
-            })
-            .map(|t| t.backend)
-    }
-}
-
-/// Destroys, in every network namespace of the host, the sockets that are lb's translations to a departed backend
-/// ([`Stale`]) and whose destination is still that backend.
-pub fn destroy(stale: &Stale<'_>) -> DestroyReport {
+/// Destroys, in every network namespace of the host, the sockets whose cookie is in `cookies` and whose destination
+/// is that cookie's backend.
+pub fn destroy(cookies: &HashMap<u64, BackendValue>) -> DestroyReport {
     let mut report = DestroyReport::default();
-    if stale.targets.is_empty() {
+    if cookies.is_empty() {
         return report;
     }
-    let protos: BTreeSet<u8> = stale.targets.iter().map(|t| t.backend.proto).collect();
-    let storage_map = stale.storage_map;
+    let protos: BTreeSet<u8> = cookies.values().map(|b| b.proto).collect();
     let own = ns_id(Path::new("/proc/thread-self/ns/net"));
     for ns in network_namespaces() {
         report.namespaces += 1;
-        let cookies = stale.cookies.clone();
-        let targets = stale.targets.to_vec();
+        let cookies = cookies.clone();
         let protos = protos.clone();
         let path = ns.path.clone();
         // A new thread starts in this thread's namespace; the agent's own needs no setns (and so no CAP_SYS_ADMIN).
@@ -248,12 +203,7 @@ pub fn destroy(stale: &Stale<'_>) -> DestroyReport {
                     source,
                 })?;
             }
-            let stale = Stale {
-                cookies,
-                targets: &targets,
-                storage_map,
-            };
-            destroy_here(&stale, &protos).map_err(|source| SockDestroyError::Netlink {
+            destroy_here(&cookies, &protos).map_err(|source| SockDestroyError::Netlink {
                 namespace: namespace(),
                 source,
             })
@@ -335,22 +285,14 @@ fn netlink_socket() -> io::Result<OwnedFd> {
 }
 
 /// Searches the current namespace (of this thread) and destroys matching sockets; returns how many.
-fn destroy_here(stale: &Stale<'_>, protos: &BTreeSet<u8>) -> io::Result<usize> {
+fn destroy_here(cookies: &HashMap<u64, BackendValue>, protos: &BTreeSet<u8>) -> io::Result<usize> {
     let fd = netlink_socket()?;
     let mut destroyed = 0;
     for &proto in protos {
         for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-            let sockets = match dump(&fd, family, proto, stale.storage_map) {
-                // Without CAP_BPF (or CAP_SYS_ADMIN) the kernel refuses to report socket storage: the sockets
-                // known by cookie can still be ended.
-                Err(e) if stale.storage_map.is_some() && e.raw_os_error() == Some(libc::EPERM) => {
-                    dump(&fd, family, proto, None)?
-                }
-                r => r?,
-            };
-            for (msg, peer) in sockets {
+            for msg in dump(&fd, family, proto)? {
                 let cookie = u64::from(msg.id.cookie[0]) | (u64::from(msg.id.cookie[1]) << 32);
-                let Some(backend) = stale.backend_of(cookie, peer.as_ref()) else {
+                let Some(backend) = cookies.get(&cookie) else {
                     continue;
                 };
                 let dst = if family == libc::AF_INET as u8 {
@@ -385,10 +327,9 @@ fn as_bytes<T: Copy>(v: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
 }
 
-/// Sends one request; `attrs` (netlink attributes, already aligned) follow the `inet_diag_req_v2`.
-fn send(fd: &OwnedFd, ty: u16, flags: u16, req: &InetDiagReqV2, attrs: &[u8]) -> io::Result<()> {
+fn send(fd: &OwnedFd, ty: u16, flags: u16, req: &InetDiagReqV2) -> io::Result<()> {
     let hdr = NlMsgHdr {
-        len: (size_of::<NlMsgHdr>() + size_of::<InetDiagReqV2>() + attrs.len()) as u32,
+        len: (size_of::<NlMsgHdr>() + size_of::<InetDiagReqV2>()) as u32,
         ty,
         flags,
         seq: 1,
@@ -397,7 +338,6 @@ fn send(fd: &OwnedFd, ty: u16, flags: u16, req: &InetDiagReqV2, attrs: &[u8]) ->
     let mut buf = Vec::with_capacity(hdr.len as usize);
     buf.extend_from_slice(as_bytes(&hdr));
     buf.extend_from_slice(as_bytes(req));
-    buf.extend_from_slice(attrs);
     // SAFETY: buf is a valid, initialised buffer of buf.len() bytes; the kernel is the destination (no address).
     let n = unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) };
     if n < 0 {
@@ -451,68 +391,14 @@ fn for_each_message(
     Ok(false)
 }
 
-/// One netlink attribute header.
-fn nla(ty: u16, payload_len: usize) -> [u8; 4] {
-    let len = (4 + payload_len) as u16;
-    let [l0, l1] = len.to_ne_bytes();
-    let [t0, t1] = ty.to_ne_bytes();
-    [l0, l1, t0, t1]
-}
-
-/// The attributes of a dump request asking for the values of socket-storage map `map_fd`.
-fn storage_request(map_fd: i32) -> Vec<u8> {
-    let mut out = Vec::with_capacity(12);
-    out.extend_from_slice(&nla(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED, 8));
-    out.extend_from_slice(&nla(SK_DIAG_BPF_STORAGE_REQ_MAP_FD, 4));
-    out.extend_from_slice(&map_fd.to_ne_bytes());
-    out
-}
-
-/// Each attribute (type without flags, payload) of `data`.
-fn attributes(data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    let mut off = 0;
-    std::iter::from_fn(move || {
-        let len = usize::from(u16::from_ne_bytes([*data.get(off)?, *data.get(off + 1)?]));
-        let ty = u16::from_ne_bytes([*data.get(off + 2)?, *data.get(off + 3)?]) & NLA_TYPE_MASK;
-        if len < 4 || off + len > data.len() {
-            return None;
-        }
-        let payload = &data[off + 4..off + len];
-        off += (len + 3) & !3;
-        Some((ty, payload))
-    })
-}
-
-/// The `LB_SOCK_PEER` value in a dumped socket's attributes (the one map the request named).
-fn socket_peer(attrs: &[u8]) -> Option<SockPeer> {
-    let (_, storages) = attributes(attrs).find(|(ty, _)| *ty == INET_DIAG_SK_BPF_STORAGES)?;
-    attributes(storages)
-        .filter(|(ty, _)| *ty == SK_DIAG_BPF_STORAGE)
-        .flat_map(|(_, storage)| attributes(storage))
-        .find(|(ty, v)| *ty == SK_DIAG_BPF_STORAGE_MAP_VALUE && v.len() >= size_of::<SockPeer>())
-        .and_then(|(_, v)| read::<SockPeer>(v, 0))
-}
-
-fn dump(
-    fd: &OwnedFd,
-    family: u8,
-    proto: u8,
-    storage_map: Option<i32>,
-) -> io::Result<Vec<(InetDiagMsg, Option<SockPeer>)>> {
+fn dump(fd: &OwnedFd, family: u8, proto: u8) -> io::Result<Vec<InetDiagMsg>> {
     let req = InetDiagReqV2 {
         family,
         protocol: proto,
         states: u32::MAX,
         ..InetDiagReqV2::default()
     };
-    let attrs = storage_map.map(storage_request).unwrap_or_default();
-    send(
-        fd,
-        SOCK_DIAG_BY_FAMILY,
-        NLM_F_REQUEST | NLM_F_DUMP,
-        &req,
-        &attrs,
-    )?;
+    send(fd, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, &req)?;
     let mut out = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -524,8 +410,7 @@ fn dump(
             if ty == SOCK_DIAG_BY_FAMILY
                 && let Some(msg) = read::<InetDiagMsg>(payload, 0)
             {
-                let peer = payload.get(INET_DIAG_MSG_LEN..).and_then(socket_peer);
-                out.push((msg, peer));
+                out.push(msg);
             }
             Ok(())
         })?;
@@ -543,7 +428,7 @@ fn sock_destroy(fd: &OwnedFd, family: u8, proto: u8, id: InetDiagSockId) -> io::
         id,
         ..InetDiagReqV2::default()
     };
-    send(fd, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &req, &[])?;
+    send(fd, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &req)?;
     let mut buf = vec![0u8; 4096];
     let n = recv(fd, &mut buf)?;
     for_each_message(&buf[..n], |_, _| Ok(())).map(|_| ())
@@ -555,58 +440,6 @@ mod tests {
 
     fn backend(ip: &str, port: u16, proto: u8) -> BackendValue {
         BackendValue::new(ip.parse().expect("ip"), port, proto)
-    }
-
-    /// A dumped socket's attributes as kernel 6.18 lays them out: another attribute, then
-    /// `INET_DIAG_SK_BPF_STORAGES { SK_DIAG_BPF_STORAGE { MAP_ID, MAP_VALUE } }`.
-    #[test]
-    fn the_socket_storage_value_is_found_in_the_dump_attributes() {
-        let peer = SockPeer {
-            backend: addr_bytes("10.244.1.2".parse().expect("ip")),
-            backend_port: 8080,
-            service_id: 7,
-            flags: SOCK_PEER_SET,
-            ..SockPeer::default()
-        };
-        let value = as_bytes(&peer).to_vec();
-        let mut storage = Vec::new();
-        storage.extend_from_slice(&nla(2, 4));
-        storage.extend_from_slice(&42u32.to_ne_bytes());
-        storage.extend_from_slice(&nla(SK_DIAG_BPF_STORAGE_MAP_VALUE, value.len()));
-        storage.extend_from_slice(&value);
-        let mut storages = Vec::new();
-        storages.extend_from_slice(&nla(SK_DIAG_BPF_STORAGE | NLA_F_NESTED, storage.len()));
-        storages.extend_from_slice(&storage);
-        let mut attrs = Vec::new();
-        attrs.extend_from_slice(&nla(8, 1));
-        attrs.extend_from_slice(&[1, 0, 0, 0]);
-        attrs.extend_from_slice(&nla(
-            INET_DIAG_SK_BPF_STORAGES | NLA_F_NESTED,
-            storages.len(),
-        ));
-        attrs.extend_from_slice(&storages);
-        assert_eq!(socket_peer(&attrs), Some(peer));
-        assert_eq!(
-            socket_peer(&attrs[..8]),
-            None,
-            "no storage attribute, no peer"
-        );
-        let target = Target {
-            backend: backend("10.244.1.2", 8080, PROTO_TCP),
-            service_ids: [7].into(),
-        };
-        let stale = Stale {
-            cookies: HashMap::new(),
-            targets: std::slice::from_ref(&target),
-            storage_map: None,
-        };
-        assert_eq!(stale.backend_of(1, Some(&peer)), Some(target.backend));
-        let other_service = SockPeer {
-            service_id: 8,
-            ..peer
-        };
-        assert_eq!(stale.backend_of(1, Some(&other_service)), None);
-        assert_eq!(stale.backend_of(1, None), None);
     }
 
     #[test]

@@ -553,7 +553,7 @@ fn connect4_table(md: &mut String, t: &super::traffic::TrafficResults) {
         "Cgroup sock_addr programs cannot be test-run: the kernel's run-time accounting of the agent's `lb_connect4` \
          around TCP_CRR legs from the client's cgroup, to the ClusterIP and to a backend address directly (no \
          service), in interleaved rounds; statistics on (BPF_ENABLE_STATS) for these rounds only, so both legs \
-         carry their 60-80 ns. A TCP socket's reverse-NAT record is its socket-local storage (`LB_SOCK_PEER`).\n"
+         carry their 60-80 ns. The VIP leg includes the socket's reverse-NAT record (an insert into `LB_SOCK_REVNAT`).\n"
     );
     match (&t.connect4, &t.connect4_error) {
         (Some(c), _) => {
