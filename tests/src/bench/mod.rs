@@ -11,6 +11,7 @@ pub mod memory;
 pub mod packet;
 pub mod report;
 pub mod scale;
+pub mod sockcost;
 pub mod stats;
 pub mod traffic;
 pub mod workload;
