@@ -89,6 +89,23 @@ pub fn lookup(key: &CtKey, out: &mut CtValue, hz: u64) -> Option<*mut CtValue> {
     Some(ptr)
 }
 
+/// Whether a hit must go through [`touch`]: its stamp is older than this tick, or the packet changes the TCP
+/// lifetime (what `touch` would write). Otherwise `touch` would write back what the entry holds, and skipping it
+/// saves a BPF-to-BPF call, the pair's key and a store per packet of a busy flow (cilium's `ct_update_timeout`
+/// likewise writes only when the report interval has passed or the flags change). Inlined into the caller: the
+/// check is a few compares of the entry already copied.
+#[inline(always)]
+pub fn needs_touch(ct: &CtValue, proto: u8, tcp_flags: u8) -> bool {
+    if ct.last_seen_jiffies != now() {
+        return true;
+    }
+    proto == PROTO_TCP
+        && (tcp_flags & (TCP_FIN | TCP_RST) != 0
+            || (ct.flags & CT_FLAG_CLOSING == 0
+                && tcp_flags & TCP_SYN == 0
+                && ct.lifetime_s != CT_LIFETIME_TCP_S))
+}
+
 /// Refreshes an entry on a hit (`ptr`, copied in `ct`), and its TCP life: FIN or RST shorten both directions
 /// (the entry and its pair, keyed by `other`) to the closing lifetime; the first packet after the SYN (the other
 /// direction answered) lengthens them to the established one. Not inlined: one copy instead of five keeps the

@@ -140,8 +140,10 @@ fn egress_packet(ctx: &TcContext, s: &mut TcScratch) -> u32 {
     // like the other pair: the SNAT reply entry sees only the backend's packets, and a connection whose backend has
     // sent nothing since its SYN-ACK would otherwise lose it after the SYN lifetime (60 s), so the backend's first
     // word after a longer idle time would not come back.
-    inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_FWD);
-    let _ = ct::touch(ptr, &s.ct, s.pkt.proto, s.pkt.tcp_flags, &s.other);
+    if ct::needs_touch(&s.ct, s.pkt.proto, s.pkt.tcp_flags) {
+        inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_FWD);
+        let _ = ct::touch(ptr, &s.ct, s.pkt.proto, s.pkt.tcp_flags, &s.other);
+    }
     // Source only: for a SNAT entry the destination is already the backend, for a reply the client.
     nat::src_nat(&mut s.nat, &s.pkt, &s.ct);
     let why = if s.ct.flags & CT_FLAG_SNAT_PAIR != 0 {
@@ -164,8 +166,10 @@ fn ingress_packet(ctx: &TcContext, s: &mut TcScratch) -> u32 {
         if s.ct.flags & CT_FLAG_SNAT_PAIR != 0 {
             // A reply to this node's SNAT address: destination back to the client; the source becomes the VIP at
             // egress.
-            let _ = snat_pair_key(s);
-            let _ = ct::touch(ptr, &s.ct, s.pkt.proto, s.pkt.tcp_flags, &s.other);
+            if ct::needs_touch(&s.ct, s.pkt.proto, s.pkt.tcp_flags) {
+                let _ = snat_pair_key(s);
+                let _ = ct::touch(ptr, &s.ct, s.pkt.proto, s.pkt.tcp_flags, &s.other);
+            }
             nat::dst_nat(&mut s.nat, &s.pkt, &s.ct);
             let _ = nat::apply(ctx, s, reason::REPLY);
             return s.out.reason;
@@ -187,8 +191,10 @@ fn ingress_packet(ctx: &TcContext, s: &mut TcScratch) -> u32 {
         if let Some(ptr) = ct::lookup(&s.key, &mut s.ct, hz)
             && s.ct.flags & CT_FLAG_SNAT == 0
         {
-            inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_FWD);
-            let _ = ct::touch(ptr, &s.ct, s.pkt.proto, s.pkt.tcp_flags, &s.other);
+            if ct::needs_touch(&s.ct, s.pkt.proto, s.pkt.tcp_flags) {
+                inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_FWD);
+                let _ = ct::touch(ptr, &s.ct, s.pkt.proto, s.pkt.tcp_flags, &s.other);
+            }
             nat::src_nat(&mut s.nat, &s.pkt, &s.ct);
             let _ = nat::apply(ctx, s, reason::REPLY);
             return s.out.reason;
@@ -214,8 +220,10 @@ fn follow_established(ctx: &TcContext, s: &mut TcScratch, ptr: *mut CtValue) -> 
         }
         return s.out.reason;
     }
-    inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_REPLY);
-    let _ = ct::touch(ptr, &s.ct, s.pkt.proto, s.pkt.tcp_flags, &s.other);
+    if ct::needs_touch(&s.ct, s.pkt.proto, s.pkt.tcp_flags) {
+        inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_REPLY);
+        let _ = ct::touch(ptr, &s.ct, s.pkt.proto, s.pkt.tcp_flags, &s.other);
+    }
     stats::count_packet(s.ct.service_id, s.ct.backend_id, ctx.len());
     nat::dst_nat(&mut s.nat, &s.pkt, &s.ct);
     let _ = nat::apply(ctx, s, reason::CONNTRACK);
