@@ -981,6 +981,24 @@ fn deleted_backend_ends_its_flows() {
         .expect("backend")
         .parse()
         .expect("ip:port");
+    // One more packet of each flow before the deletion: the forward entry then records its backend as checked
+    // (`CtValue::backend_epoch`), so the deletion below is seen only through the epoch the agent bumps with it.
+    let ack = packet::build(Protocol::Tcp, src, dst, TCP_ACK, b"hi");
+    let datagram = packet::build(Protocol::Udp, usrc, udst, 0, b"hi");
+    for (frame, what) in [(&ack, "TCP"), (&datagram, "UDP")] {
+        let run = tracer.run_frame(frame).expect("trace");
+        assert_eq!(
+            (run.result.verdict, run.result.reason),
+            ("forward", "conntrack"),
+            "{what}: before the deletion: {:?}",
+            run.result
+        );
+    }
+    let epoch = tracer.maps().config().expect("LB_CONFIG").backend_epoch;
+    assert_ne!(
+        epoch, 0,
+        "the agent's maps start with a known backend epoch"
+    );
     let id_of = |tracer: &mut Tracer, b: SocketAddr| {
         tracer
             .maps()
@@ -998,6 +1016,11 @@ fn deleted_backend_ends_its_flows() {
             .delete_backend(id)
             .expect("deleting the backend");
     }
+    assert_eq!(
+        tracer.maps().config().expect("LB_CONFIG").backend_epoch,
+        epoch.wrapping_add(2),
+        "each delete bumps the backend epoch"
+    );
 
     let ack = packet::build(Protocol::Tcp, src, dst, TCP_ACK, b"more");
     let run = tracer.run_frame(&ack).expect("trace");

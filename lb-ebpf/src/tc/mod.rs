@@ -51,7 +51,6 @@ use crate::packet::{
     self, FRAGMENT, MALFORMED, NEEDS_PULL, OTHER, PARSED, Packet, TCP_ACK, TCP_SYN,
 };
 use crate::scratch::{self, SCRATCH_EGRESS, SCRATCH_INGRESS, TcScratch};
-use crate::select::lookup_backend;
 use crate::stats;
 
 /// tc ingress on an external interface. Returns the tc verdict.
@@ -209,9 +208,7 @@ fn ingress_packet(ctx: &TcContext, s: &mut TcScratch) -> u32 {
 /// Rule 12: the entry's backend must still exist with the same address (ids are reused); otherwise the flow ends.
 #[inline(never)]
 fn follow_established(ctx: &TcContext, s: &mut TcScratch, ptr: *mut CtValue) -> u32 {
-    let alive = lookup_backend(s.ct.backend_id)
-        .is_some_and(|b| b.value.addr == s.ct.new_daddr && b.value.port == s.ct.new_dport);
-    if !alive {
+    if !ct::backend_alive(ptr, &s.ct, s.cfg.backend_epoch) {
         nat::remove_flow(s);
         if s.pkt.proto == PROTO_TCP {
             verdict::reject_packet(ctx, s, reason::BACKEND_GONE, s.ct.service_id);

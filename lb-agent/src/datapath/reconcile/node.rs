@@ -78,6 +78,8 @@ impl NodeState {
             flags: self.config_flags,
             hz: crate::datapath::clock::kernel_hz(),
             host_netns_cookie: self.host_netns_cookie,
+            // The map's own counter (`PacketMaps::put_config` keeps it).
+            ..ConfigValue::default()
         };
         if config != self.config {
             match maps.put_config(&config) {
