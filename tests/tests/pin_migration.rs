@@ -511,7 +511,7 @@ fn the_previous_conntrack_is_carried_into_per_cpu_lru_lists() {
     }
 }
 
-/// The layout before the backend epoch: `LB_CONFIG` values of 48 bytes. A restarted agent must move that pin aside,
+/// The layout before the backend epoch: `LB_CONFIG` values of 64 bytes. A restarted agent must move that pin aside,
 /// write the node's configuration into the new map (with a backend epoch, so established flows are checked once
 /// more), drop the old pin, and keep `LB_CONNTRACK` (its layout did not change): established tc flows survive.
 #[test]
@@ -531,9 +531,10 @@ fn the_previous_config_layout_is_migrated_keeping_conntrack() {
     let before = conntrack_id();
     agent.kill();
     std::fs::remove_file(dir.join(map_names::CONFIG)).expect("removing the config pin");
-    let old = create(MAP_TYPE_ARRAY, 4, 48, 1, 0, None);
-    // The previous value: SNAT addresses (none), flags (none), hz 250, no host namespace cookie.
-    let mut value = vec![0u8; 48];
+    let old = create(MAP_TYPE_ARRAY, 4, 64, 1, 0, None);
+    // The previous value: SNAT addresses (none), flags (none), hz 250, no host namespace cookie, default
+    // conntrack lifetimes.
+    let mut value = vec![0u8; 64];
     value[36..40].copy_from_slice(&250u32.to_ne_bytes());
     update(&old, &0u32.to_ne_bytes(), &value);
     pin(&old, &dir.join(map_names::CONFIG));
