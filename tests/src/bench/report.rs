@@ -215,6 +215,22 @@ fn control_section(md: &mut String, r: &Results) {
             p50_99(&k.change_ms),
             k.changes
         );
+        if let Some(p) = &k.parts {
+            let _ = writeln!(
+                md,
+                "Where it goes, p50 / p99 in ms (the agent's own `synced` log lines, {} syncs): the bench's write \
+                 to the API server {}; in the agent, first event received → sync started (batching) {}, \
+                 translation {}, map writes {}; the whole sync, with names, metrics and status after the \
+                 switch, {}. The rest is watch delivery and decoding, and the machine's scheduling \
+                 (`lb-bench api-update` compares agents on this cell).\n",
+                p.syncs,
+                p50_99(&p.apply_ms),
+                p50_99(&p.queued_ms),
+                p50_99(&p.translate_ms),
+                p50_99(&p.write_ms),
+                p50_99(&p.sync_ms),
+            );
+        }
     }
     if let Some(e) = &c.agent_error {
         let _ = writeln!(md, "Agent memory could not be measured: {e}\n");
