@@ -22,6 +22,13 @@ pub struct ConfigValue {
     pub host_netns_cookie: u64,
     /// Conntrack lifetimes from the agent's kube-proxy-compatible flags (0: the default of each).
     pub ct_lifetimes: CtLifetimes,
+    /// Counts the agent's deletions from `LB_BACKENDS` (and its starts, which may have refilled it): the
+    /// programs skip a flow's backend check (rule 12, a hash lookup) while the flow's entry recorded this epoch when
+    /// its backend was last found alive (`CtValue::backend_epoch`). The agent bumps it after each delete, so a
+    /// deleted (or reused) id is checked again at the flow's next packet. 0 = unknown: always check. Written only
+    /// through `PacketMaps::put_config` / `bump_backend_epoch`, which keep it across configuration writes.
+    pub backend_epoch: u32,
+    pub _pad: u32,
 }
 
 /// `ConfigValue.flags`: record every verdict in `LB_TRACE` (only `lb-agent trace` sets it, on its private maps).

@@ -168,11 +168,16 @@ pub struct CtValue {
     /// Rewritten ports, host byte order.
     pub new_sport: u16,
     pub new_dport: u16,
-    /// The backend the flow is pinned to; checked against `LB_BACKENDS` on every forward hit (rule 12).
+    /// The backend the flow is pinned to; checked against `LB_BACKENDS` on a forward hit (rule 12) unless
+    /// `backend_epoch` says no backend was deleted since the last check.
     pub backend_id: u32,
     pub service_id: u32,
     pub lifetime_s: u32,
     /// `CT_FLAG_*`.
     pub flags: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    /// `ConfigValue::backend_epoch` when this forward entry's backend was last found alive; 0 = never checked
+    /// (new entries, and every entry of layouts before this field, which held zero padding here). While it equals
+    /// the current epoch the forward hit skips the `LB_BACKENDS` lookup.
+    pub backend_epoch: u32,
 }

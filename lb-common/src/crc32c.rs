@@ -39,9 +39,9 @@ pub fn crc32c_mulmod(a: u32, b: u32, step: &[u32; 2]) -> u32 {
 /// register s. raw is affine: raw(s, m) = raw(s, 0) ^ raw(0, m), and linear in m. For two packets of the same
 /// length that differ in bytes 0..4 by D (the checksum field counts as zero in both, RFC 9260 §6.8), CRC(a) ^ CRC(b)
 /// = raw(0, D followed by len - 4 zero bytes). Feeding D's 4 bytes to the zero register gives r; each further zero
-/// byte multiplies the register by x^8 mod P, so the result is r * x^(8 (len - 4)) mod P, computed by square and
-/// multiply in 16 steps (len < 65536). The field is the CRC little-endian, so XOR applies to it as it is. An
-/// incoming packet with a wrong CRC keeps a wrong one (nothing is recomputed from scratch), and the work does not
+/// byte multiplies the register by x^8 mod P, so the result is r * x^(8 (len - 4)) mod P, computed as
+/// a product of up to 16 precomputed factors x^(8 * 2^k) (len < 65536). The field is the CRC little-endian, so XOR
+/// applies to it as it is. An incoming packet with a wrong CRC keeps a wrong one (nothing is recomputed from scratch), and the work does not
 /// depend on the packet's size or on reading its chunks. `crc32c_port_delta_matches_a_full_recomputation` checks
 /// it against a bitwise CRC32c for every length up to 9000 bytes.
 #[inline(always)]
@@ -59,17 +59,48 @@ pub fn crc32c_port_delta(old: [u8; 4], new: [u8; 4], len: u32, step: &[u32; 2]) 
         r = (r >> 1) ^ step[(r & 1) as usize];
         i += 1;
     }
-    // r * x^(8 * zeros) mod P, multiplying r by x^(8 * 2^k) for every bit k set in `zeros`; x^8 is bit 31 - 8 in
-    // reflected form, and each step squares it (constants the verifier computes itself).
+    // r * x^(8 * zeros) mod P, multiplying r by x^(8 * 2^k) for every bit k set in `zeros` (constants).
     let zeros = len.saturating_sub(4) & 0xffff;
-    let mut square = 1u32 << (31 - 8);
     let mut k = 0;
     while k < 16 {
         if (zeros >> k) & 1 != 0 {
-            r = crc32c_mulmod(square, r, step);
+            r = crc32c_mulmod(X8_POW2[k], r, step);
         }
-        square = crc32c_mulmod(square, square, step);
         k += 1;
     }
     r
+}
+
+/// `x^(8 * 2^k) mod P` for k in 0..16, in reflected form: the factors [`crc32c_port_delta`] multiplies by, computed
+/// at compile time (squaring x^8 in the program instead doubled its work and the verifier's).
+const X8_POW2: [u32; 16] = {
+    let mut t = [0u32; 16];
+    // x^8: bit 31 - 8 in reflected form.
+    let mut square = 1u32 << (31 - 8);
+    let mut k = 0;
+    while k < 16 {
+        t[k] = square;
+        square = crc32c_mulmod_const(square, square);
+        k += 1;
+    }
+    t
+};
+
+/// [`crc32c_mulmod`] for constants (the reduction from [`CRC32C_POLY`] directly).
+const fn crc32c_mulmod_const(a: u32, b: u32) -> u32 {
+    let mut b = b;
+    let mut product = 0u32;
+    let mut i = 0;
+    while i < 32 {
+        if (a >> (31 - i)) & 1 != 0 {
+            product ^= b;
+        }
+        b = if b & 1 != 0 {
+            (b >> 1) ^ CRC32C_POLY
+        } else {
+            b >> 1
+        };
+        i += 1;
+    }
+    product
 }

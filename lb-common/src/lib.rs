@@ -59,7 +59,7 @@ mod tests {
         assert_eq!(size_of::<BackendStats>(), 24);
         assert_eq!(size_of::<CtKey>(), 40);
         assert_eq!(size_of::<CtValue>(), 64);
-        assert_eq!(size_of::<ConfigValue>(), 64);
+        assert_eq!(size_of::<ConfigValue>(), 72);
         assert_eq!(size_of::<SrcRangeData>(), 20);
         assert_eq!(size_of::<TraceValue>(), 24);
         assert_eq!(size_of::<ServiceNameValue>(), 152);

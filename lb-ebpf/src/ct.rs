@@ -20,6 +20,7 @@ use lb_common::{
 
 use crate::maps::{LB_CONFIG, LB_CONNTRACK};
 use crate::packet::{Packet, TCP_FIN, TCP_RST, TCP_SYN};
+use crate::select::lookup_backend;
 
 pub const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -90,6 +91,25 @@ pub fn lookup(key: &CtKey, out: &mut CtValue, hz: u64) -> Option<*mut CtValue> {
     Some(ptr)
 }
 
+/// Whether a hit must go through [`touch`]: its stamp is older than this tick, or the packet may change the flow's
+/// state (what `touch` would write). Otherwise `touch` would write back what the entry holds, and skipping it
+/// saves a BPF-to-BPF call, the pair's key and a store per packet of a busy flow (cilium's `ct_update_timeout`
+/// likewise writes only when the report interval has passed or the flags change). Inlined into the caller: the
+/// check is a few compares of the entry already copied.
+#[inline(always)]
+pub fn needs_touch(ct: &CtValue, proto: u8, tcp_flags: u8) -> bool {
+    if ct.last_seen_jiffies != now() {
+        return true;
+    }
+    if proto == PROTO_TCP {
+        return tcp_flags & (TCP_FIN | TCP_RST) != 0
+            || (ct.flags & (CT_FLAG_CLOSING | CT_FLAG_ESTABLISHED) == 0
+                && tcp_flags & TCP_SYN == 0);
+    }
+    // A UDP flow not yet a stream may become one (`touch` tells the backend's packets apart).
+    proto == PROTO_UDP && ct.flags & CT_FLAG_ESTABLISHED == 0
+}
+
 /// Refreshes an entry on a hit (`ptr`, copied in `ct`), and moves the flow's state, which sets the lifetime of the
 /// entry and of its pair (keyed by `other`):
 /// - TCP: the first packet without SYN makes it established (`CT_FLAG_ESTABLISHED`, the configured established
@@ -143,6 +163,25 @@ pub fn touch(ptr: *mut CtValue, ct: &CtValue, proto: u8, tcp_flags: u8, other: &
         }
     }
     0
+}
+
+/// Rule 12 for a forward hit (`ptr`, copied in `ct`): whether its backend still exists with the same address and
+/// port (ids are reused). Looked up in `LB_BACKENDS` (a hash lookup, ~40 ns of a ~350 ns packet here) only when the
+/// agent deleted a backend since this entry's last check: `epoch` is `ConfigValue::backend_epoch`, and a check
+/// that finds the backend alive records it in the entry. An epoch of 0 (unknown) always checks.
+#[inline(always)]
+pub fn backend_alive(ptr: *mut CtValue, ct: &CtValue, epoch: u32) -> bool {
+    if epoch != 0 && ct.backend_epoch == epoch {
+        return true;
+    }
+    let alive = lookup_backend(ct.backend_id)
+        .is_some_and(|b| b.value.addr == ct.new_daddr && b.value.port == ct.new_dport);
+    if alive {
+        // SAFETY: `ptr` came from a lookup in this run. A racing eviction can only make the write land in a
+        // recycled entry: a new flow's, whose backend was found alive when it was chosen an instant ago.
+        unsafe { (*ptr).backend_epoch = epoch };
+    }
+    alive
 }
 
 /// The lifetime of a flow in state `flags` (see [`touch`]); `other`, for a FIN, the pair's entry.

@@ -510,3 +510,54 @@ fn the_previous_conntrack_is_carried_into_per_cpu_lru_lists() {
         );
     }
 }
+
+/// The layout before the backend epoch: `LB_CONFIG` values of 64 bytes. A restarted agent must move that pin aside,
+/// write the node's configuration into the new map (with a backend epoch, so established flows are checked once
+/// more), drop the old pin, and keep `LB_CONNTRACK` (its layout did not change): established tc flows survive.
+#[test]
+fn the_previous_config_layout_is_migrated_keeping_conntrack() {
+    use lb_common::ConfigValue;
+    if !require_root("the_previous_config_layout_is_migrated_keeping_conntrack") {
+        return;
+    }
+    let topo = Topology::star(1).expect("topology");
+    let mut agent = Agent::start(&agent_bin!(), &topo, &manifest(1)).expect("agent");
+    let dir = agent.pins().to_path_buf();
+    let conntrack_id = || {
+        aya::maps::MapInfo::from_pin(dir.join(map_names::CONNTRACK))
+            .expect("conntrack info")
+            .id()
+    };
+    let before = conntrack_id();
+    agent.kill();
+    std::fs::remove_file(dir.join(map_names::CONFIG)).expect("removing the config pin");
+    let old = create(MAP_TYPE_ARRAY, 4, 64, 1, 0, None);
+    // The previous value: SNAT addresses (none), flags (none), hz 250, no host namespace cookie, default
+    // conntrack lifetimes.
+    let mut value = vec![0u8; 64];
+    value[36..40].copy_from_slice(&250u32.to_ne_bytes());
+    update(&old, &0u32.to_ne_bytes(), &value);
+    pin(&old, &dir.join(map_names::CONFIG));
+    drop(old);
+
+    agent.restart().expect("the upgraded agent starts");
+    let log = agent.log();
+    assert!(log.contains("maps of a new layout"), "{log}");
+    let info = aya::maps::MapInfo::from_pin(dir.join(map_names::CONFIG)).expect("config info");
+    assert_eq!(info.value_size(), size_of::<ConfigValue>() as u32);
+    assert!(
+        !dir.join(format!("{}:pending", map_names::CONFIG)).exists(),
+        "the old pin went"
+    );
+    let config = PinnedMaps::open(&dir)
+        .expect("pinned maps")
+        .config()
+        .expect("LB_CONFIG");
+    assert!(config.hz != 0, "the configuration was written: {config:?}");
+    assert_ne!(config.backend_epoch, 0, "{config:?}");
+    assert_eq!(
+        conntrack_id(),
+        before,
+        "LB_CONNTRACK is kept as it was (established flows)"
+    );
+}

@@ -981,6 +981,24 @@ fn deleted_backend_ends_its_flows() {
         .expect("backend")
         .parse()
         .expect("ip:port");
+    // One more packet of each flow before the deletion: the forward entry then records its backend as checked
+    // (`CtValue::backend_epoch`), so the deletion below is seen only through the epoch the agent bumps with it.
+    let ack = packet::build(Protocol::Tcp, src, dst, TCP_ACK, b"hi");
+    let datagram = packet::build(Protocol::Udp, usrc, udst, 0, b"hi");
+    for (frame, what) in [(&ack, "TCP"), (&datagram, "UDP")] {
+        let run = tracer.run_frame(frame).expect("trace");
+        assert_eq!(
+            (run.result.verdict, run.result.reason),
+            ("forward", "conntrack"),
+            "{what}: before the deletion: {:?}",
+            run.result
+        );
+    }
+    let epoch = tracer.maps().config().expect("LB_CONFIG").backend_epoch;
+    assert_ne!(
+        epoch, 0,
+        "the agent's maps start with a known backend epoch"
+    );
     let id_of = |tracer: &mut Tracer, b: SocketAddr| {
         tracer
             .maps()
@@ -998,6 +1016,11 @@ fn deleted_backend_ends_its_flows() {
             .delete_backend(id)
             .expect("deleting the backend");
     }
+    assert_eq!(
+        tracer.maps().config().expect("LB_CONFIG").backend_epoch,
+        epoch.wrapping_add(2),
+        "each delete bumps the backend epoch"
+    );
 
     let ack = packet::build(Protocol::Tcp, src, dst, TCP_ACK, b"more");
     let run = tracer.run_frame(&ack).expect("trace");
@@ -1261,8 +1284,9 @@ fn sctp_port_rewrite_updates_crc32c_both_ways() {
     // leaves through egress with the NodePort given back as its source.
     let (mut tracer, _manifest) = tracer();
     let (node_port, backend) = (sa(NODE_V4, 30778), sa("10.244.1.30", 7000));
-    // Payload sizes from one chunk header to a full 1500-byte MTU (20 + 12 + 1468).
-    for (i, len) in [4usize, 100, 1000, 1468].into_iter().enumerate() {
+    // Payload sizes from one chunk header to a full 1500-byte MTU (20 + 12 + 1468) and a jumbo
+    // frame as large as BPF_PROG_TEST_RUN takes (a page with its skb overhead).
+    for (i, len) in [4usize, 100, 1000, 1468, 3400].into_iter().enumerate() {
         let client = sa(CLIENT_V4, 48000 + i as u16);
         let d = format!("SCTP {client} -> {node_port} with {len} bytes of chunks");
         let payload: Vec<u8> = (0..len).map(|b| (b * 7 + i) as u8).collect();
@@ -1284,6 +1308,20 @@ fn sctp_port_rewrite_updates_crc32c_both_ways() {
             run.output[run.output.len() - len..],
             payload[..],
             "{d}: chunks untouched"
+        );
+        // The flow's next packet takes the conntrack path (a different caller of the same rewrite).
+        let run = tracer.run_frame(&frame).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(
+            (run.result.verdict, run.result.reason),
+            ("forward", "conntrack"),
+            "{d}: second packet: {:?}",
+            run.result
+        );
+        let p = packet::parse(&run.output).unwrap_or_else(|| panic!("{d}: no IP packet"));
+        assert_eq!((p.src, p.dst), (client, backend), "{d}: established DNAT");
+        assert!(
+            p.checksums_ok,
+            "{d}: CRC32c of an established flow's packet"
         );
 
         // The backend's reply, as it leaves node A towards the client: source back to the NodePort.

@@ -186,6 +186,9 @@ impl PinnedMaps {
         let packet = super::packet_maps::PacketMaps::from_ebpf(ebpf)?;
         let mut maps = Self::from_maps(maps, packet, dir)?;
         maps.migrated_ids = super::pins::migrated_service_ids(dir);
+        // A start may follow deletions nobody counted (an older agent, a migrated `LB_BACKENDS`): every flow
+        // checks its backend once more.
+        maps.packet.bump_backend_epoch()?;
         Ok(maps)
     }
 
@@ -368,7 +371,10 @@ impl Maps for PinnedMaps {
     }
 
     fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
-        ignore_missing(self.backends.remove(&id)).map_err(op(map_names::BACKENDS, "delete"))
+        ignore_missing(self.backends.remove(&id)).map_err(op(map_names::BACKENDS, "delete"))?;
+        // After the delete: a flow that sees the new epoch finds the id gone. A failure is the delete's (retried,
+        // and the retry bumps again).
+        self.packet.bump_backend_epoch()
     }
 
     fn grow_slots(&mut self, bytes: u64, keep: u64) -> Result<u64, MapsError> {

@@ -160,7 +160,23 @@ impl PacketMaps {
             .map_err(op(map_names::CONFIG, "lookup"))
     }
 
+    /// Writes the configuration, keeping the map's `backend_epoch` (the caller's is ignored: only
+    /// [`Self::bump_backend_epoch`] moves it, so a configuration write can never take it back).
     pub fn put_config(&mut self, value: &ConfigValue) -> Result<(), MapsError> {
+        let value = ConfigValue {
+            backend_epoch: self.config()?.backend_epoch,
+            ..*value
+        };
+        self.config
+            .set(0, value, 0)
+            .map_err(op(map_names::CONFIG, "update"))
+    }
+
+    /// Moves `ConfigValue::backend_epoch` on (never to 0, which means "always check"), after a backend was
+    /// deleted or when the agent starts: every flow's next packet checks its backend again.
+    pub fn bump_backend_epoch(&mut self) -> Result<(), MapsError> {
+        let mut value = self.config()?;
+        value.backend_epoch = value.backend_epoch.wrapping_add(1).max(1);
         self.config
             .set(0, value, 0)
             .map_err(op(map_names::CONFIG, "update"))

@@ -51,7 +51,6 @@ use crate::packet::{
     self, FRAGMENT, MALFORMED, NEEDS_PULL, OTHER, PARSED, Packet, TCP_ACK, TCP_SYN,
 };
 use crate::scratch::{self, SCRATCH_EGRESS, SCRATCH_INGRESS, TcScratch};
-use crate::select::lookup_backend;
 use crate::stats;
 
 /// tc ingress on an external interface. Returns the tc verdict.
@@ -140,8 +139,10 @@ fn egress_packet(ctx: &TcContext, s: &mut TcScratch) -> u32 {
     // like the other pair: the SNAT reply entry sees only the backend's packets, and a connection whose backend has
     // sent nothing since its SYN-ACK would otherwise lose it after the SYN lifetime (60 s), so the backend's first
     // word after a longer idle time would not come back.
-    inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_FWD);
-    let _ = ct::touch(ptr, &s.ct, s.pkt.proto, s.pkt.tcp_flags, &s.other);
+    if ct::needs_touch(&s.ct, s.pkt.proto, s.pkt.tcp_flags) {
+        inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_FWD);
+        let _ = ct::touch(ptr, &s.ct, s.pkt.proto, s.pkt.tcp_flags, &s.other);
+    }
     // Source only: for a SNAT entry the destination is already the backend, for a reply the client.
     nat::src_nat(&mut s.nat, &s.pkt, &s.ct);
     let why = if s.ct.flags & CT_FLAG_SNAT_PAIR != 0 {
@@ -164,8 +165,10 @@ fn ingress_packet(ctx: &TcContext, s: &mut TcScratch) -> u32 {
         if s.ct.flags & CT_FLAG_SNAT_PAIR != 0 {
             // A reply to this node's SNAT address: destination back to the client; the source becomes the VIP at
             // egress.
-            let _ = snat_pair_key(s);
-            let _ = ct::touch(ptr, &s.ct, s.pkt.proto, s.pkt.tcp_flags, &s.other);
+            if ct::needs_touch(&s.ct, s.pkt.proto, s.pkt.tcp_flags) {
+                let _ = snat_pair_key(s);
+                let _ = ct::touch(ptr, &s.ct, s.pkt.proto, s.pkt.tcp_flags, &s.other);
+            }
             nat::dst_nat(&mut s.nat, &s.pkt, &s.ct);
             let _ = nat::apply(ctx, s, reason::REPLY);
             return s.out.reason;
@@ -187,8 +190,10 @@ fn ingress_packet(ctx: &TcContext, s: &mut TcScratch) -> u32 {
         if let Some(ptr) = ct::lookup(&s.key, &mut s.ct, hz)
             && s.ct.flags & CT_FLAG_SNAT == 0
         {
-            inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_FWD);
-            let _ = ct::touch(ptr, &s.ct, s.pkt.proto, s.pkt.tcp_flags, &s.other);
+            if ct::needs_touch(&s.ct, s.pkt.proto, s.pkt.tcp_flags) {
+                inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_FWD);
+                let _ = ct::touch(ptr, &s.ct, s.pkt.proto, s.pkt.tcp_flags, &s.other);
+            }
             nat::src_nat(&mut s.nat, &s.pkt, &s.ct);
             let _ = nat::apply(ctx, s, reason::REPLY);
             return s.out.reason;
@@ -203,9 +208,7 @@ fn ingress_packet(ctx: &TcContext, s: &mut TcScratch) -> u32 {
 /// Rule 12: the entry's backend must still exist with the same address (ids are reused); otherwise the flow ends.
 #[inline(never)]
 fn follow_established(ctx: &TcContext, s: &mut TcScratch, ptr: *mut CtValue) -> u32 {
-    let alive = lookup_backend(s.ct.backend_id)
-        .is_some_and(|b| b.value.addr == s.ct.new_daddr && b.value.port == s.ct.new_dport);
-    if !alive {
+    if !ct::backend_alive(ptr, &s.ct, s.cfg.backend_epoch) {
         nat::remove_flow(s);
         if s.pkt.proto == PROTO_TCP {
             verdict::reject_packet(ctx, s, reason::BACKEND_GONE, s.ct.service_id);
@@ -214,8 +217,10 @@ fn follow_established(ctx: &TcContext, s: &mut TcScratch, ptr: *mut CtValue) -> 
         }
         return s.out.reason;
     }
-    inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_REPLY);
-    let _ = ct::touch(ptr, &s.ct, s.pkt.proto, s.pkt.tcp_flags, &s.other);
+    if ct::needs_touch(&s.ct, s.pkt.proto, s.pkt.tcp_flags) {
+        inverse_key(&mut s.other, &s.ct, s.pkt.proto, CT_DIR_REPLY);
+        let _ = ct::touch(ptr, &s.ct, s.pkt.proto, s.pkt.tcp_flags, &s.other);
+    }
     stats::count_packet(s.ct.service_id, s.ct.backend_id, ctx.len());
     nat::dst_nat(&mut s.nat, &s.pkt, &s.ct);
     let _ = nat::apply(ctx, s, reason::CONNTRACK);

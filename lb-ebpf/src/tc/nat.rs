@@ -96,7 +96,9 @@ fn ct_entry(ct: &mut CtValue, lifetime: u32, service_id: u32, backend_id: u32, s
     ct.service_id = service_id;
     ct.lifetime_s = lifetime;
     ct.flags = if snat != 0 { CT_FLAG_SNAT } else { 0 };
-    ct._pad = [0; 7];
+    ct._pad = [0; 3];
+    // Checked at the first forward hit (the backend was just chosen, but the agent may delete it meanwhile).
+    ct.backend_epoch = 0;
 }
 
 /// The SNAT half of a new flow: claims a port on the node address (writing the SNAT reply entry, `s.rev`) and

@@ -87,6 +87,8 @@ impl NodeState {
             hz: crate::datapath::clock::kernel_hz(),
             host_netns_cookie: self.host_netns_cookie,
             ct_lifetimes: self.ct_lifetimes,
+            // The map's own counter (`PacketMaps::put_config` keeps it).
+            ..ConfigValue::default()
         };
         if config != self.config {
             match maps.put_config(&config) {
