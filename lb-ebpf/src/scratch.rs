@@ -107,6 +107,8 @@ pub struct XdpScratch {
     pub range: SrcRangeData,
     /// Jiffies per second (`ct::hz`).
     pub hz: u64,
+    /// `ConfigValue::backend_epoch`, for `ct::backend_alive`.
+    pub epoch: u32,
 }
 
 /// This tc program's per-CPU scratch value (`slot`: `SCRATCH_INGRESS` or `SCRATCH_EGRESS`).

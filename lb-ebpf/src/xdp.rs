@@ -62,7 +62,6 @@ use crate::ct;
 use crate::maps::{LB_CONFIG, LB_SERVICES, LB_SRC_RANGES, LB_XDP_L2};
 use crate::packet::{self, ETH_HLEN, FRAG_NONE, Packet, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::scratch::{self, XdpScratch};
-use crate::select::lookup_backend;
 use crate::stats;
 
 /// Where the L4 header starts: IPv4 without options, IPv6 without extension headers (anything else passes).
@@ -131,12 +130,18 @@ fn fast_path(ctx: &XdpContext, s: &mut XdpScratch) -> u32 {
     if ctx.data_end() - ctx.data() > MAX_FRAME {
         return XDP_PASS;
     }
-    s.hz = LB_CONFIG
-        .get_ptr(0)
-        .map_or(u64::from(HZ_UNKNOWN_ASSUMED), |c| {
+    match LB_CONFIG.get_ptr(0) {
+        Some(c) => {
             // SAFETY: an array slot is valid for the program run; read by value.
-            ct::hz(unsafe { &*c })
-        });
+            let c = unsafe { &*c };
+            s.hz = ct::hz(c);
+            s.epoch = c.backend_epoch;
+        }
+        None => {
+            s.hz = u64::from(HZ_UNKNOWN_ASSUMED);
+            s.epoch = 0;
+        }
+    }
     // One lookup in the ingress key direction: a reply to this node's SNAT address and port
     // (`CT_FLAG_SNAT_PAIR`), or a client's packet of an established flow.
     pkt_key(&mut s.key, &s.pkt, CT_DIR_FWD);
@@ -160,10 +165,9 @@ fn fast_path(ctx: &XdpContext, s: &mut XdpScratch) -> u32 {
         if s.ct.flags & CT_FLAG_SNAT == 0 {
             return XDP_PASS;
         }
-        // Rule 12: a flow whose backend is gone is tc's to end (RST).
-        let alive = lookup_backend(s.ct.backend_id)
-            .is_some_and(|b| b.value.addr == s.ct.new_daddr && b.value.port == s.ct.new_dport);
-        if !alive {
+        // Rule 12: a flow whose backend is gone is tc's to end (RST). Looked up only when a backend was deleted
+        // since the entry last found its own alive (the epoch, as tc does).
+        if !ct::backend_alive(first, &s.ct, s.epoch) {
             return XDP_PASS;
         }
         // The forward leg's SNAT entry, keyed by the DNATed packet as tc egress sees it.

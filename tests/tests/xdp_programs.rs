@@ -7,7 +7,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use lb_agent::datapath::maps::MapsRead;
+use lb_agent::datapath::maps::{Maps, MapsRead};
 use lb_agent::state::Protocol;
 use lb_agent::trace::packet::{self, Parsed, TCP_ACK, TCP_SYN};
 use lb_agent::trace::{Run, Tracer};
@@ -343,6 +343,43 @@ fn xdp_passes_new_flows_closing_flows_and_unknown_packets_to_tc() {
         tracer.run_xdp_frame(&fin).expect("lb_xdp").0,
         XDP_PASS,
         "FIN"
+    );
+}
+
+#[test]
+fn xdp_passes_a_flow_whose_backend_was_deleted_to_tc() {
+    if !require_root("xdp_passes_a_flow_whose_backend_was_deleted_to_tc") {
+        return;
+    }
+    // Rule 12 is tc's to enforce (it ends the flow): XDP must not forward a flow whose backend is gone, even after
+    // its entry recorded the backend as checked (the liveness check then goes by the epoch the agent bumps).
+    let (mut tracer, _m) = tracer();
+    let flow = establish(
+        &mut tracer,
+        Protocol::Tcp,
+        sa(CLIENT_V4, 42000),
+        sa(NODE_V4, 30080),
+    );
+    check_fast_path(&mut tracer, &flow);
+    let id = tracer
+        .maps()
+        .backends()
+        .expect("reading LB_BACKENDS")
+        .into_iter()
+        .find(|(_, v)| {
+            v.port == flow.backend.port() && v.addr == lb_common::addr_bytes(flow.backend.ip())
+        })
+        .map(|(id, _)| id)
+        .expect("the flow's backend id");
+    tracer
+        .maps()
+        .delete_backend(id)
+        .expect("deleting the backend");
+    let ack = packet::build(Protocol::Tcp, flow.client, flow.vip, TCP_ACK, b"more");
+    assert_eq!(
+        tracer.run_xdp_frame(&ack).expect("lb_xdp").0,
+        XDP_PASS,
+        "a flow whose backend was deleted goes to tc"
     );
 }
 
