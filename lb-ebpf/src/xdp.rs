@@ -59,6 +59,7 @@ use lb_common::{
 
 use crate::csum::{apply_delta, sum_diff16, word, word_diff};
 use crate::ct;
+use crate::events;
 use crate::maps::{LB_CONFIG, LB_SERVICES, LB_SRC_RANGES, LB_XDP_L2};
 use crate::packet::{self, ETH_HLEN, FRAG_NONE, Packet, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::scratch::{self, XdpScratch};
@@ -85,14 +86,14 @@ pub fn run(ctx: &XdpContext) -> u32 {
     };
     match parse(ctx, &mut s.pkt) {
         PARSED => {}
-        SOURCE_RANGE_ONLY => return source_range(s),
+        SOURCE_RANGE_ONLY => return source_range(ctx, s),
         _ => return XDP_PASS,
     }
     let action = fast_path(ctx, s);
     if action != XDP_PASS {
         return action;
     }
-    source_range(s)
+    source_range(ctx, s)
 }
 
 /// Reads a `T` at `off` of the frame, bounds-checked for the verifier.
@@ -349,7 +350,7 @@ fn rewrite_inner(ctx: &XdpContext, s: &mut XdpScratch) -> Option<()> {
 /// Step 4: a new flow to a frontend with source ranges, from outside them, drops here (rule 9), counted as tc
 /// counts it. Everything else passes.
 #[inline(never)]
-fn source_range(s: &mut XdpScratch) -> u32 {
+fn source_range(ctx: &XdpContext, s: &mut XdpScratch) -> u32 {
     let p = &s.pkt;
     s.svc_key.addr = p.daddr;
     s.svc_key.port = p.dport;
@@ -373,6 +374,7 @@ fn source_range(s: &mut XdpScratch) -> u32 {
     }
     stats::count_reason(reason::SOURCE_RANGE);
     stats::count_service_drop(service_id);
+    let _ = events::xdp_drop(ctx, s, reason::SOURCE_RANGE, service_id);
     XDP_DROP
 }
 

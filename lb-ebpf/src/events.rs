@@ -1,0 +1,246 @@
+//! `lb-agent monitor`'s events: one function per event source, each called only where a program has already decided
+//! on a new flow, a drop or a reject (cilium's `send_drop_notify` / `send_trace_notify` in `bpf/lib/drop.h`,
+//! `trace.h`). An established flow's packets never get here, so they pay nothing, not even the gate's map read.
+//!
+//! Every event first passes [`admit`]: `LB_MONITOR` must hold a live lease (a monitor reads the ring buffer) that
+//! wants this kind, and this CPU's token bucket (`LB_MONITOR_RATE`, refilled from `bpf_jiffies64`, which the
+//! verifier inlines) must hold a token. The record is then reserved in `LB_EVENTS`, filled in place (no stack copy)
+//! and submitted without a wakeup: the monitor polls the ring every 100 ms, so a burst of events costs no wakeup
+//! per event.
+//!
+//! Each function is `#[inline(never)]` (the event code stays out of the callers' frames and registers) and returns
+//! 0 (see tc/mod.rs for why a subprogram must not return `()`).
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::BPF_RB_NO_WAKEUP,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, generated::bpf_get_current_comm},
+    programs::{SockAddrContext, TcContext, XdpContext},
+};
+use lb_common::{
+    BackendValue, EVENT_DROP, EVENT_NEW_FLOW, EVENT_REJECT, MonitorEvent, NETNS_HAS_V4,
+    NETNS_HAS_V6, PATH_SOCK, PATH_TC, PATH_XDP, ServiceKey, VERDICT_REJECT, is_v4_mapped, reason,
+};
+
+use crate::ct;
+use crate::maps::{LB_EVENTS, LB_MONITOR, LB_MONITOR_RATE, LB_NETNS_ADDRS};
+use crate::scratch::{TcScratch, XdpScratch};
+
+/// The most idle time the token bucket refills for (seconds), which also keeps `elapsed * rate` far from overflow.
+const MAX_REFILL_S: u64 = 60;
+
+/// Whether an event of `kind` goes out now: a monitor holds the lease and wants the kind, and this CPU's token
+/// bucket has a token (else the event is counted as suppressed).
+#[inline(always)]
+fn admit(kind: u8, now: u64) -> bool {
+    let Some(cfg) = LB_MONITOR.get_ptr(0) else {
+        return false;
+    };
+    // SAFETY: an array slot is valid for the program run; the monitor replaces whole values, read by value.
+    let cfg = unsafe { cfg.read() };
+    if now >= cfg.until_jiffies || cfg.kinds & (1 << kind) == 0 {
+        return false;
+    }
+    let Some(b) = LB_MONITOR_RATE.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a per-CPU array slot is valid for the program run; only this CPU writes it (see stats.rs on the rare
+    // lost update between programs preempting each other).
+    let b = unsafe { &mut *b };
+    let hz = u64::from(cfg.hz).max(1);
+    let elapsed = now.wrapping_sub(b.last_jiffies).min(MAX_REFILL_S * hz);
+    b.last_jiffies = now;
+    b.tokens = (b.tokens + elapsed * u64::from(cfg.rate)).min(u64::from(cfg.burst) * hz);
+    if b.tokens < hz {
+        b.suppressed = b.suppressed.wrapping_add(1);
+        return false;
+    }
+    b.tokens -= hz;
+    true
+}
+
+/// The ring buffer was full: the monitor reads too slowly.
+#[inline(always)]
+fn count_lost() {
+    if let Some(b) = LB_MONITOR_RATE.get_ptr_mut(0) {
+        // SAFETY: as in `admit`.
+        unsafe { (*b).lost = (*b).lost.wrapping_add(1) };
+    }
+}
+
+/// A zeroed record of `kind` from `path`, stamped `now`.
+#[inline(always)]
+fn base(kind: u8, path: u8, now: u64) -> MonitorEvent {
+    MonitorEvent {
+        kind,
+        path,
+        jiffies: now,
+        ..MonitorEvent::default()
+    }
+}
+
+/// A tc verdict: a new flow (`s.key` is its client -> VIP tuple, `s.ct` its forward entry; the packet itself is
+/// already rewritten), a drop or a reject (the packet as it arrived). The caller checks the verdict.
+#[inline(never)]
+pub fn tc(ctx: &TcContext, s: &TcScratch) -> u32 {
+    let out = &s.out;
+    let kind = if out.reason == reason::NEW_FLOW {
+        EVENT_NEW_FLOW
+    } else if out.verdict == VERDICT_REJECT {
+        EVENT_REJECT
+    } else {
+        EVENT_DROP
+    };
+    let now = ct::now();
+    if !admit(kind, now) {
+        return 0;
+    }
+    let Some(mut entry) = LB_EVENTS.reserve(0) else {
+        count_lost();
+        return 0;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` is the reserved record, valid and exclusively ours until submitted; `ctx.skb.skb` is the
+    // program's context.
+    unsafe {
+        ev.write(base(kind, PATH_TC, now));
+        if kind == EVENT_NEW_FLOW {
+            (*ev).saddr = s.key.saddr;
+            (*ev).daddr = s.key.daddr;
+            (*ev).sport = s.key.sport;
+            (*ev).dport = s.key.dport;
+            (*ev).backend = s.ct.new_daddr;
+            (*ev).backend_port = s.ct.new_dport;
+            (*ev).snat = out.snat as u8;
+        } else {
+            (*ev).saddr = s.pkt.saddr;
+            (*ev).daddr = s.pkt.daddr;
+            (*ev).sport = s.pkt.sport;
+            (*ev).dport = s.pkt.dport;
+        }
+        (*ev).proto = s.pkt.proto;
+        (*ev).reason = out.reason;
+        (*ev).service_id = out.service_id;
+        (*ev).backend_id = out.backend_id;
+        (*ev).ifindex = (*ctx.skb.skb).ifindex;
+    }
+    entry.submit(u64::from(BPF_RB_NO_WAKEUP));
+    0
+}
+
+/// XDP dropped a packet for `why` (rule 9: outside the source ranges of `service_id`).
+#[inline(never)]
+pub fn xdp_drop(ctx: &XdpContext, s: &XdpScratch, why: u32, service_id: u32) -> u32 {
+    let now = ct::now();
+    if !admit(EVENT_DROP, now) {
+        return 0;
+    }
+    let Some(mut entry) = LB_EVENTS.reserve(0) else {
+        count_lost();
+        return 0;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: as in `tc`; `ctx.ctx` is the program's context.
+    unsafe {
+        ev.write(base(EVENT_DROP, PATH_XDP, now));
+        (*ev).saddr = s.pkt.saddr;
+        (*ev).daddr = s.pkt.daddr;
+        (*ev).sport = s.pkt.sport;
+        (*ev).dport = s.pkt.dport;
+        (*ev).proto = s.pkt.proto;
+        (*ev).reason = why;
+        (*ev).service_id = service_id;
+        (*ev).ifindex = (*ctx.ctx).ingress_ifindex;
+    }
+    entry.submit(u64::from(BPF_RB_NO_WAKEUP));
+    0
+}
+
+/// The socket LB refused a `connect()` / `sendmsg()` to `key` for `why`: `kind` `EVENT_DROP` (`EPERM`) or
+/// `EVENT_REJECT` (`ECONNREFUSED`).
+#[inline(never)]
+pub fn sock_refused(
+    ctx: &SockAddrContext,
+    key: &ServiceKey,
+    kind: u8,
+    why: u32,
+    service_id: u32,
+) -> u32 {
+    let now = ct::now();
+    if !admit(kind, now) {
+        return 0;
+    }
+    let Some(mut entry) = LB_EVENTS.reserve(0) else {
+        count_lost();
+        return 0;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: as in `tc`.
+    unsafe {
+        ev.write(base(kind, PATH_SOCK, now));
+        (*ev).reason = why;
+        (*ev).service_id = service_id;
+    }
+    sock_common(ctx, key, ev);
+    entry.submit(u64::from(BPF_RB_NO_WAKEUP));
+    0
+}
+
+/// The socket LB translated a socket's first `connect()` / `sendmsg()` to `key` into `backend`.
+#[inline(never)]
+pub fn sock_new_flow(
+    ctx: &SockAddrContext,
+    key: &ServiceKey,
+    service_id: u32,
+    backend_id: u32,
+    backend: &BackendValue,
+) -> u32 {
+    let now = ct::now();
+    if !admit(EVENT_NEW_FLOW, now) {
+        return 0;
+    }
+    let Some(mut entry) = LB_EVENTS.reserve(0) else {
+        count_lost();
+        return 0;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: as in `tc`.
+    unsafe {
+        ev.write(base(EVENT_NEW_FLOW, PATH_SOCK, now));
+        (*ev).reason = reason::NEW_FLOW;
+        (*ev).service_id = service_id;
+        (*ev).backend_id = backend_id;
+        (*ev).backend = backend.addr;
+        (*ev).backend_port = backend.port;
+    }
+    sock_common(ctx, key, ev);
+    entry.submit(u64::from(BPF_RB_NO_WAKEUP));
+    0
+}
+
+/// What every socket event carries: destination, protocol, the calling process, its network namespace and that
+/// namespace's address of the destination's family (the client, as far as one is known before the kernel picks a
+/// source address).
+#[inline(always)]
+fn sock_common(ctx: &SockAddrContext, key: &ServiceKey, ev: *mut MonitorEvent) {
+    // SAFETY: bpf_get_netns_cookie takes the program's own context; the helpers below take no memory but the
+    // record's own `comm` field (16 bytes, writable).
+    unsafe {
+        let cookie = bpf_get_netns_cookie(ctx.as_ptr());
+        (*ev).daddr = key.addr;
+        (*ev).dport = key.port;
+        (*ev).proto = key.proto;
+        (*ev).netns_cookie = cookie;
+        (*ev).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        let _ = bpf_get_current_comm((*ev).comm.as_mut_ptr().cast(), 16);
+        if let Some(a) = LB_NETNS_ADDRS.get_ptr(cookie) {
+            if is_v4_mapped(&key.addr) {
+                if (*a).flags & NETNS_HAS_V4 != 0 {
+                    (*ev).saddr = (*a).v4;
+                }
+            } else if (*a).flags & NETNS_HAS_V6 != 0 {
+                (*ev).saddr = (*a).v6;
+            }
+        }
+    }
+}
