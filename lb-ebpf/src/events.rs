@@ -18,8 +18,9 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 use lb_common::{
-    BackendValue, EVENT_DROP, EVENT_NEW_FLOW, EVENT_REJECT, MonitorEvent, NETNS_HAS_V4,
-    NETNS_HAS_V6, PATH_SOCK, PATH_TC, PATH_XDP, ServiceKey, VERDICT_REJECT, is_v4_mapped, reason,
+    BackendValue, EVENT_DROP, EVENT_NEW_FLOW, EVENT_REJECT, MonitorBucket, MonitorEvent,
+    NETNS_HAS_V4, NETNS_HAS_V6, PATH_SOCK, PATH_TC, PATH_XDP, ServiceKey, VERDICT_REJECT,
+    is_v4_mapped, reason,
 };
 
 use crate::ct;
@@ -30,52 +31,61 @@ use crate::scratch::{TcScratch, XdpScratch};
 const MAX_REFILL_S: u64 = 60;
 
 /// Whether an event of `kind` goes out now: a monitor holds the lease and wants the kind, and this CPU's token
-/// bucket has a token (else the event is counted as suppressed).
+/// bucket has a token (else the event is counted as suppressed). Returns the bucket, for [`count_lost`].
 #[inline(always)]
-fn admit(kind: u8, now: u64) -> bool {
-    let Some(cfg) = LB_MONITOR.get_ptr(0) else {
-        return false;
+fn admit(kind: u8, now: u64) -> Option<*mut MonitorBucket> {
+    let cfg = LB_MONITOR.get_ptr(0)?;
+    // SAFETY: an array slot is valid for the program run. Fields are read one by one, not copied as a whole: the
+    // XDP entry's frame leaves this code a few bytes of the 512-byte stack. A torn read while the monitor renews the
+    // lease mixes two settings of one reader for one event, which is harmless.
+    let (until, kinds, hz, rate, burst) = unsafe {
+        (
+            (*cfg).until_jiffies,
+            (*cfg).kinds,
+            (*cfg).hz,
+            (*cfg).rate,
+            (*cfg).burst,
+        )
     };
-    // SAFETY: an array slot is valid for the program run; the monitor replaces whole values, read by value.
-    let cfg = unsafe { cfg.read() };
-    if now >= cfg.until_jiffies || cfg.kinds & (1 << kind) == 0 {
-        return false;
+    if now >= until || kinds & (1 << kind) == 0 {
+        return None;
     }
-    let Some(b) = LB_MONITOR_RATE.get_ptr_mut(0) else {
-        return false;
-    };
+    let ptr = LB_MONITOR_RATE.get_ptr_mut(0)?;
     // SAFETY: a per-CPU array slot is valid for the program run; only this CPU writes it (see stats.rs on the rare
     // lost update between programs preempting each other).
-    let b = unsafe { &mut *b };
-    let hz = u64::from(cfg.hz).max(1);
+    let b = unsafe { &mut *ptr };
+    let hz = u64::from(hz).max(1);
     let elapsed = now.wrapping_sub(b.last_jiffies).min(MAX_REFILL_S * hz);
     b.last_jiffies = now;
-    b.tokens = (b.tokens + elapsed * u64::from(cfg.rate)).min(u64::from(cfg.burst) * hz);
+    b.tokens = (b.tokens + elapsed * u64::from(rate)).min(u64::from(burst) * hz);
     if b.tokens < hz {
         b.suppressed = b.suppressed.wrapping_add(1);
-        return false;
+        return None;
     }
     b.tokens -= hz;
-    true
+    Some(ptr)
 }
 
 /// The ring buffer was full: the monitor reads too slowly.
 #[inline(always)]
-fn count_lost() {
-    if let Some(b) = LB_MONITOR_RATE.get_ptr_mut(0) {
-        // SAFETY: as in `admit`.
-        unsafe { (*b).lost = (*b).lost.wrapping_add(1) };
-    }
+fn count_lost(b: *mut MonitorBucket) {
+    // SAFETY: `b` is this CPU's bucket from `admit`, valid for the program run.
+    unsafe { (*b).lost = (*b).lost.wrapping_add(1) };
 }
 
-/// A zeroed record of `kind` from `path`, stamped `now`.
+/// Zeroes the reserved record `ev` (in place: no 112-byte copy through the stack) and stamps `kind`, `path` and
+/// `now`.
+///
+/// # Safety
+/// `ev` must be a reserved, not yet submitted `LB_EVENTS` record.
 #[inline(always)]
-fn base(kind: u8, path: u8, now: u64) -> MonitorEvent {
-    MonitorEvent {
-        kind,
-        path,
-        jiffies: now,
-        ..MonitorEvent::default()
+unsafe fn base(ev: *mut MonitorEvent, kind: u8, path: u8, now: u64) {
+    // SAFETY: the caller's contract; every bit pattern is a valid `MonitorEvent`.
+    unsafe {
+        core::ptr::write_bytes(ev, 0, 1);
+        (*ev).kind = kind;
+        (*ev).path = path;
+        (*ev).jiffies = now;
     }
 }
 
@@ -92,18 +102,18 @@ pub fn tc(ctx: &TcContext, s: &TcScratch) -> u32 {
         EVENT_DROP
     };
     let now = ct::now();
-    if !admit(kind, now) {
+    let Some(bucket) = admit(kind, now) else {
         return 0;
-    }
+    };
     let Some(mut entry) = LB_EVENTS.reserve(0) else {
-        count_lost();
+        count_lost(bucket);
         return 0;
     };
     let ev = entry.as_mut_ptr();
     // SAFETY: `ev` is the reserved record, valid and exclusively ours until submitted; `ctx.skb.skb` is the
     // program's context.
     unsafe {
-        ev.write(base(kind, PATH_TC, now));
+        base(ev, kind, PATH_TC, now);
         if kind == EVENT_NEW_FLOW {
             (*ev).saddr = s.key.saddr;
             (*ev).daddr = s.key.daddr;
@@ -128,28 +138,29 @@ pub fn tc(ctx: &TcContext, s: &TcScratch) -> u32 {
     0
 }
 
-/// XDP dropped a packet for `why` (rule 9: outside the source ranges of `service_id`).
+/// XDP dropped a packet outside the source ranges of its service (rule 9; `s.range` holds the service id it
+/// checked). Two arguments and a small frame: it is called from the XDP entry, whose own frame is large.
 #[inline(never)]
-pub fn xdp_drop(ctx: &XdpContext, s: &XdpScratch, why: u32, service_id: u32) -> u32 {
+pub fn xdp_source_range_drop(ctx: &XdpContext, s: &XdpScratch) -> u32 {
     let now = ct::now();
-    if !admit(EVENT_DROP, now) {
+    let Some(bucket) = admit(EVENT_DROP, now) else {
         return 0;
-    }
+    };
     let Some(mut entry) = LB_EVENTS.reserve(0) else {
-        count_lost();
+        count_lost(bucket);
         return 0;
     };
     let ev = entry.as_mut_ptr();
     // SAFETY: as in `tc`; `ctx.ctx` is the program's context.
     unsafe {
-        ev.write(base(EVENT_DROP, PATH_XDP, now));
+        base(ev, EVENT_DROP, PATH_XDP, now);
         (*ev).saddr = s.pkt.saddr;
         (*ev).daddr = s.pkt.daddr;
         (*ev).sport = s.pkt.sport;
         (*ev).dport = s.pkt.dport;
         (*ev).proto = s.pkt.proto;
-        (*ev).reason = why;
-        (*ev).service_id = service_id;
+        (*ev).reason = reason::SOURCE_RANGE;
+        (*ev).service_id = u32::from_be_bytes(s.range.service_id);
         (*ev).ifindex = (*ctx.ctx).ingress_ifindex;
     }
     entry.submit(u64::from(BPF_RB_NO_WAKEUP));
@@ -167,17 +178,17 @@ pub fn sock_refused(
     service_id: u32,
 ) -> u32 {
     let now = ct::now();
-    if !admit(kind, now) {
+    let Some(bucket) = admit(kind, now) else {
         return 0;
-    }
+    };
     let Some(mut entry) = LB_EVENTS.reserve(0) else {
-        count_lost();
+        count_lost(bucket);
         return 0;
     };
     let ev = entry.as_mut_ptr();
     // SAFETY: as in `tc`.
     unsafe {
-        ev.write(base(kind, PATH_SOCK, now));
+        base(ev, kind, PATH_SOCK, now);
         (*ev).reason = why;
         (*ev).service_id = service_id;
     }
@@ -196,17 +207,17 @@ pub fn sock_new_flow(
     backend: &BackendValue,
 ) -> u32 {
     let now = ct::now();
-    if !admit(EVENT_NEW_FLOW, now) {
+    let Some(bucket) = admit(EVENT_NEW_FLOW, now) else {
         return 0;
-    }
+    };
     let Some(mut entry) = LB_EVENTS.reserve(0) else {
-        count_lost();
+        count_lost(bucket);
         return 0;
     };
     let ev = entry.as_mut_ptr();
     // SAFETY: as in `tc`.
     unsafe {
-        ev.write(base(EVENT_NEW_FLOW, PATH_SOCK, now));
+        base(ev, EVENT_NEW_FLOW, PATH_SOCK, now);
         (*ev).reason = reason::NEW_FLOW;
         (*ev).service_id = service_id;
         (*ev).backend_id = backend_id;

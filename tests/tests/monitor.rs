@@ -7,20 +7,29 @@
 use std::path::Path;
 use std::time::Duration;
 
-use lb_tests::{Agent, Child, Cmd, Topology, agent_bin, require_root};
+use lb_tests::node_agent::{NODE_A, NodeAgent, client, sa, service};
+use lb_tests::topology::{NodePair, node_pair};
+use lb_tests::{Agent, Child, Cmd, NetNs, Topology, agent_bin, require_root};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
 
 /// `lb-agent monitor -o json --bpffs <pins> <extra>`, started and listening.
 fn monitor(pins: &Path, extra: &[&str]) -> Child {
-    let mut child = Cmd::new(agent_bin!())
+    monitor_in(None, pins, extra)
+}
+
+/// [`monitor`] inside `netns` (the node's namespace, where it names the interfaces as the node does).
+fn monitor_in(netns: Option<&NetNs>, pins: &Path, extra: &[&str]) -> Child {
+    let mut cmd = Cmd::new(agent_bin!())
         .args(["monitor", "-o", "json", "--bpffs"])
         .arg(pins)
         .args(extra)
-        .label("lb-agent-monitor")
-        .spawn()
-        .expect("lb-agent monitor starts");
+        .label("lb-agent-monitor");
+    if let Some(ns) = netns {
+        cmd = cmd.netns(ns);
+    }
+    let mut child = cmd.spawn().expect("lb-agent monitor starts");
     let deadline = std::time::Instant::now() + WAIT;
     while !child.stderr().contains("Listening for events") {
         if let Ok(Some(status)) = child.try_wait() {
@@ -123,7 +132,8 @@ spec:
 
 #[test]
 fn monitor_shows_socket_lb_new_flows_rejects_and_drops_with_reason_and_backend() {
-    if !require_root("monitor_shows_socket_lb_new_flows_rejects_and_drops_with_reason_and_backend") {
+    if !require_root("monitor_shows_socket_lb_new_flows_rejects_and_drops_with_reason_and_backend")
+    {
         return;
     }
     let probe = lb_tests::probe!();
@@ -191,7 +201,10 @@ fn monitor_shows_socket_lb_new_flows_rejects_and_drops_with_reason_and_backend()
     let mut m = monitor(&pins, &["--service", "default/other"]);
     assert!(connect("10.96.0.10:80").iter().all(|l| l.ok));
     assert!(connect("10.96.0.12:80").iter().all(|l| l.ok));
-    wait_event(&mut m, &[("type", "new-flow"), ("service", "default/other:http")]);
+    wait_event(
+        &mut m,
+        &[("type", "new-flow"), ("service", "default/other:http")],
+    );
     let seen = events(&m);
     assert!(
         seen.iter().all(|e| e["service"] == "default/other:http"),
@@ -210,4 +223,147 @@ fn monitor_shows_socket_lb_new_flows_rejects_and_drops_with_reason_and_backend()
         "--type drop let other types through: {seen:?}"
     );
     stop(m);
+}
+
+/// `lb-out`: a LoadBalancer IP (routed from the client to node A) whose source ranges leave the client out.
+const LB_OUT: &str = r#"---
+apiVersion: v1
+kind: Service
+metadata: {name: lb-out, namespace: t}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.52
+  loadBalancerSourceRanges: [198.18.0.0/16]
+  ports:
+    - {name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30096}
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.101}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-out-1, namespace: t, labels: {kubernetes.io/service-name: lb-out}}
+addressType: IPv4
+ports: [{name: http, protocol: TCP, port: 8080}]
+endpoints:
+  - {addresses: ["10.244.1.2"], conditions: {ready: true}, nodeName: node-a}
+"#;
+
+#[test]
+fn monitor_shows_tc_new_flows_rejects_and_source_range_drops_from_outside() {
+    if !require_root("monitor_shows_tc_new_flows_rejects_and_source_range_drops_from_outside") {
+        return;
+    }
+    let probe = lb_tests::probe!();
+    let mut pair = NodePair::new().expect("building the node pair");
+    let cmd = probe.serve_cmd("pod-b", &[8080], &[]).netns(&pair.pod_b);
+    pair.serve(cmd).expect("serving in pod B");
+    let manifest = [
+        NODE_A,
+        &service(
+            "remote",
+            "10.96.0.83",
+            "IPv4",
+            "Cluster",
+            &[("http", "TCP", 80, 8080, 30083)],
+            &[(node_pair::POD_B_V4, "node-b")],
+            "",
+        ),
+        &service(
+            "empty",
+            "10.96.0.85",
+            "IPv4",
+            "Cluster",
+            &[("http", "TCP", 80, 8080, 30085)],
+            &[],
+            "",
+        ),
+        LB_OUT,
+    ]
+    .concat();
+    let agent = NodeAgent::start(&agent_bin!(), &pair, &manifest, &[]);
+    let node = node_pair::NODE_A_V4;
+    let uplink = pair.node_a_devices()[0].clone();
+    let mut m = monitor_in(Some(&pair.node_a), agent.pins(), &[]);
+
+    // A new flow from outside to a remote backend: tc picks it and SNATs it (rule 6).
+    let lines = client(&pair, probe.tcp_cmd(sa(node, 30083), 1));
+    assert!(lines.iter().all(|l| l.ok), "{lines:?}");
+    let flow = wait_event(&mut m, &[("type", "new-flow"), ("path", "tc")]);
+    assert_eq!(flow["service"], "t/remote:http", "{flow}");
+    assert_eq!(flow["destination"], format!("{node}:30083"), "{flow}");
+    assert_eq!(
+        flow["backend"],
+        format!("{}:8080", node_pair::POD_B_V4),
+        "{flow}"
+    );
+    assert_eq!(flow["snat"], true, "{flow}");
+    assert_eq!(flow["interface"].as_str(), Some(uplink.as_str()), "{flow}");
+    assert!(
+        flow["client"]
+            .as_str()
+            .is_some_and(|c| c.starts_with(&format!("{}:", node_pair::CLIENT_V4))),
+        "{flow}"
+    );
+
+    // No endpoints: tc answers the SYN with a RST (rule 8).
+    let lines = client(&pair, probe.tcp_cmd(sa(node, 30085), 1));
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.error.as_deref() == Some("ECONNREFUSED")),
+        "{lines:?}"
+    );
+    let reject = wait_event(&mut m, &[("type", "reject"), ("path", "tc")]);
+    assert_eq!(reject["reason"], "no-endpoints", "{reject}");
+    assert_eq!(reject["service"], "t/empty:http", "{reject}");
+    assert_eq!(reject["destination"], format!("{node}:30085"), "{reject}");
+
+    // Outside the LoadBalancer's source ranges: dropped (rule 9); the client times out.
+    let lines = client(&pair, probe.tcp_cmd(sa("203.0.113.101", 80), 1));
+    assert!(lines.iter().all(|l| !l.ok), "{lines:?}");
+    let dropped = wait_event(&mut m, &[("type", "drop"), ("reason", "source-range")]);
+    assert_eq!(dropped["service"], "t/lb-out:http", "{dropped}");
+    assert_eq!(dropped["destination"], "203.0.113.101:80", "{dropped}");
+    assert_eq!(dropped["path"], "tc", "{dropped}");
+
+    // Filtered by address: only what involves the LoadBalancer IP.
+    stop(m);
+    let mut m = monitor_in(
+        Some(&pair.node_a),
+        agent.pins(),
+        &["--address", "203.0.113.101"],
+    );
+    assert!(
+        client(&pair, probe.tcp_cmd(sa(node, 30083), 1))
+            .iter()
+            .all(|l| l.ok)
+    );
+    client(&pair, probe.tcp_cmd(sa("203.0.113.101", 80), 1));
+    wait_event(
+        &mut m,
+        &[("type", "drop"), ("destination", "203.0.113.101:80")],
+    );
+    let seen = events(&m);
+    assert!(
+        seen.iter().all(|e| e["destination"] == "203.0.113.101:80"),
+        "--address let other events through: {seen:?}"
+    );
+    stop(m);
+
+    // With the XDP fast path in front, the same drop happens in XDP, and says so.
+    let mut agent = agent;
+    agent.restart_with_flags(&pair, &["--xdp", "--xdp-mode", "generic"]);
+    let mut m = monitor_in(Some(&pair.node_a), agent.pins(), &["--type", "drop"]);
+    client(&pair, probe.tcp_cmd(sa("203.0.113.101", 80), 1));
+    let dropped = wait_event(&mut m, &[("type", "drop"), ("path", "xdp")]);
+    assert_eq!(dropped["reason"], "source-range", "{dropped}");
+    assert_eq!(dropped["service"], "t/lb-out:http", "{dropped}");
+    assert_eq!(
+        dropped["interface"].as_str(),
+        Some(uplink.as_str()),
+        "{dropped}"
+    );
+    stop(m);
+    drop(agent);
 }

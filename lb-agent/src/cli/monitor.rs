@@ -203,7 +203,11 @@ fn ifname(ifindex: u32) -> Option<String> {
 }
 
 fn comm(ev: &MonitorEvent) -> &str {
-    let end = ev.comm.iter().position(|&b| b == 0).unwrap_or(ev.comm.len());
+    let end = ev
+        .comm
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(ev.comm.len());
     std::str::from_utf8(&ev.comm[..end]).unwrap_or("?")
 }
 
@@ -262,7 +266,11 @@ fn to_line(e: &EventJson<'_>) -> String {
         (kind, _) if e.path == "socket" => format!(
             "{kind}: {} ({})",
             e.reason,
-            sock_errno(if kind == "reject" { EVENT_REJECT } else { EVENT_DROP })
+            sock_errno(if kind == "reject" {
+                EVENT_REJECT
+            } else {
+                EVENT_DROP
+            })
         ),
         (kind, _) => format!("{kind}: {}", e.reason),
     };
