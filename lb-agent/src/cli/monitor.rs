@@ -397,3 +397,81 @@ pub fn run(args: &MonitorArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow() -> MonitorEvent {
+        MonitorEvent {
+            saddr: lb_common::v4_mapped([198, 51, 100, 7]),
+            daddr: lb_common::v4_mapped([192, 0, 2, 10]),
+            backend: lb_common::v4_mapped([10, 244, 2, 2]),
+            sport: 40000,
+            dport: 30080,
+            backend_port: 8080,
+            proto: 6,
+            kind: EVENT_NEW_FLOW,
+            path: PATH_TC,
+            snat: 1,
+            reason: reason::NEW_FLOW,
+            service_id: 3,
+            backend_id: 9,
+            ..MonitorEvent::default()
+        }
+    }
+
+    #[test]
+    fn a_tc_new_flow_reads_as_client_destination_service_and_backend() {
+        let ev = flow();
+        let e = to_json(&ev, Some("shop/web:http".into()), 0.0);
+        assert_eq!(
+            to_line(&e),
+            "00:00:00.000 new-flow tc     tcp  198.51.100.7:40000 -> 192.0.2.10:30080 [shop/web:http] -> \
+             10.244.2.2:8080 (SNAT)"
+        );
+        let json = serde_json::to_value(&e).expect("json");
+        assert_eq!(json["backend"], "10.244.2.2:8080");
+        assert_eq!(json["reason"], "new-flow");
+        assert!(json["pid"].is_null());
+    }
+
+    #[test]
+    fn a_socket_refusal_names_the_process_and_the_errno() {
+        let mut ev = flow();
+        ev.path = PATH_SOCK;
+        ev.kind = EVENT_REJECT;
+        ev.reason = reason::NO_ENDPOINTS;
+        ev.saddr = [0; 16];
+        ev.pid = 42;
+        ev.comm[..4].copy_from_slice(b"curl");
+        let e = to_json(&ev, None, 3661.5);
+        assert_eq!(
+            to_line(&e),
+            "01:01:01.500 reject   socket tcp  curl[42] -> 192.0.2.10:30080 [no service] reject: no-endpoints \
+             (ECONNREFUSED)"
+        );
+        assert!(e.backend.is_none());
+    }
+
+    #[test]
+    fn filters_match_a_service_with_or_without_its_port_and_any_address_of_the_event() {
+        let ev = flow();
+        let by_service = |s: &str| Filter {
+            services: vec![s.into()],
+            addresses: Vec::new(),
+        };
+        assert!(by_service("shop/web").passes(&ev, Some("shop/web:http")));
+        assert!(by_service("shop/web:http").passes(&ev, Some("shop/web:http")));
+        assert!(!by_service("shop/we").passes(&ev, Some("shop/web:http")));
+        assert!(!by_service("shop/web").passes(&ev, Some("shop/webshop:http")));
+        assert!(!by_service("shop/web").passes(&ev, None));
+        let by_addr = |a: [u8; 4]| Filter {
+            services: Vec::new(),
+            addresses: vec![lb_common::v4_mapped(a)],
+        };
+        assert!(by_addr([10, 244, 2, 2]).passes(&ev, None));
+        assert!(by_addr([198, 51, 100, 7]).passes(&ev, None));
+        assert!(!by_addr([10, 244, 2, 3]).passes(&ev, None));
+    }
+}
