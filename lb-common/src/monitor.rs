@@ -50,10 +50,8 @@ pub struct MonitorEvent {
     pub backend_id: u32,
     /// tc / XDP: the interface the packet arrived on.
     pub ifindex: u32,
-    /// Socket LB: the calling process (thread group id).
-    pub pid: u32,
-    /// Socket LB: the calling task's `comm`, NUL-padded.
-    pub comm: [u8; 16],
+    /// Zero. (The calling process would fit here, but its helpers need CAP_PERFMON in the socket hooks.)
+    pub _reserved: [u8; 20],
     /// `bpf_jiffies64()` at the event.
     pub jiffies: u64,
 }

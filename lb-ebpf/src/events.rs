@@ -14,7 +14,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_RB_NO_WAKEUP,
-    helpers::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, generated::bpf_get_current_comm},
+    helpers::bpf_get_netns_cookie,
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 use lb_common::{
@@ -229,21 +229,19 @@ pub fn sock_new_flow(
     0
 }
 
-/// What every socket event carries: destination, protocol, the calling process, its network namespace and that
-/// namespace's address of the destination's family (the client, as far as one is known before the kernel picks a
-/// source address).
+/// What every socket event carries: destination, protocol, the caller's network namespace and that namespace's
+/// address of the destination's family (the client, as far as one is known before the kernel picks a source
+/// address). Not the calling process: `bpf_get_current_pid_tgid` and `bpf_get_current_comm` need CAP_PERFMON in
+/// these hooks on kernel 6.18, which would make a load without it fail with EINVAL instead of the kernel's EPERM.
 #[inline(always)]
 fn sock_common(ctx: &SockAddrContext, key: &ServiceKey, ev: *mut MonitorEvent) {
-    // SAFETY: bpf_get_netns_cookie takes the program's own context; the helpers below take no memory but the
-    // record's own `comm` field (16 bytes, writable).
+    // SAFETY: bpf_get_netns_cookie takes the program's own context; `ev` is the caller's reserved record.
     unsafe {
         let cookie = bpf_get_netns_cookie(ctx.as_ptr());
         (*ev).daddr = key.addr;
         (*ev).dport = key.port;
         (*ev).proto = key.proto;
         (*ev).netns_cookie = cookie;
-        (*ev).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        let _ = bpf_get_current_comm((*ev).comm.as_mut_ptr().cast(), 16);
         if let Some(a) = LB_NETNS_ADDRS.get_ptr(cookie) {
             if is_v4_mapped(&key.addr) {
                 if (*a).flags & NETNS_HAS_V4 != 0 {

@@ -106,7 +106,7 @@ fn catch_signals() {
 
 /// One event as `-o json` prints it.
 #[derive(Serialize)]
-struct EventJson<'a> {
+struct EventJson {
     /// Seconds since the Unix epoch when the monitor read it (at most ~100 ms after it happened).
     time: f64,
     #[serde(rename = "type")]
@@ -126,9 +126,8 @@ struct EventJson<'a> {
     snat: bool,
     /// tc / XDP: the interface the packet came in on.
     interface: Option<String>,
-    /// Socket: the calling process.
-    pid: Option<u32>,
-    comm: Option<&'a str>,
+    /// Socket: the caller's network namespace (`ls -l /proc/<pid>/ns/net` does not show it; `lb-agent status`'s
+    /// pod addresses and `ip netns` do, by address).
     netns_cookie: Option<u64>,
 }
 
@@ -202,16 +201,7 @@ fn ifname(ifindex: u32) -> Option<String> {
     Some(name.to_string_lossy().into_owned())
 }
 
-fn comm(ev: &MonitorEvent) -> &str {
-    let end = ev
-        .comm
-        .iter()
-        .position(|&b| b == 0)
-        .unwrap_or(ev.comm.len());
-    std::str::from_utf8(&ev.comm[..end]).unwrap_or("?")
-}
-
-fn to_json<'a>(ev: &'a MonitorEvent, service: Option<String>, now: f64) -> EventJson<'a> {
+fn to_json(ev: &MonitorEvent, service: Option<String>, now: f64) -> EventJson {
     let sock = ev.path == PATH_SOCK;
     let client = if ev.saddr == [0; 16] {
         None
@@ -234,8 +224,6 @@ fn to_json<'a>(ev: &'a MonitorEvent, service: Option<String>, now: f64) -> Event
         backend_id: ev.backend_id,
         snat: ev.snat != 0,
         interface: if sock { None } else { ifname(ev.ifindex) },
-        pid: sock.then_some(ev.pid),
-        comm: sock.then(|| comm(ev)),
         netns_cookie: sock.then_some(ev.netns_cookie),
     }
 }
@@ -253,11 +241,10 @@ fn clock(now: f64) -> String {
 }
 
 /// One readable line: time, type, path, protocol, client -> destination (Service), then what happened.
-fn to_line(e: &EventJson<'_>) -> String {
-    let client = match (&e.client, e.comm) {
-        (Some(c), Some(comm)) => format!("{c} ({comm}[{}])", e.pid.unwrap_or(0)),
-        (None, Some(comm)) => format!("{comm}[{}]", e.pid.unwrap_or(0)),
-        (Some(c), None) => c.clone(),
+fn to_line(e: &EventJson) -> String {
+    let client = match (&e.client, e.netns_cookie) {
+        (Some(c), _) => c.clone(),
+        (None, Some(cookie)) => format!("netns:{cookie}"),
         (None, None) => "?".into(),
     };
     let service = e.service.as_deref().unwrap_or("no service");
@@ -433,22 +420,21 @@ mod tests {
         let json = serde_json::to_value(&e).expect("json");
         assert_eq!(json["backend"], "10.244.2.2:8080");
         assert_eq!(json["reason"], "new-flow");
-        assert!(json["pid"].is_null());
+        assert!(json["netns_cookie"].is_null());
     }
 
     #[test]
-    fn a_socket_refusal_names_the_process_and_the_errno() {
+    fn a_socket_refusal_names_the_callers_namespace_and_the_errno() {
         let mut ev = flow();
         ev.path = PATH_SOCK;
         ev.kind = EVENT_REJECT;
         ev.reason = reason::NO_ENDPOINTS;
         ev.saddr = [0; 16];
-        ev.pid = 42;
-        ev.comm[..4].copy_from_slice(b"curl");
+        ev.netns_cookie = 4096;
         let e = to_json(&ev, None, 3661.5);
         assert_eq!(
             to_line(&e),
-            "01:01:01.500 reject   socket tcp  curl[42] -> 192.0.2.10:30080 [no service] reject: no-endpoints \
+            "01:01:01.500 reject   socket tcp  netns:4096 -> 192.0.2.10:30080 [no service] reject: no-endpoints \
              (ECONNREFUSED)"
         );
         assert!(e.backend.is_none());
