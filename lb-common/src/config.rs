@@ -1,5 +1,7 @@
 //! Node-wide settings of the datapath (`LB_CONFIG`) and the L2 headers XDP learns from tc (`LB_XDP_L2`).
 
+use crate::conntrack::CtLifetimes;
+
 /// `LB_CONFIG` value (array of one): node-wide settings of the per-packet datapath.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -18,6 +20,8 @@ pub struct ConfigValue {
     /// The network namespace cookie of the node's own namespace (the agent's; `hostNetwork` in a cluster): the
     /// socket LB serves `localhost:nodePort` only to sockets of this namespace (rule 14).
     pub host_netns_cookie: u64,
+    /// Conntrack lifetimes from the agent's kube-proxy-compatible flags (0: the default of each).
+    pub ct_lifetimes: CtLifetimes,
 }
 
 /// `ConfigValue.flags`: record every verdict in `LB_TRACE` (only `lb-agent trace` sets it, on its private maps).

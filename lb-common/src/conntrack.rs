@@ -22,11 +22,19 @@ pub const CT_DIR_SNAT_REPLY: u8 = 3;
 
 /// `CtValue.flags`: the flow was SNATed to the node address (its reply comes back to the node).
 pub const CT_FLAG_SNAT: u8 = 1;
-/// `CtValue.flags`: a TCP FIN or RST was seen; the entry lives `CT_LIFETIME_CLOSING_S` from then on.
+/// `CtValue.flags`: a TCP FIN or RST was seen; from then on the entry lives the close-wait lifetime while only
+/// one side has sent a FIN, `CT_LIFETIME_CLOSING_S` once both have or after a RST, and never longer again.
 pub const CT_FLAG_CLOSING: u8 = 2;
 /// `CtValue.flags`: the entry is one of the SNAT pair (key direction `CT_DIR_FWD`: the SNAT reply entry;
 /// `CT_DIR_REPLY`: the SNAT entry).
 pub const CT_FLAG_SNAT_PAIR: u8 = 4;
+/// `CtValue.flags`: this entry's direction sent a FIN (set on the entry the FIN matched, not on its pair): a FIN
+/// from the other direction then finds the flow closed both ways.
+pub const CT_FLAG_FIN: u8 = 8;
+/// `CtValue.flags`: TCP past its handshake (a packet without SYN seen), UDP answered (a packet from the backend
+/// seen); set on both entries of a pair with the established (or UDP stream) lifetime. `lb_xdp` takes a TCP flow
+/// only with it.
+pub const CT_FLAG_ESTABLISHED: u8 = 16;
 
 /// The role of an entry, by its key direction and flags.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,12 +83,60 @@ pub fn ct_rekey_legacy(k: &CtKey, v: &CtValue, now_jiffies: u64) -> Option<(CtKe
     (k2 != *k || v2 != *v).then_some((k2, v2))
 }
 
-/// Conntrack lifetimes in seconds, checked by the programs on lookup (an expired entry is a miss) and by the
-/// agent's garbage collector: established TCP, TCP after FIN/RST, a TCP flow that has only seen a SYN, other protocols.
-pub const CT_LIFETIME_TCP_S: u32 = 21600;
+/// Conntrack lifetimes in seconds. An entry carries its own (`CtValue::lifetime_s`), checked by the programs on
+/// lookup (an expired entry is a miss) and by the agent's garbage collector; the programs set it when a flow starts
+/// and when its state changes, from `ConfigValue::ct_lifetimes` where kube-proxy has a setting, whose defaults
+/// (below) are the ones a kube-proxy node has: established TCP 24 h (`--conntrack-tcp-timeout-established`), TCP
+/// with a FIN from one side only 1 h (`--conntrack-tcp-timeout-close-wait`), UDP not yet answered 30 s and answered
+/// 120 s (`--conntrack-udp-timeout`, `--conntrack-udp-timeout-stream`: netfilter's own defaults, which kube-proxy
+/// leaves unless told).
+pub const CT_LIFETIME_TCP_S: u32 = 86400;
+pub const CT_LIFETIME_CLOSE_WAIT_S: u32 = 3600;
+pub const CT_LIFETIME_UDP_S: u32 = 30;
+pub const CT_LIFETIME_UDP_STREAM_S: u32 = 120;
+/// Fixed lifetimes: TCP closed both ways or reset, a TCP flow that has seen only its SYN, protocols other than TCP
+/// and UDP (SCTP).
 pub const CT_LIFETIME_CLOSING_S: u32 = 10;
 pub const CT_LIFETIME_SYN_S: u32 = 60;
 pub const CT_LIFETIME_OTHER_S: u32 = 60;
+
+/// The configurable conntrack lifetimes (seconds), in `ConfigValue`; 0 is the default (`CT_LIFETIME_*`), so a
+/// zeroed configuration, or an older agent's, gives a kube-proxy node's values.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtLifetimes {
+    pub tcp_established_s: u32,
+    pub tcp_close_wait_s: u32,
+    pub udp_s: u32,
+    pub udp_stream_s: u32,
+}
+
+impl CtLifetimes {
+    #[inline(always)]
+    pub const fn tcp_established(&self) -> u32 {
+        or_default(self.tcp_established_s, CT_LIFETIME_TCP_S)
+    }
+
+    #[inline(always)]
+    pub const fn tcp_close_wait(&self) -> u32 {
+        or_default(self.tcp_close_wait_s, CT_LIFETIME_CLOSE_WAIT_S)
+    }
+
+    #[inline(always)]
+    pub const fn udp(&self) -> u32 {
+        or_default(self.udp_s, CT_LIFETIME_UDP_S)
+    }
+
+    #[inline(always)]
+    pub const fn udp_stream(&self) -> u32 {
+        or_default(self.udp_stream_s, CT_LIFETIME_UDP_STREAM_S)
+    }
+}
+
+#[inline(always)]
+const fn or_default(v: u32, default: u32) -> u32 {
+    if v == 0 { default } else { v }
+}
 
 /// `LB_CONNTRACK` key: one direction of a flow, as the packet carries it.
 #[repr(C)]

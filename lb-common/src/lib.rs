@@ -64,7 +64,7 @@ mod tests {
         assert_eq!(size_of::<MonitorConfig>(), 24);
         assert_eq!(size_of::<MonitorBucket>(), 32);
         assert_eq!(size_of::<CtValue>(), 64);
-        assert_eq!(size_of::<ConfigValue>(), 48);
+        assert_eq!(size_of::<ConfigValue>(), 64);
         assert_eq!(size_of::<SrcRangeData>(), 20);
         assert_eq!(size_of::<TraceValue>(), 24);
         assert_eq!(size_of::<ServiceNameValue>(), 152);

@@ -27,7 +27,7 @@
 //! neighbour or route is followed within that time.
 //!
 //! **Conntrack** stays tc's: XDP only reads entries and refreshes `last_seen_jiffies` on both entries it used, as tc
-//! does for a packet it follows. It takes TCP packets only from flows in the established lifetime and without
+//! does for a packet it follows. It takes TCP packets only from established flows (`CT_FLAG_ESTABLISHED`) and without
 //! SYN, FIN or RST: every lifetime change (SYN -> established, FIN/RST -> closing) happens in tc, in one place.
 //!
 //! **Checksums:** XDP has no `bpf_l3/l4_csum_replace`, so the IPv4 header checksum and the TCP/UDP checksum
@@ -52,8 +52,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    CT_DIR_FWD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_SNAT, CT_FLAG_SNAT_PAIR, CT_LIFETIME_TCP_S,
-    CtKey, CtValue, HZ_UNKNOWN_ASSUMED, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
+    CT_DIR_FWD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_SNAT,
+    CT_FLAG_SNAT_PAIR, CtKey, CtValue, HZ_UNKNOWN_ASSUMED, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
     SVC_FLAG_SOURCE_RANGES, XDP_L2_FRESH_S, reason,
 };
 
@@ -205,7 +205,7 @@ fn usable(ct: &CtValue, p: &Packet) -> bool {
     }
     if p.proto == PROTO_TCP {
         return p.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
-            && ct.lifetime_s == CT_LIFETIME_TCP_S;
+            && ct.flags & CT_FLAG_ESTABLISHED != 0;
     }
     true
 }

@@ -601,13 +601,15 @@ fn a_kube_proxy_configuration_file_is_read_and_its_unapplied_fields_named() {
     };
     let settings = line("KubeProxyConfiguration read as these lb settings");
     assert!(
-        settings.contains("conntrack-max-per-core") && settings.contains("localhost-nodeports"),
+        settings.contains("conntrack-max-per-core")
+            && settings.contains("conntrack-tcp-timeout-established")
+            && settings.contains("localhost-nodeports"),
         "{settings}"
     );
     let warning = line("kube-proxy settings lb does not apply");
     assert!(
         warning.contains("WARN")
-            && warning.contains("conntrack.tcpEstablishedTimeout")
+            && !warning.contains("conntrack.tcpEstablishedTimeout")
             && warning.contains("iptables.masqueradeAll")
             && !warning.contains("hostnameOverride"),
         "{warning}"

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use lb_common::{CT_LIFETIME_CLOSING_S, CT_LIFETIME_OTHER_S, CT_LIFETIME_TCP_S};
+use lb_common::CT_LIFETIME_CLOSING_S;
 use lb_tests::node_agent::{CtRow, NODE_A, NodeAgent, RUN, client, peers_seen, sa, service};
 use lb_tests::topology::{NodePair, node_pair};
 use lb_tests::{Child, Probe, ProbeLine, agent_bin, probe, require_root};
@@ -219,6 +219,22 @@ fn conntrack_gc_removes_the_entries_of_a_deleted_service_and_its_flows_end() {
     drop(s.agent);
 }
 
+/// kube-proxy's conntrack timeout flags, each given a value no default has, so that an entry carrying it proves the
+/// flag reached the programs.
+const TIMEOUT_FLAGS: [&str; 8] = [
+    "--conntrack-tcp-timeout-established",
+    "7h0m0s",
+    "--conntrack-tcp-timeout-close-wait",
+    "45s",
+    "--conntrack-udp-timeout",
+    "25s",
+    "--conntrack-udp-timeout-stream",
+    "1m35s",
+];
+const ESTABLISHED_S: u32 = 7 * 3600;
+const CLOSE_WAIT_S: u32 = 45;
+const UDP_STREAM_S: u32 = 95;
+
 #[test]
 fn tcp_fin_and_rst_shorten_conntrack_lifetimes_and_expired_entries_go() {
     if !require_root("tcp_fin_and_rst_shorten_conntrack_lifetimes_and_expired_entries_go") {
@@ -246,9 +262,10 @@ fn tcp_fin_and_rst_shorten_conntrack_lifetimes_and_expired_entries_go() {
         ),
     ]
     .concat();
-    let mut s = setup(&services, &GC_FLAGS);
+    let mut s = setup(&services, &[&GC_FLAGS[..], &TIMEOUT_FLAGS[..]].concat());
 
-    // An established connection (to the remote backend: four entries) has the long lifetime in every direction.
+    // An established connection (to the remote backend: four entries) has the configured established lifetime in
+    // every direction.
     let pid = held(&mut s, 30232, 6000);
     wait_for_tcp_peers(s.pair.child(s.pod_b), 1);
     let rows = wait_conntrack(
@@ -259,7 +276,8 @@ fn tcp_fin_and_rst_shorten_conntrack_lifetimes_and_expired_entries_go() {
             let tcp: Vec<_> = rows.iter().filter(|r| r.protocol == "TCP").collect();
             tcp.len() == 4
                 && tcp.iter().all(|r| {
-                    r.lifetime_seconds == CT_LIFETIME_TCP_S
+                    r.lifetime_seconds == ESTABLISHED_S
+                        && r.flags.iter().any(|f| f == "established")
                         && !r.flags.iter().any(|f| f == "closing")
                 })
         },
@@ -317,7 +335,51 @@ fn tcp_fin_and_rst_shorten_conntrack_lifetimes_and_expired_entries_go() {
         );
     }
 
-    // A UDP flow has the protocol-independent lifetime and is not closing.
+    // Half-closed: the server has answered and sent its FIN, the client lingers before closing. Meanwhile all four
+    // entries have the close-wait lifetime; once the client's FIN follows, the closing one.
+    let cmd = s
+        .probe
+        .tcp_cmd(sa(node_pair::NODE_A_V4, 30232), 1)
+        .args(["--linger-ms", "6000"])
+        .netns(&s.pair.client);
+    let lingering = s
+        .pair
+        .spawn(cmd)
+        .expect("starting a lingering client")
+        .pid();
+    wait_conntrack(
+        &s.agent,
+        Duration::from_secs(5),
+        "a half-closed flow's four entries get the configured close-wait lifetime",
+        |rows| {
+            rows.iter()
+                .filter(|r| {
+                    r.protocol == "TCP"
+                        && r.lifetime_seconds == CLOSE_WAIT_S
+                        && r.flags.iter().any(|f| f == "closing")
+                })
+                .count()
+                == 4
+        },
+    );
+    let lines = wait_probe(&mut s.pair, lingering);
+    assert!(lines.len() == 1 && lines[0].ok, "{lines:?}");
+    let half_closed = lines[0].local.clone().expect("local address");
+    wait_conntrack(
+        &s.agent,
+        Duration::from_secs(10),
+        "the half-closed flow closed by the client gets the closing lifetime",
+        |rows| {
+            let flow = flow_rows(rows, &half_closed);
+            flow.len() == 4
+                && flow
+                    .iter()
+                    .all(|r| r.lifetime_seconds == CT_LIFETIME_CLOSING_S)
+        },
+    );
+    closed.push((half_closed, 4, "FIN after a half-close, remote"));
+
+    // A UDP flow that was answered has the configured stream lifetime and is not closing.
     let lines = client(
         &s.pair,
         s.probe.udp_cmd(sa(node_pair::NODE_A_V4, 30233), 1, 1, true),
@@ -328,11 +390,10 @@ fn tcp_fin_and_rst_shorten_conntrack_lifetimes_and_expired_entries_go() {
     let flow = flow_rows(&rows, &udp_client);
     assert!(
         flow.len() == 4
-            && flow
-                .iter()
-                .all(|r| r.lifetime_seconds == CT_LIFETIME_OTHER_S
-                    && r.flags.iter().all(|f| f != "closing")),
-        "a UDP flow's four entries live {CT_LIFETIME_OTHER_S} s: {flow:#?}"
+            && flow.iter().all(|r| r.lifetime_seconds == UDP_STREAM_S
+                && r.flags.iter().any(|f| f == "established")
+                && r.flags.iter().all(|f| f != "closing")),
+        "an answered UDP flow's four entries live the stream lifetime, {UDP_STREAM_S} s: {flow:#?}"
     );
 
     // Expired entries go: the GC removes the closed flows' entries once their closing lifetime has passed (the

@@ -59,6 +59,8 @@ pub struct AgentConfig {
     /// Leave TCP packets that are not SYNs and belong to no flow lb tracks to netfilter, and keep netfilter's
     /// conntrack running for them (`--pass-untracked-tcp`, `--coexist-with-kube-proxy`).
     pub pass_untracked_tcp: bool,
+    /// Conntrack lifetimes for `LB_CONFIG` (kube-proxy's `--conntrack-*-timeout*`; 0: the default).
+    pub ct_lifetimes: lb_common::CtLifetimes,
 }
 
 impl AgentConfig {

@@ -163,6 +163,7 @@ pub(super) fn adopt(
     setup: &mut DatapathSetup,
 ) -> anyhow::Result<Reconciler> {
     let mut reconciler = Reconciler::restore(maps, config.reconcile_config())?;
+    reconciler.set_ct_lifetimes(config.ct_lifetimes);
     if config.localhost_nodeports {
         // The socket LB compares each socket's namespace with this one: the agent runs in the host's (hostNetwork).
         match crate::host::netns_cookie() {

@@ -111,8 +111,14 @@ pub fn run(args: &ConntrackArgs) -> anyhow::Result<()> {
         if v.flags & lb_common::CT_FLAG_SNAT != 0 {
             flags.push("snat");
         }
+        if v.flags & lb_common::CT_FLAG_ESTABLISHED != 0 {
+            flags.push("established");
+        }
         if v.flags & lb_common::CT_FLAG_CLOSING != 0 {
             flags.push("closing");
+        }
+        if v.flags & lb_common::CT_FLAG_FIN != 0 {
+            flags.push("fin");
         }
         rows.push(CtRow {
             direction: direction(&k, &v),

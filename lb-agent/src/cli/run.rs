@@ -111,6 +111,23 @@ pub struct RunArgs {
     /// The fewest connections the conntrack map holds when --conntrack-max-per-core is set (kube-proxy's default).
     #[arg(long, env = "LB_CONNTRACK_MIN", default_value_t = 131072)]
     conntrack_min: u32,
+    /// How long an idle established TCP connection keeps its conntrack entries (and so its backend and source-NAT
+    /// port), as kube-proxy's flag (a Go duration; `0`: the default, 24h0m0s as on a kube-proxy node). Applies to
+    /// connections established after the agent starts. lb's per-packet conntrack only: netfilter's is not touched.
+    #[arg(long, env = "LB_CONNTRACK_TCP_TIMEOUT_ESTABLISHED", default_value = "0", value_parser = super::args::parse_timeout_secs)]
+    conntrack_tcp_timeout_established: u32,
+    /// How long an idle TCP connection that one side has closed (FIN) while the other has not keeps its entries, as
+    /// kube-proxy's flag (`0`: the default, 1h0m0s). Closed both ways, or reset: 10 s.
+    #[arg(long, env = "LB_CONNTRACK_TCP_TIMEOUT_CLOSE_WAIT", default_value = "0", value_parser = super::args::parse_timeout_secs)]
+    conntrack_tcp_timeout_close_wait: u32,
+    /// How long an idle UDP flow whose backend has not answered keeps its entries, as kube-proxy's flag (`0`: the
+    /// default, 30s, netfilter's).
+    #[arg(long, env = "LB_CONNTRACK_UDP_TIMEOUT", default_value = "0", value_parser = super::args::parse_timeout_secs)]
+    conntrack_udp_timeout: u32,
+    /// How long an idle UDP flow whose backend has answered keeps its entries, as kube-proxy's flag (`0`: the
+    /// default, 120s, netfilter's).
+    #[arg(long, env = "LB_CONNTRACK_UDP_TIMEOUT_STREAM", default_value = "0", value_parser = super::args::parse_timeout_secs)]
+    conntrack_udp_timeout_stream: u32,
     /// Only proxy Services labelled `service.kubernetes.io/service-proxy-name=<this>` (kube-proxy's flag).
     #[arg(long, env = "LB_SERVICE_PROXY_NAME")]
     service_proxy_name: Option<String>,
@@ -383,6 +400,12 @@ fn agent_config_with_notes(args: RunArgs) -> anyhow::Result<(AgentConfig, Vec<St
         conntrack_gc_interval: Duration::from_secs(args.conntrack_gc_interval),
         tc_attach: args.tc_attach,
         pass_untracked_tcp: args.pass_untracked_tcp || args.coexist_with_kube_proxy,
+        ct_lifetimes: lb_common::CtLifetimes {
+            tcp_established_s: args.conntrack_tcp_timeout_established,
+            tcp_close_wait_s: args.conntrack_tcp_timeout_close_wait,
+            udp_s: args.conntrack_udp_timeout,
+            udp_stream_s: args.conntrack_udp_timeout_stream,
+        },
     };
     Ok((config, notes))
 }

@@ -10,8 +10,9 @@
 //! by hostNetwork pods) gets the node's primary addresses, which is what kube-proxy sees as the source of the
 //! node's own traffic.
 //!
-//! Namespaces are learned once (by the device and inode of their nsfs file) and forgotten when they disappear. A
-//! namespace created after the last refresh is unknown to the socket program, which counts it outside every range
+//! Namespaces are learned once (by the device and inode of their nsfs file) and forgotten when they disappear; one
+//! learned before it had an address (a pod's namespace exists before its CNI plugin configures it) is entered again
+//! at every refresh until it has one. A namespace created after the last refresh is unknown to the socket program, which counts it outside every range
 //! until the next refresh (the agent refreshes after every sync and every few seconds while a Service needs it).
 //! Entering another namespace needs `CAP_SYS_ADMIN`; without it only the host's entry is written, logged once.
 
@@ -92,10 +93,7 @@ impl NetnsAddrsWriter {
         let found = namespaces(&self.cgroup);
         let ids: HashSet<NsId> = found.iter().map(|(id, _)| *id).collect();
         self.learned.retain(|id, _| ids.contains(id));
-        let new: Vec<(NsId, PathBuf)> = found
-            .into_iter()
-            .filter(|(id, _)| Some(*id) != self.own && !self.learned.contains_key(id))
-            .collect();
+        let new = to_learn(found, &self.learned, self.own);
         if !new.is_empty() {
             for (id, result) in learn(new) {
                 match result {
@@ -103,8 +101,10 @@ impl NetnsAddrsWriter {
                         refresh.learned += 1;
                         self.learned.insert(id, Some(v));
                     }
-                    Err(e) => {
-                        if e.kind() == io::ErrorKind::PermissionDenied && !self.warned {
+                    // Without the capability nothing changes until a restart: remembered, not retried. Any other
+                    // failure (a namespace vanishing as it is entered) is retried by the next refresh.
+                    Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                        if !self.warned {
                             self.warned = true;
                             tracing::warn!(
                                 error = %e,
@@ -112,6 +112,9 @@ impl NetnsAddrsWriter {
                             );
                         }
                         self.learned.insert(id, None);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot read a network namespace's addresses")
                     }
                 }
             }
@@ -154,6 +157,27 @@ impl NetnsAddrsWriter {
         }
         refresh
     }
+}
+
+/// The namespaces of `found` to enter: the new ones, and those learned before they had an address. A pod's
+/// namespace exists (and is pinned) before its CNI plugin gives it an address; learned in that window and never
+/// again, the pod would count as outside every source range for as long as it lives.
+fn to_learn(
+    found: Vec<(NsId, PathBuf)>,
+    learned: &HashMap<NsId, Option<(u64, NetnsAddrs)>>,
+    own: Option<NsId>,
+) -> Vec<(NsId, PathBuf)> {
+    found
+        .into_iter()
+        .filter(|(id, _)| {
+            Some(*id) != own
+                && match learned.get(id) {
+                    None => true,
+                    Some(Some((_, addrs))) => addrs.flags == 0,
+                    Some(None) => false,
+                }
+        })
+        .collect()
 }
 
 /// The first address of each family among `addrs`, as the map holds them.
@@ -290,6 +314,27 @@ mod tests {
         assert_eq!(a.v6, addr_bytes("fd00::5".parse().expect("address")));
         let none = addresses(std::iter::empty());
         assert_eq!(none.flags, 0);
+    }
+
+    #[test]
+    fn namespaces_without_an_address_are_entered_again() {
+        let path = |n: u64| ((1, n), PathBuf::from(format!("/run/netns/ns{n}")));
+        let found = vec![path(1), path(2), path(3), path(4), path(5)];
+        let v4 = addresses(["10.244.0.5".parse().expect("address")].into_iter());
+        let learned = HashMap::from([
+            ((1, 2), Some((22, v4))),
+            ((1, 3), Some((33, NetnsAddrs::default()))),
+            ((1, 4), None),
+        ]);
+        let ids: Vec<NsId> = to_learn(found, &learned, Some((1, 5)))
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(
+            ids,
+            [(1, 1), (1, 3)],
+            "new, and learned without an address; not the addressed, the unenterable or our own"
+        );
     }
 
     #[test]

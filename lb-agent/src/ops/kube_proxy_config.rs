@@ -25,7 +25,7 @@ const METRICS_PORT: u16 = 10249;
 pub struct Translated {
     /// Long flag name of `lb-agent run` -> value as typed on the command line.
     pub values: BTreeMap<String, String>,
-    /// The fields that are set but mean nothing to lb (dotted paths, `conntrack.udpTimeout`), in file order.
+    /// The fields that are set but mean nothing to lb (dotted paths, `iptables.masqueradeAll`), in file order.
     pub ignored: Vec<String>,
 }
 
@@ -123,6 +123,28 @@ pub fn translate(doc: &Map<String, Value>) -> Result<Translated, String> {
         ("conntrack.min", "conntrack-min"),
     ] {
         if let Some(v) = text(field) {
+            set(key, v);
+        }
+        used.push(field);
+    }
+    // Conntrack timeouts: Go durations, as lb's flags take them; a zero one leaves the default, as kube-proxy leaves
+    // netfilter's.
+    for (field, key) in [
+        (
+            "conntrack.tcpEstablishedTimeout",
+            "conntrack-tcp-timeout-established",
+        ),
+        (
+            "conntrack.tcpCloseWaitTimeout",
+            "conntrack-tcp-timeout-close-wait",
+        ),
+        ("conntrack.udpTimeout", "conntrack-udp-timeout"),
+        ("conntrack.udpStreamTimeout", "conntrack-udp-timeout-stream"),
+    ] {
+        if let Some((_, v)) = leaves.iter().find(|(p, _)| p == field)
+            && is_set(field, v)
+            && let Some(v) = scalar(v)
+        {
             set(key, v);
         }
         used.push(field);
@@ -289,6 +311,7 @@ winkernel:
             values(&[
                 ("cluster-cidr", "10.244.0.0/16"),
                 ("conntrack-max-per-core", "65536"),
+                ("conntrack-tcp-timeout-established", "2h0m0s"),
                 ("kubeconfig", "/var/lib/kube-proxy/kubeconfig.conf"),
                 ("localhost-nodeports", "false"),
                 ("metrics-addr", "0.0.0.0:10249"),
@@ -296,11 +319,7 @@ winkernel:
         );
         assert_eq!(
             t.ignored,
-            vec![
-                "conntrack.tcpEstablishedTimeout",
-                "iptables.masqueradeAll",
-                "iptables.minSyncPeriod",
-            ]
+            vec!["iptables.masqueradeAll", "iptables.minSyncPeriod",]
         );
     }
 

@@ -15,8 +15,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     CONFIG_FLAG_XDP, CT_DIR_FWD, CT_DIR_REPLY, CT_FLAG_SNAT, CT_FLAG_SNAT_PAIR,
-    CT_LIFETIME_OTHER_S, CT_LIFETIME_SYN_S, CtValue, FRAG_FLAG_COUNTED, PROTO_TCP, VERDICT_FORWARD,
-    XDP_L2_REFRESH_S, reason,
+    CT_LIFETIME_OTHER_S, CT_LIFETIME_SYN_S, CtLifetimes, CtValue, FRAG_FLAG_COUNTED, PROTO_TCP,
+    PROTO_UDP, VERDICT_FORWARD, XDP_L2_REFRESH_S, reason,
 };
 
 use super::fragment::frag_key;
@@ -44,7 +44,13 @@ pub(super) fn install(ctx: &TcContext, s: &mut TcScratch) -> u32 {
     };
     // The reply entry (as the backend sends it to the client): source back to the VIP, destination the client.
     // The SNAT reply entry has the same value with `CT_FLAG_SNAT_PAIR` (set and cleared around its insert).
-    ct_entry(&mut s.rev, &s.pkt, s.svc.service_id, s.backend_id, s.snat);
+    ct_entry(
+        &mut s.rev,
+        initial_lifetime(&s.pkt, &s.cfg.ct_lifetimes),
+        s.svc.service_id,
+        s.backend_id,
+        s.snat,
+    );
     s.rev.new_saddr = s.pkt.daddr;
     s.rev.new_sport = s.pkt.dport;
     s.rev.new_daddr = s.pkt.saddr;
@@ -57,7 +63,13 @@ pub(super) fn install(ctx: &TcContext, s: &mut TcScratch) -> u32 {
         }
     }
     // The forward entry: the client's packets go to the backend.
-    ct_entry(&mut s.ct, &s.pkt, s.svc.service_id, s.backend_id, s.snat);
+    ct_entry(
+        &mut s.ct,
+        initial_lifetime(&s.pkt, &s.cfg.ct_lifetimes),
+        s.svc.service_id,
+        s.backend_id,
+        s.snat,
+    );
     s.ct.new_saddr = s.pkt.saddr;
     s.ct.new_sport = s.pkt.sport;
     s.ct.new_daddr = s.backend.addr;
@@ -78,11 +90,11 @@ pub(super) fn install(ctx: &TcContext, s: &mut TcScratch) -> u32 {
 
 /// The fields every entry of a new flow shares (addresses and ports are the caller's).
 #[inline(always)]
-fn ct_entry(ct: &mut CtValue, p: &Packet, service_id: u32, backend_id: u32, snat: u32) {
+fn ct_entry(ct: &mut CtValue, lifetime: u32, service_id: u32, backend_id: u32, snat: u32) {
     ct.last_seen_jiffies = ct::now();
     ct.backend_id = backend_id;
     ct.service_id = service_id;
-    ct.lifetime_s = initial_lifetime(p);
+    ct.lifetime_s = lifetime;
     ct.flags = if snat != 0 { CT_FLAG_SNAT } else { 0 };
     ct._pad = [0; 7];
 }
@@ -107,7 +119,13 @@ fn install_snat(s: &mut TcScratch) -> u32 {
     k.proto = s.pkt.proto;
     k.dir = CT_DIR_REPLY;
     k._pad = [0; 2];
-    ct_entry(&mut s.ct, &s.pkt, s.svc.service_id, s.backend_id, s.snat);
+    ct_entry(
+        &mut s.ct,
+        initial_lifetime(&s.pkt, &s.cfg.ct_lifetimes),
+        s.svc.service_id,
+        s.backend_id,
+        s.snat,
+    );
     s.ct.flags |= CT_FLAG_SNAT_PAIR;
     s.ct.new_saddr = s.snat_addr;
     s.ct.new_sport = port;
@@ -303,11 +321,13 @@ pub(super) fn learn_l2(ctx: &TcContext, s: &mut TcScratch) -> u32 {
     0
 }
 
+/// A new flow's lifetime: TCP's until the handshake completes, UDP's until the backend answers (`ct::touch`
+/// lengthens both), other protocols' for good.
 #[inline(always)]
-fn initial_lifetime(p: &Packet) -> u32 {
-    if p.proto == PROTO_TCP {
-        CT_LIFETIME_SYN_S
-    } else {
-        CT_LIFETIME_OTHER_S
+fn initial_lifetime(p: &Packet, life: &CtLifetimes) -> u32 {
+    match p.proto {
+        PROTO_TCP => CT_LIFETIME_SYN_S,
+        PROTO_UDP => life.udp(),
+        _ => CT_LIFETIME_OTHER_S,
     }
 }

@@ -21,8 +21,9 @@
 //!   {"ok":true,"i":<rounds done>,"local":"<getsockname()>"} or {"ok":false,"i":<round>,"error":...,"stage":...}
 //!   (stage `verify` when the bytes came back different).
 //!
-//! lb-probe tcp --to <IP:PORT> [--count N] [--hold-ms X] [--timeout-ms 2000]
-//!   N sequential connections: connect, hold X ms, send "lb-probe\n", read the reply to EOF. Per connection:
+//! lb-probe tcp --to <IP:PORT> [--count N] [--hold-ms X] [--linger-ms Y] [--timeout-ms 2000]
+//!   N sequential connections: connect, hold X ms, send "lb-probe\n", read the reply to EOF (the server's FIN),
+//!   wait Y ms half-closed, close. Per connection:
 //!   {"ok":true,"i":n,"backend":"<ID>","peer":"<getpeername()>","local":"<getsockname()>"}
 //!   {"ok":false,"i":n,"error":"ECONNREFUSED","errno":111,"stage":"connect"}
 //!   With --reset, each connection is ended with a RST right after the hold (SO_LINGER 0, close), and the line has
@@ -170,6 +171,10 @@ struct TcpArgs {
     /// Keep each connection open this long after connecting, before the request.
     #[arg(long, default_value_t = 0)]
     hold_ms: u64,
+    /// Keep each connection open this long after the reply's end (the server's FIN), before closing: the connection
+    /// stays half-closed meanwhile.
+    #[arg(long, default_value_t = 0)]
+    linger_ms: u64,
     /// Connect, send and receive timeout.
     #[arg(long, default_value_t = 2000)]
     timeout_ms: u64,
@@ -688,6 +693,7 @@ fn tcp(args: TcpArgs) {
             Duration::from_millis(args.hold_ms),
             timeout,
             args.http,
+            Duration::from_millis(args.linger_ms),
         ) {
             Ok((backend, peer, local)) => Line {
                 ok: Some(true),
@@ -742,6 +748,7 @@ fn tcp_once(
     hold: Duration,
     timeout: Duration,
     http: bool,
+    linger: Duration,
 ) -> Result<(String, SocketAddr, SocketAddr), Failure> {
     let mut stream = TcpStream::connect_timeout(&to, timeout).map_err(at("connect"))?;
     let peer = stream.peer_addr().map_err(at("getpeername"))?;
@@ -766,6 +773,9 @@ fn tcp_once(
         .take(4096)
         .read_to_end(&mut reply)
         .map_err(at("recv"))?;
+    if !linger.is_zero() {
+        std::thread::sleep(linger);
+    }
     let reply = String::from_utf8_lossy(&reply);
     // An HTTP response carries the identity as its body, after the blank line.
     let body = if http {

@@ -160,6 +160,11 @@ impl Reconciler {
         self.node.set_host_netns_cookie(cookie);
     }
 
+    /// The conntrack lifetimes written into `LB_CONFIG` at every sync.
+    pub fn set_ct_lifetimes(&mut self, lifetimes: lb_common::CtLifetimes) {
+        self.node.set_ct_lifetimes(lifetimes);
+    }
+
     /// The ids of every programmed service (for conntrack garbage collection).
     pub fn service_ids(&self) -> HashSet<u32> {
         self.ledger.service_ids().collect()

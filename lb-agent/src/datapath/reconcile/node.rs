@@ -5,7 +5,9 @@
 use std::collections::BTreeSet;
 use std::ops::RangeInclusive;
 
-use lb_common::{ConfigValue, LOCAL_NET_NODE, LOCAL_NET_POD, VIP_FLAG_CLUSTER_IP, addr_bytes};
+use lb_common::{
+    ConfigValue, CtLifetimes, LOCAL_NET_NODE, LOCAL_NET_POD, VIP_FLAG_CLUSTER_IP, addr_bytes,
+};
 
 use super::super::maps::Maps;
 use super::super::packet_maps::{NodeEntry, lpm_prefix};
@@ -30,6 +32,7 @@ pub(super) struct NodeState {
     config: ConfigValue,
     config_flags: u32,
     host_netns_cookie: u64,
+    ct_lifetimes: CtLifetimes,
 }
 
 impl NodeState {
@@ -45,6 +48,7 @@ impl NodeState {
             config: maps.config().unwrap_or_default(),
             config_flags: 0,
             host_netns_cookie: 0,
+            ct_lifetimes: CtLifetimes::default(),
         }
     }
 
@@ -54,6 +58,10 @@ impl NodeState {
 
     pub(super) fn set_host_netns_cookie(&mut self, cookie: u64) {
         self.host_netns_cookie = cookie;
+    }
+
+    pub(super) fn set_ct_lifetimes(&mut self, lifetimes: CtLifetimes) {
+        self.ct_lifetimes = lifetimes;
     }
 
     /// Programs the node-level maps: SNAT addresses, this node's networks, the service CIDRs, the ClusterIP set and
@@ -78,6 +86,7 @@ impl NodeState {
             flags: self.config_flags,
             hz: crate::datapath::clock::kernel_hz(),
             host_netns_cookie: self.host_netns_cookie,
+            ct_lifetimes: self.ct_lifetimes,
         };
         if config != self.config {
             match maps.put_config(&config) {
