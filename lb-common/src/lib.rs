@@ -17,6 +17,7 @@ mod conntrack;
 mod consts;
 mod crc32c;
 mod fragment;
+mod monitor;
 mod names;
 mod nets;
 #[cfg(feature = "user")]
@@ -32,6 +33,7 @@ pub use conntrack::*;
 pub use consts::*;
 pub use crc32c::*;
 pub use fragment::*;
+pub use monitor::*;
 pub use names::{map_names, prog_names};
 pub use nets::*;
 pub use service::*;
@@ -58,6 +60,9 @@ mod tests {
         assert_eq!(size_of::<ServiceStats>(), 40);
         assert_eq!(size_of::<BackendStats>(), 24);
         assert_eq!(size_of::<CtKey>(), 40);
+        assert_eq!(size_of::<MonitorEvent>(), 112);
+        assert_eq!(size_of::<MonitorConfig>(), 24);
+        assert_eq!(size_of::<MonitorBucket>(), 32);
         assert_eq!(size_of::<CtValue>(), 64);
         assert_eq!(size_of::<ConfigValue>(), 72);
         assert_eq!(size_of::<SrcRangeData>(), 20);

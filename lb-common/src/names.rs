@@ -29,12 +29,16 @@ pub mod map_names {
     pub const XDP_L2: &str = "LB_XDP_L2";
     /// Each network namespace's own addresses, for the socket LB's source range check.
     pub const NETNS_ADDRS: &str = "LB_NETNS_ADDRS";
+    /// `lb-agent monitor`'s ring buffer of datapath events, its gate and rate limit, and the per-CPU token buckets.
+    pub const EVENTS: &str = "LB_EVENTS";
+    pub const MONITOR: &str = "LB_MONITOR";
+    pub const MONITOR_RATE: &str = "LB_MONITOR_RATE";
     /// Kubernetes names of the service ids, for operators; created by the agent, not by the object.
     pub const SVC_NAMES: &str = "LB_SVC_NAMES";
     /// Maps the agent creates and pins itself (no program uses them), so the loader does not know them.
     pub const AGENT_CREATED: [&str; 2] = [SVC_NAMES, MAGLEV_SLOTS];
     /// Every map the agent pins, in the order it creates them.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 22] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -54,6 +58,9 @@ pub mod map_names {
         XDP_L2,
         NETNS_ADDRS,
         SOCK_STATS,
+        EVENTS,
+        MONITOR,
+        MONITOR_RATE,
     ];
 }
 

@@ -23,3 +23,6 @@ unsafe impl aya::Pod for ServiceNameValue {}
 unsafe impl aya::Pod for FragKey {}
 unsafe impl aya::Pod for FragValue {}
 unsafe impl aya::Pod for XdpL2Value {}
+unsafe impl aya::Pod for MonitorEvent {}
+unsafe impl aya::Pod for MonitorConfig {}
+unsafe impl aya::Pod for MonitorBucket {}

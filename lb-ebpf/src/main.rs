@@ -14,6 +14,8 @@ mod csum;
 #[cfg(any(target_arch = "bpf", clippy))]
 mod ct;
 #[cfg(any(target_arch = "bpf", clippy))]
+mod events;
+#[cfg(any(target_arch = "bpf", clippy))]
 mod maps;
 #[cfg(any(target_arch = "bpf", clippy))]
 mod packet;

@@ -5,7 +5,7 @@
 //! the programs write only session state (`LB_AFFINITY`, `LB_SOCK_REVNAT`) and counters.
 
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use lb_common::{
@@ -13,9 +13,10 @@ use lb_common::{
     BPF_F_NO_PREALLOC, BackendStats, BackendValue, ConfigValue, CtKey, CtValue,
     DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGMENTS,
     DEFAULT_MAX_LOCAL_NETS, DEFAULT_MAX_NETNS_ADDRS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REVNAT,
-    DEFAULT_MAX_SRC_RANGES, DEFAULT_MAX_SVC_CIDRS, DEFAULT_MAX_VIPS, FragKey, FragValue,
-    NetnsAddrs, ServiceKey, ServiceStats, ServiceValue, SlotBlock, SockRevNatKey, SockRevNatValue,
-    SrcRangeData, TraceValue, XdpL2Value, reason,
+    DEFAULT_MAX_SRC_RANGES, DEFAULT_MAX_SVC_CIDRS, DEFAULT_MAX_VIPS, EVENTS_RING_BYTES, FragKey,
+    FragValue, MonitorBucket, MonitorConfig, MonitorEvent, NetnsAddrs, ServiceKey, ServiceStats,
+    ServiceValue, SlotBlock, SockRevNatKey, SockRevNatValue, SrcRangeData, TraceValue, XdpL2Value,
+    reason,
 };
 
 /// The flat slot array, `LB_MAGLEV`'s inner map: every service's lookup table is a region of it (lb-common
@@ -166,3 +167,18 @@ pub static LB_FRAGMENTS: LruHashMap<FragKey, FragValue, { DEFAULT_MAX_FRAGMENTS 
 #[btf_map]
 pub static LB_XDP_L2: LruHashMap<CtKey, XdpL2Value, { (DEFAULT_MAX_CONNTRACK / 2) as usize }> =
     LruHashMap::new();
+
+/// `lb-agent monitor`'s events (`MonitorEvent` records): new flows, drops, rejects. Written by every program, on
+/// its event paths only, while `LB_MONITOR` says someone reads; read by the monitor.
+#[btf_map]
+pub static LB_EVENTS: RingBuf<MonitorEvent, { EVENTS_RING_BYTES as usize }> = RingBuf::new();
+
+/// 0 -> `MonitorConfig` {lease, tick rate, rate limit, kinds}: whether events are emitted. Written by `lb-agent
+/// monitor`; read by the programs on their event paths only.
+#[btf_map]
+pub static LB_MONITOR: Array<MonitorConfig, 1> = Array::new();
+
+/// 0 -> `MonitorBucket`, per CPU: the token bucket of the events' rate limit, and the events it and a full ring
+/// buffer suppressed. Written by the programs on their event paths; read by `lb-agent monitor`.
+#[btf_map]
+pub static LB_MONITOR_RATE: PerCpuArray<MonitorBucket, 1> = PerCpuArray::new();

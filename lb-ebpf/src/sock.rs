@@ -9,13 +9,14 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::{
-    CONFIG_FLAG_LOCALHOST_NODEPORTS, LOCALHOST_NODEPORT_ADDR, NETNS_HAS_V4, NETNS_HAS_V6,
-    PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, SVC_FLAG_DROP_NO_BACKEND, SVC_FLAG_SOURCE_RANGES,
-    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SrcRangeData, VIP_FLAG_CLUSTER_IP,
-    is_v4_mapped, reason, v4_mapped,
+    CONFIG_FLAG_LOCALHOST_NODEPORTS, EVENT_DROP, EVENT_REJECT, LOCALHOST_NODEPORT_ADDR,
+    NETNS_HAS_V4, NETNS_HAS_V6, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, SVC_FLAG_DROP_NO_BACKEND,
+    SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SrcRangeData,
+    VIP_FLAG_CLUSTER_IP, is_v4_mapped, reason, v4_mapped,
 };
 
 use crate::{
+    events,
     maps::{
         LB_CONFIG, LB_NETNS_ADDRS, LB_SERVICES, LB_SOCK_REVNAT, LB_SRC_RANGES, LB_SVC_CIDRS,
         LB_VIPS,
@@ -75,7 +76,7 @@ pub fn xlate_fwd(ctx: &SockAddrContext, family: Family) -> Result<i32, Error> {
     // SAFETY: the value is copied at once; LB_SERVICES is created with BPF_F_NO_PREALLOC, so its memory is not
     // reused before the program run ends.
     let Some(svc) = LB_SERVICES.get_ptr(key).map(|p| unsafe { p.read() }) else {
-        return Ok(unknown_vip(&key.addr));
+        return Ok(unknown_vip(ctx, &key));
     };
     // Rule 9 before anything else (before rule 5's short-circuit, before a backend is picked): the ranges hold for
     // this node's pods and processes too. Outside them the syscall fails with `EPERM`, the socket-level form of the
@@ -83,25 +84,27 @@ pub fn xlate_fwd(ctx: &SockAddrContext, family: Family) -> Result<i32, Error> {
     if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !source_in_ranges(ctx, &svc, &vip) {
         stats::count_reject(svc.service_id);
         stats::count_sock_refusal(reason::SOURCE_RANGE);
+        let _ = events::sock_refused(ctx, &key, EVENT_DROP, reason::SOURCE_RANGE, svc.service_id);
         return Ok(SYS_REJECT);
     }
     // recvmsg/getpeername show the application the address it asked for.
     key.addr = vip;
     if svc.backend_count == 0 {
-        return Ok(reject(&svc, no_endpoints_reason(&svc)));
+        return Ok(reject(ctx, &key, &svc, no_endpoints_reason(&svc)));
     }
     let Some(backend) = select_backend(ctx, &svc) else {
-        return Ok(reject(&svc, reason::NO_BACKEND));
+        return Ok(reject(ctx, &key, &svc, reason::NO_BACKEND));
     };
     // The agent gives a service only backends of its own family; a mismatch is an agent bug, not a reason to write
     // a v6 address into a v4 socket (or send a v6 socket's native-v6 VIP to a mapped v4 address).
     if is_v4_mapped(&vip) != is_v4_mapped(&backend.value.addr) {
-        return Ok(reject(&svc, reason::NO_BACKEND));
+        return Ok(reject(ctx, &key, &svc, reason::NO_BACKEND));
     }
 
     // Every map write before the context is rewritten, so that `Err` really means "untouched".
     if record_revnat(ctx, &key, &svc, &backend)? {
         stats::count_connect(svc.service_id, backend.id);
+        let _ = events::sock_new_flow(ctx, &key, svc.service_id, backend.id, &backend.value);
     }
     write_addr(ctx, family, &backend.value.addr);
     write_port(ctx, backend.value.port);
@@ -162,12 +165,14 @@ fn from_host(ctx: &SockAddrContext) -> bool {
 /// client the same thing without the wait (nothing was sent, so nothing else can tell the difference). Anything
 /// else is not a service address and proceeds untouched.
 #[inline(always)]
-fn unknown_vip(addr: &[u8; 16]) -> i32 {
+fn unknown_vip(ctx: &SockAddrContext, key: &ServiceKey) -> i32 {
+    let addr = &key.addr;
     // SAFETY: the value is a byte, read at once.
     let flags = LB_VIPS.get_ptr(addr).map(|f| unsafe { f.read() });
     match flags {
         Some(f) if f & VIP_FLAG_CLUSTER_IP != 0 => {
             stats::count_sock_refusal(reason::UNKNOWN_PORT);
+            let _ = events::sock_refused(ctx, key, EVENT_REJECT, reason::UNKNOWN_PORT, 0);
             // SAFETY: no memory argument; allowed in connect4/6 and sendmsg4/6 (see `reject`).
             unsafe { bpf_set_retval(-ECONNREFUSED) };
             SYS_REJECT
@@ -179,6 +184,8 @@ fn unknown_vip(addr: &[u8; 16]) -> i32 {
                 .is_some()
             {
                 stats::count_sock_refusal(reason::UNALLOCATED_CLUSTER_IP);
+                let _ =
+                    events::sock_refused(ctx, key, EVENT_DROP, reason::UNALLOCATED_CLUSTER_IP, 0);
                 SYS_REJECT
             } else {
                 SYS_PROCEED
@@ -225,10 +232,13 @@ fn no_endpoints_reason(svc: &ServiceValue) -> u32 {
 /// an ICMP port unreachable would give, or the hook's default `EPERM` when the service asks for a drop (a socket
 /// cannot be "dropped"; `EPERM` is what a firewall drop of a local socket looks like).
 #[inline(always)]
-fn reject(svc: &ServiceValue, why: u32) -> i32 {
+fn reject(ctx: &SockAddrContext, key: &ServiceKey, svc: &ServiceValue, why: u32) -> i32 {
     stats::count_reject(svc.service_id);
     stats::count_sock_refusal(why);
-    if svc.flags & SVC_FLAG_DROP_NO_BACKEND == 0 {
+    let drop = svc.flags & SVC_FLAG_DROP_NO_BACKEND != 0;
+    let kind = if drop { EVENT_DROP } else { EVENT_REJECT };
+    let _ = events::sock_refused(ctx, key, kind, why, svc.service_id);
+    if !drop {
         // SAFETY: no memory argument. bpf_set_retval is allowed for connect4/6 and sendmsg4/6 (kernel 5.18+,
         // `cgroup_common_func_proto`), and the kernel then returns this error from connect()/sendmsg() for a
         // program that answers SYS_REJECT instead of -EPERM.

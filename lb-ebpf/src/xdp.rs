@@ -59,6 +59,7 @@ use lb_common::{
 
 use crate::csum::{apply_delta, sum_diff16, word, word_diff};
 use crate::ct;
+use crate::events;
 use crate::maps::{LB_CONFIG, LB_SERVICES, LB_SRC_RANGES, LB_XDP_L2};
 use crate::packet::{self, ETH_HLEN, FRAG_NONE, Packet, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::scratch::{self, XdpScratch};
@@ -84,14 +85,14 @@ pub fn run(ctx: &XdpContext) -> u32 {
     };
     match parse(ctx, &mut s.pkt) {
         PARSED => {}
-        SOURCE_RANGE_ONLY => return source_range(s),
+        SOURCE_RANGE_ONLY => return source_range_checked(ctx, s),
         _ => return XDP_PASS,
     }
     let action = fast_path(ctx, s);
     if action != XDP_PASS {
         return action;
     }
-    source_range(s)
+    source_range_checked(ctx, s)
 }
 
 /// Reads a `T` at `off` of the frame, bounds-checked for the verifier.
@@ -348,6 +349,17 @@ fn rewrite_inner(ctx: &XdpContext, s: &mut XdpScratch) -> Option<()> {
         mac.add(6).cast::<[u8; 6]>().write_unaligned(s.l2.smac);
     }
     Some(())
+}
+
+/// [`source_range`], and its drop reported to `lb-agent monitor` (from here, not from inside it: the entry's frame
+/// leaves a subprogram called from a subprogram too little of the 512-byte stack).
+#[inline(always)]
+fn source_range_checked(ctx: &XdpContext, s: &mut XdpScratch) -> u32 {
+    let action = source_range(s);
+    if action == XDP_DROP {
+        let _ = events::xdp_source_range_drop(ctx, s);
+    }
+    action
 }
 
 /// Step 4: a new flow to a frontend with source ranges, from outside them, drops here (rule 9), counted as tc

@@ -10,6 +10,7 @@ pub mod conntrack;
 pub mod explain;
 pub mod maglev;
 pub mod manifests;
+pub mod monitor;
 pub mod run;
 pub mod services;
 pub mod stats;
@@ -112,6 +113,9 @@ enum Command {
     /// What this node runs and what is wrong: the agent (source, watches, last sync, attach modes, versions) and
     /// the pins (links, map fill), with or without a running agent.
     Status(status::StatusArgs),
+    /// A live stream of datapath events: new flows (client, Service, backend; socket LB, tc or XDP), drops and
+    /// rejects with their reason. Filter by Service, type and address; rate limited in the kernel; `-o json`.
+    Monitor(monitor::MonitorArgs),
     /// Print the YAML that installs lb on a cluster (or, with --uninstall, removes it from every node).
     Manifests(Box<manifests::ManifestsArgs>),
     /// Print a shell completion script: bash, zsh or fish.
@@ -139,6 +143,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Stats(args) => stats::run(&args),
         Command::Explain(args) => explain::run(&args),
         Command::Status(args) => status::run(&args),
+        Command::Monitor(args) => monitor::run(&args),
         Command::Manifests(args) => manifests::run(&args),
         Command::Completions(args) => completions::run(&args),
     };

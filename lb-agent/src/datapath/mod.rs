@@ -16,6 +16,7 @@ mod map_batch;
 pub mod map_error;
 pub mod map_fill;
 pub mod maps;
+pub mod monitor;
 pub mod names;
 pub mod netns_addrs;
 pub mod packet_maps;

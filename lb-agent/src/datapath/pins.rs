@@ -63,7 +63,7 @@ fn size<T>() -> u32 {
 }
 
 impl Capacities {
-    pub fn specs(&self) -> [MapSpec; 19] {
+    pub fn specs(&self) -> [MapSpec; 22] {
         let spec = |name, map_type, key_size, value_size, max_entries| MapSpec {
             name,
             map_type,
@@ -219,6 +219,28 @@ impl Capacities {
                 size::<u32>(),
                 size::<u64>(),
                 lb_common::reason::COUNT,
+            ),
+            // A ring buffer has no key or value: its size is `max_entries`, in bytes.
+            spec(
+                map_names::EVENTS,
+                MapType::RingBuf,
+                0,
+                0,
+                lb_common::EVENTS_RING_BYTES,
+            ),
+            spec(
+                map_names::MONITOR,
+                MapType::Array,
+                size::<u32>(),
+                size::<lb_common::MonitorConfig>(),
+                1,
+            ),
+            spec(
+                map_names::MONITOR_RATE,
+                MapType::PerCpuArray,
+                size::<u32>(),
+                size::<lb_common::MonitorBucket>(),
+                1,
             ),
         ]
     }

@@ -74,7 +74,7 @@ pub fn ingress(ctx: &TcContext) -> i32 {
         }
         _ => s.out.reason = reason::MALFORMED,
     }
-    verdict::finish(s)
+    verdict::finish(ctx, s)
 }
 
 /// tc egress on an external interface. Returns the tc verdict.
@@ -96,7 +96,7 @@ pub fn egress(ctx: &TcContext) -> i32 {
         }
         _ => {}
     }
-    verdict::finish(s)
+    verdict::finish(ctx, s)
 }
 
 /// `packet::parse`, pulling the headers into the linear area once when they are not all there (a non-linear skb:

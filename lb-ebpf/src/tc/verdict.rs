@@ -9,6 +9,7 @@ use lb_common::{
     CONFIG_FLAG_TRACE, TraceValue, VERDICT_DROP, VERDICT_PASS, VERDICT_REJECT, reason,
 };
 
+use crate::events;
 use crate::maps::LB_TRACE;
 use crate::reject;
 use crate::scratch::{Outcome, TcScratch};
@@ -54,15 +55,20 @@ pub(super) fn reject_packet(ctx: &TcContext, s: &mut TcScratch, why: u32, servic
     }
 }
 
-/// Counts and (for `lb-agent trace`) records the outcome; returns the tc verdict.
+/// Counts, reports (`lb-agent monitor`) and (for `lb-agent trace`) records the outcome; returns the tc verdict.
 #[inline(always)]
-pub(super) fn finish(s: &TcScratch) -> i32 {
+pub(super) fn finish(ctx: &TcContext, s: &TcScratch) -> i32 {
     let out = &s.out;
     if out.reason != reason::NONE {
         stats::count_reason(out.reason);
     }
-    if (out.verdict == VERDICT_DROP || out.verdict == VERDICT_REJECT) && out.service_id != 0 {
+    let refused = out.verdict == VERDICT_DROP || out.verdict == VERDICT_REJECT;
+    if refused && out.service_id != 0 {
         stats::count_service_drop(out.service_id);
+    }
+    // Compares only, on every other packet: an established flow's reaches no helper and no map here.
+    if refused || out.reason == reason::NEW_FLOW {
+        let _ = events::tc(ctx, s);
     }
     if s.cfg.flags & CONFIG_FLAG_TRACE != 0
         && let Some(t) = LB_TRACE.get_ptr_mut(0)

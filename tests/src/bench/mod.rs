@@ -8,6 +8,7 @@ pub mod kubeproxy;
 pub mod load;
 pub mod maglev;
 pub mod memory;
+pub mod monitor_cost;
 pub mod packet;
 pub mod report;
 pub mod scale;

@@ -28,6 +28,7 @@ use lb_agent::trace::packet;
 use lb_common::prog_names;
 use serde::Serialize;
 
+use super::monitor_cost::{self, MonitorCost};
 use super::stats::{Summary, summarize};
 use super::workload;
 use crate::{BpfDir, unique_token};
@@ -44,6 +45,9 @@ pub struct PacketResults {
     /// The floor as one syscall with repeat = 1e6 (the kernel's average).
     pub floor_repeat_ns: Option<f64>,
     pub rows: Vec<PacketRow>,
+    /// `lb-agent monitor`'s cost, at the first service count (`monitor_cost`).
+    pub monitor: Option<MonitorCost>,
+    pub monitor_error: Option<String>,
     /// Why nothing (or not everything) could run.
     pub error: Option<String>,
 }
@@ -89,7 +93,7 @@ fn run_inner(counts: &[usize], runs: usize, out: &mut PacketResults) -> Result<(
     let object = loader::object_bytes(None)?;
     for &n in counts {
         eprintln!("lb-bench: per-packet at {n} services");
-        let row = match one_count(&object, n, runs, out) {
+        let row = match one_count(&object, n, runs, out, true) {
             Ok(row) => row,
             Err(e) => PacketRow {
                 services: n,
@@ -115,7 +119,14 @@ fn run_inner(counts: &[usize], runs: usize, out: &mut PacketResults) -> Result<(
     Ok(())
 }
 
-fn one_count(object: &[u8], n: usize, runs: usize, out: &mut PacketResults) -> Result<PacketRow> {
+/// One service count's rows; with `monitor`, also `lb-agent monitor`'s cost the first time (`out.monitor`).
+fn one_count(
+    object: &[u8],
+    n: usize,
+    runs: usize,
+    out: &mut PacketResults,
+    monitor: bool,
+) -> Result<PacketRow> {
     let dir = BpfDir::new(&format!("lb-bench-pkt-{}", unique_token()))?;
     let caps = Capacities {
         services: (2 * n as u32 + 1024)
@@ -215,9 +226,16 @@ fn one_count(object: &[u8], n: usize, runs: usize, out: &mut PacketResults) -> R
     }
     let syn_ns = per_run(prog, runs, syn)?;
     // The established flow: its SYN once (creates the conntrack entry), then its ACKs.
-    let ack = frame(0, packet::TCP_ACK);
+    let ack = established_frame();
     per_run(prog, 1, |_| syn(0))?;
     let established_ns = per_run(prog, runs, |_| ack.clone())?;
+    if monitor && out.monitor.is_none() && out.monitor_error.is_none() {
+        eprintln!("lb-bench: per-packet with lb-agent monitor on and off, at {n} services");
+        match monitor_cost::measure(prog, dir.path(), n, runs) {
+            Ok(cost) => out.monitor = Some(cost),
+            Err(e) => out.monitor_error = Some(format!("{e:#}")),
+        }
+    }
     let (xdp_new_flow_ns, xdp_established_ns) = xdp_rows(&mut dp, runs)?;
     let mut verified_insns = Vec::new();
     for name in [
@@ -265,7 +283,7 @@ pub fn compare(
         for (path, object) in objects.iter().zip(&bytes) {
             eprintln!("lb-bench: compare round {round}, {}", path.display());
             let mut res = PacketResults::default();
-            let row = one_count(object, n, runs, &mut res)?;
+            let row = one_count(object, n, runs, &mut res, false)?;
             out.push(VariantRound {
                 object: path.display().to_string(),
                 round,
@@ -429,8 +447,13 @@ fn frame(i: usize, flags: u8) -> Vec<u8> {
     packet::build(Protocol::Tcp, src, dst, flags, b"")
 }
 
-fn syn(i: usize) -> Vec<u8> {
+pub(super) fn syn(i: usize) -> Vec<u8> {
     frame(i, packet::TCP_SYN)
+}
+
+/// A packet of the established flow the rows time (flow 0, after its SYN).
+pub(super) fn established_frame() -> Vec<u8> {
+    frame(0, packet::TCP_ACK)
 }
 
 /// Runs `prog` once per syscall on `runs` frames, each a fresh copy; the kernel's time of each run, in ns.
@@ -445,7 +468,7 @@ fn per_run<
     Ok(summarize(&mut ns))
 }
 
-fn per_run_raw<
+pub(super) fn per_run_raw<
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
 >(
     prog: &mut P,

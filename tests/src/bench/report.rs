@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use plotters::prelude::*;
 
 use super::Results;
+use super::packet::PacketResults;
 use super::stats::Summary;
 
 const COLORS: [RGBColor; 5] = [
@@ -736,7 +737,49 @@ fn packet_section(md: &mut String, r: &Results, plots: &Path) -> Result<()> {
             "No per-packet number was measured for lb's program, so none is printed.\n"
         );
     }
+    monitor_cost_section(md, p);
     Ok(())
+}
+
+/// `lb-agent monitor` on and off, interleaved (`bench::monitor_cost`).
+fn monitor_cost_section(md: &mut String, p: &PacketResults) {
+    if let Some(e) = &p.monitor_error {
+        let _ = writeln!(
+            md,
+            "**Could not measure `lb-agent monitor`'s cost:** {}\n",
+            e.replace('\n', " ")
+        );
+    }
+    let Some(m) = &p.monitor else {
+        return;
+    };
+    let _ = writeln!(
+        md,
+        "`lb-agent monitor` on and off (`lb_tc_ingress` at {} services, {} rounds alternating which goes first, {} \
+         runs per cell; on: a live monitor wanting every event, rate limit high enough to emit every new flow, ring \
+         drained as the monitor does; spread: min-max of the rounds' p50):\n",
+        m.services, m.rounds, m.runs
+    );
+    let _ = writeln!(
+        md,
+        "| packet | monitor off ns p50 / p99 (spread) | monitor on ns p50 / p99 (spread) | events read |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|");
+    let cell = |s: &Summary, r: (f64, f64)| format!("{} ({:.0}-{:.0})", p50_99(s), r.0, r.1);
+    let _ = writeln!(
+        md,
+        "| established flow | {} | {} | {} |",
+        cell(&m.established_off_ns, m.established_off_round_p50),
+        cell(&m.established_on_ns, m.established_on_round_p50),
+        m.established_events
+    );
+    let _ = writeln!(
+        md,
+        "| new flow (SYN) | {} | {} | {} |\n",
+        cell(&m.syn_off_ns, m.syn_off_round_p50),
+        cell(&m.syn_on_ns, m.syn_on_round_p50),
+        m.syn_events
+    );
 }
 
 /// DejaVu Sans (Bitstream Vera licence, `tests/fonts/LICENSE`), embedded so that a bare machine draws text too.
