@@ -45,7 +45,10 @@ fn main() {
     write("version.txt", format!("{version} ({short})"));
     write(
         "long_version.txt",
-        format!("{version}\ncommit: {commit}\nebpf-object: {object}"),
+        format!(
+            "{version}\ncommit: {commit}\nebpf-object: {object}\n\
+             licence: Apache-2.0 (lb-agent); MIT OR GPL-2.0 (the embedded eBPF object)"
+        ),
     );
 }
 

@@ -4,7 +4,7 @@
 
 /// `0.1.0 (<commit, 12 characters>)`: `lb-agent -V`.
 pub const VERSION: &str = include_str!(concat!(env!("OUT_DIR"), "/version.txt"));
-/// Version, `commit: <hash>[-dirty]`, `ebpf-object: sha256:<hash>`: `lb-agent --version`.
+/// Version, `commit: <hash>[-dirty]`, `ebpf-object: sha256:<hash>`, `licence: ...`: `lb-agent --version`.
 pub const LONG_VERSION: &str = include_str!(concat!(env!("OUT_DIR"), "/long_version.txt"));
 
 /// The `commit:` line's value.
@@ -43,5 +43,10 @@ mod tests {
             ),
             None => assert!(object.starts_with("none embedded"), "{object}"),
         }
+        assert_eq!(
+            field("licence: "),
+            "Apache-2.0 (lb-agent); MIT OR GPL-2.0 (the embedded eBPF object)",
+            "the licence line must match Cargo.toml's (lb-agent, lb-ebpf)"
+        );
     }
 }

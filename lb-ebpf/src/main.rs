@@ -140,11 +140,13 @@ mod programs {
     }
 }
 
-/// The object's license as the kernel sees it, the crate's own. No program calls a GPL-only helper.
+/// The object's license as the kernel sees it, the crate's own (`MIT OR GPL-2.0`, lb-ebpf/Cargo.toml). The kernel
+/// reads "Dual MIT/GPL" as GPL-compatible (`license_is_gpl_compatible`), which GPL-only helpers such as
+/// `bpf_fib_lookup` require.
 #[cfg(target_arch = "bpf")]
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
-static LICENSE: [u8; 11] = *b"Apache-2.0\0";
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -17,7 +17,7 @@
 //!    dropped here (rule 9, `reason::SOURCE_RANGE` and the service's drop counter, as tc counts it);
 //! 5. everything else passes.
 //!
-//! **Learned L2** (the object is Apache-2.0, so the GPL-only `bpf_fib_lookup` is not available): tc egress sees
+//! **Learned L2:** tc egress sees
 //! every SNATed packet leave with its final Ethernet header, filled in by the kernel's neighbour subsystem, and
 //! records it in `LB_XDP_L2` under the conntrack key it used (the SNAT entry's for the forward leg, the reply
 //! entry's for the reply leg) when `CONFIG_FLAG_XDP` is set. A new flow's first packets (the SYN, the SYN-ACK and the first

@@ -210,6 +210,67 @@ fn udp_replies_appear_to_come_from_the_vip() {
     }
 }
 
+/// A second ClusterIP Service, `dns2` (UDP 53 -> 5353 on 10.96.0.11), served by `backend`.
+fn dns2(backend: usize) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: dns2, namespace: default}}
+spec:
+  type: ClusterIP
+  clusterIP: 10.96.0.11
+  ports:
+    - {{name: dns, protocol: UDP, port: 53, targetPort: {UDP_PORT}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: dns2
+  namespace: default
+  labels: {{kubernetes.io/service-name: dns2}}
+addressType: IPv4
+ports:
+  - {{name: dns, protocol: UDP, port: {UDP_PORT}}}
+endpoints:
+  - addresses: [10.244.{n}.2]
+    conditions: {{ready: true}}
+    nodeName: test-node
+"#,
+        n = backend + 1
+    )
+}
+
+/// One unconnected UDP socket talking to two Services (two records in `LB_SOCK_REVNAT` under one cookie): every
+/// reply shows the VIP that datagram was sent to.
+#[test]
+fn one_unconnected_udp_socket_to_two_services_sees_each_vip() {
+    if !require_root("one_unconnected_udp_socket_to_two_services_sees_each_vip") {
+        return;
+    }
+    let manifest = format!("{}---\n{}", web(&[0]), dns2(1));
+    let (topo, _agent, probe) = setup(2, &manifest);
+    let other: SocketAddr = "10.96.0.11:53".parse().expect("vip");
+    let cmd = probe
+        .udp_cmd(vip4(53), 8, 2, false)
+        .args(["--also", &other.to_string()]);
+    let lines = run_client(&topo, cmd);
+    assert_eq!(lines.len(), 16, "{lines:?}");
+    for (n, l) in lines.iter().enumerate() {
+        let (vip, backend) = if n % 2 == 0 {
+            ("10.96.0.10:53", "backend-0")
+        } else {
+            ("10.96.0.11:53", "backend-1")
+        };
+        assert!(l.ok, "datagram {n}: {l:?}");
+        assert_eq!(
+            l.from.as_deref(),
+            Some(vip),
+            "datagram {n}: reply source must be the VIP it was sent to: {l:?}"
+        );
+        assert_eq!(l.backend.as_deref(), Some(backend), "datagram {n}: {l:?}");
+    }
+}
+
 #[test]
 fn service_without_endpoints_refuses_at_once() {
     if !require_root("service_without_endpoints_refuses_at_once") {

@@ -82,7 +82,7 @@ impl Syncer {
             }
         };
         self.translator.replace_all(objects);
-        self.program(maps, &diagnostics, started, full, &[]);
+        self.program(maps, &diagnostics, started, None, full, &[]);
         true
     }
 
@@ -120,7 +120,17 @@ impl Syncer {
                 }
             }
         }
-        self.program(maps, &snapshot.diagnostics, started, full, &triggers);
+        let queued = snapshot
+            .first_event
+            .map(|at| started.saturating_duration_since(at));
+        self.program(
+            maps,
+            &snapshot.diagnostics,
+            started,
+            queued,
+            full,
+            &triggers,
+        );
     }
 
     /// Re-reads the config file and applies its live settings; true when the maps need a resync.
@@ -137,6 +147,7 @@ impl Syncer {
         maps: &mut PinnedMaps,
         diagnostics: &[Diagnostic],
         started: Instant,
+        queued: Option<std::time::Duration>,
         full: bool,
         trigger_times: &[SystemTime],
     ) {
@@ -171,6 +182,7 @@ impl Syncer {
             translation,
             report: &report,
             backends: self.reconciler.programmed_backends(),
+            services: self.translator.services_served(),
             started,
             full,
             changed: changed.len(),
@@ -212,6 +224,8 @@ impl Syncer {
             translate_ms,
             write_ms,
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            // From the batch's first watch event to the sync's start (the kube source's batching).
+            queued_ms = queued.map(|q| q.as_secs_f64() * 1e3),
             "synced"
         );
         end_stale_sockets(maps, &report, &translation.state);

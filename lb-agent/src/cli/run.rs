@@ -393,6 +393,7 @@ fn agent_config_with_notes(args: RunArgs) -> anyhow::Result<(AgentConfig, Vec<St
             sock_revnat: args.max_sock_revnat,
             conntrack: conntrack.unwrap_or(args.max_conntrack),
             fragments: args.max_fragments,
+            xdp: args.xdp,
         },
         devices,
         xdp: args.xdp,

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::model::ModelConfig;
+use crate::model::{ModelConfig, NodePortAddresses};
 use crate::source::kube::{self, Connection};
 use crate::source::manifest;
 use crate::state::Protocol;
@@ -48,6 +48,14 @@ pub struct TraceArgs {
     /// With objects: NodePort addresses when they hold no Node object for this node.
     #[arg(long = "node-address", value_delimiter = ',')]
     node_addresses: Vec<IpAddr>,
+    /// With objects: as `lb-agent run --nodeport-addresses` (CIDRs or `primary`), so that a NodePort on an address
+    /// the node does not serve it on is traced as the node treats it.
+    #[arg(
+        long = "nodeport-addresses",
+        env = "LB_NODEPORT_ADDRESSES",
+        value_delimiter = ','
+    )]
+    nodeport_addresses: Vec<String>,
     /// Also send the flow from N consecutive source ports and list every backend reached.
     #[arg(long)]
     sweep: Option<u16>,
@@ -84,10 +92,13 @@ fn node_name(args: &TraceArgs) -> anyhow::Result<String> {
 
 /// The private load, filled from the chosen source; and that source, for the output.
 fn tracer(args: &TraceArgs, object: &[u8]) -> anyhow::Result<(Tracer, String)> {
+    let nodeport_addresses =
+        NodePortAddresses::parse(&args.nodeport_addresses).map_err(anyhow::Error::msg)?;
     let cfg = || ModelConfig {
         fallback_service_cidrs: args.service_cidrs.clone(),
         fallback_node_addresses: args.node_addresses.clone(),
-        localhost_nodeports: true,
+        localhost_nodeports: nodeport_addresses.allows_ipv4_loopback(),
+        nodeport_addresses: nodeport_addresses.clone(),
         ..ModelConfig::default()
     };
     let connection = match (&args.manifests, &args.kubeconfig, args.in_cluster) {

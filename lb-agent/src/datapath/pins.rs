@@ -25,6 +25,10 @@ pub struct Capacities {
     pub conntrack: u32,
     /// `LB_FRAGMENTS` (LRU; one entry per fragmented datagram in flight whose first fragment was translated).
     pub fragments: u32,
+    /// The XDP fast path is on (`--xdp`): `LB_XDP_L2` holds a learned header per SNATed flow leg, sized from
+    /// `conntrack`. Off, nothing writes it (tc learns headers only under `CONFIG_FLAG_XDP`), and it is one entry
+    /// instead of a preallocated 16 MiB; switching `--xdp` needs a restart, which migrates the map (a cache, relearned).
+    pub xdp: bool,
 }
 
 impl Default for Capacities {
@@ -36,6 +40,7 @@ impl Default for Capacities {
             sock_revnat: lb_common::DEFAULT_MAX_SOCK_REVNAT,
             conntrack: lb_common::DEFAULT_MAX_CONNTRACK,
             fragments: lb_common::DEFAULT_MAX_FRAGMENTS,
+            xdp: true,
         }
     }
 }
@@ -195,7 +200,11 @@ impl Capacities {
                 MapType::LruHash,
                 size::<CtKey>(),
                 size::<XdpL2Value>(),
-                (self.conntrack / 2).max(1),
+                if self.xdp {
+                    (self.conntrack / 2).max(1)
+                } else {
+                    1
+                },
             ),
             spec(
                 map_names::NETNS_ADDRS,

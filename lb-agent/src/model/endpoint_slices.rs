@@ -287,7 +287,8 @@ fn slice_info(
         }
     }
 
-    let mut endpoints = Vec::new();
+    // Sized up front: the index keeps it as long as the slice exists.
+    let mut endpoints = Vec::with_capacity(slice.endpoints.as_ref().map_or(0, Vec::len));
     for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
         // addEndpoints reads addresses[0] only (the API allows one address per endpoint today).
         let Some(raw) = ep.addresses.first() else {

@@ -21,7 +21,7 @@ use super::objects::{
 };
 use super::{ModelConfig, NodeContext, ServiceHealth, Translation};
 use super::{frontends, health, node, service_cidrs, service_ports};
-use crate::state::{Frontend, ServiceEntry};
+use crate::state::{Frontend, ServiceEntry, ServicePortName};
 
 /// A namespaced object's identity: (namespace, name).
 pub type ObjectRef = (String, String);
@@ -91,6 +91,9 @@ pub struct Translator {
     noted_slices: BTreeSet<ObjectRef>,
     /// How many slices list each address.
     address_refs: BTreeMap<IpAddr, usize>,
+    /// How many frontends of the desired state each Service (namespace, name) has: the Services served, counted
+    /// as they change instead of by a visit of every frontend.
+    served: BTreeMap<ObjectRef, usize>,
     /// Diagnostics about the input as a whole (duplicates, nameless objects) from [`Translator::replace_all`].
     input_diagnostics: Vec<Diagnostic>,
     cidr_diagnostics: Vec<Diagnostic>,
@@ -104,6 +107,16 @@ pub struct Translator {
     service_changes: Vec<ServiceChange>,
     /// Object changes taken in since the start (kube-proxy's `sync_proxy_rules_*_changes_total`).
     counts: ChangeCounts,
+}
+
+/// Adds `by` (+1 or -1) to the frontends counted for `service`'s Service, forgetting it at zero.
+fn count_served(served: &mut BTreeMap<ObjectRef, usize>, service: &ServicePortName, by: isize) {
+    let key = (service.namespace.clone(), service.name.clone());
+    let n = served.entry(key).or_insert(0);
+    *n = n.saturating_add_signed(by);
+    if *n == 0 {
+        served.remove(&(service.namespace.clone(), service.name.clone()));
+    }
 }
 
 /// Object changes a translator has taken in: adds, updates and deletes that differ from what it had.
@@ -129,6 +142,7 @@ impl Translator {
             noted_parts: BTreeSet::new(),
             noted_slices: BTreeSet::new(),
             address_refs: BTreeMap::new(),
+            served: BTreeMap::new(),
             input_diagnostics: Vec::new(),
             cidr_diagnostics: Vec::new(),
             out: Translation::default(),
@@ -155,6 +169,11 @@ impl Translator {
     /// The translation as of the last [`Translator::translate`].
     pub fn translation(&self) -> &Translation {
         &self.out
+    }
+
+    /// How many Services have a frontend in the desired state.
+    pub fn services_served(&self) -> usize {
+        self.served.len()
     }
 
     pub fn into_translation(self) -> Translation {
@@ -421,11 +440,17 @@ impl Translator {
                 (Some(w), Some(h)) if w == h => {}
                 (None, None) => {}
                 (Some(w), _) => {
-                    self.out.state.services.insert(f, w.clone());
+                    let w = w.clone();
+                    count_served(&mut self.served, &w.service, 1);
+                    if let Some(old) = self.out.state.services.insert(f, w) {
+                        count_served(&mut self.served, &old.service, -1);
+                    }
                     self.changed.insert(f);
                 }
                 (None, Some(_)) => {
-                    self.out.state.services.remove(&f);
+                    if let Some(old) = self.out.state.services.remove(&f) {
+                        count_served(&mut self.served, &old.service, -1);
+                    }
                     self.changed.insert(f);
                 }
             }
@@ -482,15 +507,19 @@ impl Translator {
     /// Every current diagnostic: the input's, each slice's, each Service's, the service CIDRs', and one per
     /// frontend a later Service could not have.
     fn diagnostics(&self) -> Vec<Diagnostic> {
+        // Only the noted slices and Services have any: a change costs the diagnostics there are, not a visit of
+        // every slice and Service (the same order, both sets being sorted by the same keys).
         let mut out = self.input_diagnostics.clone();
         out.extend(
-            self.slices
-                .values()
+            self.noted_slices
+                .iter()
+                .filter_map(|k| self.slices.get(k))
                 .flat_map(|r| r.diagnostics.iter().cloned()),
         );
         out.extend(
-            self.parts
-                .values()
+            self.noted_parts
+                .iter()
+                .filter_map(|k| self.parts.get(k))
                 .flat_map(|p| p.diagnostics.iter().cloned()),
         );
         out.extend(self.cidr_diagnostics.iter().cloned());
@@ -816,6 +845,13 @@ mod tests {
                 "step {step}"
             );
             assert_eq!(changed, differing(&previous, &full), "step {step}");
+            let served: BTreeSet<(&String, &String)> = full
+                .state
+                .services
+                .values()
+                .map(|e| (&e.service.namespace, &e.service.name))
+                .collect();
+            assert_eq!(translator.services_served(), served.len(), "step {step}");
             changes_seen += changed.len();
             previous = full;
         }

@@ -56,6 +56,8 @@ pub struct SyncDone<'a> {
     pub report: &'a SyncReport,
     /// Backends the maps hold after it.
     pub backends: usize,
+    /// Services with a frontend in the desired state.
+    pub services: usize,
     pub started: Instant,
     /// Every frontend was visited, not only the changed ones.
     pub full: bool,
@@ -254,13 +256,7 @@ impl Ops {
             .set(self.service_health.ports().len() as i64);
         let finished = status::now_ms();
         let ok = done.report.failed.is_empty();
-        let services = translation
-            .state
-            .services
-            .values()
-            .map(|e| (&e.service.namespace, &e.service.name))
-            .collect::<std::collections::BTreeSet<_>>()
-            .len();
+        let services = done.services;
         self.status.update(|r| {
             let s = &mut r.sync;
             s.syncs += 1;

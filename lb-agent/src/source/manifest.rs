@@ -351,6 +351,7 @@ pub fn typed_object<T: DeserializeOwned>(
 /// is in `default` (as `kubectl apply` puts it), and the resourceVersion (the watcher's business) is dropped, so
 /// two versions of an object that differ only there compare equal.
 pub(crate) fn normalize<T: Object>(obj: &mut T) {
+    obj.shrink_to_fit();
     let meta = obj.metadata_mut();
     meta.resource_version = None;
     if T::NAMESPACED && meta.namespace().is_none() {

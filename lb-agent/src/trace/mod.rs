@@ -152,7 +152,14 @@ impl Tracer {
             conntrack: 65536,
             ..Capacities::default()
         };
-        let datapath = loader::load(object, &pins, &caps)?;
+        // The loader pins maps as it goes: a failed load leaves some, which no `Tracer` exists yet to remove.
+        let datapath = match loader::load(object, &pins, &caps) {
+            Ok(datapath) => datapath,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&pin_dir);
+                return Err(e);
+            }
+        };
         let mut tracer = Tracer {
             datapath,
             pin_dir,

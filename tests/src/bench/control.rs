@@ -45,6 +45,24 @@ pub struct KubeLatency {
     /// One EndpointSlice updated through the API server → the service entry in the pinned maps switched.
     pub change_ms: Summary,
     pub changes: usize,
+    /// Where the time goes, from the agent's "synced" lines of those changes: the API server's write (the bench's
+    /// apply call), the agent's wait from the batch's first event to its sync, and the sync itself.
+    #[serde(default)]
+    pub parts: Option<KubeLatencyParts>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct KubeLatencyParts {
+    /// The bench's apply call to the in-process API server (store, fan out to watchers).
+    pub apply_ms: Summary,
+    /// The source's batch: first event received → sync started.
+    pub queued_ms: Summary,
+    /// The whole sync (translation, maps, names, ops), as the agent logs it.
+    pub sync_ms: Summary,
+    pub translate_ms: Summary,
+    pub write_ms: Summary,
+    /// Syncs the changes took (fewer than the changes when some were batched together).
+    pub syncs: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -298,7 +316,7 @@ pub(super) fn agent_memory(
 /// `LB_SERVICES` has switched (its table fingerprint changes with its backends): watch delivery, batching,
 /// translation and the reconciler's writes, everything a user waits for. Changes are spaced beyond the source's
 /// batching window, as lone changes are.
-fn kube_latency(agent_bin: &Path, svcs: &[Svc], changes: usize) -> Result<KubeLatency> {
+pub(super) fn kube_latency(agent_bin: &Path, svcs: &[Svc], changes: usize) -> Result<KubeLatency> {
     use lb_agent::datapath::reconcile::service_key;
     use lb_agent::state::{Frontend, Protocol, Scope};
 
@@ -326,6 +344,7 @@ fn kube_latency(agent_bin: &Path, svcs: &[Svc], changes: usize) -> Result<KubeLa
     let maps = PinnedMaps::open(pins.path()).context("opening the agent's pinned maps")?;
 
     let mut change = Vec::with_capacity(changes);
+    let mut apply = Vec::with_capacity(changes);
     for k in 0..changes {
         let i = k * 7919 % objects.slices.len();
         let svc = &svcs[i];
@@ -352,6 +371,7 @@ fn kube_latency(agent_bin: &Path, svcs: &[Svc], changes: usize) -> Result<KubeLa
         std::thread::sleep(Duration::from_millis(300));
         let t = Instant::now();
         api.apply_value(slice.clone())?;
+        apply.push(ms(t.elapsed()));
         let give_up = t + Duration::from_secs(10);
         loop {
             if maps.service(&key)? != Some(before) {
@@ -367,6 +387,9 @@ fn kube_latency(agent_bin: &Path, svcs: &[Svc], changes: usize) -> Result<KubeLa
         }
         change.push(ms(t.elapsed()));
     }
+    // Give the last sync time to log its line.
+    std::thread::sleep(Duration::from_millis(200));
+    let parts = latency_parts(&child.stderr(), &mut apply);
     child.terminate(Duration::from_secs(5))?;
     drop(child);
     // The agent left its pins; remove what it attached and pinned.
@@ -379,7 +402,36 @@ fn kube_latency(agent_bin: &Path, svcs: &[Svc], changes: usize) -> Result<KubeLa
         start_to_programmed_ms,
         change_ms: summarize(&mut change),
         changes,
+        parts: Some(parts),
     })
+}
+
+/// The agent's "synced" lines after its first (the changes'), summarised field by field.
+fn latency_parts(stderr: &str, apply: &mut [f64]) -> KubeLatencyParts {
+    let synced: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains(" synced") || l.ends_with("synced"))
+        .skip(1)
+        .collect();
+    let field = |key: &str| -> Vec<f64> {
+        synced
+            .iter()
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(key))?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    };
+    KubeLatencyParts {
+        apply_ms: summarize(apply),
+        queued_ms: summarize(&mut field("queued_ms=")),
+        sync_ms: summarize(&mut field("elapsed_ms=")),
+        translate_ms: summarize(&mut field("translate_ms=")),
+        write_ms: summarize(&mut field("write_ms=")),
+        syncs: synced.len(),
+    }
 }
 
 /// Starts the real agent on `source` (`--manifests <file>` or `--kubeconfig <file>`) in the root namespace with

@@ -2,6 +2,7 @@
 //! number is measured in the same run on the same machine; a benchmark that cannot run records why and prints no
 //! number. Network safety as in the rest of this package: traffic and rules only inside namespaces made here.
 
+pub mod api_update;
 pub mod control;
 pub mod kubeproxy;
 pub mod load;
@@ -11,6 +12,7 @@ pub mod monitor_cost;
 pub mod packet;
 pub mod report;
 pub mod scale;
+pub mod sockcost;
 pub mod stats;
 pub mod traffic;
 pub mod workload;

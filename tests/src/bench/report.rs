@@ -216,6 +216,22 @@ fn control_section(md: &mut String, r: &Results) {
             p50_99(&k.change_ms),
             k.changes
         );
+        if let Some(p) = &k.parts {
+            let _ = writeln!(
+                md,
+                "Where it goes, p50 / p99 in ms (the agent's own `synced` log lines, {} syncs): the bench's write \
+                 to the API server {}; in the agent, first event received → sync started (batching) {}, \
+                 translation {}, map writes {}; the whole sync, with names, metrics and status after the \
+                 switch, {}. The rest is watch delivery and decoding, and the machine's scheduling \
+                 (`lb-bench api-update` compares agents on this cell).\n",
+                p.syncs,
+                p50_99(&p.apply_ms),
+                p50_99(&p.queued_ms),
+                p50_99(&p.translate_ms),
+                p50_99(&p.write_ms),
+                p50_99(&p.sync_ms),
+            );
+        }
     }
     if let Some(e) = &c.agent_error {
         let _ = writeln!(md, "Agent memory could not be measured: {e}\n");
@@ -492,6 +508,7 @@ fn traffic_section(md: &mut String, r: &Results, plots: &Path) -> Result<()> {
             .join(", "),
     );
 
+    connect4_table(md, t);
     let _ = writeln!(
         md,
         "### Established-flow throughput (one flow, {} s)\n",
@@ -540,6 +557,51 @@ fn traffic_section(md: &mut String, r: &Results, plots: &Path) -> Result<()> {
     }
     let _ = writeln!(md);
     Ok(())
+}
+
+/// `lb_connect4`'s cost per call with real sockets (`sockcost`).
+fn connect4_table(md: &mut String, t: &super::traffic::TrafficResults) {
+    let _ = writeln!(
+        md,
+        "### `lb_connect4` per call (bpf_stats run_time, real sockets)\n"
+    );
+    let _ = writeln!(
+        md,
+        "Cgroup sock_addr programs cannot be test-run: the kernel's run-time accounting of the agent's `lb_connect4` \
+         around TCP_CRR legs from the client's cgroup, to the ClusterIP and to a backend address directly (no \
+         service), in interleaved rounds; statistics on (BPF_ENABLE_STATS) for these rounds only, so both legs \
+         carry their 60-80 ns. The VIP leg includes the socket's reverse-NAT record (an insert into `LB_SOCK_REVNAT`).\n"
+    );
+    match (&t.connect4, &t.connect4_error) {
+        (Some(c), _) => {
+            let _ = writeln!(
+                md,
+                "| leg | p50 ns | min-max ns (over {} rounds, ~{} connects each) |",
+                c.rounds,
+                f(c.connects_per_leg)
+            );
+            let _ = writeln!(md, "|---|---:|---:|");
+            let _ = writeln!(
+                md,
+                "| lb_connect4 to a VIP | {:.0} | {:.0}-{:.0} |",
+                c.vip_ns.p50, c.vip_ns.min, c.vip_ns.max
+            );
+            let _ = writeln!(
+                md,
+                "| lb_connect4 to a non-service address | {:.0} | {:.0}-{:.0} |",
+                c.plain_ns.p50, c.plain_ns.min, c.plain_ns.max
+            );
+            let _ = writeln!(
+                md,
+                "| ratio VIP / non-service (per round) | {:.2} | {:.2}-{:.2} |\n",
+                c.ratio.p50, c.ratio.min, c.ratio.max
+            );
+        }
+        (None, Some(e)) => {
+            let _ = writeln!(md, "Not measured: {}\n", e.replace('\n', " "));
+        }
+        (None, None) => {}
+    }
 }
 
 fn packet_section(md: &mut String, r: &Results, plots: &Path) -> Result<()> {

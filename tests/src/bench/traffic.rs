@@ -54,7 +54,14 @@ pub struct TrafficResults {
     pub error: Option<String>,
     /// What loaded kube-proxy's iptables rules for (c) (see `control::traffic_iptables_restore`).
     pub iptables_program: String,
+    /// `lb_connect4`'s run time per call (lb-socket, the first service count; `sockcost`).
+    pub connect4: Option<super::sockcost::Connect4Cost>,
+    pub connect4_error: Option<String>,
 }
+
+/// Interleaved rounds of the connect4 cost measurement, and each leg's length.
+const CONNECT4_ROUNDS: usize = 10;
+const CONNECT4_LEG: Duration = Duration::from_millis(300);
 
 pub struct TrafficConfig {
     pub counts: Vec<usize>,
@@ -223,7 +230,26 @@ fn run_inner(cfg: &TrafficConfig, out: &mut TrafficResults) -> Result<()> {
         ] {
             eprintln!("lb-bench: traffic, {} with {n} services", mode.name());
             let with_throughput = n == first;
-            let result = with_mode(&net, cfg, mode, &svcs, || {
+            let result = with_mode(&net, cfg, mode, &svcs, |pins| {
+                if mode == Mode::LbSocket
+                    && n == first
+                    && let Some(pins) = pins
+                {
+                    let backend =
+                        SocketAddr::new(IpAddr::V4(backend_addr(0)), workload::TARGET_PORT);
+                    let cost = super::sockcost::measure(
+                        &pins.join("links").join(lb_common::prog_names::CONNECT4),
+                        CONNECT4_ROUNDS,
+                        |to_vip| {
+                            let to = if to_vip { target } else { backend };
+                            crr(&net, &exe, &[to], CONNECT4_LEG).map(drop)
+                        },
+                    );
+                    match cost {
+                        Ok(c) => out.connect4 = Some(c),
+                        Err(e) => out.connect4_error = Some(format!("{e:#}")),
+                    }
+                }
                 let targets: Vec<SocketAddr> = match mode {
                     Mode::Direct => (0..BACKENDS)
                         .map(|i| {
@@ -293,10 +319,10 @@ fn with_mode<T>(
     cfg: &TrafficConfig,
     mode: Mode,
     svcs: &[Svc],
-    f: impl FnOnce() -> Result<T>,
+    f: impl FnOnce(Option<&Path>) -> Result<T>,
 ) -> Result<T> {
     match mode {
-        Mode::Direct => f(),
+        Mode::Direct => f(None),
         Mode::LbSocket | Mode::LbTc => {
             let token = unique_token();
             let pins = BpfDir::new(&format!("lb-bench-traffic-{token}"))?;
@@ -314,7 +340,7 @@ fn with_mode<T>(
                 start_agent(&cfg.agent_bin, &manifest, &empty, &pins, Some(net))
             };
             let r = agent.and_then(|mut a| {
-                let r = f();
+                let r = f(Some(pins.path()));
                 let _ = a.terminate(Duration::from_secs(5));
                 r
             });
@@ -331,7 +357,7 @@ fn with_mode<T>(
                 RulesKind::Nft
             };
             control::load_rules(&net.node, kind, svcs)?;
-            let r = f();
+            let r = f(None);
             // Conntrack entries left behind are harmless: a SYN on a closed tuple starts a new entry and NAT
             // binding under whatever rules are loaded then.
             control::flush_rules(&net.node, kind)?;

@@ -83,6 +83,23 @@ enum Command {
         #[arg(long = "source", value_enum, default_values_t = [bench::memory::Source::Manifest])]
         sources: Vec<bench::memory::Source>,
     },
+    /// One EndpointSlice update through the in-process API server to the service entry switched (the control-plane
+    /// section's cell), for several agent binaries interleaved run by run, with the agents' own timing of each
+    /// part. Prints a Markdown table; writes nothing.
+    ApiUpdate {
+        /// `label=path` of an lb-agent binary (repeatable; the first is the baseline by convention).
+        #[arg(long = "agent", required = true, value_parser = parse_agent)]
+        agents: Vec<(String, PathBuf)>,
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+        #[arg(long, default_value_t = 10)]
+        endpoints: usize,
+        /// Updates per run.
+        #[arg(long, default_value_t = 50)]
+        changes: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Worker: serve TCP_CRR, bulk and UDP on a port until killed.
     Serve {
         #[arg(long)]
@@ -179,6 +196,19 @@ fn run(command: Command) -> Result<()> {
             sources,
         })
         .map(drop),
+        Command::ApiUpdate {
+            agents,
+            services,
+            endpoints,
+            changes,
+            runs,
+        } => bench::api_update::run(&bench::api_update::Options {
+            agents,
+            services,
+            endpoints,
+            changes,
+            runs,
+        }),
         Command::Serve { port, udp_addrs } => load::serve(port, &udp_addrs),
         Command::Crr {
             to,

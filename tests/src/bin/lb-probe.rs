@@ -29,7 +29,8 @@
 //!   With --reset, each connection is ended with a RST right after the hold (SO_LINGER 0, close), and the line has
 //!   "peer" and "local" but no "backend".
 //!
-//! lb-probe udp --to <IP:PORT> [--count N] [--sockets S] [--connected] [--sport P] [--timeout-ms 1000]
+//! lb-probe udp --to <IP:PORT> [--also <IP:PORT>]... [--count N] [--sockets S] [--connected] [--sport P]
+//!   [--timeout-ms 1000]
 //!   S sockets, one after the other, each sending N datagrams and waiting for each reply. Per datagram:
 //!   {"ok":true,"socket":k,"i":n,"backend":"<ID>","from":"<recvfrom() source, or getpeername() if connected>",
 //!    "local":"<getsockname()>"}
@@ -210,6 +211,10 @@ struct UdpArgs {
     /// the same 5-tuple.
     #[arg(long, default_value_t = 0)]
     sport: u16,
+    /// More destinations for unconnected sockets: datagram i of a socket goes to the i-th of (--to, --also...),
+    /// round robin, so one socket talks to several services.
+    #[arg(long)]
+    also: Vec<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -987,9 +992,14 @@ fn udp(args: UdpArgs) {
                 ..line
             };
             let result = socket.as_ref().map_err(Failure::clone).and_then(|s| {
+                let to = if args.connected || i % (args.also.len() + 1) == 0 {
+                    args.to
+                } else {
+                    args.also[i % (args.also.len() + 1) - 1]
+                };
                 udp_exchange(
                     s,
-                    args.to,
+                    to,
                     args.connected,
                     &format!("lb-probe {k} {i}"),
                     body.as_deref(),

@@ -100,6 +100,9 @@ pub struct Applied {
 #[derive(Debug)]
 struct Store<T> {
     current: BTreeMap<ObjectKey, Parsed<T>>,
+    /// How many of `current` are unreadable: every sync reports them, and without any there is nothing to look for
+    /// (a change then costs no visit of every object).
+    unreadable: usize,
     /// Objects of a relist in progress (between `Init` and `InitDone`).
     relist: Option<BTreeMap<ObjectKey, Parsed<T>>>,
     /// A list has completed at least once.
@@ -110,6 +113,7 @@ impl<T> Default for Store<T> {
     fn default() -> Self {
         Store {
             current: BTreeMap::new(),
+            unreadable: 0,
             relist: None,
             listed: false,
         }
@@ -160,18 +164,22 @@ impl<T: PartialEq> Store<T> {
                         applied.changed += record(pending, key, Some(old.clone()), None);
                     }
                 }
+                self.unreadable = listed.values().filter(|o| o.is_err()).count();
                 self.current = listed;
                 self.listed = true;
                 applied.list_done = true;
             }
             Change::Apply(key, obj) => {
                 let previous = self.current.insert(key.clone(), obj.clone());
+                self.unreadable += usize::from(obj.is_err());
+                self.unreadable -= usize::from(previous.as_ref().is_some_and(Result::is_err));
                 if previous.as_ref() != Some(&obj) {
                     applied.changed += record(pending, &key, previous, Some(obj));
                 }
             }
             Change::Delete(key) => {
                 if let Some(previous) = self.current.remove(&key) {
+                    self.unreadable -= usize::from(previous.is_err());
                     applied.changed += record(pending, &key, Some(previous), None);
                 }
             }
@@ -193,6 +201,9 @@ impl<T: PartialEq> Store<T> {
 
     /// A diagnostic for each unreadable object (no copy of the readable ones).
     fn unreadable(&self, diagnostics: &mut Vec<Diagnostic>) {
+        if self.unreadable == 0 {
+            return;
+        }
         diagnostics.extend(
             self.current
                 .values()
@@ -712,6 +723,22 @@ mod tests {
         assert_eq!(full(&s).services.len(), 1);
         assert_eq!(s.diagnostics.len(), 1);
         assert_eq!(s.diagnostics[0].object, "Service default/bad");
+        // Still unreadable at the next change; fixed, it is no longer reported; broken and deleted, neither.
+        t.apply(Update::Service(Change::Apply(
+            key("x"),
+            svc("x", "10.96.0.9"),
+        )));
+        assert_eq!(t.take().expect("a change").diagnostics.len(), 1);
+        t.apply(Update::Service(Change::Apply(
+            key("bad"),
+            svc("bad", "10.96.0.8"),
+        )));
+        assert!(t.take().expect("a change").diagnostics.is_empty());
+        let broken = || Err(Diagnostic::new("Service default/x", None, "invalid type"));
+        t.apply(Update::Service(Change::Apply(key("x"), broken())));
+        assert_eq!(t.take().expect("a change").diagnostics.len(), 1);
+        t.apply(Update::Service(Change::Delete(key("x"))));
+        assert!(t.take().expect("a change").diagnostics.is_empty());
     }
 
     #[test]
