@@ -190,6 +190,17 @@ pub fn run(podman: &Podman, tag: &str) -> anyhow::Result<()> {
     ip(&["-n", &node, "link", "set", "n0", "up"])?;
     ip(&["-n", &pod, "link", "set", "p0", "up"])?;
     ip(&["-n", &pod, "route", "add", "default", "via", NODE_ADDR])?;
+    // A node forwards (every Kubernetes node does; lb, like kube-proxy, relies on it for the hairpinned NodePort
+    // below). A new namespace inherits the host's IPv4 setting, which on a build machine is usually off: the run
+    // passed only where the host happened to forward.
+    ip(&[
+        "netns",
+        "exec",
+        &node,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ])?;
     std::fs::create_dir_all(&made.cgroup)
         .with_context(|| format!("creating {}", made.cgroup.display()))?;
     std::fs::create_dir_all(&made.dir)?;
