@@ -97,6 +97,12 @@ fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     }
 }
 
+/// The id of the program a pinned link attaches (`bpf_link_info.prog_id`): what the bench reads `lb_connect4`'s
+/// run-time statistics by.
+pub fn link_prog_id(path: &Path) -> io::Result<u32> {
+    link_info(path).map(|info| info.prog_id)
+}
+
 /// Opens a pinned link and reads its `bpf_link_info`.
 fn link_info(path: &Path) -> io::Result<LinkInfo> {
     let c = CString::new(path.as_os_str().as_bytes())

@@ -8,10 +8,6 @@
 //! `BPF_ENABLE_STATS`, whose file descriptor is held for these rounds only: the kernel turns them off when it is
 //! closed, even if the bench dies, so the 60-80 ns they add to every program run never leaks into other timings.
 
-use std::ffi::CString;
-use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -39,7 +35,7 @@ pub fn measure(
     rounds: usize,
     mut connect: impl FnMut(bool) -> Result<()>,
 ) -> Result<Connect4Cost> {
-    let prog_id = link_prog_id(link_pin)
+    let prog_id = lb_agent::datapath::attachments::link_prog_id(link_pin)
         .with_context(|| format!("reading the link {}", link_pin.display()))?;
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("enabling run-time statistics (BPF_ENABLE_STATS)")?;
@@ -91,62 +87,4 @@ fn prog_stats(id: u32) -> Result<(u64, u64)> {
         }
     }
     bail!("program {id} is gone")
-}
-
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-
-#[repr(C)]
-#[derive(Default)]
-struct ObjGetAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct InfoAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
-}
-
-/// The id of the program a pinned link attaches (`bpf_link_info.prog_id`, the third `u32`).
-fn link_prog_id(pin: &Path) -> io::Result<u32> {
-    let c = CString::new(pin.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut get = ObjGetAttr {
-        pathname: c.as_ptr() as u64,
-        ..ObjGetAttr::default()
-    };
-    let fd = sys_bpf(BPF_OBJ_GET, &mut get)?;
-    // SAFETY: BPF_OBJ_GET returned a new descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let mut info = [0u32; 32];
-    let mut attr = InfoAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: size_of_val(&info) as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    Ok(info[2])
-}
-
-fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a live `#[repr(C)]` prefix of `union bpf_attr` for `cmd`, its size is passed, and every
-    // pointer in it points at memory that outlives the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T as *mut libc::c_void,
-            size_of::<T>() as libc::c_uint,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
 }
